@@ -1,0 +1,128 @@
+"""The tiny base of every method: a frozen, validated config that fills one or both stations.
+
+Station 1 (prompt stage) keeps a subset of prompt tokens; station 2 (KV stage) keeps a subset
+of KV entries per layer and KV head. The flow in pipeline.py calls them; a method never touches
+the flow.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import ConfigError, PromptError
+from ..scoring import pool_scores
+
+Budget = int | float
+
+
+def check_budget(budget: Budget, name: str = "budget") -> None:
+    """A budget is a token count >= 1 or a ratio of the prompt in (0, 1]."""
+    if isinstance(budget, bool) or not isinstance(budget, int | float):
+        raise ConfigError(f"{name} must be a token count (int >= 1) or a ratio in (0, 1], got {budget!r}")
+    if isinstance(budget, int) and budget < 1:
+        raise ConfigError(f"{name} must be at least 1 token, got {budget}")
+    if isinstance(budget, float) and not 0 < budget <= 1:
+        raise ConfigError(f"{name} as a ratio must be in (0, 1], got {budget}; give an int for a token count")
+
+
+def resolve_budget(budget: Budget, prompt_length: int) -> int:
+    """Tokens to keep of a prompt of `prompt_length`: the count, or ceil(ratio * n)."""
+    return budget if isinstance(budget, int) else math.ceil(budget * prompt_length)
+
+
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def check_kernel(kernel: int) -> None:
+    if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
+        raise ConfigError(
+            f"pooling kernel must be an odd int >= 1 (so the scores keep their length; 1 means no pooling), "
+            f"got {kernel!r}"
+        )
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method with no stations filled: dense generation."""
+
+    name: ClassVar[str] = "dense"
+    summary: ClassVar[str] = "No compression: the reference for accuracy and cost."
+
+    def draft_lookahead(self, max_new_tokens: int) -> int:
+        """Tokens the draft generates as a guess of the answer; 0 means no draft pass."""
+        return 0
+
+    def kv_budget(self, prompt_length: int) -> int | None:
+        """KV entries to keep per layer and head for this prompt; None when there is no KV stage."""
+        return None
+
+    def params(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def help_of(method_class: type[Method]) -> list[tuple[str, str, Any, str]]:
+    """(name, type, default, help) of each parameter, for `draftkv methods` and error messages."""
+    rows = []
+    for f in fields(method_class):
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        rows.append((f.name, str(f.type), default, f.metadata.get("help", "")))
+    return rows
+
+
+def param(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class WindowKVMethod(Method):
+    """Station 2 by window-query importance: keep the top `budget - window` prefix entries per
+    layer and KV head by pooled score, plus the last `window` prompt entries."""
+
+    budget: Budget = param(256, "KV entries kept per layer and head, window included (int), or a ratio of the prompt in (0, 1]")
+    window: int = param(32, "last prompt tokens always kept; their queries score the rest")
+    kernel: int = param(7, "odd pooling kernel along keys (1 = no pooling)")
+    pooling: str = param("max", "pooling of scores along keys: max or avg")
+    reduction: str = param("max", "reduction over query heads of a group and window queries: max or mean")
+
+    def __post_init__(self) -> None:
+        check_budget(self.budget)
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ConfigError(f"window must be an int >= 1, got {self.window!r}")
+        if isinstance(self.budget, int) and self.window >= self.budget:
+            raise ConfigError(
+                f"window ({self.window}) must be smaller than the budget ({self.budget}): the window is part of "
+                "the budget and the rest is chosen by score"
+            )
+        check_kernel(self.kernel)
+        check_choice("pooling", self.pooling, ("max", "avg"))
+        check_choice("reduction", self.reduction, ("max", "mean"))
+
+    def kv_budget(self, prompt_length: int) -> int | None:
+        budget = resolve_budget(self.budget, prompt_length)
+        if budget < prompt_length and budget <= self.window:
+            raise PromptError(
+                f"budget {self.budget} of a {prompt_length}-token prompt keeps {budget} entries, not more than "
+                f"the window of {self.window}; give a larger budget or a smaller window"
+            )
+        return budget
+
+    def keep_positions(self, layer_scores: list[torch.Tensor], prompt_length: int, budget: int) -> list[torch.Tensor]:
+        """Per layer, the kept prompt positions [H_kv, budget], sorted.
+
+        layer_scores: per layer [H_kv, prompt_length - window], the window queries' importance of
+        every prefix position (not yet pooled).
+        """
+        window_positions = torch.arange(prompt_length - self.window, prompt_length)
+        kept = []
+        for scores in layer_scores:
+            pooled = pool_scores(scores, self.kernel, self.pooling)
+            top = pooled.topk(budget - self.window, dim=-1).indices.cpu()
+            window = window_positions.expand(top.shape[0], -1)
+            kept.append(torch.cat([top, window], dim=-1).sort(dim=-1).values)
+        return kept

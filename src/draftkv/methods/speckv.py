@@ -1,0 +1,37 @@
+"""SpecKV: the draft's guess of the answer tells which prompt KV entries the answer will need.
+
+1. The draft reads the prompt and greedily generates `lookahead` tokens (its own cache is
+   discarded). Default: the request's max_new_tokens, capped by `max_lookahead`.
+2. The target prefills the prompt, then the lookahead tokens as a probe; the window queries
+   are the last `window` prompt tokens and every lookahead token.
+3. Per layer and KV head, keep the top `budget - window` prefix entries by pooled score plus
+   the window. The probe's own entries are dropped: they were only a probe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..errors import ConfigError
+from .base import WindowKVMethod, param
+
+
+@dataclass(frozen=True)
+class SpecKV(WindowKVMethod):
+    name: ClassVar[str] = "speckv"
+    summary: ClassVar[str] = "KV dropping by the attention of the draft's lookahead answer (plus the window)."
+
+    lookahead: int | None = param(None, "draft lookahead tokens; None = the request's max_new_tokens, capped by max_lookahead")
+    max_lookahead: int = param(128, "cap on the default lookahead length")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lookahead is not None and (isinstance(self.lookahead, bool) or not isinstance(self.lookahead, int)
+                                           or self.lookahead < 1):
+            raise ConfigError(f"lookahead must be an int >= 1 or None, got {self.lookahead!r}")
+        if isinstance(self.max_lookahead, bool) or not isinstance(self.max_lookahead, int) or self.max_lookahead < 1:
+            raise ConfigError(f"max_lookahead must be an int >= 1, got {self.max_lookahead!r}")
+
+    def draft_lookahead(self, max_new_tokens: int) -> int:
+        return self.lookahead if self.lookahead is not None else min(max_new_tokens, self.max_lookahead)

@@ -1,0 +1,115 @@
+"""The importance primitive of ALGORITHMS.md: window-query attention over the prompt's keys.
+
+importance(Q_win, K) = pool(reduce(softmax(Q_win K^T * scale)[..., :prefix]))
+
+Only the window queries are ever multiplied against all keys (O(q * n) memory per layer, in
+query chunks), never the n x n attention matrix. The model's own fused attention computes the
+attention output; this module only scores.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Reduction = Literal["max", "mean"]
+Pooling = Literal["max", "avg"]
+
+# Bound on the float32 attention probabilities materialised at once (per layer and call).
+_MAX_PROBABILITY_BYTES = 256 * 2**20
+
+
+def window_scores(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    prefix_length: int,
+    scaling: float | None = None,
+    allowed: torch.Tensor | None = None,
+    query_valid: torch.Tensor | None = None,
+    reduction: Reduction = "max",
+) -> torch.Tensor:
+    """Reduce the window queries' attention over the first `prefix_length` keys.
+
+    query: [B, H_q, q, d], the window queries (after RoPE). key: [B, H_kv, k, d], all keys the
+    queries attend to (after RoPE). The last query sits at key position k - 1.
+    allowed: boolean [B, 1 or H_q, q, k] (True = may attend); None means causal, with query i at
+    key position k - q + i. query_valid: [B, q] boolean; invalid queries contribute nothing.
+
+    Returns [B, H_kv, prefix_length] float32: the max (or the sum, for "mean") over the query
+    heads of each KV group and over the valid queries. Sums are turned into means by the caller,
+    who knows the total count across calls (see `reduced_count`).
+    """
+    batch, num_heads, num_queries, head_dim = query.shape
+    num_kv_heads, key_length = key.shape[1], key.shape[2]
+    group = num_heads // num_kv_heads
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(head_dim)
+
+    keys32 = key.float()
+    out = torch.zeros(batch, num_kv_heads, prefix_length, dtype=torch.float32, device=query.device)
+    chunk = max(1, _MAX_PROBABILITY_BYTES // (4 * num_heads * key_length))
+    key_positions = torch.arange(key_length, device=query.device)
+    for start in range(0, num_queries, chunk):
+        stop = min(start + chunk, num_queries)
+        q = query[:, :, start:stop].float().view(batch, num_kv_heads, group, stop - start, head_dim)
+        logits = torch.einsum("bhgqd,bhkd->bhgqk", q, keys32) * scale
+        if allowed is None:
+            query_positions = torch.arange(key_length - num_queries + start, key_length - num_queries + stop,
+                                           device=query.device)
+            mask = key_positions[None, :] <= query_positions[:, None]  # [q, k]
+            mask = mask.view(1, 1, 1, stop - start, key_length)
+        else:
+            mask = allowed[:, :, start:stop]
+            mask = mask.view(batch, -1, 1, stop - start, key_length) if mask.shape[1] == 1 else \
+                mask.view(batch, num_kv_heads, group, stop - start, key_length)
+        logits = logits.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)[..., :prefix_length]
+        # A query row with every key masked (left padding) gives NaN: it attends to nothing.
+        probs = torch.nan_to_num(probs, nan=0.0)
+        if query_valid is not None:
+            probs = probs * query_valid[:, start:stop].to(probs.dtype).view(batch, 1, 1, stop - start, 1)
+        if reduction == "max":
+            out = torch.maximum(out, probs.amax(dim=(2, 3)))
+        else:
+            out += probs.sum(dim=(2, 3))
+    return out
+
+
+def reduced_count(num_heads: int, num_kv_heads: int, num_queries: int | torch.Tensor) -> torch.Tensor | int:
+    """How many (query head, query) pairs a KV head's mean is taken over."""
+    return (num_heads // num_kv_heads) * num_queries
+
+
+def pool_scores(scores: torch.Tensor, kernel: int, pooling: Pooling = "max") -> torch.Tensor:
+    """Smooth scores [..., n] along the last axis with an odd kernel; the length stays n."""
+    if kernel == 1:
+        return scores
+    if kernel % 2 == 0:
+        raise ValueError(f"pooling kernel must be odd so the length is kept, got {kernel}")
+    shape = scores.shape
+    flat = scores.reshape(-1, 1, shape[-1])
+    if pooling == "max":
+        pooled = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+    else:
+        pooled = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=True)
+    return pooled.view(shape)
+
+
+def importance(
+    query_window: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    prefix_length: int,
+    scaling: float | None = None,
+    reduction: Reduction = "max",
+    kernel: int = 7,
+    pooling: Pooling = "max",
+) -> torch.Tensor:
+    """The primitive for one call with causal window queries: [B, H_kv, prefix_length]."""
+    scores = window_scores(query_window, key, prefix_length=prefix_length, scaling=scaling, reduction=reduction)
+    if reduction == "mean":
+        scores = scores / reduced_count(query_window.shape[1], key.shape[1], query_window.shape[2])
+    return pool_scores(scores, kernel, pooling)
