@@ -13,9 +13,7 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
-         "quebec romeo sierra tango uniform victor whiskey xray yankee zulu the launch is on monday at noon "
-         "what when where who how number magic special key value essay grass green sky blue sun yellow").split()
+WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey", "xray", "yankee", "zulu", "the", "launch", "is", "on", "monday", "at", "noon", "what", "when", "where", "who", "how", "number", "magic", "special", "key", "value", "essay", "grass", "green", "sky", "blue", "sun", "yellow"]
 
 
 def corpus(seed: int = 0, sentences: int = 400) -> list[str]:

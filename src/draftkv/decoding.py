@@ -109,7 +109,7 @@ def decode(
     token_ids: list[list[int]] = [[] for _ in range(batch)]
     texts = ["" for _ in range(batch)]
     streamed = [0] * batch
-    finish: list[FinishReason | None] = [None] * batch
+    finish: list[FinishReason | None] = ["length" if limit == 0 else None for limit in max_new_tokens]
     logits = first_logits
     positions = positions.clone()
     first_token_at = 0.0

@@ -221,6 +221,7 @@ class Prepared:
     first_logits: torch.Tensor  # [B, V], the last prompt position's logits
     attention_mask: torch.Tensor | None  # [B, physical cache length]; None when no row is padded
     kept_rows: list[list[torch.Tensor] | None]  # per row, per layer [H_kv, kept] prompt positions
+    layer_scores: list[torch.Tensor] | None  # per layer [B, H_kv, N - window] window importance (padded columns)
     draft: DraftView | None
     entry_bytes: int
     clock: Clock
@@ -250,7 +251,7 @@ def prepare_batch(pair: ModelPair, requests: list[Request], method: str | Method
     clock.add("tokenize", clock.now() - started)
 
     # Draft pass, only when some row will be compressed (a dense run needs no guess).
-    lookahead = [method.draft_lookahead(r.max_new_tokens) for r in requests]
+    lookahead = [method.draft_lookahead(r.max_new_tokens) if c else 0 for r, c in zip(requests, compress, strict=True)]
     draft = None
     if any(compress) and max(lookahead) > 0:
         if pair.draft is None:
@@ -275,8 +276,8 @@ def prepare_batch(pair: ModelPair, requests: list[Request], method: str | Method
         if attention_mask is not None:
             attention_mask = attention_mask.to(device)
         clock.add("compression", clock.now() - selecting)
-    return Prepared(method, requests, lengths, budgets, cache, first_logits, attention_mask, kept_rows, draft,
-                    entry_bytes, clock, started)
+    return Prepared(method, requests, lengths, budgets, cache, first_logits, attention_mask, kept_rows, scores,
+                    draft, entry_bytes, clock, started)
 
 
 @torch.inference_mode()

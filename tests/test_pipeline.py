@@ -1,0 +1,256 @@
+"""The request flow on tiny models: the invariants of ALGORITHMS.md for dense, SnapKV and SpecKV,
+batching, sampling, stop strings, streaming and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_pair
+from tiny import long_context
+
+from draftkv import scoring
+from draftkv.cache import kv_bytes
+from draftkv.errors import ConfigError, PromptError, UnknownMethodError
+from draftkv.pipeline import generate, generate_batch, prepare_batch
+from draftkv.prompt import encode_prompt
+from draftkv.types import Request, Sampling
+
+CONTEXT = long_context(260)
+QUESTION = "what is the magic number?"
+KV_METHODS = ["snapkv", "speckv"]
+
+
+def prompt_length(pair, context=CONTEXT, question=QUESTION) -> int:
+    return len(encode_prompt(pair.tokenizer, Request(context=context, question=question)).ids)
+
+
+def dense_prefill(pair, request: Request):
+    ids = torch.tensor([encode_prompt(pair.tokenizer, request).ids])
+    with torch.inference_mode():
+        return pair.target.model(input_ids=ids, use_cache=True).past_key_values
+
+
+@pytest.mark.parametrize("method", KV_METHODS)
+def test_budget_at_least_prompt_is_dense(pair, method):
+    n = prompt_length(pair)
+    dense = generate(pair, CONTEXT, QUESTION, method="dense", max_new_tokens=16)
+    for budget in (n, n + 50, 1.0):
+        result = generate(pair, CONTEXT, QUESTION, method=method, budget=budget, max_new_tokens=16)
+        assert result.token_ids == dense.token_ids
+        assert not result.stats.compressed and "ran dense" in result.stats.note
+        assert result.stats.kv_bytes == dense.stats.kv_bytes_dense
+        assert result.stats.lookahead_tokens == 0  # no draft pass when nothing is compressed
+
+
+@pytest.mark.parametrize("method", KV_METHODS)
+def test_kept_entries_are_the_dense_entries_bitwise(pair, method):
+    request = Request(context=CONTEXT, question=QUESTION, max_new_tokens=8)
+    prepared = prepare_batch(pair, [request], method, budget=64, window=8)
+    dense = dense_prefill(pair, request)
+    kept_rows = prepared.kept_rows[0]
+    assert kept_rows is not None
+    for layer, (compressed, full, kept) in enumerate(zip(prepared.cache.layers, dense.layers, kept_rows, strict=True)):
+        index = kept[None, :, :, None].expand(-1, -1, -1, full.keys.shape[-1])
+        assert torch.equal(compressed.keys, full.keys.gather(2, index)), f"keys differ in layer {layer}"
+        assert torch.equal(compressed.values, full.values.gather(2, index)), f"values differ in layer {layer}"
+
+
+@pytest.mark.parametrize("method", KV_METHODS)
+@pytest.mark.parametrize("budget", [40, 0.3])
+def test_cache_holds_exactly_the_budget_with_window_and_no_probe(pair, method, budget):
+    n = prompt_length(pair)
+    window = 16
+    prepared = prepare_batch(pair, [Request(context=CONTEXT, question=QUESTION, max_new_tokens=12)], method,
+                             budget=budget, window=window)
+    expected = budget if isinstance(budget, int) else -(-int(budget * 1000) * n // 1000)
+    assert prepared.budgets == [expected]
+    config = pair.target.model.config
+    for layer, kept in zip(prepared.cache.layers, prepared.kept_rows[0], strict=True):
+        assert layer.keys.shape == (1, config.num_key_value_heads, expected, config.hidden_size // config.num_attention_heads)
+        for head in kept.tolist():
+            assert head == sorted(set(head)) and len(head) == expected
+            assert set(range(n - window, n)) <= set(head)
+            assert max(head) < n  # the draft's lookahead never stays in the cache
+    assert kv_bytes(prepared.cache) == expected * prepared.entry_bytes
+    if method == "speckv":
+        assert prepared.draft is not None and prepared.draft.lengths[0] > 0
+
+
+@pytest.mark.parametrize("method", KV_METHODS)
+def test_decoding_continues_at_the_original_positions(qwen_pair, method):
+    n = prompt_length(qwen_pair)
+    seen = []
+
+    def record(_module, _args, kwargs):
+        if kwargs["input_ids"].shape[1] == 1:
+            seen.append(kwargs["position_ids"].flatten().tolist())
+
+    handle = qwen_pair.target.model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        result = generate(qwen_pair, CONTEXT, QUESTION, method=method, budget=48, max_new_tokens=6)
+    finally:
+        handle.remove()
+    assert result.stats.kv_entries == 48
+    decode_steps = seen[-(len(result.token_ids) - 1):] if len(result.token_ids) > 1 else []
+    assert decode_steps == [[n + step] for step in range(len(decode_steps))]
+
+
+def test_compressed_stats_measure_the_cache(qwen_pair):
+    n = prompt_length(qwen_pair)
+    result = generate(qwen_pair, CONTEXT, QUESTION, method="speckv", budget=64, max_new_tokens=8)
+    stats = result.stats
+    assert stats.compressed and stats.kv_entries == 64 and stats.prompt_tokens == n
+    assert stats.kv_bytes * n == stats.kv_bytes_dense * 64
+    assert {"tokenize", "draft_prefill", "draft_lookahead", "target_prefill", "probe", "scoring", "compression",
+            "decode"} <= set(stats.timings)
+    assert 0 < stats.time_to_first_token <= stats.total_time
+    assert 0 < stats.lookahead_tokens <= 8
+    assert "speckv" in stats.summary() and "KV" in stats.summary()
+
+
+def eager_reference_scores(pair, ids: list[int], lookahead: list[int], window: int) -> list[torch.Tensor]:
+    """Window importance from the eager attention matrices: rows = window + lookahead queries."""
+    model = pair.target.model
+    model.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            out = model(input_ids=torch.tensor([ids + lookahead]), output_attentions=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    n = len(ids)
+    group = model.config.num_attention_heads // model.config.num_key_value_heads
+    scores = []
+    for attention in out.attentions:  # [1, H_q, T, T]
+        rows = attention[0, :, n - window:, : n - window]
+        scores.append(rows.reshape(model.config.num_key_value_heads, group * rows.shape[1], -1).amax(dim=1))
+    return scores
+
+
+def test_speckv_scores_match_the_eager_attention_of_window_and_lookahead(qwen_pair):
+    request = Request(context=CONTEXT, question=QUESTION, max_new_tokens=10)
+    prepared = prepare_batch(qwen_pair, [request], "speckv", budget=64, window=8)
+    ids = encode_prompt(qwen_pair.tokenizer, request).ids
+    lookahead = prepared.draft.lookahead_ids[0, : prepared.draft.lengths[0]].tolist()
+    assert lookahead, "the draft produced no lookahead tokens"
+    reference = eager_reference_scores(qwen_pair, ids, lookahead, window=8)
+    for got, expected in zip(prepared.layer_scores, reference, strict=True):
+        torch.testing.assert_close(got[0], expected, rtol=1e-4, atol=1e-6)
+    # SnapKV is the same primitive without the lookahead rows.
+    snap = prepare_batch(qwen_pair, [request], "snapkv", budget=64, window=8)
+    snap_reference = eager_reference_scores(qwen_pair, ids, [], window=8)
+    for got, expected in zip(snap.layer_scores, snap_reference, strict=True):
+        torch.testing.assert_close(got[0], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_speckv_runs_the_draft_once_and_snapkv_never(qwen_pair):
+    calls = []
+    handle = qwen_pair.draft.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        generate(qwen_pair, CONTEXT, QUESTION, method="snapkv", budget=64, max_new_tokens=4)
+        assert calls == []
+        result = generate(qwen_pair, CONTEXT, QUESTION, method="speckv", budget=64, max_new_tokens=4, lookahead=5)
+    finally:
+        handle.remove()
+    assert result.stats.lookahead_tokens <= 5
+    assert len(calls) == result.stats.lookahead_tokens  # one prefill + one step per further token
+
+
+@pytest.mark.parametrize("method,params", [("dense", {}), ("snapkv", {"budget": 48}), ("speckv", {"budget": 48}),
+                                           ("speckv", {"budget": 0.4, "window": 4})])
+def test_batch_equals_one_by_one(pair, method, params):
+    requests = [
+        Request(context=long_context(260, seed=2), question=QUESTION, max_new_tokens=10),
+        Request(context=long_context(150, seed=3), question="who is on monday?", max_new_tokens=6),
+        Request(context="short one", question="what?", max_new_tokens=8),  # shorter than the budget: dense
+        Request(context=long_context(200, seed=4), question=QUESTION, max_new_tokens=10, stop=("zulu",)),
+    ]
+    batched = generate_batch(pair, requests, method, **params)
+    for request, together in zip(requests, batched, strict=True):
+        alone = generate_batch(pair, [request], method, **params)[0]
+        assert together.token_ids == alone.token_ids
+        assert together.text == alone.text and together.finish_reason == alone.finish_reason
+        assert together.stats.kv_entries == alone.stats.kv_entries
+        assert together.stats.lookahead_tokens == alone.stats.lookahead_tokens
+        if alone.kept_positions is None:
+            assert together.kept_positions is None
+        else:
+            for a, b in zip(together.kept_positions, alone.kept_positions, strict=True):
+                assert torch.equal(a, b)
+
+
+def test_sampling_is_deterministic_with_a_seed(qwen_pair):
+    def sample(seed, **kwargs):
+        return generate(qwen_pair, CONTEXT, QUESTION, method="speckv", budget=64, max_new_tokens=20,
+                        temperature=1.0, seed=seed, **kwargs).token_ids
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+    greedy = generate(qwen_pair, CONTEXT, QUESTION, method="speckv", budget=64, max_new_tokens=20).token_ids
+    assert sample(7, top_k=1) == greedy  # top-k 1 is greedy whatever the seed
+    assert sample(3, top_p=1e-6) == greedy  # so is a vanishing nucleus
+    requests = [Request(context=CONTEXT, question=QUESTION, max_new_tokens=12, sampling=Sampling(0.8, 0.9, 0, s))
+                for s in (1, 2)]
+    batched = generate_batch(qwen_pair, requests, "snapkv", budget=64)
+    for request, together in zip(requests, batched, strict=True):
+        assert together.token_ids == generate_batch(qwen_pair, [request], "snapkv", budget=64)[0].token_ids
+
+
+def test_stop_strings_and_streaming(qwen_pair):
+    full = generate(qwen_pair, CONTEXT, QUESTION, method="speckv", budget=64, max_new_tokens=24)
+    assert len(full.text) > 6
+    stop = full.text[len(full.text) // 2: len(full.text) // 2 + 2]
+    pieces: list[str] = []
+    stopped = generate(qwen_pair, CONTEXT, QUESTION, method="speckv", budget=64, max_new_tokens=24,
+                       stop=[stop], on_text=pieces.append)
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == full.text[: full.text.index(stop)]
+    assert "".join(pieces) == stopped.text
+    streamed: list[str] = []
+    again = generate(qwen_pair, CONTEXT, QUESTION, method="speckv", budget=64, max_new_tokens=24,
+                     on_text=streamed.append)
+    assert "".join(streamed) == again.text == full.text and len(streamed) > 1
+
+
+def test_eos_stops_generation(qwen_pair):
+    model = qwen_pair.target.model
+    full = generate(qwen_pair, CONTEXT, QUESTION, max_new_tokens=10)
+    eos = full.token_ids[3]
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = eos
+    try:
+        stopped = generate(qwen_pair, CONTEXT, QUESTION, max_new_tokens=10)
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert stopped.finish_reason == "stop"
+    assert stopped.token_ids == full.token_ids[: full.token_ids.index(eos)]
+
+
+def test_bad_input_gets_a_clear_error(qwen_pair):
+    with pytest.raises(PromptError, match="empty"):
+        generate(qwen_pair, "", "  ", method="speckv", budget=64)
+    with pytest.raises(UnknownMethodError, match="available"):
+        generate(qwen_pair, CONTEXT, QUESTION, method="magic")
+    with pytest.raises(ConfigError, match="no parameter 'budgett'"):
+        generate(qwen_pair, CONTEXT, QUESTION, method="snapkv", budgett=3)
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        generate(qwen_pair, CONTEXT, QUESTION, max_new_tokens=0)
+    with pytest.raises(ConfigError, match="window"):
+        generate(qwen_pair, CONTEXT, QUESTION, method="speckv", budget=16, window=32)
+    with pytest.raises(ConfigError, match="odd"):
+        generate(qwen_pair, CONTEXT, QUESTION, method="speckv", budget=64, kernel=6)
+    short = tiny_pair("qwen2", max_positions=128)
+    with pytest.raises(PromptError, match="context limit of 128"):
+        generate(short, CONTEXT, QUESTION, method="speckv", budget=64)
+    no_draft = tiny_pair("qwen2", draft=False)
+    with pytest.raises(ConfigError, match="needs a draft model"):
+        generate(no_draft, CONTEXT, QUESTION, method="speckv", budget=64)
+    assert generate(no_draft, CONTEXT, QUESTION, method="snapkv", budget=64).stats.compressed
+
+
+def test_chunked_scoring_changes_nothing(qwen_pair, monkeypatch):
+    whole = generate(qwen_pair, CONTEXT, QUESTION, method="speckv", budget=64, max_new_tokens=8)
+    monkeypatch.setattr(scoring, "_MAX_PROBABILITY_BYTES", 4 * 4 * 400 * 5)
+    chunked = generate(qwen_pair, CONTEXT, QUESTION, method="speckv", budget=64, max_new_tokens=8)
+    assert chunked.token_ids == whole.token_ids
+    for a, b in zip(chunked.kept_positions, whole.kept_positions, strict=True):
+        assert torch.equal(a, b)
