@@ -1,3 +1,58 @@
-"""draftkv: draft-based approximate inference for long-context LLMs."""
+"""draftkv: draft-based approximate inference for long-context LLMs.
+
+    import draftkv
+    pair = draftkv.load_pair()            # the embedded Qwen2.5-Coder 1.5B target + 0.5B draft
+    result = draftkv.generate(pair, context=..., question=..., method="speckv", budget=256)
+    result.text, result.stats
+"""
+
+from .errors import (
+    ConfigError,
+    DraftKVError,
+    EmbeddedModelError,
+    ModelLoadError,
+    PromptError,
+    TokenizerMismatchError,
+    UnknownMethodError,
+)
+from .methods import METHODS, Method, get_method
+from .models import (
+    DEFAULT_DRAFT,
+    DEFAULT_TARGET,
+    EMBEDDED_MODELS,
+    ModelPair,
+    load_model,
+    load_pair,
+    pair_from_models,
+)
+from .pipeline import generate, generate_batch, prepare_batch
+from .types import Request, Result, Sampling, Stats
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_DRAFT",
+    "DEFAULT_TARGET",
+    "EMBEDDED_MODELS",
+    "METHODS",
+    "ConfigError",
+    "DraftKVError",
+    "EmbeddedModelError",
+    "Method",
+    "ModelLoadError",
+    "ModelPair",
+    "PromptError",
+    "Request",
+    "Result",
+    "Sampling",
+    "Stats",
+    "TokenizerMismatchError",
+    "UnknownMethodError",
+    "generate",
+    "generate_batch",
+    "get_method",
+    "load_model",
+    "load_pair",
+    "pair_from_models",
+    "prepare_batch",
+]

@@ -1,0 +1,182 @@
+"""The `draftkv` command line: generate, models, methods."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import ConfigError, DraftKVError
+from .methods import METHODS, get_method, help_of
+from .models import DEFAULT_DRAFT, DEFAULT_TARGET, cache_dir, embedded_status, load_pair
+from .pipeline import generate as run_generate
+
+app = typer.Typer(
+    help="Draft-based approximate inference for long-context LLMs (SpecKV, SnapKV, ...).",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"draftkv {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Draft-based approximate inference for long-context LLMs."""
+
+
+def parse_budget(text: str) -> int | float:
+    """'256' is a token count; '0.25' (anything with a dot or exponent) is a ratio of the prompt."""
+    try:
+        return float(text) if any(c in text.lower() for c in ".e") else int(text)
+    except ValueError:
+        raise ConfigError(f"budget must be a token count like 256 or a ratio like 0.25, got {text!r}") from None
+
+
+def parse_param(item: str) -> tuple[str, Any]:
+    """KEY=VALUE, with VALUE read as JSON when it is JSON (numbers, true/false, null) and text otherwise."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--param takes KEY=VALUE, got {item!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def read_context(context: str | None, context_file: Path | None) -> str:
+    if context is not None and context_file is not None:
+        raise ConfigError("give the context once: either --context or --context-file")
+    if context_file is not None:
+        if str(context_file) == "-":
+            return sys.stdin.read()
+        try:
+            return context_file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"context file {context_file} does not exist") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"context file {context_file} is not UTF-8 text") from None
+        except OSError as error:
+            raise ConfigError(f"cannot read context file {context_file}: {error.strerror}") from None
+    if context is not None:
+        return context
+    return "" if sys.stdin.isatty() else sys.stdin.read()
+
+
+@app.command()
+def generate(
+    question: Annotated[str, typer.Option("--question", "-q", help="The question, placed after the context.")] = "",
+    context: Annotated[str | None, typer.Option(help="The context text (or use --context-file, or stdin).")] = None,
+    context_file: Annotated[Path | None, typer.Option(help="Read the context from this file ('-' for stdin).")] = None,
+    method: Annotated[str, typer.Option("--method", "-m", help=f"One of: {', '.join(METHODS)}.")] = "speckv",
+    budget: Annotated[str | None, typer.Option(help="KV entries kept per layer and head (e.g. 256), or a ratio of the prompt (e.g. 0.25).")] = None,
+    window: Annotated[int | None, typer.Option(help="Last prompt tokens always kept (default 32).")] = None,
+    kernel: Annotated[int | None, typer.Option(help="Odd pooling kernel (default 7).")] = None,
+    pooling: Annotated[str | None, typer.Option(help="max or avg (default max).")] = None,
+    reduction: Annotated[str | None, typer.Option(help="max or mean (default max).")] = None,
+    lookahead: Annotated[int | None, typer.Option(help="SpecKV: draft lookahead tokens (default: max-new-tokens, capped at 128).")] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Any method parameter as KEY=VALUE (repeatable).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the k best (0: all).")] = 0,
+    seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    chat_template: Annotated[bool, typer.Option(help="Wrap the prompt in the target's chat template.")] = True,
+    target: Annotated[str, typer.Option(help="Target: embedded name, local folder, .gguf file or cached hub id.")] = DEFAULT_TARGET,
+    draft: Annotated[str, typer.Option(help="Draft model (same forms as --target).")] = DEFAULT_DRAFT,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on CUDA).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with text, token ids and stats.")] = False,
+    stream: Annotated[bool, typer.Option(help="Print the answer as it is generated.")] = False,
+) -> None:
+    """Answer a question about a long context with a compressed KV cache."""
+    try:
+        params: dict[str, Any] = dict(parse_param(item) for item in param or [])
+        given = {"budget": parse_budget(budget) if budget is not None else None, "window": window, "kernel": kernel,
+                 "pooling": pooling, "reduction": reduction, "lookahead": lookahead}
+        params.update({key: value for key, value in given.items() if value is not None})
+        chosen = get_method(method, **params)  # fails fast on a bad method, before loading models
+        text = read_context(context, context_file)
+        needs_draft = chosen.draft_lookahead(max_new_tokens) > 0
+        with err.status("loading models (the first time converts the embedded pair: a few minutes)"):
+            pair = load_pair(target, draft if needs_draft else None, device=device, dtype=dtype)
+        printer = (lambda piece: print(piece, end="", flush=True)) if stream and not as_json else None
+        with err.status(f"running {chosen.name}") if printer is None else _nothing():
+            result = run_generate(
+                pair, text, question, method=chosen, max_new_tokens=max_new_tokens, temperature=temperature,
+                top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ()), system=system,
+                chat_template=chat_template, on_text=printer,
+            )
+    except DraftKVError as error:
+        err.print(f"error: {error}", style="red", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps({"text": result.text, "token_ids": result.token_ids,
+                               "finish_reason": result.finish_reason, "stats": result.stats.to_dict()}))
+        return
+    if printer is not None:
+        print(flush=True)
+    else:
+        typer.echo(result.text)
+    err.print(result.stats.summary(), markup=False, highlight=False, soft_wrap=True)
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+@app.command()
+def models() -> None:
+    """The embedded model registry: what is installed and cached, and the sizes."""
+    rows = embedded_status()
+    table = Table(title="Embedded models")
+    table.add_column("name", no_wrap=True)
+    for column in ("role", "installed", "cached", "GGUF", "on disk"):
+        table.add_column(column, no_wrap=True)
+    for row in rows:
+        table.add_row(row["name"], row["role"], "yes" if row["installed"] else "no",
+                      "yes" if row["cached"] else "no", _size(row["gguf_bytes"]),
+                      _size(row["cached_bytes"]) if row["cached"] else "-")
+    console = Console()
+    console.print(table)
+    console.print(f"cache folder: {cache_dir()} (set DRAFTKV_CACHE_DIR to move it)", highlight=False, soft_wrap=True)
+    if not all(row["installed"] for row in rows):
+        console.print('install the embedded pair with: pip install "draftkv[embedded]"', highlight=False)
+
+
+@app.command()
+def methods() -> None:
+    """The methods registry with every parameter and its default."""
+    console = Console()
+    for name, method_class in METHODS.items():
+        table = Table(title=f"{name}: {method_class.summary}", title_justify="left")
+        for column in ("parameter", "default", "meaning"):
+            table.add_column(column)
+        for param_name, _type, default, meaning in help_of(method_class):
+            table.add_row(param_name, repr(default), meaning)
+        if not help_of(method_class):
+            table.add_row("-", "-", "no parameters")
+        console.print(table)
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.0f} MiB"

@@ -1,0 +1,106 @@
+"""The command line on tiny models saved to folders (the same path a user's local model takes)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import tiny_pair
+from tiny import long_context
+from typer.testing import CliRunner
+
+from draftkv.cli import app
+from draftkv.pipeline import generate
+
+runner = CliRunner()
+QUESTION = "what is the magic number?"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    pair = tiny_pair("qwen2")
+    root = tmp_path_factory.mktemp("models")
+    for role, loaded in (("target", pair.target), ("draft", pair.draft)):
+        loaded.model.save_pretrained(root / role)
+        loaded.tokenizer.save_pretrained(root / role)
+    context = root / "context.txt"
+    context.write_text(long_context(260), encoding="utf-8")
+    return {"target": str(root / "target"), "draft": str(root / "draft"), "context": str(context), "pair": pair}
+
+
+def invoke(folders, *args, **kwargs):
+    base = ["generate", "--target", folders["target"], "--draft", folders["draft"], "--max-new-tokens", "8"]
+    return runner.invoke(app, [*base, *args], **kwargs)
+
+
+def test_generate_json_equals_the_python_api(folders):
+    result = invoke(folders, "--context-file", folders["context"], "-q", QUESTION, "--method", "speckv",
+                    "--budget", "64", "--window", "8", "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["stats"]["compressed"] and payload["stats"]["kv_entries"] == 64
+    assert payload["stats"]["method"] == "speckv" and payload["stats"]["lookahead_tokens"] > 0
+    with open(folders["context"], encoding="utf-8") as handle:
+        context = handle.read()
+    expected = generate(folders["pair"], context, QUESTION, method="speckv", budget=64, window=8, max_new_tokens=8)
+    assert payload["token_ids"] == expected.token_ids and payload["text"] == expected.text
+
+
+def test_plain_stream_and_stdin_give_the_same_answer(folders):
+    with open(folders["context"], encoding="utf-8") as handle:
+        context = handle.read()
+    plain = invoke(folders, "--context-file", folders["context"], "-q", QUESTION, "--budget", "0.3")
+    streamed = invoke(folders, "--context-file", folders["context"], "-q", QUESTION, "--budget", "0.3", "--stream")
+    piped = invoke(folders, "-q", QUESTION, "--budget", "0.3", input=context)
+    assert plain.exit_code == streamed.exit_code == piped.exit_code == 0, plain.output
+    assert plain.stdout == streamed.stdout == piped.stdout
+    assert "[speckv] prompt" in plain.stderr and "KV" in plain.stderr
+
+
+def test_dense_needs_no_draft_and_budget_ratio_parses(folders):
+    result = runner.invoke(app, ["generate", "--target", folders["target"], "--draft", "/nonexistent",
+                                 "--method", "dense", "--context-file", folders["context"], "-q", QUESTION,
+                                 "--max-new-tokens", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["stats"]["compressed"] is False
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "nope"], "unknown method 'nope'"),
+        (["--budget", "abc"], "token count like 256"),
+        (["--budget", "0"], "at least 1"),
+        (["--budget", "1.5"], r"(0, 1]"),
+        (["--budget", "64", "--window", "64"], "smaller than the budget"),
+        (["--budget", "64", "--kernel", "4"], "odd"),
+        (["--param", "budgett=3"], "no parameter 'budgett'"),
+        (["--param", "nonsense"], "KEY=VALUE"),
+        (["--context-file", "/no/such/file.txt"], "does not exist"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(folders, args, message):
+    result = invoke(folders, "-q", QUESTION, *args, input="some context")
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_empty_prompt_and_bad_model_paths(folders):
+    empty = invoke(folders, "--context", "", "-q", "")
+    assert empty.exit_code == 2 and "empty" in empty.stderr
+    missing = runner.invoke(app, ["generate", "--target", "/no/such/model", "--method", "dense", "-q", "hi",
+                                  "--context", "x"])
+    assert missing.exit_code == 2 and "Traceback" not in missing.output
+    assert "not an embedded model" in missing.stderr
+
+
+def test_methods_and_models_commands():
+    methods = runner.invoke(app, ["methods"])
+    assert methods.exit_code == 0
+    for name in ("dense", "snapkv", "speckv", "budget", "window", "lookahead", "max_lookahead"):
+        assert name in methods.stdout
+    models = runner.invoke(app, ["models"])
+    assert models.exit_code == 0
+    assert "qwen2.5-coder-1.5b-instruct" in models.stdout and "qwen2.5-coder-0.5b-instruct" in models.stdout
+    assert runner.invoke(app, ["--version"]).stdout.startswith("draftkv ")
