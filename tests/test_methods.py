@@ -91,12 +91,12 @@ def test_unknown_method_and_parameter():
 
 def test_ratio_budget_that_leaves_no_room_beyond_the_window():
     method = SnapKV(budget=0.1, window=32)
-    assert method.kv_budget(1000) == 100
+    assert method.kv_entries(1000) == 100
     with pytest.raises(PromptError, match="not more than the window"):
-        method.kv_budget(200)
+        method.kv_entries(200)
     with pytest.raises(PromptError, match="keeps 1 entries"):
-        method.kv_budget(10)
-    assert SnapKV(budget=1.0).kv_budget(10) == 10  # the whole prompt: runs dense, not an error
+        method.kv_entries(10)
+    assert SnapKV(budget=1.0).kv_entries(10) == 10  # the whole prompt: runs dense, not an error
 
 
 def test_speckv_lookahead_defaults_to_answer_length_capped():

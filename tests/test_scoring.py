@@ -68,7 +68,7 @@ def test_padding_mask_and_invalid_queries_are_excluded():
     allowed = torch.ones(1, 1, 4, 10, dtype=torch.bool).tril(diagonal=6)
     allowed[..., :3] = False  # three padded keys
     valid = torch.tensor([[True, False, True, False]])
-    scores = window_scores(query, key, prefix_length=6, allowed=allowed, query_valid=valid, reduction="max")
+    scores = window_scores(query, key, prefix_length=6, allowed=allowed, query_weight=valid, reduction="max")
     assert torch.all(scores[..., :3] == 0)
     only_valid = window_scores(query[:, :, [0, 2]], key, prefix_length=6, allowed=allowed[:, :, [0, 2]])
     torch.testing.assert_close(scores, only_valid)

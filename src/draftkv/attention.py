@@ -22,13 +22,13 @@ from .scoring import Reduction, reduced_count, window_scores
 
 ATTENTION_NAME = "draftkv"
 
-_active_collector: contextvars.ContextVar[WindowCollector | None] = contextvars.ContextVar(
+_active_collector: contextvars.ContextVar[WindowCollector | PromptCollector | None] = contextvars.ContextVar(
     "draftkv_active_collector", default=None
 )
 
 
 class WindowCollector:
-    """Accumulates, per layer, the window queries' importance over the first `prefix_length` keys.
+    """KV-stage scores for the target. Accumulates, per layer, the window queries' importance over the first `prefix_length` keys.
 
     One collector lives for one request flow and may see several forward calls (the prompt
     prefill, whose last `num_queries` queries are the window, then a chunk of lookahead tokens,
@@ -44,6 +44,9 @@ class WindowCollector:
         self._scores: dict[int, torch.Tensor] = {}
         self._counts: dict[int, torch.Tensor | int] = {}
         self.seconds = 0.0  # time spent scoring, so callers can tell it apart from the forward pass
+
+    def start_call(self) -> None:
+        """A forward call begins (the caller says which queries count through score_last)."""
 
     def score_last(self, num_queries: int, query_valid: torch.Tensor | None = None) -> None:
         """Score the last `num_queries` queries of the next forward call (query_valid: [B, q] bool)."""
@@ -68,7 +71,7 @@ class WindowCollector:
             allowed = rows if rows.dtype == torch.bool else rows > torch.finfo(rows.dtype).min / 2
         scores = window_scores(
             window, key, prefix_length=self.prefix_length, scaling=scaling, allowed=allowed,
-            query_valid=self.query_valid, reduction=self.reduction,
+            query_weight=self.query_valid, reduction=self.reduction,
         )
         valid = self.query_valid.sum(dim=1).view(-1, 1, 1) if self.query_valid is not None else self.num_queries
         count = reduced_count(query.shape[1], key.shape[1], valid)
@@ -89,6 +92,73 @@ class WindowCollector:
         return [self._scores[i] / self._counts[i] for i in layers]
 
 
+class PromptCollector:
+    """Prompt-stage scores from the draft: one score per prompt token (SpecPC, SpecPrefill).
+
+    Every forward call is one step: the prefill (whose last `window` queries count, weighted
+    linearly from 0 for the oldest to 1 for the newest when `weighted`), then each fed lookahead
+    token. Within a step, attention over the `prompt_width` prompt keys is reduced over heads and
+    queries, then over layers >= `start_layer`; steps are reduced at the end, over valid steps.
+    """
+
+    def __init__(self, prompt_width: int, window: int, start_layer: int = 0, weighted: bool = False,
+                 head_reduction: Reduction = "max", layer_reduction: Reduction = "max") -> None:
+        self.prompt_width = prompt_width
+        self.window = window
+        self.start_layer = start_layer
+        self.weighted = weighted
+        self.head_reduction = head_reduction
+        self.layer_reduction = layer_reduction
+        self.steps: list[torch.Tensor] = []  # per step [B, prompt_width]
+        self._layers: list[torch.Tensor] = []
+        self.seconds = 0.0
+
+    def start_call(self) -> None:
+        self._close_step()
+
+    def _close_step(self) -> None:
+        if self._layers:
+            stacked = torch.stack(self._layers)
+            self.steps.append(stacked.amax(0) if self.layer_reduction == "max" else stacked.mean(0))
+            self._layers = []
+
+    def observe(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor,
+                attention_mask: torch.Tensor | None, scaling: float | None) -> None:
+        if layer_idx < self.start_layer:
+            return
+        started = _synchronized_time(query.device)
+        prefill = not self.steps
+        num_queries = min(self.window, query.shape[2]) if prefill else query.shape[2]
+        weight = None
+        if prefill and self.weighted:
+            weight = torch.linspace(0, 1, num_queries, device=query.device).expand(query.shape[0], -1)
+        allowed = None
+        if attention_mask is not None:
+            rows = attention_mask[:, :, -num_queries:, : key.shape[2]]
+            allowed = rows if rows.dtype == torch.bool else rows > torch.finfo(rows.dtype).min / 2
+        scores = window_scores(query[:, :, -num_queries:], key, prefix_length=self.prompt_width, scaling=scaling,
+                               allowed=allowed, query_weight=weight, reduction=self.head_reduction)
+        if self.head_reduction == "max":
+            scores = scores.amax(dim=1)
+        else:
+            total_weight = weight.sum(dim=1, keepdim=True) if weight is not None else num_queries
+            scores = scores.sum(dim=1) / (query.shape[1] * total_weight)
+        self._layers.append(scores)
+        self.seconds += _synchronized_time(query.device) - started
+
+    def token_scores(self, step_valid: torch.Tensor, step_reduction: Reduction = "max") -> torch.Tensor:
+        """[B, prompt_width] scores, reduced over the valid steps (step_valid: [B, steps] bool)."""
+        self._close_step()
+        steps = torch.stack(self.steps, dim=1)[:, : step_valid.shape[1]]  # [B, steps, width]
+        valid = step_valid[:, : steps.shape[1]].to(steps.dtype).unsqueeze(-1)
+        if step_reduction == "max":
+            return (steps * valid).amax(dim=1)
+        return (steps * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1)
+
+
+Collector = WindowCollector | PromptCollector
+
+
 def _synchronized_time(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -107,7 +177,7 @@ AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 @contextmanager
-def capture(model: torch.nn.Module, collector: WindowCollector | None) -> Iterator[WindowCollector | None]:
+def capture(model: torch.nn.Module, collector: Collector | None) -> Iterator[Collector | None]:
     """Run `model` with window-query capture into `collector` for the duration of the block."""
     if collector is None:
         yield None
@@ -115,8 +185,10 @@ def capture(model: torch.nn.Module, collector: WindowCollector | None) -> Iterat
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
     token = _active_collector.set(collector)
+    hook = model.register_forward_pre_hook(lambda *_: collector.start_call())
     try:
         yield collector
     finally:
+        hook.remove()
         _active_collector.reset(token)
         model.set_attn_implementation(previous)

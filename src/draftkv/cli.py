@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .compress import compress_prompt
 from .errors import ConfigError, DraftKVError
 from .methods import METHODS, get_method, help_of
 from .models import DEFAULT_DRAFT, DEFAULT_TARGET, cache_dir, embedded_status, load_pair
@@ -76,43 +77,76 @@ def read_context(context: str | None, context_file: Path | None) -> str:
     return "" if sys.stdin.isatty() else sys.stdin.read()
 
 
+Question = Annotated[str, typer.Option("--question", "-q", help="The question, placed after the context.")]
+Context = Annotated[str | None, typer.Option(help="The context text (or use --context-file, or stdin).")]
+ContextFile = Annotated[Path | None, typer.Option(help="Read the context from this file ('-' for stdin).")]
+BudgetOption = Annotated[str | None, typer.Option(
+    help="KV entries (KV methods) or prompt tokens (prompt methods) kept, e.g. 256, or a ratio of the prompt, e.g. 0.25.")]
+PromptBudget = Annotated[str | None, typer.Option(help="speckv-pc: prompt tokens kept by its SpecPC stage (default 2048).")]
+Window = Annotated[int | None, typer.Option(help="Last prompt tokens always kept (default: the method's).")]
+Kernel = Annotated[int | None, typer.Option(help="Odd pooling kernel (default: the method's).")]
+Lookahead = Annotated[int | None, typer.Option(help="Draft lookahead tokens (default: the method's).")]
+Params = Annotated[list[str] | None, typer.Option("--param", "-p", help="Any method parameter as KEY=VALUE (repeatable).")]
+System = Annotated[str | None, typer.Option(help="System prompt.")]
+ChatTemplate = Annotated[bool, typer.Option(help="Wrap the prompt in the target's chat template.")]
+Target = Annotated[str, typer.Option(help="Target: embedded name, local folder, .gguf file or cached hub id.")]
+Draft = Annotated[str, typer.Option(help="Draft model (same forms as --target).")]
+Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")]
+Dtype = Annotated[str | None, typer.Option(help="float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on CUDA).")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+
+
+def method_from_options(method: str, params: list[str] | None, **options: Any):
+    """The method with the options the user gave (None means: the method's default)."""
+    given: dict[str, Any] = dict(parse_param(item) for item in params or [])
+    for key in ("budget", "prompt_budget"):
+        if options.get(key) is not None:
+            options[key] = parse_budget(options[key])
+    given.update({key: value for key, value in options.items() if value is not None})
+    return get_method(method, **given)
+
+
+def fail(error: DraftKVError) -> typer.Exit:
+    err.print(f"error: {error}", style="red", markup=False, highlight=False)
+    return typer.Exit(2)
+
+
 @app.command()
 def generate(
-    question: Annotated[str, typer.Option("--question", "-q", help="The question, placed after the context.")] = "",
-    context: Annotated[str | None, typer.Option(help="The context text (or use --context-file, or stdin).")] = None,
-    context_file: Annotated[Path | None, typer.Option(help="Read the context from this file ('-' for stdin).")] = None,
+    question: Question = "",
+    context: Context = None,
+    context_file: ContextFile = None,
     method: Annotated[str, typer.Option("--method", "-m", help=f"One of: {', '.join(METHODS)}.")] = "speckv",
-    budget: Annotated[str | None, typer.Option(help="KV entries kept per layer and head (e.g. 256), or a ratio of the prompt (e.g. 0.25).")] = None,
-    window: Annotated[int | None, typer.Option(help="Last prompt tokens always kept (default 32).")] = None,
-    kernel: Annotated[int | None, typer.Option(help="Odd pooling kernel (default 7).")] = None,
-    pooling: Annotated[str | None, typer.Option(help="max or avg (default max).")] = None,
+    budget: BudgetOption = None,
+    prompt_budget: PromptBudget = None,
+    window: Window = None,
+    kernel: Kernel = None,
+    pooling: Annotated[str | None, typer.Option(help="max or avg (default: the method's).")] = None,
     reduction: Annotated[str | None, typer.Option(help="max or mean (default max).")] = None,
-    lookahead: Annotated[int | None, typer.Option(help="SpecKV: draft lookahead tokens (default: max-new-tokens, capped at 128).")] = None,
-    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Any method parameter as KEY=VALUE (repeatable).")] = None,
+    lookahead: Lookahead = None,
+    param: Params = None,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 128,
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
     top_k: Annotated[int, typer.Option(help="Sample among the k best (0: all).")] = 0,
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
-    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
-    chat_template: Annotated[bool, typer.Option(help="Wrap the prompt in the target's chat template.")] = True,
-    target: Annotated[str, typer.Option(help="Target: embedded name, local folder, .gguf file or cached hub id.")] = DEFAULT_TARGET,
-    draft: Annotated[str, typer.Option(help="Draft model (same forms as --target).")] = DEFAULT_DRAFT,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on CUDA).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with text, token ids and stats.")] = False,
+    system: System = None,
+    chat_template: ChatTemplate = True,
+    target: Target = DEFAULT_TARGET,
+    draft: Draft = DEFAULT_DRAFT,
+    device: Device = None,
+    dtype: Dtype = None,
+    as_json: AsJson = False,
     stream: Annotated[bool, typer.Option(help="Print the answer as it is generated.")] = False,
 ) -> None:
-    """Answer a question about a long context with a compressed KV cache."""
+    """Answer a question about a long context with a compressed prompt and/or KV cache."""
     try:
-        params: dict[str, Any] = dict(parse_param(item) for item in param or [])
-        given = {"budget": parse_budget(budget) if budget is not None else None, "window": window, "kernel": kernel,
-                 "pooling": pooling, "reduction": reduction, "lookahead": lookahead}
-        params.update({key: value for key, value in given.items() if value is not None})
-        chosen = get_method(method, **params)  # fails fast on a bad method, before loading models
+        chosen = method_from_options(method, param, budget=budget, prompt_budget=prompt_budget, window=window,
+                                     kernel=kernel, pooling=pooling, reduction=reduction, lookahead=lookahead)
         text = read_context(context, context_file)
-        needs_draft = chosen.draft_lookahead(max_new_tokens) > 0
+        needs_draft = chosen.draft_lookahead(max_new_tokens) > 0 or chosen.draft_scoring() is not None \
+            or chosen.needs_self_information
         with err.status("loading models (the first time converts the embedded pair: a few minutes)"):
             pair = load_pair(target, draft if needs_draft else None, device=device, dtype=dtype)
         printer = (lambda piece: print(piece, end="", flush=True)) if stream and not as_json else None
@@ -123,8 +157,7 @@ def generate(
                 chat_template=chat_template, on_text=printer,
             )
     except DraftKVError as error:
-        err.print(f"error: {error}", style="red", markup=False, highlight=False)
-        raise typer.Exit(2) from None
+        raise fail(error) from None
     if as_json:
         typer.echo(json.dumps({"text": result.text, "token_ids": result.token_ids,
                                "finish_reason": result.finish_reason, "stats": result.stats.to_dict()}))
@@ -134,6 +167,45 @@ def generate(
     else:
         typer.echo(result.text)
     err.print(result.stats.summary(), markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def compress(
+    question: Question = "",
+    context: Context = None,
+    context_file: ContextFile = None,
+    method: Annotated[str, typer.Option("--method", "-m", help="A prompt method: specpc, specprefill, lingua, keep-last, keep-ends, speckv-pc.")] = "specpc",
+    budget: BudgetOption = None,
+    window: Window = None,
+    kernel: Kernel = None,
+    lookahead: Lookahead = None,
+    param: Params = None,
+    system: System = None,
+    chat_template: ChatTemplate = True,
+    target: Target = DEFAULT_TARGET,
+    draft: Draft = DEFAULT_DRAFT,
+    device: Device = None,
+    dtype: Dtype = None,
+    ids: Annotated[bool, typer.Option("--ids", help="Print the kept token ids (of the templated prompt) instead of text.")] = False,
+    as_json: AsJson = False,
+) -> None:
+    """Compress a prompt without generating: print the kept text (or token ids) for any other engine."""
+    try:
+        chosen = method_from_options(method, param, budget=budget, window=window, kernel=kernel, lookahead=lookahead)
+        text = read_context(context, context_file)
+        with err.status("loading models"):
+            pair = load_pair(target, draft, device=device, dtype=dtype)
+        with err.status(f"compressing with {chosen.name}"):
+            compressed = compress_prompt(pair, text, question, method=chosen, system=system,
+                                         chat_template=chat_template)
+    except DraftKVError as error:
+        raise fail(error) from None
+    if as_json:
+        typer.echo(json.dumps(compressed.to_dict()))
+        return
+    typer.echo(" ".join(map(str, compressed.token_ids)) if ids else compressed.text)
+    spans = ", ".join(f"{a}-{b}" for a, b in compressed.spans[:12]) + (" ..." if len(compressed.spans) > 12 else "")
+    err.print(f"{compressed.summary()}; kept character spans: {spans}", markup=False, highlight=False, soft_wrap=True)
 
 
 class _nothing:

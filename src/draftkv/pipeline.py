@@ -2,7 +2,7 @@
 
   tokenize with the chat template
   -> draft pass (if the method asks): draft prefill + lookahead tokens
-  -> [station 1] prompt stage (prompt-compression methods; none yet)
+  -> [station 1] prompt stage: keep a subset of prompt tokens
   -> target prefill (+ the lookahead tokens as a probe), capturing window-query importance
   -> [station 2] KV stage: keep a subset of KV entries per layer and head
   -> decode from the compressed cache at the original positions
@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import DynamicCache
 
-from .attention import WindowCollector, capture
+from .attention import PromptCollector, WindowCollector, capture
 from .cache import bytes_per_entry, drop_tail, gather_positions
 from .decoding import TextCallback, decode
 from .errors import ConfigError, PromptError
-from .methods import Method, WindowKVMethod, get_method
+from .methods import DraftScoring, Method, PromptMethod, SpecKVPC, WindowKVMethod, get_method
 from .prompt import EncodedPrompt, encode_prompt
 from .types import Request, Result, Sampling, Stats
 
@@ -38,12 +38,13 @@ if TYPE_CHECKING:
 
 @dataclass
 class PaddedBatch:
-    """Prompts left-padded to one length N; row b's prompt occupies columns pads[b]..N-1."""
+    """Prompts left-padded to one length N; row b's prompt occupies columns pad(b)..N-1."""
 
     input_ids: torch.Tensor  # [B, N]
     attention_mask: torch.Tensor | None  # [B, N]; None when no row is padded
     position_ids: torch.Tensor  # [B, N]
-    lengths: list[int]
+    lengths: list[int]  # tokens per row
+    next_positions: list[int]  # position of the first generated token per row
 
     @property
     def width(self) -> int:
@@ -55,11 +56,12 @@ class PaddedBatch:
 
 @dataclass
 class DraftView:
-    """What the draft pass hands on: its guess of the answer, per row."""
+    """What the draft pass hands on: its guess of the answer and its prompt-token scores, per row."""
 
     lookahead_ids: torch.Tensor  # [B, L] (padded after a row's own end)
     lookahead_valid: torch.Tensor  # [B, L] bool
     lengths: list[int]
+    token_scores: torch.Tensor | None = None  # [B, N] per prompt column, for the prompt stage
 
 
 @dataclass
@@ -78,17 +80,22 @@ class Clock:
         self.stages[stage] = self.stages.get(stage, 0.0) + seconds
 
 
-def pad_prompts(prompts: list[EncodedPrompt], pad_id: int, device: torch.device) -> PaddedBatch:
-    lengths = [len(p.ids) for p in prompts]
+def pad_prompts(rows: list[list[int]], pad_id: int, device: torch.device,
+                positions: list[list[int]] | None = None, next_positions: list[int] | None = None) -> PaddedBatch:
+    """Left-pad token rows; positions default to 0..len-1 (kept tokens may keep their original ones)."""
+    lengths = [len(ids) for ids in rows]
     width = max(lengths)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt.ids):] = torch.tensor(prompt.ids)
-        mask[row, width - len(prompt.ids):] = 1
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, tokens in enumerate(rows):
+        ids[row, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, width - len(tokens):] = 1
+        row_positions = positions[row] if positions is not None else range(len(tokens))
+        position_ids[row, width - len(tokens):] = torch.tensor(list(row_positions), dtype=torch.long)
     padded = min(lengths) < width
-    return PaddedBatch(ids.to(device), mask.to(device) if padded else None, positions.to(device), lengths)
+    return PaddedBatch(ids.to(device), mask.to(device) if padded else None, position_ids.to(device), lengths,
+                       next_positions or lengths)
 
 
 def eos_ids(model: torch.nn.Module, tokenizer) -> set[int]:
@@ -108,30 +115,72 @@ def check_context(model: torch.nn.Module, role: str, prompt_length: int, extra_t
         )
 
 
-def run_draft(model: torch.nn.Module, batch: PaddedBatch, lookahead: list[int], eos: set[int],
-              pad_id: int, clock: Clock) -> DraftView:
-    """Draft prefill + greedy lookahead; the draft's own cache is discarded afterwards."""
+def self_information(model: torch.nn.Module, batch: PaddedBatch) -> torch.Tensor:
+    """-log p(token | prefix) of every prompt column under the draft [B, N]; a row's first token gets inf.
+
+    The LM head runs in chunks of positions, so the [N, vocabulary] logits never exist at once.
+    """
+    hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                 position_ids=batch.position_ids).last_hidden_state
+    head = model.get_output_embeddings()
+    batch_size, width = batch.input_ids.shape
+    scores = torch.zeros(batch_size, width, device=hidden.device)
+    chunk = max(1, 2**26 // (batch_size * head.weight.shape[0]))
+    for start in range(0, width - 1, chunk):
+        stop = min(start + chunk, width - 1)
+        log_probs = torch.log_softmax(head(hidden[:, start:stop]).float(), dim=-1)
+        scores[:, start + 1: stop + 1] = -log_probs.gather(-1, batch.input_ids[:, start + 1: stop + 1, None])[..., 0]
+    for row in range(batch_size):
+        scores[row, batch.width - batch.lengths[row]] = float("inf")  # nothing predicts the first token
+    return scores
+
+
+def run_draft(model: torch.nn.Module, batch: PaddedBatch, lookahead: list[int], eos: set[int], pad_id: int,
+              clock: Clock, scoring: DraftScoring | None = None, information: bool = False) -> DraftView:
+    """Draft prefill + greedy lookahead (its own cache is discarded afterwards), capturing the
+    prompt-token scores the prompt stage asks for."""
+    device = batch.input_ids.device
     started = clock.now()
+    if information:
+        scores = self_information(model, batch)
+        clock.add("draft_prefill", clock.now() - started)
+        empty = torch.zeros((len(lookahead), 0), dtype=torch.long, device=device)
+        return DraftView(empty, empty.bool(), [0] * len(lookahead), scores)
+    collector = None
+    if scoring is not None:
+        collector = PromptCollector(batch.width, scoring.window, scoring.start_layer, scoring.weighted,
+                                    scoring.head_reduction, scoring.layer_reduction)
+    # When the lookahead scores the prompt, each lookahead token must be fed too: one step more.
+    steps = [length + 1 if collector is not None and length > 0 else length for length in lookahead]
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
-    prefilled = clock.now()
-    clock.add("draft_prefill", prefilled - started)
-    decoded = decode(
-        model, cache, out.logits[:, -1], positions=torch.tensor(batch.lengths, device=batch.input_ids.device),
-        attention_mask=batch.attention_mask, max_new_tokens=lookahead,
-        samplings=[Sampling()] * len(lookahead), eos_token_ids=eos,
-    )
-    clock.add("draft_lookahead", clock.now() - prefilled)
-    lengths = [len(row.token_ids) for row in decoded.rows]
+    with capture(model, collector):
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        prefilled = clock.now()
+        clock.add("draft_prefill", prefilled - started - (collector.seconds if collector is not None else 0.0))
+        prefill_scoring = collector.seconds if collector is not None else 0.0
+        decoded = decode(
+            model, cache, out.logits[:, -1], positions=torch.tensor(batch.next_positions, device=device),
+            attention_mask=batch.attention_mask, max_new_tokens=steps,
+            samplings=[Sampling()] * len(lookahead), eos_token_ids=eos,
+        )
+    scoring_seconds = collector.seconds if collector is not None else 0.0
+    clock.add("draft_lookahead", clock.now() - prefilled - (scoring_seconds - prefill_scoring))
+    token_ids = [row.token_ids[:length] for row, length in zip(decoded.rows, lookahead, strict=True)]
+    lengths = [len(ids) for ids in token_ids]
     width = max(lengths)
     ids = torch.full((len(lengths), width), pad_id, dtype=torch.long)
     valid = torch.zeros((len(lengths), width), dtype=torch.bool)
-    for row, decoded_row in enumerate(decoded.rows):
-        ids[row, : lengths[row]] = torch.tensor(decoded_row.token_ids, dtype=torch.long)
+    for row, row_ids in enumerate(token_ids):
+        ids[row, : lengths[row]] = torch.tensor(row_ids, dtype=torch.long)
         valid[row, : lengths[row]] = True
-    device = batch.input_ids.device
-    return DraftView(ids.to(device), valid.to(device), lengths)
+    scores = None
+    if collector is not None:
+        # Step 0 is the prefill's window; step t feeds lookahead token t.
+        step_valid = torch.cat([torch.ones(len(lengths), 1, dtype=torch.bool), valid], dim=1).to(device)
+        scores = collector.token_scores(step_valid, scoring.step_reduction)
+        clock.add("draft_scoring", scoring_seconds)
+    return DraftView(ids.to(device), valid.to(device), lengths, scores)
 
 
 def target_prefill(model: torch.nn.Module, batch: PaddedBatch, method: Method, draft: DraftView | None,
@@ -161,8 +210,8 @@ def target_prefill(model: torch.nn.Module, batch: PaddedBatch, method: Method, d
             mask = None
             if batch.attention_mask is not None:
                 mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(len(batch.lengths), width)], 1)
-            positions = torch.tensor(batch.lengths, device=cache.layers[0].keys.device)[:, None] + torch.arange(
-                width, device=cache.layers[0].keys.device)
+            device = cache.layers[0].keys.device
+            positions = torch.tensor(batch.next_positions, device=device)[:, None] + torch.arange(width, device=device)
             model(input_ids=draft.lookahead_ids, attention_mask=mask, position_ids=positions,
                   past_key_values=cache, use_cache=True, logits_to_keep=1)
             drop_tail(cache, batch.width)
@@ -210,28 +259,25 @@ def peak_memory(device: torch.device) -> int:
 
 
 @dataclass
-class Prepared:
-    """A batch after both stations: the (compressed) target cache, ready to decode."""
+class PromptStage:
+    """A batch after the draft pass and station 1: what the target will read."""
 
     method: Method
     requests: list[Request]
-    lengths: list[int]
-    budgets: list[int | None]
-    cache: DynamicCache
-    first_logits: torch.Tensor  # [B, V], the last prompt position's logits
-    attention_mask: torch.Tensor | None  # [B, physical cache length]; None when no row is padded
-    kept_rows: list[list[torch.Tensor] | None]  # per row, per layer [H_kv, kept] prompt positions
-    layer_scores: list[torch.Tensor] | None  # per layer [B, H_kv, N - window] window importance (padded columns)
+    prompts: list[EncodedPrompt]  # the full prompts, as the target's tokenizer encodes them
+    kept_tokens: list[torch.Tensor | None]  # per row, the prompt positions kept by station 1 (None: all)
+    batch: PaddedBatch
+    kv_budgets: list[int | None]
     draft: DraftView | None
-    entry_bytes: int
     clock: Clock
     started: float
+    pad_id: int
 
 
 @torch.inference_mode()
-def prepare_batch(pair: ModelPair, requests: list[Request], method: str | Method = "dense",
-                  **method_params) -> Prepared:
-    """Everything before decoding: tokenize, draft pass, both stations, compressed target cache."""
+def compress_batch(pair: ModelPair, requests: list[Request], method: str | Method = "dense",
+                   **method_params) -> PromptStage:
+    """Tokenize, run the draft when the method needs it, and keep the prompt tokens station 1 keeps."""
     method = get_method(method, **method_params)
     target, tokenizer = pair.target.model, pair.tokenizer
     device = target.device
@@ -244,40 +290,125 @@ def prepare_batch(pair: ModelPair, requests: list[Request], method: str | Method
     lengths = [len(p.ids) for p in prompts]
     for request, n in zip(requests, lengths, strict=True):
         check_context(target, "target", n, request.max_new_tokens)
-    budgets = [method.kv_budget(n) for n in lengths]
-    compress = [b is not None and b < n for b, n in zip(budgets, lengths, strict=True)]
+    prompt_budgets = [method.prompt_tokens(n) for n in lengths]
+    compress_prompt = [b is not None and b < n for b, n in zip(prompt_budgets, lengths, strict=True)]
+    # The KV stage runs on what station 1 leaves, which is exactly its budget.
+    stage_lengths = [b if c else n for b, c, n in zip(prompt_budgets, compress_prompt, lengths, strict=True)]
+    kv_budgets = [method.kv_entries(n) for n in stage_lengths]
+    compress_kv = [b is not None and b < n for b, n in zip(kv_budgets, stage_lengths, strict=True)]
+    compressing = [p or k for p, k in zip(compress_prompt, compress_kv, strict=True)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    batch = pad_prompts(prompts, pad_id, device)
+    batch = pad_prompts([p.ids for p in prompts], pad_id, device)
     clock.add("tokenize", clock.now() - started)
 
     # Draft pass, only when some row will be compressed (a dense run needs no guess).
-    lookahead = [method.draft_lookahead(r.max_new_tokens) if c else 0 for r, c in zip(requests, compress, strict=True)]
+    lookahead = [method.draft_lookahead(r.max_new_tokens) if c else 0 for r, c in zip(requests, compressing, strict=True)]
+    scoring = method.draft_scoring() if any(compress_prompt) else None
     draft = None
-    if any(compress) and max(lookahead) > 0:
+    if any(compressing) and (max(lookahead) > 0 or scoring is not None or method.needs_self_information):
         if pair.draft is None:
             raise ConfigError(f"method {method.name!r} needs a draft model; load the pair with a draft")
         for n, extra in zip(lengths, lookahead, strict=True):
             check_context(pair.draft.model, "draft", n, extra)
-        draft = run_draft(pair.draft.model, batch, lookahead, eos_ids(pair.draft.model, tokenizer), pad_id, clock)
+        draft = run_draft(pair.draft.model, batch, lookahead, eos_ids(pair.draft.model, tokenizer), pad_id, clock,
+                          scoring, method.needs_self_information and any(compress_prompt))
 
-    # Station 1, the prompt stage, is empty for every method so far: the target sees the whole prompt.
+    # Station 1: the prompt stage keeps a subset of prompt tokens.
+    kept_tokens: list[torch.Tensor | None] = [None] * len(requests)
+    if any(compress_prompt):
+        selecting = clock.now()
+        assert isinstance(method, PromptMethod | SpecKVPC)
+        rows, positions, next_positions = [], [], []
+        for row, prompt in enumerate(prompts):
+            n = lengths[row]
+            kept = torch.arange(n)
+            if compress_prompt[row]:
+                scores = draft.token_scores[row, batch.pad(row):] if draft is not None and draft.token_scores is not None \
+                    else None
+                kept = method.keep_tokens(prompt.ids, prompt.question_start, prompt_budgets[row], scores)
+                kept_tokens[row] = kept
+            original = method.positions == "original"
+            rows.append([prompt.ids[p] for p in kept.tolist()])
+            positions.append(kept.tolist() if original else list(range(len(kept))))
+            next_positions.append(n if original else len(kept))
+        batch = pad_prompts(rows, pad_id, device, positions, next_positions)
+        clock.add("prompt_selection", clock.now() - selecting)
+    return PromptStage(method, requests, prompts, kept_tokens, batch, kv_budgets, draft, clock, started, pad_id)
 
-    cache, first_logits, scores = target_prefill(target, batch, method, draft, any(compress), clock)
 
-    # Station 2: the KV stage.
+@dataclass
+class Prepared:
+    """A batch after both stations: the (compressed) target cache, ready to decode."""
+
+    stage: PromptStage
+    cache: DynamicCache
+    first_logits: torch.Tensor  # [B, V], the last prompt position's logits
+    attention_mask: torch.Tensor | None  # [B, physical cache length]; None when no row is padded
+    kept_rows: list[list[torch.Tensor] | None]  # per row, per layer [H_kv, kept] positions in the target's prompt
+    layer_scores: list[torch.Tensor] | None  # per layer [B, H_kv, N - window] window importance (padded columns)
+    entry_bytes: int
+
+    @property
+    def draft(self) -> DraftView | None:
+        return self.stage.draft
+
+    @property
+    def budgets(self) -> list[int | None]:
+        return self.stage.kv_budgets
+
+
+@torch.inference_mode()
+def prepare_batch(pair: ModelPair, requests: list[Request], method: str | Method = "dense",
+                  **method_params) -> Prepared:
+    """Everything before decoding: tokenize, draft pass, both stations, compressed target cache."""
+    stage = compress_batch(pair, requests, method, **method_params)
+    method, batch, clock = stage.method, stage.batch, stage.clock
+    compress_kv = [b is not None and b < n for b, n in zip(stage.kv_budgets, batch.lengths, strict=True)]
+
+    cache, first_logits, scores = target_prefill(pair.target.model, batch, method, stage.draft, any(compress_kv), clock)
+
+    # Station 2: the KV stage keeps a subset of KV entries per layer and head.
     attention_mask = batch.attention_mask
     kept_rows: list[list[torch.Tensor] | None] = [None] * len(requests)
     entry_bytes = bytes_per_entry(cache)
-    if any(compress):
+    if any(compress_kv):
         selecting = clock.now()
         assert isinstance(method, WindowKVMethod) and scores is not None
-        index, attention_mask, kept_rows = select_kv(method, scores, batch, budgets)
+        index, attention_mask, kept_rows = select_kv(method, scores, batch, stage.kv_budgets)
         gather_positions(cache, index)
         if attention_mask is not None:
-            attention_mask = attention_mask.to(device)
+            attention_mask = attention_mask.to(cache.layers[0].keys.device)
         clock.add("compression", clock.now() - selecting)
-    return Prepared(method, requests, lengths, budgets, cache, first_logits, attention_mask, kept_rows, scores,
-                    draft, entry_bytes, clock, started)
+    return Prepared(stage, cache, first_logits, attention_mask, kept_rows, scores, entry_bytes)
+
+
+def row_stats(prepared: Prepared, row: int, new_tokens: int, first_token_at: float, finished: float,
+              memory: int) -> tuple[Stats, torch.Tensor | None, list[torch.Tensor] | None]:
+    """One row's stats, its station-1 kept tokens and its kept KV positions (in original prompt positions)."""
+    stage = prepared.stage
+    n = len(stage.prompts[row].ids)
+    kept_tokens, kept_kv = stage.kept_tokens[row], prepared.kept_rows[row]
+    stage_length = stage.batch.lengths[row]
+    if kept_kv is not None and kept_tokens is not None:
+        kept_kv = [kept_tokens[positions] for positions in kept_kv]
+    entries = kept_kv[0].shape[-1] if kept_kv is not None else stage_length
+    budget = stage.kv_budgets[row]
+    prompt_budget = stage.method.prompt_tokens(n)
+    notes = []
+    if prompt_budget is not None and kept_tokens is None:
+        notes.append(f"prompt budget {prompt_budget} >= prompt length {n}: the whole prompt was kept")
+    if budget is not None and kept_kv is None:
+        notes.append(f"budget {budget} >= prompt length {stage_length}: ran dense")
+    stats = Stats(
+        method=stage.method.name, prompt_tokens=n, kept_prompt_tokens=stage_length, kv_entries=entries,
+        kv_bytes_dense=n * prepared.entry_bytes, kv_bytes=entries * prepared.entry_bytes,
+        compressed=kept_tokens is not None or kept_kv is not None,
+        lookahead_tokens=stage.draft.lengths[row] if stage.draft is not None else 0,
+        new_tokens=new_tokens, time_to_first_token=first_token_at - stage.started,
+        total_time=finished - stage.started, timings=dict(stage.clock.stages), peak_memory_bytes=memory,
+        note="; ".join(notes),
+    )
+    return stats, kept_tokens, kept_kv
 
 
 @torch.inference_mode()
@@ -290,10 +421,11 @@ def generate_batch(pair: ModelPair, requests: list[Request], method: str | Metho
     if not requests:
         return []
     prepared = prepare_batch(pair, requests, method, **method_params)
-    target, clock, lengths = pair.target.model, prepared.clock, prepared.lengths
+    target, clock = pair.target.model, prepared.stage.clock
     decoding = clock.now()
     output = decode(
-        target, prepared.cache, prepared.first_logits, positions=torch.tensor(lengths, device=target.device),
+        target, prepared.cache, prepared.first_logits,
+        positions=torch.tensor(prepared.stage.batch.next_positions, device=target.device),
         attention_mask=prepared.attention_mask, max_new_tokens=[r.max_new_tokens for r in requests],
         samplings=[r.sampling for r in requests], eos_token_ids=eos_ids(target, pair.tokenizer),
         tokenizer=pair.tokenizer, stops=[r.stop for r in requests], on_text=on_text,
@@ -301,22 +433,11 @@ def generate_batch(pair: ModelPair, requests: list[Request], method: str | Metho
     finished = clock.now()
     clock.add("decode", finished - max(decoding, output.first_token_at))
     memory = peak_memory(target.device)
-
     results = []
     for row, decoded in enumerate(output.rows):
-        n, kept, budget = lengths[row], prepared.kept_rows[row], prepared.budgets[row]
-        entries = kept[0].shape[-1] if kept is not None else n
-        note = f"budget {budget} >= prompt length {n}: ran dense" if budget is not None and kept is None else ""
-        stats = Stats(
-            method=prepared.method.name, prompt_tokens=n, kept_prompt_tokens=n, kv_entries=entries,
-            kv_bytes_dense=n * prepared.entry_bytes, kv_bytes=entries * prepared.entry_bytes,
-            compressed=kept is not None,
-            lookahead_tokens=prepared.draft.lengths[row] if prepared.draft is not None else 0,
-            new_tokens=len(decoded.token_ids), time_to_first_token=output.first_token_at - prepared.started,
-            total_time=finished - prepared.started, timings=dict(clock.stages), peak_memory_bytes=memory,
-            note=note,
-        )
-        results.append(Result(decoded.text, decoded.token_ids, decoded.finish_reason, stats, kept))
+        stats, kept_tokens, kept_kv = row_stats(prepared, row, len(decoded.token_ids), output.first_token_at,
+                                                finished, memory)
+        results.append(Result(decoded.text, decoded.token_ids, decoded.finish_reason, stats, kept_kv, kept_tokens))
     return results
 
 

@@ -1,4 +1,5 @@
-"""Turn a request into the target's prompt tokens, remembering where the question starts."""
+"""Turn a request into prompt tokens, remembering where the question starts and where each token's
+text lies (so kept tokens can be turned back into text for another engine or tokenizer)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,26 @@ from .types import Request
 class EncodedPrompt:
     ids: list[int]
     question_start: int  # index of the first token of the question (len(ids) if there is none)
+    text: str = ""  # the rendered prompt (chat template included)
+    offsets: list[tuple[int, int]] | None = None  # character span of each token in `text`
+    content: tuple[int, int] = (0, 0)  # character span of the user's content (context + question) in `text`
+
+
+def kept_text(prompt: EncodedPrompt, positions: list[int]) -> tuple[str, list[tuple[int, int]]]:
+    """The kept tokens' text within the user content, and its spans (character offsets in the content)."""
+    if prompt.offsets is None:
+        raise PromptError("mapping kept tokens back to text needs a fast tokenizer (with offsets)")
+    begin, end = prompt.content
+    spans: list[tuple[int, int]] = []
+    for position in positions:
+        start, stop = max(prompt.offsets[position][0], begin), min(prompt.offsets[position][1], end)
+        if stop <= start:
+            continue  # a template token, outside the user's content
+        if spans and start <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], max(stop, spans[-1][1]))
+        else:
+            spans.append((start, stop))
+    return "".join(prompt.text[a:b] for a, b in spans), [(a - begin, b - begin) for a, b in spans]
 
 
 def user_turn(request: Request) -> tuple[list[dict[str, str]], str]:
@@ -37,14 +58,15 @@ def encode_prompt(tokenizer, request: Request) -> EncodedPrompt:
         text = "\n\n".join(str(m.get("content", "")) for m in messages)
         add_special_tokens = True
     question_char = text.rfind(question) if question else -1
+    content = str(messages[-1].get("content", ""))
+    content_start = max(text.rfind(content), 0)
     encoded = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=tokenizer.is_fast)
     ids = list(encoded["input_ids"])
-    if question_char < 0:
-        return EncodedPrompt(ids, len(ids))
-    if tokenizer.is_fast:
-        starts = [end for _, end in encoded["offset_mapping"]]
-        question_start = next((i for i, end in enumerate(starts) if end > question_char), len(ids))
-    else:
+    offsets = [tuple(span) for span in encoded["offset_mapping"]] if tokenizer.is_fast else None
+    question_start = len(ids)
+    if question_char >= 0 and offsets is not None:
+        question_start = next((i for i, (_, end) in enumerate(offsets) if end > question_char), len(ids))
+    elif question_char >= 0:
         prefix = tokenizer(text[:question_char], add_special_tokens=add_special_tokens)["input_ids"]
         question_start = min(len(prefix), len(ids))
-    return EncodedPrompt(ids, question_start)
+    return EncodedPrompt(ids, question_start, text, offsets, (content_start, content_start + len(content)))

@@ -29,7 +29,7 @@ def window_scores(
     prefix_length: int,
     scaling: float | None = None,
     allowed: torch.Tensor | None = None,
-    query_valid: torch.Tensor | None = None,
+    query_weight: torch.Tensor | None = None,
     reduction: Reduction = "max",
 ) -> torch.Tensor:
     """Reduce the window queries' attention over the first `prefix_length` keys.
@@ -37,10 +37,11 @@ def window_scores(
     query: [B, H_q, q, d], the window queries (after RoPE). key: [B, H_kv, k, d], all keys the
     queries attend to (after RoPE). The last query sits at key position k - 1.
     allowed: boolean [B, 1 or H_q, q, k] (True = may attend); None means causal, with query i at
-    key position k - q + i. query_valid: [B, q] boolean; invalid queries contribute nothing.
+    key position k - q + i. query_weight: [B, q] weights (bool or float) on each query's
+    probabilities; a weight of 0 (an invalid query) contributes nothing.
 
     Returns [B, H_kv, prefix_length] float32: the max (or the sum, for "mean") over the query
-    heads of each KV group and over the valid queries. Sums are turned into means by the caller,
+    heads of each KV group and over the (weighted) queries. Sums are turned into means by the caller,
     who knows the total count across calls (see `reduced_count`).
     """
     batch, num_heads, num_queries, head_dim = query.shape
@@ -69,8 +70,8 @@ def window_scores(
         probs = torch.softmax(logits, dim=-1)[..., :prefix_length]
         # A query row with every key masked (left padding) gives NaN: it attends to nothing.
         probs = torch.nan_to_num(probs, nan=0.0)
-        if query_valid is not None:
-            probs = probs * query_valid[:, start:stop].to(probs.dtype).view(batch, 1, 1, stop - start, 1)
+        if query_weight is not None:
+            probs = probs * query_weight[:, start:stop].to(probs.dtype).view(batch, 1, 1, stop - start, 1)
         if reduction == "max":
             out = torch.maximum(out, probs.amax(dim=(2, 3)))
         else:

@@ -104,7 +104,8 @@ class Result:
     """The target's answer to one request, with its stats.
 
     `kept_positions` lists, per layer, the original prompt positions kept for each KV head
-    (shape [kv_heads, kept]); None when the cache was not compressed.
+    (shape [kv_heads, kept]); None when the KV cache was not compressed. `kept_tokens` are the
+    prompt positions the prompt stage kept ([kept]); None when the target read the whole prompt.
     """
 
     text: str
@@ -112,3 +113,4 @@ class Result:
     finish_reason: FinishReason
     stats: Stats
     kept_positions: list[torch.Tensor] | None = None
+    kept_tokens: torch.Tensor | None = None

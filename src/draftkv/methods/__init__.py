@@ -6,12 +6,19 @@ import dataclasses
 from typing import Any
 
 from ..errors import ConfigError, UnknownMethodError
-from .base import Budget, Method, WindowKVMethod, help_of
+from .base import Budget, DraftScoring, Method, PromptMethod, WindowKVMethod, help_of
 from .dense import Dense
+from .lingua import Lingua
 from .snapkv import SnapKV
 from .speckv import SpecKV
+from .speckv_pc import SpecKVPC
+from .specpc import SpecPC
+from .specprefill import SpecPrefill
+from .truncation import KeepEnds, KeepLast
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Dense, SnapKV, SpecKV)}
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (Dense, SnapKV, SpecKV, SpecPC, SpecKVPC, SpecPrefill, Lingua, KeepLast, KeepEnds)
+}
 
 
 def get_method(method: str | Method, **params: Any) -> Method:
@@ -32,4 +39,7 @@ def get_method(method: str | Method, **params: Any) -> Method:
         )
     return method_class(**{**given, **params})
 
-__all__ = ["METHODS", "Budget", "Dense", "Method", "SnapKV", "SpecKV", "WindowKVMethod", "get_method", "help_of"]
+__all__ = [
+    "METHODS", "Budget", "Dense", "DraftScoring", "KeepEnds", "KeepLast", "Lingua", "Method", "PromptMethod", "SnapKV",
+    "SpecKV", "SpecKVPC", "SpecPC", "SpecPrefill", "WindowKVMethod", "get_method", "help_of",
+]

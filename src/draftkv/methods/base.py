@@ -58,12 +58,35 @@ class Method:
         """Tokens the draft generates as a guess of the answer; 0 means no draft pass."""
         return 0
 
-    def kv_budget(self, prompt_length: int) -> int | None:
+    def kv_entries(self, prompt_length: int) -> int | None:
         """KV entries to keep per layer and head for this prompt; None when there is no KV stage."""
         return None
 
+    def prompt_tokens(self, prompt_length: int) -> int | None:
+        """Prompt tokens to keep; None when there is no prompt stage."""
+        return None
+
+    def draft_scoring(self) -> DraftScoring | None:
+        """How the draft scores prompt tokens for the prompt stage; None when it does not."""
+        return None
+
+    # The prompt stage wants the draft's self-information of every prompt token (LLMLingua-style).
+    needs_self_information: ClassVar[bool] = False
+
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class DraftScoring:
+    """What the draft pass captures for the prompt stage (see attention.PromptCollector)."""
+
+    window: int  # last prompt queries that score the prompt
+    start_layer: int = 0
+    weighted: bool = False  # window queries weighted linearly from 0 (oldest) to 1 (newest)
+    head_reduction: str = "max"  # over heads and queries
+    layer_reduction: str = "max"
+    step_reduction: str = "max"  # over the prefill and each lookahead token
 
 
 def help_of(method_class: type[Method]) -> list[tuple[str, str, Any, str]]:
@@ -103,7 +126,7 @@ class WindowKVMethod(Method):
         check_choice("pooling", self.pooling, ("max", "avg"))
         check_choice("reduction", self.reduction, ("max", "mean"))
 
-    def kv_budget(self, prompt_length: int) -> int | None:
+    def kv_entries(self, prompt_length: int) -> int | None:
         budget = resolve_budget(self.budget, prompt_length)
         if budget < prompt_length and budget <= self.window:
             raise PromptError(
@@ -126,3 +149,49 @@ class WindowKVMethod(Method):
             window = window_positions.expand(top.shape[0], -1)
             kept.append(torch.cat([top, window], dim=-1).sort(dim=-1).values)
         return kept
+
+
+def check_int(name: str, value: int, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class PromptMethod(Method):
+    """Station 1: keep `budget` prompt tokens (the window included); the target sees only them."""
+
+    budget: Budget = param(1024, "prompt tokens kept, window included (int), or a ratio of the prompt in (0, 1]")
+    window: int = param(64, "last prompt tokens always kept")
+    positions: str = param("renumbered", "positions of kept tokens: renumbered (0..C-1) or original")
+
+    def __post_init__(self) -> None:
+        check_budget(self.budget)
+        check_int("window", self.window, 0)
+        if isinstance(self.budget, int) and self.window >= self.budget:
+            raise ConfigError(
+                f"window ({self.window}) must be smaller than the budget ({self.budget}): the window is part of "
+                "the budget and the rest is chosen by score"
+            )
+        check_choice("positions", self.positions, ("renumbered", "original"))
+
+    def prompt_tokens(self, prompt_length: int) -> int | None:
+        budget = resolve_budget(self.budget, prompt_length)
+        if budget < prompt_length and budget <= self.window:
+            raise PromptError(
+                f"budget {self.budget} of a {prompt_length}-token prompt keeps {budget} tokens, not more than "
+                f"the window of {self.window}; give a larger budget or a smaller window"
+            )
+        return budget
+
+    def keep_tokens(self, prompt_ids: list[int], question_start: int, budget: int,
+                    scores: torch.Tensor | None) -> torch.Tensor:
+        """The kept prompt positions [budget], sorted. scores: [n] from the draft, when it scores."""
+        raise NotImplementedError
+
+
+def first_in_order(candidates: torch.Tensor, budget: int) -> torch.Tensor:
+    """The first `budget` distinct positions of `candidates` (in their order), sorted."""
+    unique, inverse = torch.unique(candidates, return_inverse=True)  # unique sorts, so track the order
+    first = torch.full((unique.shape[0],), candidates.shape[0], dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(candidates.shape[0]), reduce="amin")
+    return unique[torch.argsort(first)][:budget].sort().values

@@ -1,0 +1,72 @@
+"""Prompt compression without generation, for use with any other engine.
+
+The draft reads the prompt and a prompt method keeps a subset of its tokens. The result is the kept
+text of the user's content (send it to a remote server or another engine, which applies its own chat
+template) and the kept token ids of the whole templated prompt (for an engine that takes ids).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from .errors import ConfigError
+from .methods import METHODS, Method, get_method
+from .pipeline import compress_batch
+from .prompt import kept_text
+from .types import Request
+
+if TYPE_CHECKING:
+    from .models import ModelPair
+
+
+@dataclass
+class CompressedPrompt:
+    text: str  # the kept text of the user's content (context and question)
+    token_ids: list[int]  # the kept tokens of the whole templated prompt
+    kept_positions: list[int]  # their positions in the full prompt
+    spans: list[tuple[int, int]]  # kept character spans of the user's content
+    prompt_tokens: int
+    method: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def kept_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def ratio(self) -> float:
+        return self.kept_tokens / self.prompt_tokens
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "kept_tokens": self.kept_tokens, "ratio": self.ratio}
+
+    def summary(self) -> str:
+        return (f"[{self.method}] kept {self.kept_tokens} of {self.prompt_tokens} prompt tokens ({self.ratio:.1%}) "
+                f"in {len(self.spans)} spans of the content")
+
+
+def prompt_methods() -> list[str]:
+    return [name for name, cls in METHODS.items() if cls.prompt_tokens is not Method.prompt_tokens]
+
+
+@torch.inference_mode()
+def compress_prompt(pair: ModelPair, context: str = "", question: str = "", *, method: str | Method = "specpc",
+                    messages: list[dict[str, str]] | None = None, system: str | None = None,
+                    chat_template: bool = True, max_new_tokens: int = 128, **method_params) -> CompressedPrompt:
+    """Keep the prompt tokens a prompt method keeps; no target forward pass is run."""
+    chosen = get_method(method, **method_params)
+    if type(chosen).prompt_tokens is Method.prompt_tokens:
+        raise ConfigError(f"method {chosen.name!r} does not compress prompts; use one of: {', '.join(prompt_methods())}")
+    request = Request(context=context, question=question, messages=messages, system=system,
+                      max_new_tokens=max_new_tokens, chat_template=chat_template)
+    stage = compress_batch(pair, [request], chosen)
+    prompt = stage.prompts[0]
+    kept = stage.kept_tokens[0]
+    positions = kept.tolist() if kept is not None else list(range(len(prompt.ids)))
+    text, spans = kept_text(prompt, positions)
+    return CompressedPrompt(text=text, token_ids=[prompt.ids[p] for p in positions], kept_positions=positions,
+                            spans=spans, prompt_tokens=len(prompt.ids), method=chosen.name,
+                            timings=dict(stage.clock.stages))
