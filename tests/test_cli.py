@@ -104,3 +104,20 @@ def test_methods_and_models_commands():
     assert models.exit_code == 0
     assert "qwen2.5-coder-1.5b-instruct" in models.stdout and "qwen2.5-coder-0.5b-instruct" in models.stdout
     assert runner.invoke(app, ["--version"]).stdout.startswith("draftkv ")
+
+
+def test_compress_prints_text_ids_and_json(folders):
+    base = ["compress", "--target", folders["target"], "--draft", folders["draft"], "--context-file",
+            folders["context"], "-q", QUESTION, "--budget", "120", "--window", "16", "--kernel", "7",
+            "-p", "neighbourhood=8", "-p", "start_layer=0"]
+    as_json = runner.invoke(app, [*base, "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    payload = json.loads(as_json.stdout)
+    assert payload["kept_tokens"] == 120 and payload["method"] == "specpc" and 0 < payload["ratio"] < 1
+    text = runner.invoke(app, base)
+    assert text.exit_code == 0 and text.stdout.rstrip("\n") == payload["text"]
+    assert "kept 120 of" in text.stderr and "spans" in text.stderr
+    ids = runner.invoke(app, [*base, "--ids"])
+    assert ids.exit_code == 0 and [int(i) for i in ids.stdout.split()] == payload["token_ids"]
+    refused = runner.invoke(app, [*base[:-8], "--method", "speckv", "--budget", "64"])
+    assert refused.exit_code == 2 and "does not compress prompts" in refused.stderr

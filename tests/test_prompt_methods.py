@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from tiny import long_context
 
 from draftkv.compress import compress_prompt
-from draftkv.errors import ConfigError, PromptError
+from draftkv.errors import ConfigError, PromptError, TokenizerMismatchError
 from draftkv.methods import KeepEnds, KeepLast, Lingua, SpecPC, SpecPrefill, get_method
 from draftkv.methods.specpc import nearest_first_offsets, select_with_neighbourhoods
 from draftkv.pipeline import compress_batch, generate, generate_batch, pad_prompts, self_information
@@ -235,3 +235,50 @@ def test_kernel_or_neighbourhood_larger_than_the_prompt(qwen_pair):
                  kernel=63, neighbourhood=64, start_layer=0)
     with pytest.raises(PromptError, match="not more than the window"):
         SpecPC(budget=0.1, window=64).prompt_tokens(300)
+
+
+def cross_tokenizer_pair():
+    """A Qwen2 target and a Llama draft whose tokenizer was trained on another corpus."""
+    from tiny import make_model, make_tokenizer
+
+    from draftkv.models import pair_from_models
+
+    target_tokenizer, draft_tokenizer = make_tokenizer(), make_tokenizer(vocab_size=420, seed=3)
+    target = make_model("qwen2", layers=3)
+    draft = make_model("llama", layers=2, hidden=32, seed=1, vocab_size=len(draft_tokenizer))
+    with pytest.raises(TokenizerMismatchError, match="allow_tokenizer_mismatch"):
+        pair_from_models(target, target_tokenizer, draft, draft_tokenizer)
+    return pair_from_models(target, target_tokenizer, draft, draft_tokenizer, allow_tokenizer_mismatch=True)
+
+
+@pytest.mark.parametrize(("method", "params"), [("specpc", SMALL), ("specprefill", {}), ("lingua", {})])
+def test_prompt_methods_cross_tokenizers_as_text(method, params):
+    pair = cross_tokenizer_pair()
+    assert pair.draft.tokenizer.encode(CONTEXT[:200]) != pair.tokenizer.encode(CONTEXT[:200])
+    compressed = compress_prompt(pair, CONTEXT, QUESTION, method=method, budget=120, **params)
+    content = f"{CONTEXT}\n\n{QUESTION}"
+    assert compressed.text == "".join(content[a:b] for a, b in compressed.spans) and compressed.spans
+    if method != "specprefill":  # its window is the last token, in the chat template's tail
+        assert compressed.text.endswith("?")  # the window (lingua: the question) holds the end of the question
+    retold = encode_prompt(pair.tokenizer, Request(messages=[{"role": "user", "content": compressed.text}]))
+    assert compressed.token_ids == retold.ids  # the target's own tokens of the kept text, in its template
+    assert 80 <= compressed.kept_tokens <= 160  # the budget is scaled to the draft's tokens: close to 120
+
+    seen = []
+    hook = pair.target.model.register_forward_pre_hook(
+        lambda _m, _a, kwargs: seen.append(kwargs["input_ids"][0].tolist()), with_kwargs=True)
+    try:
+        result = generate(pair, CONTEXT, QUESTION, method=method, budget=120, max_new_tokens=5, **params)
+    finally:
+        hook.remove()
+    assert seen[0] == retold.ids
+    assert result.stats.compressed and result.stats.kept_prompt_tokens == len(retold.ids)
+
+
+def test_speckv_refuses_a_draft_with_another_tokenizer():
+    pair = cross_tokenizer_pair()
+    with pytest.raises(TokenizerMismatchError, match="same tokenizer"):
+        generate(pair, CONTEXT, QUESTION, method="speckv", budget=64)
+    with pytest.raises(TokenizerMismatchError, match="same tokenizer"):
+        generate(pair, CONTEXT, QUESTION, method="speckv-pc", budget=48, prompt_budget=120)
+    assert generate(pair, CONTEXT, QUESTION, method="snapkv", budget=64).stats.compressed  # needs no draft

@@ -14,7 +14,7 @@ from rich.table import Table
 from . import __version__
 from .compress import compress_prompt
 from .errors import ConfigError, DraftKVError
-from .methods import METHODS, get_method, help_of
+from .methods import METHODS, Method, WindowKVMethod, get_method, help_of
 from .models import DEFAULT_DRAFT, DEFAULT_TARGET, cache_dir, embedded_status, load_pair
 from .pipeline import generate as run_generate
 
@@ -106,6 +106,11 @@ def method_from_options(method: str, params: list[str] | None, **options: Any):
     return get_method(method, **given)
 
 
+def crosses_as_text(method: Method, max_new_tokens: int) -> bool:
+    """Prompt methods work with a draft of another tokenizer; methods that pass token ids do not."""
+    return not (isinstance(method, WindowKVMethod) and method.draft_lookahead(max_new_tokens) > 0)
+
+
 def fail(error: DraftKVError) -> typer.Exit:
     err.print(f"error: {error}", style="red", markup=False, highlight=False)
     return typer.Exit(2)
@@ -148,7 +153,8 @@ def generate(
         needs_draft = chosen.draft_lookahead(max_new_tokens) > 0 or chosen.draft_scoring() is not None \
             or chosen.needs_self_information
         with err.status("loading models (the first time converts the embedded pair: a few minutes)"):
-            pair = load_pair(target, draft if needs_draft else None, device=device, dtype=dtype)
+            pair = load_pair(target, draft if needs_draft else None, device=device, dtype=dtype,
+                             allow_tokenizer_mismatch=crosses_as_text(chosen, max_new_tokens))
         printer = (lambda piece: print(piece, end="", flush=True)) if stream and not as_json else None
         with err.status(f"running {chosen.name}") if printer is None else _nothing():
             result = run_generate(
@@ -194,7 +200,8 @@ def compress(
         chosen = method_from_options(method, param, budget=budget, window=window, kernel=kernel, lookahead=lookahead)
         text = read_context(context, context_file)
         with err.status("loading models"):
-            pair = load_pair(target, draft, device=device, dtype=dtype)
+            pair = load_pair(target, draft, device=device, dtype=dtype,
+                             allow_tokenizer_mismatch=crosses_as_text(chosen, 128))
         with err.status(f"compressing with {chosen.name}"):
             compressed = compress_prompt(pair, text, question, method=chosen, system=system,
                                          chat_template=chat_template)

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 class CompressedPrompt:
     text: str  # the kept text of the user's content (context and question)
     token_ids: list[int]  # the kept tokens of the whole templated prompt
-    kept_positions: list[int]  # their positions in the full prompt
+    kept_positions: list[int]  # their positions in the full prompt (empty when the draft's tokenizer differs)
     spans: list[tuple[int, int]]  # kept character spans of the user's content
     prompt_tokens: int
     method: str
@@ -66,7 +66,10 @@ def compress_prompt(pair: ModelPair, context: str = "", question: str = "", *, m
     prompt = stage.prompts[0]
     kept = stage.kept_tokens[0]
     positions = kept.tolist() if kept is not None else list(range(len(prompt.ids)))
-    text, spans = kept_text(prompt, positions)
-    return CompressedPrompt(text=text, token_ids=[prompt.ids[p] for p in positions], kept_positions=positions,
-                            spans=spans, prompt_tokens=len(prompt.ids), method=chosen.name,
-                            timings=dict(stage.clock.stages))
+    if stage.kept_texts[0] is not None:  # the draft has another tokenizer: the target re-tokenised the kept text
+        (text, spans), positions = stage.kept_texts[0], []
+    else:
+        text, spans = kept_text(prompt, positions)
+    target_ids = stage.batch.input_ids[0, stage.batch.pad(0):].tolist()
+    return CompressedPrompt(text=text, token_ids=target_ids, kept_positions=positions, spans=spans,
+                            prompt_tokens=len(prompt.ids), method=chosen.name, timings=dict(stage.clock.stages))

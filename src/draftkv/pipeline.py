@@ -27,9 +27,9 @@ from transformers import DynamicCache
 from .attention import PromptCollector, WindowCollector, capture
 from .cache import bytes_per_entry, drop_tail, gather_positions
 from .decoding import TextCallback, decode
-from .errors import ConfigError, PromptError
+from .errors import ConfigError, PromptError, TokenizerMismatchError
 from .methods import DraftScoring, Method, PromptMethod, SpecKVPC, WindowKVMethod, get_method
-from .prompt import EncodedPrompt, encode_prompt
+from .prompt import EncodedPrompt, encode_prompt, kept_text, user_turn
 from .types import Request, Result, Sampling, Stats
 
 if TYPE_CHECKING:
@@ -271,7 +271,9 @@ class PromptStage:
     draft: DraftView | None
     clock: Clock
     started: float
-    pad_id: int
+    # Per row, when the draft has another tokenizer: the kept text of the user's content and its
+    # character spans (the target re-tokenised that text, so kept_tokens is None there).
+    kept_texts: list[tuple[str, list[tuple[int, int]]] | None]
 
 
 @torch.inference_mode()
@@ -297,43 +299,72 @@ def compress_batch(pair: ModelPair, requests: list[Request], method: str | Metho
     kv_budgets = [method.kv_entries(n) for n in stage_lengths]
     compress_kv = [b is not None and b < n for b, n in zip(kv_budgets, stage_lengths, strict=True)]
     compressing = [p or k for p, k in zip(compress_prompt, compress_kv, strict=True)]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad_id = pad_token(tokenizer)
     batch = pad_prompts([p.ids for p in prompts], pad_id, device)
     clock.add("tokenize", clock.now() - started)
 
     # Draft pass, only when some row will be compressed (a dense run needs no guess).
     lookahead = [method.draft_lookahead(r.max_new_tokens) if c else 0 for r, c in zip(requests, compressing, strict=True)]
     scoring = method.draft_scoring() if any(compress_prompt) else None
-    draft = None
-    if any(compressing) and (max(lookahead) > 0 or scoring is not None or method.needs_self_information):
+    information = method.needs_self_information and any(compress_prompt)
+    cross = pair.tokenizer_mismatch is not None
+    draft, draft_prompts = None, prompts
+    if any(compressing) and (max(lookahead) > 0 or scoring is not None or information):
         if pair.draft is None:
             raise ConfigError(f"method {method.name!r} needs a draft model; load the pair with a draft")
-        for n, extra in zip(lengths, lookahead, strict=True):
-            check_context(pair.draft.model, "draft", n, extra)
-        draft = run_draft(pair.draft.model, batch, lookahead, eos_ids(pair.draft.model, tokenizer), pad_id, clock,
-                          scoring, method.needs_self_information and any(compress_prompt))
+        if cross and isinstance(method, WindowKVMethod) and max(lookahead) > 0:
+            raise TokenizerMismatchError(
+                f"method {method.name!r} passes the draft's lookahead tokens to the target, which needs the same "
+                f"tokenizer ({pair.tokenizer_mismatch}); prompt methods (specpc, specprefill, lingua) work across "
+                "tokenizers")
+        draft_tokenizer = pair.draft.tokenizer
+        draft_batch = batch
+        if cross:  # the draft reads the prompt in its own tokens; station 1 crosses back as text
+            draft_prompts = [encode_prompt(draft_tokenizer, request) for request in requests]
+            draft_batch = pad_prompts([p.ids for p in draft_prompts], pad_token(draft_tokenizer), device)
+        for prompt, extra in zip(draft_prompts, lookahead, strict=True):
+            check_context(pair.draft.model, "draft", len(prompt.ids), extra)
+        draft = run_draft(pair.draft.model, draft_batch, lookahead, eos_ids(pair.draft.model, draft_tokenizer),
+                          pad_token(draft_tokenizer), clock, scoring, information)
 
     # Station 1: the prompt stage keeps a subset of prompt tokens.
     kept_tokens: list[torch.Tensor | None] = [None] * len(requests)
+    kept_texts: list[tuple[str, list[tuple[int, int]]] | None] = [None] * len(requests)
     if any(compress_prompt):
         selecting = clock.now()
         assert isinstance(method, PromptMethod | SpecKVPC)
+        original = method.positions == "original" and not cross
         rows, positions, next_positions = [], [], []
         for row, prompt in enumerate(prompts):
-            n = lengths[row]
-            kept = torch.arange(n)
+            ids = prompt.ids
             if compress_prompt[row]:
-                scores = draft.token_scores[row, batch.pad(row):] if draft is not None and draft.token_scores is not None \
-                    else None
-                kept = method.keep_tokens(prompt.ids, prompt.question_start, prompt_budgets[row], scores)
-                kept_tokens[row] = kept
-            original = method.positions == "original"
-            rows.append([prompt.ids[p] for p in kept.tolist()])
-            positions.append(kept.tolist() if original else list(range(len(kept))))
-            next_positions.append(n if original else len(kept))
+                source = draft_prompts[row]
+                scores = None
+                if draft is not None and draft.token_scores is not None:
+                    scores = draft.token_scores[row, len(draft.token_scores[row]) - len(source.ids):]
+                # Across tokenizers the budget is scaled to the draft's tokens; the result is close to it.
+                budget = prompt_budgets[row] if not cross else round(prompt_budgets[row] * len(source.ids) / len(ids))
+                kept = method.keep_tokens(source.ids, source.question_start, budget, scores)
+                if cross:
+                    kept_texts[row] = kept_text(source, kept.tolist())
+                    messages, _ = user_turn(requests[row])
+                    retold = Request(messages=[*messages[:-1], {**messages[-1], "content": kept_texts[row][0]}],
+                                     chat_template=requests[row].chat_template)
+                    ids = encode_prompt(tokenizer, retold).ids
+                else:
+                    kept_tokens[row] = kept
+                    ids = [ids[p] for p in kept.tolist()]
+            rows.append(ids)
+            kept_positions = kept_tokens[row].tolist() if kept_tokens[row] is not None else None
+            positions.append(kept_positions if original and kept_positions else list(range(len(ids))))
+            next_positions.append(len(prompt.ids) if original and kept_positions else len(ids))
         batch = pad_prompts(rows, pad_id, device, positions, next_positions)
         clock.add("prompt_selection", clock.now() - selecting)
-    return PromptStage(method, requests, prompts, kept_tokens, batch, kv_budgets, draft, clock, started, pad_id)
+    return PromptStage(method, requests, prompts, kept_tokens, batch, kv_budgets, draft, clock, started, kept_texts)
+
+
+def pad_token(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
 
 @dataclass
@@ -402,7 +433,7 @@ def row_stats(prepared: Prepared, row: int, new_tokens: int, first_token_at: flo
     stats = Stats(
         method=stage.method.name, prompt_tokens=n, kept_prompt_tokens=stage_length, kv_entries=entries,
         kv_bytes_dense=n * prepared.entry_bytes, kv_bytes=entries * prepared.entry_bytes,
-        compressed=kept_tokens is not None or kept_kv is not None,
+        compressed=kept_tokens is not None or kept_kv is not None or stage.kept_texts[row] is not None,
         lookahead_tokens=stage.draft.lengths[row] if stage.draft is not None else 0,
         new_tokens=new_tokens, time_to_first_token=first_token_at - stage.started,
         total_time=finished - stage.started, timings=dict(stage.clock.stages), peak_memory_bytes=memory,

@@ -56,6 +56,9 @@ class ModelPair:
 
     target: LoadedModel
     draft: LoadedModel | None = None
+    # Why the draft's tokenizer differs from the target's, when it does and that was allowed: prompt
+    # methods then cross at the text level, and methods that pass token ids refuse to run.
+    tokenizer_mismatch: str | None = None
 
     @property
     def tokenizer(self) -> Any:
@@ -189,14 +192,31 @@ def load_pair(
     *,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
-    check_tokenizer: bool = True,
+    allow_tokenizer_mismatch: bool = False,
 ) -> ModelPair:
-    """Load a target and (unless `draft` is None, for draft-free methods) a draft, and check they pair."""
+    """Load a target and (unless `draft` is None, for draft-free methods) a draft, and check they pair.
+
+    A draft with another tokenizer is refused, unless `allow_tokenizer_mismatch`: then prompt methods
+    work at the text level, and methods that pass token ids (SpecKV) refuse to run.
+    """
     target_model = load_model(target, device=device, dtype=dtype)
     draft_model = load_model(draft, device=device, dtype=dtype) if draft is not None else None
-    if draft_model is not None and check_tokenizer:
-        check_tokenizers(target_model.tokenizer, draft_model.tokenizer)
-    return ModelPair(target_model, draft_model)
+    return _paired(target_model, draft_model, allow_tokenizer_mismatch)
+
+
+def _paired(target: LoadedModel, draft: LoadedModel | None, allow_mismatch: bool) -> ModelPair:
+    if draft is None:
+        return ModelPair(target)
+    try:
+        check_tokenizers(target.tokenizer, draft.tokenizer)
+    except TokenizerMismatchError as error:
+        if not allow_mismatch:
+            raise TokenizerMismatchError(
+                f"{error} Prompt methods can still run across tokenizers, at the text level: pass "
+                "allow_tokenizer_mismatch=True."
+            ) from None
+        return ModelPair(target, draft, str(error))
+    return ModelPair(target, draft)
 
 
 def _model_name(model: Any) -> str:
@@ -204,12 +224,13 @@ def _model_name(model: Any) -> str:
 
 
 def pair_from_models(
-    target_model: Any, target_tokenizer: Any, draft_model: Any = None, draft_tokenizer: Any = None
+    target_model: Any, target_tokenizer: Any, draft_model: Any = None, draft_tokenizer: Any = None,
+    *, allow_tokenizer_mismatch: bool = False,
 ) -> ModelPair:
     """A pair from transformers objects the caller already has; the draft defaults to the target's tokenizer."""
     target = LoadedModel(_model_name(target_model), target_model, target_tokenizer, "objects")
-    if draft_model is None:
-        return ModelPair(target)
-    draft_tokenizer = target_tokenizer if draft_tokenizer is None else draft_tokenizer
-    check_tokenizers(target_tokenizer, draft_tokenizer)
-    return ModelPair(target, LoadedModel(_model_name(draft_model), draft_model, draft_tokenizer, "objects"))
+    draft = None
+    if draft_model is not None:
+        draft_tokenizer = target_tokenizer if draft_tokenizer is None else draft_tokenizer
+        draft = LoadedModel(_model_name(draft_model), draft_model, draft_tokenizer, "objects")
+    return _paired(target, draft, allow_tokenizer_mismatch)
