@@ -34,3 +34,13 @@ def test_hidden_fact_is_answered_by_dense_and_by_speckv_at_256(pair):
     assert speckv.stats.kv_bytes * speckv.stats.prompt_tokens == speckv.stats.kv_bytes_dense * 256
     assert speckv.stats.lookahead_tokens > 0
     assert mentions_launch_date(speckv.text), speckv.text
+
+
+def test_hidden_fact_survives_specpc_at_512(pair):
+    compressed = draftkv.compress_prompt(pair, NOTES, QUESTION, method="specpc", budget=512)
+    assert compressed.kept_tokens == 512
+    assert mentions_launch_date(compressed.text), "SpecPC dropped the sentence with the launch date"
+    result = draftkv.generate(pair, NOTES, QUESTION, method="specpc", budget=512, max_new_tokens=40)
+    assert result.stats.kept_prompt_tokens == 512 and result.stats.compressed
+    assert result.stats.kv_bytes * result.stats.prompt_tokens == result.stats.kv_bytes_dense * 512
+    assert mentions_launch_date(result.text), result.text

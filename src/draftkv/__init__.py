@@ -4,8 +4,10 @@
     pair = draftkv.load_pair()            # the embedded Qwen2.5-Coder 1.5B target + 0.5B draft
     result = draftkv.generate(pair, context=..., question=..., method="speckv", budget=256)
     result.text, result.stats
+    draftkv.compress_prompt(pair, context=..., question=..., method="specpc", budget=1024).text
 """
 
+from .compress import CompressedPrompt, compress_prompt
 from .errors import (
     ConfigError,
     DraftKVError,
@@ -25,12 +27,13 @@ from .models import (
     load_pair,
     pair_from_models,
 )
-from .pipeline import generate, generate_batch, prepare_batch
+from .pipeline import compress_batch, generate, generate_batch, prepare_batch
 from .types import Request, Result, Sampling, Stats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompressedPrompt",
     "DEFAULT_DRAFT",
     "DEFAULT_TARGET",
     "EMBEDDED_MODELS",
@@ -48,6 +51,8 @@ __all__ = [
     "Stats",
     "TokenizerMismatchError",
     "UnknownMethodError",
+    "compress_batch",
+    "compress_prompt",
     "generate",
     "generate_batch",
     "get_method",
