@@ -17,7 +17,9 @@ from draftkv.types import Request, Sampling
 
 CONTEXT = long_context(260)
 QUESTION = "what is the magic number?"
-KV_METHODS = ["snapkv", "speckv"]
+KV_METHODS = ["snapkv", "speckv", "h2o", "streamingllm"]
+# Each method's "always kept" part, sized for tiny prompts.
+KEPT_ALWAYS = {"snapkv": {"window": 8}, "speckv": {"window": 8}, "h2o": {"window": 8}, "streamingllm": {"sink": 4}}
 
 
 def prompt_length(pair, context=CONTEXT, question=QUESTION) -> int:
@@ -45,7 +47,7 @@ def test_budget_at_least_prompt_is_dense(pair, method):
 @pytest.mark.parametrize("method", KV_METHODS)
 def test_kept_entries_are_the_dense_entries_bitwise(pair, method):
     request = Request(context=CONTEXT, question=QUESTION, max_new_tokens=8)
-    prepared = prepare_batch(pair, [request], method, budget=64, window=8)
+    prepared = prepare_batch(pair, [request], method, budget=64, **KEPT_ALWAYS[method])
     dense = dense_prefill(pair, request)
     kept_rows = prepared.kept_rows[0]
     assert kept_rows is not None
@@ -59,10 +61,11 @@ def test_kept_entries_are_the_dense_entries_bitwise(pair, method):
 @pytest.mark.parametrize("budget", [40, 0.3])
 def test_cache_holds_exactly_the_budget_with_window_and_no_probe(pair, method, budget):
     n = prompt_length(pair)
-    window = 16
+    always = {"window": 16} if method != "streamingllm" else {"sink": 4}
     prepared = prepare_batch(pair, [Request(context=CONTEXT, question=QUESTION, max_new_tokens=12)], method,
-                             budget=budget, window=window)
+                             budget=budget, **always)
     expected = budget if isinstance(budget, int) else -(-int(budget * 1000) * n // 1000)
+    window = always.get("window", expected - 4)  # StreamingLLM keeps the last budget - sink tokens
     assert prepared.budgets == [expected]
     config = pair.target.model.config
     for layer, kept in zip(prepared.cache.layers, prepared.kept_rows[0], strict=True):
@@ -71,6 +74,8 @@ def test_cache_holds_exactly_the_budget_with_window_and_no_probe(pair, method, b
             assert head == sorted(set(head)) and len(head) == expected
             assert set(range(n - window, n)) <= set(head)
             assert max(head) < n  # the draft's lookahead never stays in the cache
+            if method == "streamingllm":
+                assert head == [0, 1, 2, 3, *range(n - window, n)]
     assert kv_bytes(prepared.cache) == expected * prepared.entry_bytes
     if method == "speckv":
         assert prepared.draft is not None and prepared.draft.lengths[0] > 0
@@ -156,7 +161,8 @@ def test_speckv_runs_the_draft_once_and_snapkv_never(qwen_pair):
 
 
 @pytest.mark.parametrize("method,params", [("dense", {}), ("snapkv", {"budget": 48}), ("speckv", {"budget": 48}),
-                                           ("speckv", {"budget": 0.4, "window": 4})])
+                                           ("speckv", {"budget": 0.4, "window": 4}), ("h2o", {"budget": 48}),
+                                           ("streamingllm", {"budget": 48})])
 def test_batch_equals_one_by_one(pair, method, params):
     requests = [
         Request(context=long_context(260, seed=2), question=QUESTION, max_new_tokens=10),
@@ -254,3 +260,21 @@ def test_chunked_scoring_changes_nothing(qwen_pair, monkeypatch):
     assert chunked.token_ids == whole.token_ids
     for a, b in zip(chunked.kept_positions, whole.kept_positions, strict=True):
         assert torch.equal(a, b)
+
+
+def test_h2o_scores_are_the_column_means_of_all_prompt_queries(qwen_pair, monkeypatch):
+    request = Request(context=CONTEXT, question=QUESTION, max_new_tokens=4)
+    monkeypatch.setattr(scoring, "_MAX_PROBABILITY_BYTES", 4 * 4 * 400 * 16)  # chunks of 16 queries
+    prepared = prepare_batch(qwen_pair, [request], "h2o", budget=64, window=8)
+    ids = encode_prompt(qwen_pair.tokenizer, request).ids
+    model = qwen_pair.target.model
+    model.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            attentions = model(input_ids=torch.tensor([ids]), output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation("sdpa")
+    n, kv_heads = len(ids), model.config.num_key_value_heads
+    for got, attention in zip(prepared.layer_scores, attentions, strict=True):
+        columns = attention[0, :, :, : n - 8].reshape(kv_heads, -1, n - 8).mean(dim=1)  # over heads and queries
+        torch.testing.assert_close(got[0], columns, rtol=1e-4, atol=1e-6)

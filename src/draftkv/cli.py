@@ -14,7 +14,7 @@ from rich.table import Table
 from . import __version__
 from .compress import compress_prompt
 from .errors import ConfigError, DraftKVError
-from .methods import METHODS, Method, WindowKVMethod, get_method, help_of
+from .methods import METHODS, KVMethod, Method, get_method, help_of
 from .models import DEFAULT_DRAFT, DEFAULT_TARGET, cache_dir, embedded_status, load_pair
 from .pipeline import generate as run_generate
 
@@ -108,7 +108,7 @@ def method_from_options(method: str, params: list[str] | None, **options: Any):
 
 def crosses_as_text(method: Method, max_new_tokens: int) -> bool:
     """Prompt methods work with a draft of another tokenizer; methods that pass token ids do not."""
-    return not (isinstance(method, WindowKVMethod) and method.draft_lookahead(max_new_tokens) > 0)
+    return not (isinstance(method, KVMethod) and method.draft_lookahead(max_new_tokens) > 0)
 
 
 def fail(error: DraftKVError) -> typer.Exit:

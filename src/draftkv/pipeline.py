@@ -28,7 +28,7 @@ from .attention import PromptCollector, WindowCollector, capture
 from .cache import bytes_per_entry, drop_tail, gather_positions
 from .decoding import TextCallback, decode
 from .errors import ConfigError, PromptError, TokenizerMismatchError
-from .methods import DraftScoring, Method, PromptMethod, SpecKVPC, WindowKVMethod, get_method
+from .methods import DraftScoring, KVMethod, Method, PromptMethod, SpecKVPC, WindowKVMethod, get_method
 from .prompt import EncodedPrompt, encode_prompt, kept_text, user_turn
 from .types import Request, Result, Sampling, Stats
 
@@ -192,10 +192,10 @@ def target_prefill(model: torch.nn.Module, batch: PaddedBatch, method: Method, d
     scoring, per layer [B, H_kv, N - window] scores.
     """
     collector = None
-    if score:
+    if score and isinstance(method, KVMethod) and method.score_queries != "none":
         assert isinstance(method, WindowKVMethod)
         collector = WindowCollector(batch.width - method.window, method.reduction)
-        collector.score_last(method.window)
+        collector.score_last(batch.width if method.score_queries == "all" else method.window)
     cache = DynamicCache(config=model.config)
     started = clock.now()
     with capture(model, collector):
@@ -221,10 +221,12 @@ def target_prefill(model: torch.nn.Module, batch: PaddedBatch, method: Method, d
     return cache, out.logits[:, -1], collector.layer_scores() if collector is not None else None
 
 
-def select_kv(method: WindowKVMethod, scores: list[torch.Tensor], batch: PaddedBatch, budgets: list[int | None],
+def select_kv(method: KVMethod, scores: list[torch.Tensor], batch: PaddedBatch, budgets: list[int | None],
               ) -> tuple[list[torch.Tensor], torch.Tensor | None, list[list[torch.Tensor] | None]]:
     """Station 2 for every row; returns the gather index per layer [B, H_kv, K], the new mask and
-    each row's kept positions (row coordinates; None for rows kept whole)."""
+    each row's kept positions (row coordinates; None for rows kept whole).
+
+    scores: per layer [B, H_kv, N - window] (zeros for methods that score nothing)."""
     kept_rows: list[list[torch.Tensor] | None] = []
     for row, budget in enumerate(budgets):
         n = batch.lengths[row]
@@ -312,7 +314,7 @@ def compress_batch(pair: ModelPair, requests: list[Request], method: str | Metho
     if any(compressing) and (max(lookahead) > 0 or scoring is not None or information):
         if pair.draft is None:
             raise ConfigError(f"method {method.name!r} needs a draft model; load the pair with a draft")
-        if cross and isinstance(method, WindowKVMethod) and max(lookahead) > 0:
+        if cross and isinstance(method, KVMethod) and max(lookahead) > 0:
             raise TokenizerMismatchError(
                 f"method {method.name!r} passes the draft's lookahead tokens to the target, which needs the same "
                 f"tokenizer ({pair.tokenizer_mismatch}); prompt methods (specpc, specprefill, lingua) work across "
@@ -404,7 +406,10 @@ def prepare_batch(pair: ModelPair, requests: list[Request], method: str | Method
     entry_bytes = bytes_per_entry(cache)
     if any(compress_kv):
         selecting = clock.now()
-        assert isinstance(method, WindowKVMethod) and scores is not None
+        assert isinstance(method, KVMethod)
+        if scores is None:  # the method decides by position alone
+            layer = cache.layers[0].keys
+            scores = [torch.zeros(layer.shape[0], layer.shape[1], batch.width, device=layer.device)] * len(cache.layers)
         index, attention_mask, kept_rows = select_kv(method, scores, batch, stage.kv_budgets)
         gather_positions(cache, index)
         if attention_mask is not None:

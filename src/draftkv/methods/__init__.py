@@ -6,18 +6,21 @@ import dataclasses
 from typing import Any
 
 from ..errors import ConfigError, UnknownMethodError
-from .base import Budget, DraftScoring, Method, PromptMethod, WindowKVMethod, help_of
+from .base import Budget, DraftScoring, KVMethod, Method, PromptMethod, WindowKVMethod, help_of
 from .dense import Dense
+from .h2o import H2O
 from .lingua import Lingua
 from .snapkv import SnapKV
 from .speckv import SpecKV
 from .speckv_pc import SpecKVPC
 from .specpc import SpecPC
 from .specprefill import SpecPrefill
+from .streamingllm import StreamingLLM
 from .truncation import KeepEnds, KeepLast
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (Dense, SnapKV, SpecKV, SpecPC, SpecKVPC, SpecPrefill, Lingua, KeepLast, KeepEnds)
+    cls.name: cls for cls in (Dense, StreamingLLM, H2O, SnapKV, SpecKV, SpecPC, SpecKVPC, SpecPrefill, Lingua,
+                              KeepLast, KeepEnds)
 }
 
 
@@ -40,6 +43,6 @@ def get_method(method: str | Method, **params: Any) -> Method:
     return method_class(**{**given, **params})
 
 __all__ = [
-    "METHODS", "Budget", "Dense", "DraftScoring", "KeepEnds", "KeepLast", "Lingua", "Method", "PromptMethod", "SnapKV",
+    "H2O", "KVMethod", "METHODS", "StreamingLLM", "Budget", "Dense", "DraftScoring", "KeepEnds", "KeepLast", "Lingua", "Method", "PromptMethod", "SnapKV",
     "SpecKV", "SpecKVPC", "SpecPC", "SpecPrefill", "WindowKVMethod", "get_method", "help_of",
 ]

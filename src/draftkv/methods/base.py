@@ -103,15 +103,41 @@ def param(default: Any, help: str) -> Any:
 
 
 @dataclass(frozen=True)
-class WindowKVMethod(Method):
+class KVMethod(Method):
+    """Station 2: keep `budget` prompt KV entries per layer and KV head."""
+
+    budget: Budget = param(256, "KV entries kept per layer and head, window included (int), or a ratio of the prompt in (0, 1]")
+
+    # Which target queries score the prompt's keys: the last `window` prompt tokens (plus any
+    # probe), every prompt token, or none (positions alone decide).
+    score_queries: ClassVar[str] = "none"
+
+    def __post_init__(self) -> None:
+        check_budget(self.budget)
+
+    def kv_entries(self, prompt_length: int) -> int | None:
+        return resolve_budget(self.budget, prompt_length)
+
+    def keep_positions(self, layer_scores: list[torch.Tensor], prompt_length: int, budget: int) -> list[torch.Tensor]:
+        """Per layer, the kept prompt positions [H_kv, budget], sorted.
+
+        layer_scores: per layer [H_kv, prompt_length - window] importance of every prefix position
+        (not yet pooled; zeros for methods that score nothing).
+        """
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class WindowKVMethod(KVMethod):
     """Station 2 by window-query importance: keep the top `budget - window` prefix entries per
     layer and KV head by pooled score, plus the last `window` prompt entries."""
 
-    budget: Budget = param(256, "KV entries kept per layer and head, window included (int), or a ratio of the prompt in (0, 1]")
     window: int = param(32, "last prompt tokens always kept; their queries score the rest")
     kernel: int = param(7, "odd pooling kernel along keys (1 = no pooling)")
     pooling: str = param("max", "pooling of scores along keys: max or avg")
     reduction: str = param("max", "reduction over query heads of a group and window queries: max or mean")
+
+    score_queries: ClassVar[str] = "window"
 
     def __post_init__(self) -> None:
         check_budget(self.budget)
@@ -136,11 +162,6 @@ class WindowKVMethod(Method):
         return budget
 
     def keep_positions(self, layer_scores: list[torch.Tensor], prompt_length: int, budget: int) -> list[torch.Tensor]:
-        """Per layer, the kept prompt positions [H_kv, budget], sorted.
-
-        layer_scores: per layer [H_kv, prompt_length - window], the window queries' importance of
-        every prefix position (not yet pooled).
-        """
         window_positions = torch.arange(prompt_length - self.window, prompt_length)
         kept = []
         for scores in layer_scores:
