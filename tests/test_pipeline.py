@@ -17,9 +17,10 @@ from draftkv.types import Request, Sampling
 
 CONTEXT = long_context(260)
 QUESTION = "what is the magic number?"
-KV_METHODS = ["snapkv", "speckv", "h2o", "streamingllm"]
+KV_METHODS = ["snapkv", "speckv", "h2o", "streamingllm", "laq"]
 # Each method's "always kept" part, sized for tiny prompts.
-KEPT_ALWAYS = {"snapkv": {"window": 8}, "speckv": {"window": 8}, "h2o": {"window": 8}, "streamingllm": {"sink": 4}}
+KEPT_ALWAYS = {"snapkv": {"window": 8}, "speckv": {"window": 8}, "h2o": {"window": 8}, "streamingllm": {"sink": 4},
+               "laq": {"window": 8}}
 
 
 def prompt_length(pair, context=CONTEXT, question=QUESTION) -> int:
@@ -278,3 +279,25 @@ def test_h2o_scores_are_the_column_means_of_all_prompt_queries(qwen_pair, monkey
     for got, attention in zip(prepared.layer_scores, attentions, strict=True):
         columns = attention[0, :, :, : n - 8].reshape(kv_heads, -1, n - 8).mean(dim=1)  # over heads and queries
         torch.testing.assert_close(got[0], columns, rtol=1e-4, atol=1e-6)
+
+
+def test_laq_pseudo_answer_comes_from_the_stage_one_cache(qwen_pair):
+    n = prompt_length(qwen_pair)
+    snap = generate(qwen_pair, CONTEXT, QUESTION, method="snapkv", budget=64, window=32, max_new_tokens=8)
+    calls = []
+
+    def record(_module, _args, kwargs):
+        calls.append((kwargs["input_ids"][0].tolist(), kwargs["past_key_values"].get_seq_length()))
+
+    handle = qwen_pair.target.model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        result = generate(qwen_pair, CONTEXT, QUESTION, method="laq", budget=64, window=8, max_new_tokens=4)
+    finally:
+        handle.remove()
+    assert calls[0][1] == 0 and len(calls[0][0]) == n  # the prompt prefill
+    pseudo = snap.token_ids[:8]
+    steps = calls[1: len(pseudo)]  # the pseudo-answer's decode steps run on the 64-entry stage-one copy
+    assert [cache for _, cache in steps] == [64 + t for t in range(len(steps))]
+    probe_ids, probe_cache = calls[len(pseudo)]
+    assert probe_ids == pseudo and probe_cache == n  # the pseudo-answer then probes the full cache
+    assert result.stats.kv_entries == 64 and "pseudo_answer" in result.stats.timings

@@ -22,8 +22,8 @@ from .scoring import Reduction, reduced_count, window_scores
 
 ATTENTION_NAME = "draftkv"
 
-_active_collector: contextvars.ContextVar[WindowCollector | PromptCollector | None] = contextvars.ContextVar(
-    "draftkv_active_collector", default=None
+_active_collectors: contextvars.ContextVar[tuple[WindowCollector | PromptCollector, ...]] = contextvars.ContextVar(
+    "draftkv_active_collectors", default=()
 )
 
 
@@ -166,8 +166,7 @@ def _synchronized_time(device: torch.device) -> float:
 
 
 def _draftkv_attention(module, query, key, value, attention_mask, **kwargs):
-    collector = _active_collector.get()
-    if collector is not None:
+    for collector in _active_collectors.get():
         collector.observe(module.layer_idx, query, key, attention_mask, kwargs.get("scaling"))
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
@@ -177,18 +176,23 @@ AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 @contextmanager
-def capture(model: torch.nn.Module, collector: Collector | None) -> Iterator[Collector | None]:
-    """Run `model` with window-query capture into `collector` for the duration of the block."""
-    if collector is None:
-        yield None
+def capture(model: torch.nn.Module, *collectors: Collector | None) -> Iterator[None]:
+    """Run `model` with window-query capture into the collectors for the duration of the block."""
+    active = tuple(c for c in collectors if c is not None)
+    if not active:
+        yield
         return
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
-    token = _active_collector.set(collector)
-    hook = model.register_forward_pre_hook(lambda *_: collector.start_call())
+    token = _active_collectors.set(active)
+    def start_calls(*_: object) -> None:  # a pre-hook must return None, or it replaces the inputs
+        for collector in active:
+            collector.start_call()
+
+    hook = model.register_forward_pre_hook(start_calls)
     try:
-        yield collector
+        yield
     finally:
         hook.remove()
-        _active_collector.reset(token)
+        _active_collectors.reset(token)
         model.set_attn_implementation(previous)

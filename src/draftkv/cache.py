@@ -39,3 +39,12 @@ def gather_positions(cache: DynamicCache, kept_per_layer: list[torch.Tensor]) ->
         index = kept.to(layer.keys.device)[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
         layer.keys = layer.keys.gather(2, index)
         layer.values = layer.values.gather(2, index)
+
+
+def gathered_copy(cache: DynamicCache, kept_per_layer: list[torch.Tensor]) -> DynamicCache:
+    """A new cache holding only the entries at `kept_per_layer` ([B, H_kv, K] per layer); `cache` is kept."""
+    layers = []
+    for layer, kept in zip(cache.layers, kept_per_layer, strict=True):
+        index = kept.to(layer.keys.device)[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
+        layers.append((layer.keys.gather(2, index), layer.values.gather(2, index)))
+    return DynamicCache(layers)

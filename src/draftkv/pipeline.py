@@ -25,7 +25,7 @@ import torch
 from transformers import DynamicCache
 
 from .attention import PromptCollector, WindowCollector, capture
-from .cache import bytes_per_entry, drop_tail, gather_positions
+from .cache import bytes_per_entry, drop_tail, gather_positions, gathered_copy
 from .decoding import TextCallback, decode
 from .errors import ConfigError, PromptError, TokenizerMismatchError
 from .methods import DraftScoring, KVMethod, Method, PromptMethod, SpecKVPC, WindowKVMethod, get_method
@@ -167,58 +167,85 @@ def run_draft(model: torch.nn.Module, batch: PaddedBatch, lookahead: list[int], 
     scoring_seconds = collector.seconds if collector is not None else 0.0
     clock.add("draft_lookahead", clock.now() - prefilled - (scoring_seconds - prefill_scoring))
     token_ids = [row.token_ids[:length] for row, length in zip(decoded.rows, lookahead, strict=True)]
-    lengths = [len(ids) for ids in token_ids]
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), pad_id, dtype=torch.long)
-    valid = torch.zeros((len(lengths), width), dtype=torch.bool)
-    for row, row_ids in enumerate(token_ids):
-        ids[row, : lengths[row]] = torch.tensor(row_ids, dtype=torch.long)
-        valid[row, : lengths[row]] = True
+    view = lookahead_view(token_ids, pad_id, device)
     scores = None
     if collector is not None:
         # Step 0 is the prefill's window; step t feeds lookahead token t.
-        step_valid = torch.cat([torch.ones(len(lengths), 1, dtype=torch.bool), valid], dim=1).to(device)
-        scores = collector.token_scores(step_valid, scoring.step_reduction)
+        step_valid = torch.cat([torch.ones(len(token_ids), 1, dtype=torch.bool, device=device), view.lookahead_valid], 1)
+        view.token_scores = collector.token_scores(step_valid, scoring.step_reduction)
         clock.add("draft_scoring", scoring_seconds)
-    return DraftView(ids.to(device), valid.to(device), lengths, scores)
+    return view
 
 
-def target_prefill(model: torch.nn.Module, batch: PaddedBatch, method: Method, draft: DraftView | None,
-                   score: bool, clock: Clock) -> tuple[DynamicCache, torch.Tensor, list[torch.Tensor] | None]:
-    """Prefill the prompt (then the draft's lookahead as a probe) and capture window importance.
+def kv_collector(method: Method, batch: PaddedBatch) -> WindowCollector | None:
+    """The collector for the KV stage's scores: the window queries, or all prompt queries (H2O)."""
+    if not isinstance(method, WindowKVMethod):
+        return None
+    collector = WindowCollector(batch.width - method.window, method.reduction)
+    collector.score_last(batch.width if method.score_queries == "all" else method.window)
+    return collector
 
-    The prompt is run alone first, so its KV entries are exactly dense prefill's; the probe's
-    entries are dropped again. Returns the cache, the last prompt position's logits and, when
-    scoring, per layer [B, H_kv, N - window] scores.
-    """
-    collector = None
-    if score and isinstance(method, KVMethod) and method.score_queries != "none":
-        assert isinstance(method, WindowKVMethod)
-        collector = WindowCollector(batch.width - method.window, method.reduction)
-        collector.score_last(batch.width if method.score_queries == "all" else method.window)
+
+def target_prefill(model: torch.nn.Module, batch: PaddedBatch, collectors: list[WindowCollector | None],
+                   clock: Clock) -> tuple[DynamicCache, torch.Tensor]:
+    """Prefill the prompt alone (so its KV entries are exactly dense prefill's) while the collectors
+    score it; returns the cache and the last prompt position's logits."""
     cache = DynamicCache(config=model.config)
     started = clock.now()
-    with capture(model, collector):
+    before = sum(c.seconds for c in collectors if c is not None)
+    with capture(model, *collectors):
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                     position_ids=batch.position_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        prefilled = clock.now()
-        prompt_scoring = collector.seconds if collector is not None else 0.0
-        clock.add("target_prefill", prefilled - started - prompt_scoring)
-        if collector is not None and draft is not None and draft.lookahead_ids.shape[1] > 0:
-            collector.score_last(draft.lookahead_ids.shape[1], draft.lookahead_valid)
-            width = draft.lookahead_ids.shape[1]
-            mask = None
-            if batch.attention_mask is not None:
-                mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(len(batch.lengths), width)], 1)
-            device = cache.layers[0].keys.device
-            positions = torch.tensor(batch.next_positions, device=device)[:, None] + torch.arange(width, device=device)
-            model(input_ids=draft.lookahead_ids, attention_mask=mask, position_ids=positions,
-                  past_key_values=cache, use_cache=True, logits_to_keep=1)
-            drop_tail(cache, batch.width)
-            clock.add("probe", clock.now() - prefilled - (collector.seconds - prompt_scoring))
-    if collector is not None:
-        clock.add("scoring", collector.seconds)
-    return cache, out.logits[:, -1], collector.layer_scores() if collector is not None else None
+    scoring = sum(c.seconds for c in collectors if c is not None) - before
+    clock.add("target_prefill", clock.now() - started - scoring)
+    clock.add("scoring", scoring)
+    return cache, out.logits[:, -1]
+
+
+def probe(model: torch.nn.Module, cache: DynamicCache, batch: PaddedBatch, guess: DraftView,
+          collector: WindowCollector, clock: Clock) -> None:
+    """Read a guessed answer after the prompt so its queries score the prompt, then drop its entries."""
+    width = guess.lookahead_ids.shape[1]
+    collector.score_last(width, guess.lookahead_valid)
+    mask = None
+    if batch.attention_mask is not None:
+        mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(len(batch.lengths), width)], 1)
+    device = cache.layers[0].keys.device
+    positions = torch.tensor(batch.next_positions, device=device)[:, None] + torch.arange(width, device=device)
+    started, before = clock.now(), collector.seconds
+    with capture(model, collector):
+        model(input_ids=guess.lookahead_ids, attention_mask=mask, position_ids=positions,
+              past_key_values=cache, use_cache=True, logits_to_keep=1)
+    drop_tail(cache, batch.width)
+    clock.add("probe", clock.now() - started - (collector.seconds - before))
+    clock.add("scoring", collector.seconds - before)
+
+
+def pseudo_answer(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.Tensor, batch: PaddedBatch,
+                  stage_one: KVMethod, scores: list[torch.Tensor], budgets: list[int | None], tokens: int,
+                  eos: set[int], pad_id: int, clock: Clock) -> DraftView:
+    """LAQ++'s guess: the target itself answers a few tokens from a stage-one compressed copy of its cache."""
+    started = clock.now()
+    index, mask, _ = select_kv(stage_one, scores, batch, budgets)
+    compressed = gathered_copy(cache, index)
+    mask = mask.to(first_logits.device) if mask is not None else None
+    decoded = decode(model, compressed, first_logits, positions=torch.tensor(batch.next_positions, device=first_logits.device),
+                     attention_mask=mask, max_new_tokens=[tokens if b is not None and b < n else 0
+                                                          for b, n in zip(budgets, batch.lengths, strict=True)],
+                     samplings=[Sampling()] * len(budgets), eos_token_ids=eos)
+    clock.add("pseudo_answer", clock.now() - started)
+    return lookahead_view([row.token_ids for row in decoded.rows], pad_id, first_logits.device)
+
+
+def lookahead_view(token_ids: list[list[int]], pad_id: int, device: torch.device) -> DraftView:
+    """Guessed answers of different lengths as one padded [B, L] block with a validity mask."""
+    lengths = [len(ids) for ids in token_ids]
+    ids = torch.full((len(lengths), max(lengths)), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(lengths), max(lengths)), dtype=torch.bool)
+    for row, row_ids in enumerate(token_ids):
+        ids[row, : lengths[row]] = torch.tensor(row_ids, dtype=torch.long)
+        valid[row, : lengths[row]] = True
+    return DraftView(ids.to(device), valid.to(device), lengths)
 
 
 def select_kv(method: KVMethod, scores: list[torch.Tensor], batch: PaddedBatch, budgets: list[int | None],
@@ -398,7 +425,19 @@ def prepare_batch(pair: ModelPair, requests: list[Request], method: str | Method
     method, batch, clock = stage.method, stage.batch, stage.clock
     compress_kv = [b is not None and b < n for b, n in zip(stage.kv_budgets, batch.lengths, strict=True)]
 
-    cache, first_logits, scores = target_prefill(pair.target.model, batch, method, stage.draft, any(compress_kv), clock)
+    target = pair.target.model
+    collector = kv_collector(method, batch) if any(compress_kv) else None
+    stage_one = method.stage_one() if any(compress_kv) else None
+    first_collector = kv_collector(stage_one, batch) if stage_one is not None else None
+    cache, first_logits = target_prefill(target, batch, [collector, first_collector], clock)
+    guess = stage.draft if stage.draft is not None and stage.draft.lookahead_ids.shape[1] > 0 else None
+    if stage_one is not None:  # LAQ++: the target guesses the answer itself, from a stage-one copy
+        guess = pseudo_answer(target, cache, first_logits, batch, stage_one, first_collector.layer_scores(),
+                              stage.kv_budgets, method.pseudo_tokens, eos_ids(target, pair.tokenizer),
+                              pad_token(pair.tokenizer), clock)
+    if collector is not None and guess is not None and guess.lookahead_ids.shape[1] > 0:
+        probe(target, cache, batch, guess, collector, clock)
+    scores = collector.layer_scores() if collector is not None else None
 
     # Station 2: the KV stage keeps a subset of KV entries per layer and head.
     attention_mask = batch.attention_mask

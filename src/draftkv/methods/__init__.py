@@ -9,6 +9,7 @@ from ..errors import ConfigError, UnknownMethodError
 from .base import Budget, DraftScoring, KVMethod, Method, PromptMethod, WindowKVMethod, help_of
 from .dense import Dense
 from .h2o import H2O
+from .laq import LAQ
 from .lingua import Lingua
 from .snapkv import SnapKV
 from .speckv import SpecKV
@@ -19,7 +20,7 @@ from .streamingllm import StreamingLLM
 from .truncation import KeepEnds, KeepLast
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (Dense, StreamingLLM, H2O, SnapKV, SpecKV, SpecPC, SpecKVPC, SpecPrefill, Lingua,
+    cls.name: cls for cls in (Dense, StreamingLLM, H2O, SnapKV, SpecKV, LAQ, SpecPC, SpecKVPC, SpecPrefill, Lingua,
                               KeepLast, KeepEnds)
 }
 
@@ -43,6 +44,6 @@ def get_method(method: str | Method, **params: Any) -> Method:
     return method_class(**{**given, **params})
 
 __all__ = [
-    "H2O", "KVMethod", "METHODS", "StreamingLLM", "Budget", "Dense", "DraftScoring", "KeepEnds", "KeepLast", "Lingua", "Method", "PromptMethod", "SnapKV",
+    "H2O", "KVMethod", "LAQ", "METHODS", "StreamingLLM", "Budget", "Dense", "DraftScoring", "KeepEnds", "KeepLast", "Lingua", "Method", "PromptMethod", "SnapKV",
     "SpecKV", "SpecKVPC", "SpecPC", "SpecPrefill", "WindowKVMethod", "get_method", "help_of",
 ]

@@ -70,6 +70,10 @@ class Method:
         """How the draft scores prompt tokens for the prompt stage; None when it does not."""
         return None
 
+    def stage_one(self) -> KVMethod | None:
+        """A first KV method whose compressed cache lets the target guess its answer (LAQ++); None: no such stage."""
+        return None
+
     # The prompt stage wants the draft's self-information of every prompt token (LLMLingua-style).
     needs_self_information: ClassVar[bool] = False
 

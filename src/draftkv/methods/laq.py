@@ -1,0 +1,34 @@
+"""LAQ++ (lookahead Q-cache): the target's own pseudo-answer scores the full cache.
+
+Stage 1 compresses a copy of the cache with SnapKV; the target then generates `pseudo_tokens`
+tokens from that copy. Their queries, with the last `window` prompt queries, score the full cache,
+which is compressed again to `budget`. It needs the full target cache during selection (no
+peak-memory saving) and the target's own decoding steps: SpecKV replaces both with the draft.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .base import KVMethod, WindowKVMethod, check_int, param
+from .snapkv import SnapKV
+
+
+@dataclass(frozen=True)
+class LAQ(WindowKVMethod):
+    name: ClassVar[str] = "laq"
+    summary: ClassVar[str] = "KV dropping scored by the target's own pseudo-answer, made on a SnapKV-compressed copy."
+
+    window: int = param(8, "last prompt tokens always kept; their queries score with the pseudo-answer")
+    pseudo_tokens: int = param(8, "tokens the target generates from the stage-one cache")
+    stage_one_window: int = param(32, "SnapKV window of stage one")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("pseudo_tokens", self.pseudo_tokens, 1)
+        self.stage_one()  # validates the stage-one SnapKV now
+
+    def stage_one(self) -> KVMethod:
+        return SnapKV(budget=self.budget, window=self.stage_one_window, kernel=self.kernel, pooling=self.pooling,
+                      reduction=self.reduction)
