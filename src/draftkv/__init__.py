@@ -8,6 +8,7 @@
 """
 
 from .compress import CompressedPrompt, compress_prompt
+from .context import CompressedContext, compress_context
 from .errors import (
     ConfigError,
     DraftKVError,
@@ -33,6 +34,7 @@ from .types import Request, Result, Sampling, Stats
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompressedContext",
     "CompressedPrompt",
     "DEFAULT_DRAFT",
     "DEFAULT_TARGET",
@@ -52,6 +54,7 @@ __all__ = [
     "TokenizerMismatchError",
     "UnknownMethodError",
     "compress_batch",
+    "compress_context",
     "compress_prompt",
     "generate",
     "generate_batch",

@@ -306,9 +306,10 @@ class PromptStage:
 
 
 @torch.inference_mode()
-def compress_batch(pair: ModelPair, requests: list[Request], method: str | Method = "dense",
-                   **method_params) -> PromptStage:
-    """Tokenize, run the draft when the method needs it, and keep the prompt tokens station 1 keeps."""
+def compress_batch(pair: ModelPair, requests: list[Request], method: str | Method = "dense", *,
+                   prompts: list[EncodedPrompt] | None = None, **method_params) -> PromptStage:
+    """Tokenize (unless `prompts` are given), run the draft when the method needs it, and keep the
+    prompt tokens station 1 keeps."""
     method = get_method(method, **method_params)
     target, tokenizer = pair.target.model, pair.tokenizer
     device = target.device
@@ -317,7 +318,8 @@ def compress_batch(pair: ModelPair, requests: list[Request], method: str | Metho
         torch.cuda.reset_peak_memory_stats(device)
     started = clock.now()
 
-    prompts = [encode_prompt(tokenizer, request) for request in requests]
+    if prompts is None:
+        prompts = [encode_prompt(tokenizer, request) for request in requests]
     lengths = [len(p.ids) for p in prompts]
     for request, n in zip(requests, lengths, strict=True):
         check_context(target, "target", n, request.max_new_tokens)
@@ -418,10 +420,10 @@ class Prepared:
 
 
 @torch.inference_mode()
-def prepare_batch(pair: ModelPair, requests: list[Request], method: str | Method = "dense",
-                  **method_params) -> Prepared:
+def prepare_batch(pair: ModelPair, requests: list[Request], method: str | Method = "dense", *,
+                  prompts: list[EncodedPrompt] | None = None, **method_params) -> Prepared:
     """Everything before decoding: tokenize, draft pass, both stations, compressed target cache."""
-    stage = compress_batch(pair, requests, method, **method_params)
+    stage = compress_batch(pair, requests, method, prompts=prompts, **method_params)
     method, batch, clock = stage.method, stage.batch, stage.clock
     compress_kv = [b is not None and b < n for b, n in zip(stage.kv_budgets, batch.lengths, strict=True)]
 

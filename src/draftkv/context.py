@@ -1,0 +1,116 @@
+"""Query-agnostic compression: compress a context once, before any question is known, then ask
+several questions against the same compressed cache.
+
+The prompt is split where the question would start: the context part (system prompt, template,
+context) is compressed with no question in the window; each question, with the template's tail, is
+then read on top of the compressed cache, answered, and removed again (question and answer) before
+the next one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .cache import drop_tail
+from .decoding import decode
+from .errors import ConfigError, PromptError
+from .methods import Method
+from .pipeline import Prepared, check_context, eos_ids, prepare_batch
+from .prompt import EncodedPrompt, user_turn
+from .types import Request, Result, Sampling, Stats
+
+if TYPE_CHECKING:
+    from .models import ModelPair
+
+_QUESTION_MARK = "\x00"  # stands where the question will go while the template is rendered
+
+
+def split_template(tokenizer, context: str, system: str | None, chat_template: bool) -> tuple[str, str]:
+    """The rendered prompt up to where the question goes, and the template text after the question."""
+    messages, _ = user_turn(Request(context=context, question=_QUESTION_MARK, system=system))
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = "\n\n".join(m["content"] for m in messages)
+    at = text.rindex(_QUESTION_MARK)
+    return text[:at], text[at + 1:]
+
+
+@dataclass
+class CompressedContext:
+    """A context compressed once; `ask` answers questions against it."""
+
+    pair: ModelPair
+    prepared: Prepared
+    tail: str  # the template text after the question
+    context_tokens: int
+    stats: Stats  # what the compression kept and cost
+
+    @torch.inference_mode()
+    def ask(self, question: str, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+            top_k: int = 0, seed: int | None = None, stop: tuple[str, ...] | list[str] = (),
+            on_text: Callable[[str], None] | None = None) -> Result:
+        if not question.strip():
+            raise PromptError("the question is empty")
+        model, tokenizer = self.pair.target.model, self.pair.tokenizer
+        cache = self.prepared.cache
+        physical = cache.get_seq_length()
+        start = self.prepared.stage.batch.next_positions[0]
+        ids = tokenizer(question + self.tail, add_special_tokens=False)["input_ids"]
+        check_context(model, "target", start + len(ids), max_new_tokens)
+        started = time.perf_counter()
+        try:
+            out = model(input_ids=torch.tensor([ids], device=model.device),
+                        position_ids=torch.arange(start, start + len(ids), device=model.device)[None],
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+            read = time.perf_counter()
+            stream = (lambda _row, text: on_text(text)) if on_text is not None else None
+            decoded = decode(model, cache, out.logits[:, -1], positions=torch.tensor([start + len(ids)], device=model.device),
+                             attention_mask=None, max_new_tokens=[max_new_tokens],
+                             samplings=[Sampling(temperature, top_p, top_k, seed)], eos_token_ids=eos_ids(model, tokenizer),
+                             tokenizer=tokenizer, stops=[tuple(s for s in stop if s)], on_text=stream)
+        finally:
+            drop_tail(cache, physical)  # the question and its answer go again: the next question starts clean
+        finished = time.perf_counter()
+        row = decoded.rows[0]
+        stats = Stats(
+            method=self.stats.method, prompt_tokens=self.context_tokens + len(ids),
+            kept_prompt_tokens=self.stats.kept_prompt_tokens + len(ids), kv_entries=self.stats.kv_entries,
+            kv_bytes_dense=self.stats.kv_bytes_dense, kv_bytes=self.stats.kv_bytes, compressed=self.stats.compressed,
+            new_tokens=len(row.token_ids), time_to_first_token=decoded.first_token_at - started,
+            total_time=finished - started,
+            timings={"question_prefill": read - started, "decode": finished - decoded.first_token_at},
+            note="query-agnostic: the context was compressed before the question was known",
+        )
+        return Result(row.text, row.token_ids, row.finish_reason, stats)
+
+
+@torch.inference_mode()
+def compress_context(pair: ModelPair, context: str, *, method: str | Method = "snapkv", system: str | None = None,
+                     chat_template: bool = True, max_new_tokens: int = 128, **method_params) -> CompressedContext:
+    """Compress `context` before any question is known (the window holds the end of the context)."""
+    if pair.tokenizer_mismatch is not None:
+        raise ConfigError("query-agnostic compression needs a draft with the target's tokenizer")
+    if not context.strip():
+        raise PromptError("the context is empty")
+    tokenizer = pair.tokenizer
+    head, tail = split_template(tokenizer, context, system, chat_template)
+    ids = tokenizer(head, add_special_tokens=not (chat_template and getattr(tokenizer, "chat_template", None)))["input_ids"]
+    prompt = EncodedPrompt(ids, len(ids), head, None, (0, len(head)))
+    request = Request(context=context, max_new_tokens=max_new_tokens, chat_template=chat_template)
+    prepared = prepare_batch(pair, [request], method, prompts=[prompt], **method_params)
+    kept = prepared.kept_rows[0]
+    entries = kept[0].shape[-1] if kept is not None else prepared.stage.batch.lengths[0]
+    clock = prepared.stage.clock
+    stats = Stats(method=prepared.stage.method.name, prompt_tokens=len(ids),
+                  kept_prompt_tokens=prepared.stage.batch.lengths[0], kv_entries=entries,
+                  kv_bytes_dense=len(ids) * prepared.entry_bytes, kv_bytes=entries * prepared.entry_bytes,
+                  compressed=kept is not None or prepared.stage.kept_tokens[0] is not None,
+                  lookahead_tokens=prepared.draft.lengths[0] if prepared.draft is not None else 0,
+                  total_time=clock.now() - prepared.stage.started, timings=dict(clock.stages))
+    return CompressedContext(pair, prepared, tail, len(ids), stats)
