@@ -14,16 +14,21 @@ QUESTIONS = ["what is the magic number?", "who is on monday?", "where is the lau
 METHODS = [("snapkv", {"budget": 64, "window": 8}), ("speckv", {"budget": 64, "window": 8}),
            ("h2o", {"budget": 64, "window": 8}), ("streamingllm", {"budget": 64}),
            ("specpc", {"budget": 120, "window": 16, "kernel": 7, "neighbourhood": 8, "start_layer": 0}),
-           ("dense", {})]
+           ("pyramidkv", {"budget": 64, "window": 8}), ("ada-snapkv", {"budget": 64, "window": 8}),
+           ("ada-speckv", {"budget": 64, "window": 8, "layout": "per-head"}), ("dense", {})]
 
 
 @pytest.mark.parametrize(("method", "params"), METHODS)
 def test_reuse_equals_compressing_per_question(qwen_pair, method, params):
     shared = compress_context(qwen_pair, CONTEXT, method=method, max_new_tokens=8, **params)
-    before = [(layer.keys.clone(), layer.values.clone()) for layer in shared.prepared.cache.layers]
+    before = [(layer.keys.clone(), layer.values.clone()) if layer.keys is not None else (None, None)
+              for layer in shared.prepared.cache.layers]
+    length_before = shared.prepared.cache.get_seq_length()
     reused = [shared.ask(q, max_new_tokens=8).token_ids for q in QUESTIONS]
     for (keys, values), layer in zip(before, shared.prepared.cache.layers, strict=True):
-        assert torch.equal(keys, layer.keys) and torch.equal(values, layer.values)  # each answer was removed
+        if keys is not None:  # (per-head ragged layers keep no padded tensors between steps)
+            assert torch.equal(keys, layer.keys) and torch.equal(values, layer.values)  # each answer was removed
+    assert shared.prepared.cache.get_seq_length() == length_before
     fresh = [compress_context(qwen_pair, CONTEXT, method=method, max_new_tokens=8, **params).ask(q, max_new_tokens=8)
              .token_ids for q in QUESTIONS]
     assert reused == fresh
@@ -47,3 +52,12 @@ def test_bad_input(qwen_pair):
     shared = compress_context(qwen_pair, CONTEXT, method="snapkv", budget=64, window=8)
     with pytest.raises(PromptError, match="question is empty"):
         shared.ask("")
+
+
+def test_both_ragged_layouts_answer_alike(qwen_pair):
+    """Reading a multi-token question over a ragged cache masks each head causally, in either layout."""
+    answers = {}
+    for layout in ("padded", "per-head"):
+        shared = compress_context(qwen_pair, CONTEXT, method="ada-snapkv", budget=64, window=8, layout=layout)
+        answers[layout] = [shared.ask(q, max_new_tokens=8).token_ids for q in QUESTIONS]
+    assert answers["padded"] == answers["per-head"]

@@ -14,14 +14,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .cache import PaddedLayer
 from .scoring import Reduction, reduced_count, window_scores
 
 ATTENTION_NAME = "draftkv"
 
+_active_ragged: contextvars.ContextVar[DynamicCache | None] = contextvars.ContextVar("draftkv_ragged", default=None)
 _active_collectors: contextvars.ContextVar[tuple[WindowCollector | PromptCollector, ...]] = contextvars.ContextVar(
     "draftkv_active_collectors", default=()
 )
@@ -166,6 +168,10 @@ def _synchronized_time(device: torch.device) -> float:
 
 
 def _draftkv_attention(module, query, key, value, attention_mask, **kwargs):
+    ragged = _active_ragged.get()
+    if ragged is not None and isinstance(layer := ragged.layers[module.layer_idx], PaddedLayer):
+        # A ragged layer: each KV head has its own real entries, so it brings its own mask.
+        attention_mask = layer.mask(query.shape[2], query.shape[1] // key.shape[1])
     for collector in _active_collectors.get():
         collector.observe(module.layer_idx, query, key, attention_mask, kwargs.get("scaling"))
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -195,4 +201,20 @@ def capture(model: torch.nn.Module, *collectors: Collector | None) -> Iterator[N
     finally:
         hook.remove()
         _active_collectors.reset(token)
+        model.set_attn_implementation(previous)
+
+
+@contextmanager
+def ragged_attention(model: torch.nn.Module, cache: DynamicCache) -> Iterator[None]:
+    """Decode over a ragged cache: its layers' per-head masks replace the model's (none needed then)."""
+    if not any(isinstance(layer, PaddedLayer) for layer in cache.layers):
+        yield
+        return
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION_NAME)
+    token = _active_ragged.set(cache)
+    try:
+        yield
+    finally:
+        _active_ragged.reset(token)
         model.set_attn_implementation(previous)

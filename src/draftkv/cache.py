@@ -3,18 +3,123 @@
 Entries keep the RoPE of their original positions (keys are cached after RoPE), so decoding goes
 on at the logical position n, n+1, ... while the physical cache holds fewer entries. The decode
 loop passes explicit `position_ids` (logical) and an attention mask as long as the physical cache.
+
+When layers (PyramidKV) or KV heads (Ada-KV) keep different numbers of entries, the cache is
+ragged. Two layouts hold it, chosen by measurement (see the README): `PaddedLayer` pads each layer
+to its longest head and masks the empty slots; `PerHeadLayer` stores every head exactly and pads
+only a transient copy per decoding step. Either way the attention function reads the layer's own
+per-head mask (attention.ragged_attention).
 """
 
 from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+class PaddedLayer(DynamicLayer):
+    """Keys and values [B, H_kv, K, d] padded to the longest head; `valid` [B, H_kv, K] marks real
+    entries. Empty slots come first, so new tokens append at the end of every head."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
+        super().__init__()
+        self.keys, self.values, self.valid = keys, values, valid
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys, values = super().update(key_states, value_states)
+        self.valid = torch.cat([self.valid, self.valid.new_ones(key_states.shape[:3])], dim=2)
+        return keys, values
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self.valid = self.valid[..., : self.keys.shape[2]]
+
+    def mask(self, num_queries: int, group: int) -> torch.Tensor:
+        """[B, H_q, q, K] bool: each head's real entries, causal among the last q (new) ones."""
+        valid = self.valid.repeat_interleave(group, dim=1)[:, :, None, :].expand(-1, -1, num_queries, -1)
+        if num_queries == 1:
+            return valid
+        length = valid.shape[-1]
+        causal = torch.ones(num_queries, length, dtype=torch.bool, device=valid.device).tril(length - num_queries)
+        return valid & causal
+
+    def storage_bytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+
+class PerHeadLayer(PaddedLayer):
+    """Every (row, KV head) stored exactly; each step works on a transient padded copy."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
+        batch, heads = valid.shape[:2]
+        self.head_keys = [[keys[b, h][valid[b, h]] for h in range(heads)] for b in range(batch)]
+        self.head_values = [[values[b, h][valid[b, h]] for h in range(heads)] for b in range(batch)]
+        super().__init__(keys, values, valid)
+        self.keys = self.values = None  # no padded copy between steps
+
+    def _padded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = torch.tensor([[k.shape[0] for k in row] for row in self.head_keys])
+        width = int(lengths.max())
+        batch, heads = lengths.shape
+        head_dim = self.head_keys[0][0].shape[-1]
+        keys = self.head_keys[0][0].new_zeros(batch, heads, width, head_dim)
+        values = self.head_values[0][0].new_zeros(batch, heads, width, self.head_values[0][0].shape[-1])
+        for b in range(batch):
+            for h in range(heads):
+                keys[b, h, width - lengths[b, h]:] = self.head_keys[b][h]
+                values[b, h, width - lengths[b, h]:] = self.head_values[b][h]
+        self.valid = torch.arange(width)[None, None, :] >= (width - lengths)[..., None]
+        self.valid = self.valid.to(keys.device)
+        return keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        for b, row in enumerate(self.head_keys):
+            for h in range(len(row)):
+                row[h] = torch.cat([row[h], key_states[b, h]])
+                self.head_values[b][h] = torch.cat([self.head_values[b][h], value_states[b, h]])
+        return self._padded()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        for row_keys, row_values in zip(self.head_keys, self.head_values, strict=True):
+            for h in range(len(row_keys)):
+                row_keys[h], row_values[h] = row_keys[h][:tokens_to_remove], row_values[h][:tokens_to_remove]
+
+    def get_seq_length(self) -> int:
+        return max(k.shape[0] for row in self.head_keys for k in row)
+
+    def storage_bytes(self) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
+                   for row_k, row_v in zip(self.head_keys, self.head_values, strict=True)
+                   for k, v in zip(row_k, row_v, strict=True))
+
+
+LAYOUTS = {"padded": PaddedLayer, "per-head": PerHeadLayer}
+
+
+def ragged_cache(cache: DynamicCache, index: list[torch.Tensor], valid: list[torch.Tensor],
+                 layout: str = "padded") -> DynamicCache:
+    """A ragged cache of the entries at `index[l]` ([B, H_kv, K_l]) where `valid[l]` is True."""
+    layers = []
+    for layer, layer_index, layer_valid in zip(cache.layers, index, valid, strict=True):
+        gather = layer_index.to(layer.keys.device)[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
+        layers.append(LAYOUTS[layout](layer.keys.gather(2, gather), layer.values.gather(2, gather),
+                                      layer_valid.to(layer.keys.device)))
+    ragged = DynamicCache()
+    ragged.layers = layers
+    return ragged
 
 
 def kv_bytes(cache: DynamicCache) -> int:
-    """Bytes held by the cache's key and value tensors."""
-    return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-               for layer in cache.layers if layer.is_initialized)
+    """Bytes held by the cache's key and value tensors (ragged layers: their storage, padding included)."""
+    total = 0
+    for layer in cache.layers:
+        if isinstance(layer, PaddedLayer):
+            total += layer.storage_bytes()
+        elif layer.is_initialized:
+            total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+    return total
 
 
 def bytes_per_entry(cache: DynamicCache) -> int:
@@ -26,11 +131,11 @@ def bytes_per_entry(cache: DynamicCache) -> int:
     return total
 
 
-def drop_tail(cache: DynamicCache, length: int) -> None:
-    """Keep only the first `length` positions of every layer (drops the lookahead probe)."""
-    for layer in cache.layers:
-        layer.keys = layer.keys[:, :, :length]
-        layer.values = layer.values[:, :, :length]
+def drop_last(cache: DynamicCache, count: int) -> None:
+    """Drop the last `count` entries of every layer and head (a probe, or a question and its answer)."""
+    if count > 0:
+        for layer in cache.layers:
+            layer.crop(-count)
 
 
 def gather_positions(cache: DynamicCache, kept_per_layer: list[torch.Tensor]) -> None:

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .cache import drop_tail
+from .attention import ragged_attention
+from .cache import drop_last
 from .decoding import decode
 from .errors import ConfigError, PromptError
 from .methods import Method
@@ -65,17 +66,19 @@ class CompressedContext:
         check_context(model, "target", start + len(ids), max_new_tokens)
         started = time.perf_counter()
         try:
-            out = model(input_ids=torch.tensor([ids], device=model.device),
-                        position_ids=torch.arange(start, start + len(ids), device=model.device)[None],
-                        past_key_values=cache, use_cache=True, logits_to_keep=1)
-            read = time.perf_counter()
-            stream = (lambda _row, text: on_text(text)) if on_text is not None else None
-            decoded = decode(model, cache, out.logits[:, -1], positions=torch.tensor([start + len(ids)], device=model.device),
-                             attention_mask=None, max_new_tokens=[max_new_tokens],
-                             samplings=[Sampling(temperature, top_p, top_k, seed)], eos_token_ids=eos_ids(model, tokenizer),
-                             tokenizer=tokenizer, stops=[tuple(s for s in stop if s)], on_text=stream)
+            with ragged_attention(model, cache):
+                out = model(input_ids=torch.tensor([ids], device=model.device),
+                            position_ids=torch.arange(start, start + len(ids), device=model.device)[None],
+                            past_key_values=cache, use_cache=True, logits_to_keep=1)
+                read = time.perf_counter()
+                stream = (lambda _row, text: on_text(text)) if on_text is not None else None
+                decoded = decode(model, cache, out.logits[:, -1], positions=torch.tensor([start + len(ids)], device=model.device),
+                                 attention_mask=None, max_new_tokens=[max_new_tokens],
+                                 samplings=[Sampling(temperature, top_p, top_k, seed)], eos_token_ids=eos_ids(model, tokenizer),
+                                 tokenizer=tokenizer, stops=[tuple(s for s in stop if s)], on_text=stream)
         finally:
-            drop_tail(cache, physical)  # the question and its answer go again: the next question starts clean
+            # the question and its answer go again: the next question starts clean
+            drop_last(cache, cache.get_seq_length() - physical)
         finished = time.perf_counter()
         row = decoded.rows[0]
         stats = Stats(

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import DynamicCache
 
-from .attention import PromptCollector, WindowCollector, capture
-from .cache import bytes_per_entry, drop_tail, gather_positions, gathered_copy
+from .attention import PromptCollector, WindowCollector, capture, ragged_attention
+from .cache import bytes_per_entry, drop_last, gather_positions, gathered_copy, kv_bytes, ragged_cache
 from .decoding import TextCallback, decode
 from .errors import ConfigError, PromptError, TokenizerMismatchError
 from .methods import DraftScoring, KVMethod, Method, PromptMethod, SpecKVPC, WindowKVMethod, get_method
@@ -216,7 +216,7 @@ def probe(model: torch.nn.Module, cache: DynamicCache, batch: PaddedBatch, guess
     with capture(model, collector):
         model(input_ids=guess.lookahead_ids, attention_mask=mask, position_ids=positions,
               past_key_values=cache, use_cache=True, logits_to_keep=1)
-    drop_tail(cache, batch.width)
+    drop_last(cache, width)
     clock.add("probe", clock.now() - started - (collector.seconds - before))
     clock.add("scoring", collector.seconds - before)
 
@@ -226,8 +226,9 @@ def pseudo_answer(model: torch.nn.Module, cache: DynamicCache, first_logits: tor
                   eos: set[int], pad_id: int, clock: Clock) -> DraftView:
     """LAQ++'s guess: the target itself answers a few tokens from a stage-one compressed copy of its cache."""
     started = clock.now()
-    index, mask, _ = select_kv(stage_one, scores, batch, budgets)
+    index, valid, _ = select_kv(stage_one, scores, batch, budgets)
     compressed = gathered_copy(cache, index)
+    _, mask = row_mask(valid)  # stage one (SnapKV) is uniform per row
     mask = mask.to(first_logits.device) if mask is not None else None
     decoded = decode(model, compressed, first_logits, positions=torch.tensor(batch.next_positions, device=first_logits.device),
                      attention_mask=mask, max_new_tokens=[tokens if b is not None and b < n else 0
@@ -249,9 +250,10 @@ def lookahead_view(token_ids: list[list[int]], pad_id: int, device: torch.device
 
 
 def select_kv(method: KVMethod, scores: list[torch.Tensor], batch: PaddedBatch, budgets: list[int | None],
-              ) -> tuple[list[torch.Tensor], torch.Tensor | None, list[list[torch.Tensor] | None]]:
-    """Station 2 for every row; returns the gather index per layer [B, H_kv, K], the new mask and
-    each row's kept positions (row coordinates; None for rows kept whole).
+              ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[list[torch.Tensor] | None]]:
+    """Station 2 for every row. Returns, per layer, the gather index [B, H_kv, K_l] into the padded
+    cache and which of those slots hold a real entry [B, H_kv, K_l], and each row's kept positions
+    (row coordinates, -1 for empty slots; None for rows kept whole).
 
     scores: per layer [B, H_kv, N - window] (zeros for methods that score nothing)."""
     kept_rows: list[list[torch.Tensor] | None] = []
@@ -262,21 +264,32 @@ def select_kv(method: KVMethod, scores: list[torch.Tensor], batch: PaddedBatch, 
             continue
         pad = batch.pad(row)
         kept_rows.append(method.keep_positions([s[row, :, pad:].float() for s in scores], n, budget))
-    counts = [len(kept[0][0]) if kept is not None else batch.lengths[row] for row, kept in enumerate(kept_rows)]
-    width = max(counts)
     num_kv_heads = scores[0].shape[1]
-    index = [torch.zeros(len(budgets), num_kv_heads, width, dtype=torch.long) for _ in scores]
-    for row, kept in enumerate(kept_rows):
-        pad, start = batch.pad(row), width - counts[row]
-        for layer in range(len(scores)):
-            columns = kept[layer] + pad if kept is not None else torch.arange(pad, batch.width).expand(num_kv_heads, -1)
-            index[layer][row, :, start:] = columns
-    mask = None
-    if min(counts) < width:
-        mask = torch.zeros(len(budgets), width, dtype=torch.long)
-        for row, count in enumerate(counts):
-            mask[row, width - count:] = 1
-    return index, mask, kept_rows
+    index, valid = [], []
+    for layer in range(len(scores)):
+        rows = [kept[layer] + batch.pad(row) if kept is not None else
+                torch.arange(batch.pad(row), batch.width).expand(num_kv_heads, -1)
+                for row, kept in enumerate(kept_rows)]
+        width = max(r.shape[-1] for r in rows)
+        layer_index = torch.zeros(len(rows), num_kv_heads, width, dtype=torch.long)
+        layer_valid = torch.zeros(len(rows), num_kv_heads, width, dtype=torch.bool)
+        for row, (columns, kept) in enumerate(zip(rows, kept_rows, strict=True)):
+            real = kept[layer] >= 0 if kept is not None else torch.ones_like(columns, dtype=torch.bool)
+            layer_index[row, :, width - columns.shape[-1]:] = columns.clamp(min=0)
+            layer_valid[row, :, width - columns.shape[-1]:] = real
+        index.append(layer_index)
+        valid.append(layer_valid)
+    return index, valid, kept_rows
+
+
+def row_mask(valid: list[torch.Tensor]) -> tuple[bool, torch.Tensor | None]:
+    """Whether the kept slots form one 2-D mask (same in every layer and head); and that mask
+    ([B, K], None when all real). Otherwise the cache must be ragged."""
+    first = valid[0][:, 0]
+    uniform = all(v.shape == valid[0].shape and torch.equal(v, first[:, None].expand_as(v)) for v in valid)
+    if not uniform:
+        return False, None
+    return True, None if bool(first.all()) else first.long()
 
 
 def peak_memory(device: torch.device) -> int:
@@ -409,6 +422,7 @@ class Prepared:
     kept_rows: list[list[torch.Tensor] | None]  # per row, per layer [H_kv, kept] positions in the target's prompt
     layer_scores: list[torch.Tensor] | None  # per layer [B, H_kv, N - window] window importance (padded columns)
     entry_bytes: int
+    stored_bytes: int  # what the batch's cache tensors hold right after compression, padding included
 
     @property
     def draft(self) -> DraftView | None:
@@ -451,12 +465,16 @@ def prepare_batch(pair: ModelPair, requests: list[Request], method: str | Method
         if scores is None:  # the method decides by position alone
             layer = cache.layers[0].keys
             scores = [torch.zeros(layer.shape[0], layer.shape[1], batch.width, device=layer.device)] * len(cache.layers)
-        index, attention_mask, kept_rows = select_kv(method, scores, batch, stage.kv_budgets)
-        gather_positions(cache, index)
+        index, valid, kept_rows = select_kv(method, scores, batch, stage.kv_budgets)
+        uniform, attention_mask = row_mask(valid)
+        if uniform:
+            gather_positions(cache, index)
+        else:  # layers or heads keep different numbers of entries: a ragged cache, masked per head
+            cache = ragged_cache(cache, index, valid, getattr(method, "layout", "padded"))
         if attention_mask is not None:
-            attention_mask = attention_mask.to(cache.layers[0].keys.device)
+            attention_mask = attention_mask.to(first_logits.device)
         clock.add("compression", clock.now() - selecting)
-    return Prepared(stage, cache, first_logits, attention_mask, kept_rows, scores, entry_bytes)
+    return Prepared(stage, cache, first_logits, attention_mask, kept_rows, scores, entry_bytes, kv_bytes(cache))
 
 
 def row_stats(prepared: Prepared, row: int, new_tokens: int, first_token_at: float, finished: float,
@@ -467,8 +485,11 @@ def row_stats(prepared: Prepared, row: int, new_tokens: int, first_token_at: flo
     kept_tokens, kept_kv = stage.kept_tokens[row], prepared.kept_rows[row]
     stage_length = stage.batch.lengths[row]
     if kept_kv is not None and kept_tokens is not None:
-        kept_kv = [kept_tokens[positions] for positions in kept_kv]
-    entries = kept_kv[0].shape[-1] if kept_kv is not None else stage_length
+        kept_kv = [torch.where(positions >= 0, kept_tokens[positions.clamp(min=0)], -1) for positions in kept_kv]
+    # Entries per layer and head: exact for uniform budgets, the mean for PyramidKV and Ada-KV.
+    real = sum(int((positions >= 0).sum()) for positions in kept_kv) if kept_kv is not None else None
+    slots = sum(positions.numel() // positions.shape[-1] for positions in kept_kv) if kept_kv is not None else 1
+    entries = round(real / slots) if real is not None else stage_length
     budget = stage.kv_budgets[row]
     prompt_budget = stage.method.prompt_tokens(n)
     notes = []
@@ -478,7 +499,9 @@ def row_stats(prepared: Prepared, row: int, new_tokens: int, first_token_at: flo
         notes.append(f"budget {budget} >= prompt length {stage_length}: ran dense")
     stats = Stats(
         method=stage.method.name, prompt_tokens=n, kept_prompt_tokens=stage_length, kv_entries=entries,
-        kv_bytes_dense=n * prepared.entry_bytes, kv_bytes=entries * prepared.entry_bytes,
+        kv_bytes_dense=n * prepared.entry_bytes,
+        kv_bytes=real * prepared.entry_bytes // slots if real is not None else entries * prepared.entry_bytes,
+        kv_bytes_stored=prepared.stored_bytes,
         compressed=kept_tokens is not None or kept_kv is not None or stage.kept_texts[row] is not None,
         lookahead_tokens=stage.draft.lengths[row] if stage.draft is not None else 0,
         new_tokens=new_tokens, time_to_first_token=first_token_at - stage.started,
@@ -500,13 +523,14 @@ def generate_batch(pair: ModelPair, requests: list[Request], method: str | Metho
     prepared = prepare_batch(pair, requests, method, **method_params)
     target, clock = pair.target.model, prepared.stage.clock
     decoding = clock.now()
-    output = decode(
-        target, prepared.cache, prepared.first_logits,
-        positions=torch.tensor(prepared.stage.batch.next_positions, device=target.device),
-        attention_mask=prepared.attention_mask, max_new_tokens=[r.max_new_tokens for r in requests],
-        samplings=[r.sampling for r in requests], eos_token_ids=eos_ids(target, pair.tokenizer),
-        tokenizer=pair.tokenizer, stops=[r.stop for r in requests], on_text=on_text,
-    )
+    with ragged_attention(target, prepared.cache):
+        output = decode(
+            target, prepared.cache, prepared.first_logits,
+            positions=torch.tensor(prepared.stage.batch.next_positions, device=target.device),
+            attention_mask=prepared.attention_mask, max_new_tokens=[r.max_new_tokens for r in requests],
+            samplings=[r.sampling for r in requests], eos_token_ids=eos_ids(target, pair.tokenizer),
+            tokenizer=pair.tokenizer, stops=[r.stop for r in requests], on_text=on_text,
+        )
     finished = clock.now()
     clock.add("decode", finished - max(decoding, output.first_token_at))
     memory = peak_memory(target.device)

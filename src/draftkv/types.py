@@ -64,10 +64,11 @@ class Stats:
     method: str
     prompt_tokens: int
     kept_prompt_tokens: int
-    kv_entries: int  # KV entries per layer and KV head right after compression (mean over layers)
+    kv_entries: int  # KV entries per layer and KV head right after compression (the mean, for ragged caches)
     kv_bytes_dense: int  # the full prompt cache
-    kv_bytes: int  # the cache the target decoded from, right after compression
+    kv_bytes: int  # the entries the target decoded from, right after compression
     compressed: bool
+    kv_bytes_stored: int = 0  # what the (batch's) cache tensors really hold: kv_bytes plus layout padding
     lookahead_tokens: int = 0
     new_tokens: int = 0
     time_to_first_token: float = 0.0

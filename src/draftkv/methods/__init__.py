@@ -11,8 +11,9 @@ from .dense import Dense
 from .h2o import H2O
 from .laq import LAQ
 from .lingua import Lingua
-from .snapkv import SnapKV
-from .speckv import SpecKV
+from .pyramidkv import PyramidKV
+from .snapkv import AdaSnapKV, SnapKV
+from .speckv import AdaSpecKV, SpecKV
 from .speckv_pc import SpecKVPC
 from .specpc import SpecPC
 from .specprefill import SpecPrefill
@@ -20,8 +21,8 @@ from .streamingllm import StreamingLLM
 from .truncation import KeepEnds, KeepLast
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (Dense, StreamingLLM, H2O, SnapKV, SpecKV, LAQ, SpecPC, SpecKVPC, SpecPrefill, Lingua,
-                              KeepLast, KeepEnds)
+    cls.name: cls for cls in (Dense, StreamingLLM, H2O, SnapKV, PyramidKV, SpecKV, AdaSnapKV, AdaSpecKV, LAQ, SpecPC,
+                              SpecKVPC, SpecPrefill, Lingua, KeepLast, KeepEnds)
 }
 
 
@@ -44,6 +45,6 @@ def get_method(method: str | Method, **params: Any) -> Method:
     return method_class(**{**given, **params})
 
 __all__ = [
-    "H2O", "KVMethod", "LAQ", "METHODS", "StreamingLLM", "Budget", "Dense", "DraftScoring", "KeepEnds", "KeepLast", "Lingua", "Method", "PromptMethod", "SnapKV",
+    "AdaSnapKV", "AdaSpecKV", "H2O", "KVMethod", "LAQ", "PyramidKV", "METHODS", "StreamingLLM", "Budget", "Dense", "DraftScoring", "KeepEnds", "KeepLast", "Lingua", "Method", "PromptMethod", "SnapKV",
     "SpecKV", "SpecKVPC", "SpecPC", "SpecPrefill", "WindowKVMethod", "get_method", "help_of",
 ]

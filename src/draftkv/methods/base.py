@@ -123,7 +123,8 @@ class KVMethod(Method):
         return resolve_budget(self.budget, prompt_length)
 
     def keep_positions(self, layer_scores: list[torch.Tensor], prompt_length: int, budget: int) -> list[torch.Tensor]:
-        """Per layer, the kept prompt positions [H_kv, budget], sorted.
+        """Per layer, the kept prompt positions [H_kv, K], sorted; K may differ per layer, and -1
+        marks the empty slots (at the front) of heads that keep fewer entries than others.
 
         layer_scores: per layer [H_kv, prompt_length - window] importance of every prefix position
         (not yet pooled; zeros for methods that score nothing).
@@ -140,6 +141,9 @@ class WindowKVMethod(KVMethod):
     kernel: int = param(7, "odd pooling kernel along keys (1 = no pooling)")
     pooling: str = param("max", "pooling of scores along keys: max or avg")
     reduction: str = param("max", "reduction over query heads of a group and window queries: max or mean")
+    adaptive: bool = param(False, "Ada-KV: per-head budgets from the layer's pooled scores (the layer's total is kept)")
+    alpha: float = param(0.2, "Ada-KV safety floor: each head keeps at least this share of its uniform budget")
+    layout: str = param("padded", "storage of a ragged cache: padded (to the longest head, masked) or per-head")
 
     score_queries: ClassVar[str] = "window"
 
@@ -155,6 +159,11 @@ class WindowKVMethod(KVMethod):
         check_kernel(self.kernel)
         check_choice("pooling", self.pooling, ("max", "avg"))
         check_choice("reduction", self.reduction, ("max", "mean"))
+        check_choice("layout", self.layout, ("padded", "per-head"))
+        if not isinstance(self.adaptive, bool):
+            raise ConfigError(f"adaptive must be true or false, got {self.adaptive!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not 0 <= self.alpha <= 1:
+            raise ConfigError(f"alpha must be a number in [0, 1], got {self.alpha!r}")
 
     def kv_entries(self, prompt_length: int) -> int | None:
         budget = resolve_budget(self.budget, prompt_length)
@@ -165,15 +174,38 @@ class WindowKVMethod(KVMethod):
             )
         return budget
 
+    def layer_budgets(self, num_layers: int, prefix_length: int, budget: int) -> list[int]:
+        """Entries chosen by score in each layer (the window comes on top): uniform here."""
+        return [budget - self.window] * num_layers
+
     def keep_positions(self, layer_scores: list[torch.Tensor], prompt_length: int, budget: int) -> list[torch.Tensor]:
-        window_positions = torch.arange(prompt_length - self.window, prompt_length)
+        window = torch.arange(prompt_length - self.window, prompt_length)
         kept = []
-        for scores in layer_scores:
+        budgets = self.layer_budgets(len(layer_scores), layer_scores[0].shape[-1], budget)
+        for scores, chosen in zip(layer_scores, budgets, strict=True):
             pooled = pool_scores(scores, self.kernel, self.pooling)
-            top = pooled.topk(budget - self.window, dim=-1).indices.cpu()
-            window = window_positions.expand(top.shape[0], -1)
-            kept.append(torch.cat([top, window], dim=-1).sort(dim=-1).values)
+            if self.adaptive:
+                kept.append(adaptive_positions(pooled, chosen, self.alpha, window))
+            else:
+                top = pooled.topk(chosen, dim=-1).indices.cpu()
+                kept.append(torch.cat([top, window.expand(top.shape[0], -1)], dim=-1).sort(dim=-1).values)
         return kept
+
+
+def adaptive_positions(pooled: torch.Tensor, chosen: int, alpha: float, window: torch.Tensor) -> torch.Tensor:
+    """Ada-KV within one layer: the heads share `heads * chosen` entries by score, each keeping at
+    least `alpha * chosen` of its own best; plus the window. Returns [H_kv, K] with -1 in the empty
+    slots (at the front) of heads that keep fewer than the longest."""
+    heads, prefix = pooled.shape
+    floor = int(alpha * chosen)
+    selected = torch.zeros(heads, prefix, dtype=torch.bool)
+    if floor:
+        selected.scatter_(1, pooled.topk(floor, dim=-1).indices.cpu(), True)
+    rest = pooled.cpu().float().masked_fill(selected, float("-inf")).flatten()
+    selected.view(-1)[rest.topk(heads * chosen - heads * floor).indices] = True
+    per_head = [torch.cat([selected[h].nonzero().flatten(), window]) for h in range(heads)]
+    width = max(len(p) for p in per_head)
+    return torch.stack([torch.cat([torch.full((width - len(p),), -1, dtype=torch.long), p]) for p in per_head])
 
 
 def check_int(name: str, value: int, minimum: int) -> None:

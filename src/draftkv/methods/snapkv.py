@@ -9,10 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .base import WindowKVMethod
+from .base import WindowKVMethod, param
 
 
 @dataclass(frozen=True)
 class SnapKV(WindowKVMethod):
     name: ClassVar[str] = "snapkv"
     summary: ClassVar[str] = "KV dropping by the attention of the last prompt tokens (window queries)."
+
+
+@dataclass(frozen=True)
+class AdaSnapKV(SnapKV):
+    name: ClassVar[str] = "ada-snapkv"
+    summary: ClassVar[str] = "SnapKV with Ada-KV's adaptive per-head budgets (ragged cache)."
+
+    adaptive: bool = param(True, "Ada-KV: per-head budgets from the layer's pooled scores (the layer's total is kept)")

@@ -35,3 +35,11 @@ class SpecKV(WindowKVMethod):
 
     def draft_lookahead(self, max_new_tokens: int) -> int:
         return self.lookahead if self.lookahead is not None else min(max_new_tokens, self.max_lookahead)
+
+
+@dataclass(frozen=True)
+class AdaSpecKV(SpecKV):
+    name: ClassVar[str] = "ada-speckv"
+    summary: ClassVar[str] = "SpecKV with Ada-KV's adaptive per-head budgets (ragged cache)."
+
+    adaptive: bool = param(True, "Ada-KV: per-head budgets from the layer's pooled scores (the layer's total is kept)")
