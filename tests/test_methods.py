@@ -83,7 +83,7 @@ def test_bad_parameters_fail_at_construction(params, message):
 def test_unknown_method_and_parameter():
     with pytest.raises(UnknownMethodError, match="available: dense, .*snapkv, .*speckv"):
         get_method("snapkvv")
-    with pytest.raises(ConfigError, match="no parameter 'budgett'.*budget, window"):
+    with pytest.raises(ConfigError, match="no parameter .budgett.; its parameters are: budget, .*window"):
         get_method("snapkv", budgett=64)
     with pytest.raises(ConfigError, match="'dense' has no parameter 'budget'"):
         get_method("dense", budget=64)

@@ -95,12 +95,14 @@ def decode(
     tokenizer=None,
     stops: list[tuple[str, ...]] | None = None,
     on_text: TextCallback | None = None,
+    after_step: Callable[[DynamicCache], None] | None = None,
 ) -> DecodeOutput:
     """Generate from `first_logits` [B, V] (the prefill's last position) and a filled `cache`.
 
     positions: [B] logical position of the next token per row. attention_mask: [B, physical
     cache length] (None when no row has padding). Without a tokenizer, text is left empty (the
-    draft's lookahead only needs ids).
+    draft's lookahead only needs ids). `after_step` sees the cache after every forward pass
+    (decode-time eviction cuts it there).
     """
     batch = first_logits.shape[0]
     device = first_logits.device
@@ -152,6 +154,8 @@ def decode(
         logits = out.logits[:, -1]
         positions += 1
         steps += 1
+        if after_step is not None:
+            after_step(cache)
 
     rows = [Decoded(ids, text, reason or "length") for ids, text, reason in zip(token_ids, texts, finish, strict=True)]
     return DecodeOutput(rows=rows, first_token_at=first_token_at, steps=steps)

@@ -28,6 +28,7 @@ from .attention import PromptCollector, WindowCollector, capture, ragged_attenti
 from .cache import bytes_per_entry, drop_last, gather_positions, gathered_copy, kv_bytes, ragged_cache
 from .decoding import TextCallback, decode
 from .errors import ConfigError, PromptError, TokenizerMismatchError
+from .eviction import DecodeEviction
 from .methods import DraftScoring, KVMethod, Method, PromptMethod, SpecKVPC, WindowKVMethod, get_method
 from .prompt import EncodedPrompt, encode_prompt, kept_text, user_turn
 from .types import Request, Result, Sampling, Stats
@@ -470,7 +471,7 @@ def prepare_batch(pair: ModelPair, requests: list[Request], method: str | Method
         if uniform:
             gather_positions(cache, index)
         else:  # layers or heads keep different numbers of entries: a ragged cache, masked per head
-            cache = ragged_cache(cache, index, valid, getattr(method, "layout", "padded"))
+            cache = ragged_cache(cache, index, valid, getattr(method, "layout", "per-head"))
         if attention_mask is not None:
             attention_mask = attention_mask.to(first_logits.device)
         clock.add("compression", clock.now() - selecting)
@@ -520,16 +521,24 @@ def generate_batch(pair: ModelPair, requests: list[Request], method: str | Metho
     """
     if not requests:
         return []
-    prepared = prepare_batch(pair, requests, method, **method_params)
+    chosen = get_method(method, **method_params)
+    evicting = isinstance(chosen, KVMethod) and chosen.evict_every > 0
+    if evicting and len(requests) > 1:  # each row would evict different entries: one request at a time
+        return [generate_batch(pair, [request], chosen, on_text=on_text)[0] for request in requests]
+    prepared = prepare_batch(pair, requests, chosen)
     target, clock = pair.target.model, prepared.stage.clock
+    eviction = None
+    if evicting and prepared.kept_rows[0] is not None:
+        eviction = DecodeEviction(chosen, prepared.stage.kv_budgets[0])
     decoding = clock.now()
-    with ragged_attention(target, prepared.cache):
+    with ragged_attention(target, prepared.cache), capture(target, eviction):
         output = decode(
             target, prepared.cache, prepared.first_logits,
             positions=torch.tensor(prepared.stage.batch.next_positions, device=target.device),
             attention_mask=prepared.attention_mask, max_new_tokens=[r.max_new_tokens for r in requests],
             samplings=[r.sampling for r in requests], eos_token_ids=eos_ids(target, pair.tokenizer),
             tokenizer=pair.tokenizer, stops=[r.stop for r in requests], on_text=on_text,
+            after_step=eviction.after_step if eviction is not None else None,
         )
     finished = clock.now()
     clock.add("decode", finished - max(decoding, output.first_token_at))
@@ -538,6 +547,8 @@ def generate_batch(pair: ModelPair, requests: list[Request], method: str | Metho
     for row, decoded in enumerate(output.rows):
         stats, kept_tokens, kept_kv = row_stats(prepared, row, len(decoded.token_ids), output.first_token_at,
                                                 finished, memory)
+        if eviction is not None:
+            stats.note = "; ".join(filter(None, [stats.note, f"decode-time eviction ran {eviction.evictions} times"]))
         results.append(Result(decoded.text, decoded.token_ids, decoded.finish_reason, stats, kept_kv, kept_tokens))
     return results
 

@@ -111,6 +111,7 @@ class KVMethod(Method):
     """Station 2: keep `budget` prompt KV entries per layer and KV head."""
 
     budget: Budget = param(256, "KV entries kept per layer and head, window included (int), or a ratio of the prompt in (0, 1]")
+    evict_every: int = param(0, "decode-time eviction: every this many new tokens, cut the cache back to the budget (0 = off)")
 
     # Which target queries score the prompt's keys: the last `window` prompt tokens (plus any
     # probe), every prompt token, or none (positions alone decide).
@@ -118,6 +119,7 @@ class KVMethod(Method):
 
     def __post_init__(self) -> None:
         check_budget(self.budget)
+        check_int("evict_every", self.evict_every, 0)
 
     def kv_entries(self, prompt_length: int) -> int | None:
         return resolve_budget(self.budget, prompt_length)
@@ -143,7 +145,7 @@ class WindowKVMethod(KVMethod):
     reduction: str = param("max", "reduction over query heads of a group and window queries: max or mean")
     adaptive: bool = param(False, "Ada-KV: per-head budgets from the layer's pooled scores (the layer's total is kept)")
     alpha: float = param(0.2, "Ada-KV safety floor: each head keeps at least this share of its uniform budget")
-    layout: str = param("padded", "storage of a ragged cache: padded (to the longest head, masked) or per-head")
+    layout: str = param("per-head", "storage of a ragged cache: per-head (exact; chosen by measurement) or padded (to the longest head, masked)")
 
     score_queries: ClassVar[str] = "window"
 
@@ -160,6 +162,10 @@ class WindowKVMethod(KVMethod):
         check_choice("pooling", self.pooling, ("max", "avg"))
         check_choice("reduction", self.reduction, ("max", "mean"))
         check_choice("layout", self.layout, ("padded", "per-head"))
+        check_int("evict_every", self.evict_every, 0)
+        if self.evict_every and (self.adaptive or type(self).layer_budgets is not WindowKVMethod.layer_budgets):
+            raise ConfigError("decode-time eviction keeps a uniform cache: it cannot combine with adaptive or "
+                              "per-layer budgets")
         if not isinstance(self.adaptive, bool):
             raise ConfigError(f"adaptive must be true or false, got {self.adaptive!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not 0 <= self.alpha <= 1:
