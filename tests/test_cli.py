@@ -121,3 +121,19 @@ def test_compress_prints_text_ids_and_json(folders):
     assert ids.exit_code == 0 and [int(i) for i in ids.stdout.split()] == payload["token_ids"]
     refused = runner.invoke(app, [*base[:-8], "--method", "speckv", "--budget", "64"])
     assert refused.exit_code == 2 and "does not compress prompts" in refused.stderr
+
+
+def test_query_agnostic_answers_several_questions(folders):
+    from draftkv.context import compress_context
+
+    result = invoke(folders, "--context-file", folders["context"], "--method", "snapkv", "--budget", "64",
+                    "--window", "8", "--ask", QUESTION, "--ask", "who is on monday?", "--json")
+    assert result.exit_code == 0, result.output
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [a["question"] for a in answers] == [QUESTION, "who is on monday?"]
+    with open(folders["context"], encoding="utf-8") as handle:
+        shared = compress_context(folders["pair"], handle.read(), method="snapkv", budget=64, window=8,
+                                  max_new_tokens=8)
+    assert [a["token_ids"] for a in answers] == [shared.ask(q, max_new_tokens=8).token_ids for q in
+                                                 (QUESTION, "who is on monday?")]
+    assert "query-agnostic" in answers[0]["stats"]["note"]

@@ -33,7 +33,7 @@ def dense_prefill(pair, request: Request):
         return pair.target.model(input_ids=ids, use_cache=True).past_key_values
 
 
-@pytest.mark.parametrize("method", KV_METHODS)
+@pytest.mark.parametrize("method", [*KV_METHODS, "pyramidkv", "ada-snapkv", "ada-speckv"])
 def test_budget_at_least_prompt_is_dense(pair, method):
     n = prompt_length(pair)
     dense = generate(pair, CONTEXT, QUESTION, method="dense", max_new_tokens=16)
@@ -82,7 +82,7 @@ def test_cache_holds_exactly_the_budget_with_window_and_no_probe(pair, method, b
         assert prepared.draft is not None and prepared.draft.lengths[0] > 0
 
 
-@pytest.mark.parametrize("method", KV_METHODS)
+@pytest.mark.parametrize("method", [*KV_METHODS, "pyramidkv", "ada-snapkv", "ada-speckv"])
 def test_decoding_continues_at_the_original_positions(qwen_pair, method):
     n = prompt_length(qwen_pair)
     seen = []

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from . import __version__
 from .compress import compress_prompt
+from .context import compress_context
 from .errors import ConfigError, DraftKVError
 from .methods import METHODS, KVMethod, Method, get_method, help_of
 from .models import DEFAULT_DRAFT, DEFAULT_TARGET, cache_dir, embedded_status, load_pair
@@ -144,6 +145,9 @@ def generate(
     dtype: Dtype = None,
     as_json: AsJson = False,
     stream: Annotated[bool, typer.Option(help="Print the answer as it is generated.")] = False,
+    ask: Annotated[list[str] | None, typer.Option(
+        help="Query-agnostic: compress the context once, before any question, then answer each --ask "
+             "(repeatable) against that one compressed cache.")] = None,
 ) -> None:
     """Answer a question about a long context with a compressed prompt and/or KV cache."""
     try:
@@ -155,6 +159,9 @@ def generate(
         with err.status("loading models (the first time converts the embedded pair: a few minutes)"):
             pair = load_pair(target, draft if needs_draft else None, device=device, dtype=dtype,
                              allow_tokenizer_mismatch=crosses_as_text(chosen, max_new_tokens))
+        if ask:
+            answer_each(pair, text, ask, chosen, system, chat_template, max_new_tokens, as_json)
+            return
         printer = (lambda piece: print(piece, end="", flush=True)) if stream and not as_json else None
         with err.status(f"running {chosen.name}") if printer is None else _nothing():
             result = run_generate(
@@ -173,6 +180,24 @@ def generate(
     else:
         typer.echo(result.text)
     err.print(result.stats.summary(), markup=False, highlight=False, soft_wrap=True)
+
+
+def answer_each(pair, context: str, questions: list[str], method: Method, system: str | None, chat_template: bool,
+                max_new_tokens: int, as_json: bool) -> None:
+    """Query-agnostic mode: one compression of the context, then every question against it."""
+    with err.status(f"compressing the context with {method.name}"):
+        compressed = compress_context(pair, context, method=method, system=system, chat_template=chat_template,
+                                      max_new_tokens=max_new_tokens)
+    err.print(compressed.stats.summary(), markup=False, highlight=False, soft_wrap=True)
+    for question in questions:
+        with err.status("answering"):
+            result = compressed.ask(question, max_new_tokens=max_new_tokens)
+        if as_json:
+            typer.echo(json.dumps({"question": question, "text": result.text, "token_ids": result.token_ids,
+                                   "finish_reason": result.finish_reason, "stats": result.stats.to_dict()}))
+        else:
+            typer.echo(f"Q: {question}\nA: {result.text}")
+            err.print(result.stats.summary(), markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
