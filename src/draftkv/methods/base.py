@@ -34,6 +34,28 @@ def resolve_budget(budget: Budget, prompt_length: int) -> int:
     return budget if isinstance(budget, int) else math.ceil(budget * prompt_length)
 
 
+def check_window_in_budget(budget: Budget, window: int, minimum: int) -> None:
+    """The window is part of the budget: a valid budget, and a window smaller than a token budget."""
+    check_budget(budget)
+    check_int("window", window, minimum)
+    if isinstance(budget, int) and window >= budget:
+        raise ConfigError(
+            f"window ({window}) must be smaller than the budget ({budget}): the window is part of the budget "
+            "and the rest is chosen by score"
+        )
+
+
+def budget_beyond_window(budget: Budget, window: int, prompt_length: int, unit: str) -> int:
+    """The budget resolved for this prompt; it must leave room beyond the window when it compresses."""
+    resolved = resolve_budget(budget, prompt_length)
+    if resolved < prompt_length and resolved <= window:
+        raise PromptError(
+            f"budget {budget} of a {prompt_length}-token prompt keeps {resolved} {unit}, not more than the window "
+            f"of {window}; give a larger budget or a smaller window"
+        )
+    return resolved
+
+
 def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
@@ -150,14 +172,7 @@ class WindowKVMethod(KVMethod):
     score_queries: ClassVar[str] = "window"
 
     def __post_init__(self) -> None:
-        check_budget(self.budget)
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise ConfigError(f"window must be an int >= 1, got {self.window!r}")
-        if isinstance(self.budget, int) and self.window >= self.budget:
-            raise ConfigError(
-                f"window ({self.window}) must be smaller than the budget ({self.budget}): the window is part of "
-                "the budget and the rest is chosen by score"
-            )
+        check_window_in_budget(self.budget, self.window, minimum=1)
         check_kernel(self.kernel)
         check_choice("pooling", self.pooling, ("max", "avg"))
         check_choice("reduction", self.reduction, ("max", "mean"))
@@ -172,13 +187,7 @@ class WindowKVMethod(KVMethod):
             raise ConfigError(f"alpha must be a number in [0, 1], got {self.alpha!r}")
 
     def kv_entries(self, prompt_length: int) -> int | None:
-        budget = resolve_budget(self.budget, prompt_length)
-        if budget < prompt_length and budget <= self.window:
-            raise PromptError(
-                f"budget {self.budget} of a {prompt_length}-token prompt keeps {budget} entries, not more than "
-                f"the window of {self.window}; give a larger budget or a smaller window"
-            )
-        return budget
+        return budget_beyond_window(self.budget, self.window, prompt_length, "entries")
 
     def layer_budgets(self, num_layers: int, prefix_length: int, budget: int) -> list[int]:
         """Entries chosen by score in each layer (the window comes on top): uniform here."""
@@ -228,23 +237,11 @@ class PromptMethod(Method):
     positions: str = param("renumbered", "positions of kept tokens: renumbered (0..C-1) or original")
 
     def __post_init__(self) -> None:
-        check_budget(self.budget)
-        check_int("window", self.window, 0)
-        if isinstance(self.budget, int) and self.window >= self.budget:
-            raise ConfigError(
-                f"window ({self.window}) must be smaller than the budget ({self.budget}): the window is part of "
-                "the budget and the rest is chosen by score"
-            )
+        check_window_in_budget(self.budget, self.window, minimum=0)
         check_choice("positions", self.positions, ("renumbered", "original"))
 
     def prompt_tokens(self, prompt_length: int) -> int | None:
-        budget = resolve_budget(self.budget, prompt_length)
-        if budget < prompt_length and budget <= self.window:
-            raise PromptError(
-                f"budget {self.budget} of a {prompt_length}-token prompt keeps {budget} tokens, not more than "
-                f"the window of {self.window}; give a larger budget or a smaller window"
-            )
-        return budget
+        return budget_beyond_window(self.budget, self.window, prompt_length, "tokens")
 
     def keep_tokens(self, prompt_ids: list[int], question_start: int, budget: int,
                     scores: torch.Tensor | None) -> torch.Tensor:
