@@ -57,6 +57,8 @@ def encode_prompt(tokenizer, request: Request) -> EncodedPrompt:
     else:
         text = "\n\n".join(str(m.get("content", "")) for m in messages)
         add_special_tokens = True
+    if request.answer_prefix:
+        text += request.answer_prefix if text.endswith("\n") else "\n" + request.answer_prefix
     question_char = text.rfind(question) if question else -1
     content = str(messages[-1].get("content", ""))
     content_start = max(text.rfind(content), 0)

@@ -48,6 +48,7 @@ class Request:
     sampling: Sampling = field(default_factory=Sampling)
     stop: tuple[str, ...] = ()
     chat_template: bool = True
+    answer_prefix: str = ""  # the start of the answer, which the model continues (after the chat template)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
