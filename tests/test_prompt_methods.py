@@ -229,6 +229,11 @@ def test_bad_configs(method, params, error, message):
         get_method(method, **params)
 
 
+def test_start_layer_beyond_the_draft(qwen_pair):
+    with pytest.raises(ConfigError, match="start_layer is 8 but the draft has 2 layers"):
+        generate(qwen_pair, CONTEXT, QUESTION, method="specpc", budget=120)
+
+
 def test_kernel_or_neighbourhood_larger_than_the_prompt(qwen_pair):
     with pytest.raises(PromptError, match="must not be larger than the prompt"):
         generate(qwen_pair, "a b c d e f g h i j k l", "what?", method="specpc", budget=30, window=4,

@@ -15,6 +15,7 @@ from . import __version__
 from .compress import compress_prompt
 from .context import compress_context
 from .errors import ConfigError, DraftKVError
+from .eval import report, ruler, runner
 from .methods import METHODS, KVMethod, Method, get_method, help_of
 from .models import DEFAULT_DRAFT, DEFAULT_TARGET, cache_dir, embedded_status, load_pair
 from .pipeline import generate as run_generate
@@ -284,3 +285,80 @@ def methods() -> None:
 
 def _size(num_bytes: int) -> str:
     return f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.0f} MiB"
+
+
+eval_app = typer.Typer(help="Evaluate methods: RULER generated here, and reports of finished runs.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+def _split(text: str, kind=str) -> list:
+    try:
+        return [kind(part.strip()) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"expected a comma-separated list of {kind.__name__}s, got {text!r}") from None
+
+
+@eval_app.command("ruler")
+def eval_ruler(
+    length: Annotated[str, typer.Option(help="Prompt length(s) in tokens, comma-separated.")] = "4096",
+    samples: Annotated[int, typer.Option(help="Samples per task and length.")] = 5,
+    tasks: Annotated[str, typer.Option(help="Comma-separated tasks, or 'all' (QA tasks need --squad / --hotpotqa).")] = "all",
+    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "dense,snapkv,speckv",
+    budgets: Annotated[str, typer.Option(help="KV budgets (KV methods, and speckv-pc's KV stage).")] = "256",
+    prompt_budgets: Annotated[str, typer.Option(help="Prompt budgets (prompt methods, and speckv-pc's prompt stage).")] = "1024",
+    seed: Annotated[int, typer.Option(help="Seed of the generated samples.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Results folder (default results/ruler-LENGTH).")] = None,
+    essays: Annotated[Path | None, typer.Option(help="A folder of .txt essays (default: the pinned Paul Graham essays).")] = None,
+    squad: Annotated[Path | None, typer.Option(help="A local SQuAD JSON file, for qa_1.")] = None,
+    hotpotqa: Annotated[Path | None, typer.Option(help="A local HotpotQA JSON file, for qa_2.")] = None,
+    dump: Annotated[Path | None, typer.Option(help="Only write the generated samples to this JSONL file.")] = None,
+    target: Target = DEFAULT_TARGET,
+    draft: Draft = DEFAULT_DRAFT,
+    device: Device = None,
+    dtype: Dtype = None,
+) -> None:
+    """Generate RULER at the given lengths with the target's tokenizer and score every method on it."""
+    try:
+        lengths = _split(length, int)
+        chosen_tasks = list(ruler.TASKS) if tasks == "all" else _split(tasks)
+        unknown = sorted(set(chosen_tasks) - set(ruler.TASKS))
+        if unknown:
+            raise ConfigError(f"unknown RULER task(s) {', '.join(unknown)}; tasks: {', '.join(ruler.TASKS)}")
+        runs = runner.settings(_split(methods), _split(budgets, int), _split(prompt_budgets, int))
+        with err.status("loading models"):
+            pair = load_pair(target, draft if dump is None else None, device=device, dtype=dtype)
+        for n in lengths:
+            generated = []
+            for task in chosen_tasks:
+                try:
+                    generated += ruler.generate(task, n, pair.tokenizer, samples=samples, seed=seed,
+                                                essays=str(essays) if essays else None,
+                                                squad=str(squad) if squad else None,
+                                                hotpotqa=str(hotpotqa) if hotpotqa else None)
+                except ruler.TaskUnavailable as skipped:
+                    err.print(f"skipping {task}: {skipped}", markup=False, highlight=False)
+            if dump is not None:
+                with open(dump, "a", encoding="utf-8") as handle:
+                    handle.writelines(json.dumps(sample.to_dict()) + "\n" for sample in generated)
+                err.print(f"wrote {len(generated)} samples of length {n} to {dump}", markup=False, highlight=False)
+                continue
+            folder = out or Path(f"results/ruler-{n}")
+            config = {"benchmark": "ruler", "length": n, "samples": samples, "tasks": chosen_tasks, "seed": seed,
+                      "settings": [s.label for s in runs], "target": target, "draft": draft}
+            runner.run(pair, generated, runs, folder, config)
+            summary, _, plot = report.report(folder)
+            typer.echo(summary.read_text(encoding="utf-8"))
+            err.print(f"results in {folder} (summary.md, summary.csv, {plot.name})", markup=False, highlight=False)
+    except DraftKVError as error:
+        raise fail(error) from None
+
+
+@eval_app.command("report")
+def eval_report(folder: Annotated[Path, typer.Argument(help="A results folder with results.jsonl.")]) -> None:
+    """Tables (markdown, CSV) and an accuracy-against-budget plot from a results folder."""
+    try:
+        summary, csv_path, plot = report.report(folder)
+    except DraftKVError as error:
+        raise fail(error) from None
+    typer.echo(summary.read_text(encoding="utf-8"))
+    err.print(f"wrote {summary}, {csv_path}, {plot}", markup=False, highlight=False)

@@ -149,6 +149,10 @@ def run_draft(model: torch.nn.Module, batch: PaddedBatch, lookahead: list[int], 
         return DraftView(empty, empty.bool(), [0] * len(lookahead), scores)
     collector = None
     if scoring is not None:
+        layers = model.config.num_hidden_layers
+        if scoring.start_layer >= layers:
+            raise ConfigError(f"start_layer is {scoring.start_layer} but the draft has {layers} layers; "
+                              f"give a start_layer below {layers}")
         collector = PromptCollector(batch.width, scoring.window, scoring.start_layer, scoring.weighted,
                                     scoring.head_reduction, scoring.layer_reduction)
     # When the lookahead scores the prompt, each lookahead token must be fed too: one step more.

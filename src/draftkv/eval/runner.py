@@ -1,0 +1,135 @@
+"""The evaluation runner: samples x methods x budgets, resumable and crash-safe.
+
+Every finished (sample, method, budget) is one JSON line appended to `results.jsonl` and flushed to
+disk before the next starts, so a killed run loses at most the one in flight and never leaves a
+corrupt file (a torn last line is ignored on reading). A rerun of the same command skips every
+finished line. The exact config goes to `config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from ..errors import ConfigError
+from ..methods import KVMethod, PromptMethod, SpecKVPC, get_method
+from ..pipeline import generate_batch
+from . import metrics
+from .ruler import Sample
+
+if TYPE_CHECKING:
+    from ..models import ModelPair
+
+SCORERS = {"all": metrics.ruler_all, "part": metrics.ruler_part}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One method at one budget (prompt budget for prompt methods; both for speckv-pc)."""
+
+    method: str
+    budget: int | None = None
+    prompt_budget: int | None = None
+
+    @property
+    def params(self) -> dict:
+        params = {"budget": self.budget} if self.budget is not None else {}
+        if self.prompt_budget is not None:
+            params["prompt_budget" if self.budget is not None else "budget"] = self.prompt_budget
+        return params
+
+    @property
+    def label(self) -> str:
+        parts = [f"kv={self.budget}" if self.budget is not None else "", f"prompt={self.prompt_budget}"
+                 if self.prompt_budget is not None else ""]
+        return " ".join([self.method, *filter(None, parts)])
+
+
+def settings(methods: list[str], budgets: list[int], prompt_budgets: list[int]) -> list[Setting]:
+    """Each method with the budgets that apply to it: KV budgets, prompt budgets, or both."""
+    result = []
+    for name in methods:
+        method = get_method(name)  # fails fast on an unknown name
+        if isinstance(method, SpecKVPC):
+            result += [Setting(name, b, p) for p in prompt_budgets for b in budgets if b <= p]
+        elif isinstance(method, KVMethod):
+            result += [Setting(name, b) for b in budgets]
+        elif isinstance(method, PromptMethod):
+            result += [Setting(name, None, p) for p in prompt_budgets]
+        else:
+            result.append(Setting(name))
+    if not result:
+        raise ConfigError("nothing to run: give methods and the budgets that apply to them")
+    return result
+
+
+def read_results(path: Path) -> list[dict]:
+    """The finished lines of a results file; a torn last line (a killed run) is ignored."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def drop_torn_tail(path: Path) -> None:
+    """Cut a half-written last line (a killed run), so new lines are not appended onto it."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        partial = path.with_suffix(".partial")
+        partial.write_bytes(data[: data.rfind(b"\n") + 1])
+        partial.replace(path)  # atomic: the file is whole before and after
+
+
+def key(sample_id: str, setting: Setting) -> str:
+    return f"{sample_id}|{setting.label}"
+
+
+def run(pair: ModelPair, samples: Iterable[Sample], runs: list[Setting], out: Path, config: dict) -> Path:
+    """Run every setting on every sample, appending to `out/results.jsonl`; returns its path."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True), encoding="utf-8")
+    path = out / "results.jsonl"
+    drop_torn_tail(path)
+    done = {row["key"] for row in read_results(path)}
+    todo = [(sample, setting) for sample in samples for setting in runs if key(sample.id, setting) not in done]
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn())
+    with open(path, "a", encoding="utf-8") as handle, Progress(*columns) as progress:
+        task = progress.add_task(f"{len(done)} done before", total=len(todo))
+        for sample, setting in todo:
+            progress.update(task, description=f"{sample.task} {setting.label}")
+            started = time.perf_counter()
+            result = generate_batch(pair, [sample.request()], setting.method, **setting.params)[0]
+            row = {
+                "key": key(sample.id, setting), "sample": sample.id, "task": sample.task, "length": sample.length,
+                "method": setting.method, "budget": setting.budget, "prompt_budget": setting.prompt_budget,
+                "prediction": result.text, "answers": sample.answers, "metric": sample.metric,
+                "score": SCORERS[sample.metric](result.text, sample.answers), "seconds": time.perf_counter() - started,
+                "stats": result.stats.to_dict(),
+            }
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())  # on disk before the next one starts
+            progress.advance(task)
+    return path

@@ -1,0 +1,118 @@
+"""The evaluation runner (resume, crash safety), the report, and `draftkv eval` on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tiny import make_tokenizer
+from typer.testing import CliRunner
+
+from draftkv.cli import app
+from draftkv.errors import ConfigError
+from draftkv.eval import report, ruler, runner
+
+SETTINGS = runner.settings(["dense", "snapkv", "keep-last", "speckv"], [48, 96], [128])
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return (ruler.generate("niah_single_1", 400, make_tokenizer(), samples=2, seed=1)
+            + ruler.generate("vt", 400, make_tokenizer(), samples=1, seed=1))
+
+
+def test_settings_give_each_method_its_budgets():
+    labels = [s.label for s in SETTINGS]
+    assert labels == ["dense", "snapkv kv=48", "snapkv kv=96", "keep-last prompt=128", "speckv kv=48", "speckv kv=96"]
+    cascade = [s.label for s in runner.settings(["speckv-pc"], [48, 256], [128])]
+    assert cascade == ["speckv-pc kv=48 prompt=128"]  # a KV budget above the prompt budget makes no sense
+    assert runner.Setting("speckv-pc", 48, 128).params == {"budget": 48, "prompt_budget": 128}
+    assert runner.Setting("specpc", None, 128).params == {"budget": 128}
+    with pytest.raises(ConfigError, match="unknown method"):
+        runner.settings(["nope"], [1], [1])
+
+
+def count_calls(monkeypatch) -> list:
+    calls = []
+    real = runner.generate_batch
+
+    def counting(*args, **kwargs):
+        calls.append(args[2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "generate_batch", counting)
+    return calls
+
+
+def test_run_resumes_and_recomputes_nothing(qwen_pair, samples, tmp_path, monkeypatch):
+    calls = count_calls(monkeypatch)
+    path = runner.run(qwen_pair, samples, SETTINGS, tmp_path, {"test": True})
+    rows = runner.read_results(path)
+    assert len(rows) == len(calls) == len(samples) * len(SETTINGS)
+    assert {row["key"] for row in rows} == {runner.key(s.id, setting) for s in samples for setting in SETTINGS}
+    assert all(0 <= row["score"] <= 100 and row["stats"]["method"] == row["method"] for row in rows)
+    runner.run(qwen_pair, samples, SETTINGS, tmp_path, {"test": True})
+    assert len(calls) == len(rows)  # the second run computed nothing
+    assert json.loads((tmp_path / "config.json").read_text())["test"] is True
+
+
+def test_an_interrupted_run_loses_only_the_one_in_flight(qwen_pair, samples, tmp_path, monkeypatch):
+    full = runner.run(qwen_pair, samples, SETTINGS, tmp_path / "full", {})
+    lines = full.read_text().splitlines()
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    # Killed while writing line 5: four finished lines and half of the fifth.
+    (killed / "results.jsonl").write_text("\n".join(lines[:4]) + "\n" + lines[4][: len(lines[4]) // 2])
+    calls = count_calls(monkeypatch)
+    runner.run(qwen_pair, samples, SETTINGS, killed, {})
+    assert len(calls) == len(lines) - 4  # only the unfinished ones ran again
+    resumed = runner.read_results(killed / "results.jsonl")
+    assert [row["key"] for row in resumed] == [row["key"] for row in runner.read_results(full)]  # none lost
+    assert [json.dumps(row) for row in resumed[:4]] == lines[:4]  # finished lines untouched
+    assert all(line.startswith("{") for line in (killed / "results.jsonl").read_text().splitlines())
+
+
+def test_report_tables_and_plot(tmp_path):
+    rows = [
+        {"key": f"{i}", "task": task, "method": method, "budget": budget, "prompt_budget": None, "score": score}
+        for i, (task, method, budget, score) in enumerate([
+            ("vt", "dense", None, 100.0), ("vt", "snapkv", 48, 50.0), ("vt", "snapkv", 48, 0.0),
+            ("cwe", "dense", None, 80.0), ("cwe", "snapkv", 48, 40.0), ("cwe", "snapkv", 96, 60.0)])
+    ]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary, csv_path, plot = report.report(tmp_path)
+    text = summary.read_text()
+    assert text.splitlines()[0] == "| setting | cwe | vt | average |"
+    assert "| dense | 80.0 (n=1) | 100.0 (n=1) | 90.0 (n=2) |" in text
+    assert "| snapkv (kv 48) | 40.0 (n=1) | 25.0 (n=2) | 30.0 (n=3) |" in text
+    assert "| snapkv (kv 96) | 60.0 (n=1) | - | 60.0 (n=1) |" in text
+    assert "snapkv,48,,vt,25.00,2" in csv_path.read_text()
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ConfigError, match="no finished results"):
+        report.report(tmp_path / "empty")
+
+
+def test_eval_ruler_command(tmp_path):
+    from conftest import tiny_pair
+
+    pair = tiny_pair("qwen2")
+    folders = {}
+    for role, loaded in (("target", pair.target), ("draft", pair.draft)):
+        loaded.model.save_pretrained(tmp_path / role)
+        loaded.tokenizer.save_pretrained(tmp_path / role)
+        folders[role] = str(tmp_path / role)
+    cli = CliRunner()
+    base = ["eval", "ruler", "--target", folders["target"], "--draft", folders["draft"], "--length", "400",
+            "--samples", "1", "--tasks", "niah_single_1,vt,qa_1", "--methods", "dense,snapkv", "--budgets", "64",
+            "--out", str(tmp_path / "out")]
+    result = cli.invoke(app, base)
+    assert result.exit_code == 0, result.output
+    assert "skipping qa_1" in result.stderr and "| dense |" in result.stdout
+    assert len(runner.read_results(tmp_path / "out" / "results.jsonl")) == 4
+    assert (tmp_path / "out" / "accuracy.png").exists()
+    dump = cli.invoke(app, [*base[:-2], "--dump", str(tmp_path / "samples.jsonl")])
+    assert dump.exit_code == 0 and len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2
+    again = cli.invoke(app, ["eval", "report", str(tmp_path / "out")])
+    assert again.exit_code == 0 and "| snapkv (kv 64) |" in again.stdout
+    bad = cli.invoke(app, [*base[:-2], "--tasks", "niah_single_9"])
+    assert bad.exit_code == 2 and "unknown RULER task" in bad.stderr
