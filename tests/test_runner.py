@@ -33,14 +33,20 @@ def test_settings_give_each_method_its_budgets():
 
 
 def count_calls(monkeypatch) -> list:
+    """Every setting run (one entry per method, whether it ran alone or in a shared group)."""
     calls = []
-    real = runner.generate_batch
+    real_batch, real_shared = runner.generate_batch, runner.generate_shared
 
-    def counting(*args, **kwargs):
+    def counting_batch(*args, **kwargs):
         calls.append(args[2])
-        return real(*args, **kwargs)
+        return real_batch(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "generate_batch", counting)
+    def counting_shared(pair, request, methods):
+        calls.extend(methods)
+        return real_shared(pair, request, methods)
+
+    monkeypatch.setattr(runner, "generate_batch", counting_batch)
+    monkeypatch.setattr(runner, "generate_shared", counting_shared)
     return calls
 
 
@@ -116,3 +122,11 @@ def test_eval_ruler_command(tmp_path):
     assert again.exit_code == 0 and "| snapkv (kv 64) |" in again.stdout
     bad = cli.invoke(app, [*base[:-2], "--tasks", "niah_single_9"])
     assert bad.exit_code == 2 and "unknown RULER task" in bad.stderr
+
+
+def test_shared_and_separate_runs_write_the_same_rows(qwen_pair, samples, tmp_path):
+    shared = runner.read_results(runner.run(qwen_pair, samples, SETTINGS, tmp_path / "shared", {}, share=True))
+    separate = runner.read_results(runner.run(qwen_pair, samples, SETTINGS, tmp_path / "separate", {}, share=False))
+    assert sorted((r["key"], r["prediction"], r["score"]) for r in shared) == \
+        sorted((r["key"], r["prediction"], r["score"]) for r in separate)
+    assert any("shared prefill" in r["stats"]["note"] for r in shared)

@@ -312,6 +312,7 @@ def eval_ruler(
     squad: Annotated[Path | None, typer.Option(help="A local SQuAD JSON file, for qa_1.")] = None,
     hotpotqa: Annotated[Path | None, typer.Option(help="A local HotpotQA JSON file, for qa_2.")] = None,
     dump: Annotated[Path | None, typer.Option(help="Only write the generated samples to this JSONL file.")] = None,
+    share: Annotated[bool, typer.Option(help="Run dense and KV methods of a sample from one shared prefill (exact).")] = True,
     target: Target = DEFAULT_TARGET,
     draft: Draft = DEFAULT_DRAFT,
     device: Device = None,
@@ -345,7 +346,7 @@ def eval_ruler(
             folder = out or Path(f"results/ruler-{n}")
             config = {"benchmark": "ruler", "length": n, "samples": samples, "tasks": chosen_tasks, "seed": seed,
                       "settings": [s.label for s in runs], "target": target, "draft": draft}
-            runner.run(pair, generated, runs, folder, config)
+            runner.run(pair, generated, runs, folder, config, share=share)
             summary, _, plot = report.report(folder)
             typer.echo(summary.read_text(encoding="utf-8"))
             err.print(f"results in {folder} (summary.md, summary.csv, {plot.name})", markup=False, highlight=False)

@@ -29,7 +29,7 @@ from .cache import bytes_per_entry, drop_last, gather_positions, gathered_copy, 
 from .decoding import TextCallback, decode
 from .errors import ConfigError, PromptError, TokenizerMismatchError
 from .eviction import DecodeEviction
-from .methods import DraftScoring, KVMethod, Method, PromptMethod, SpecKVPC, WindowKVMethod, get_method
+from .methods import Dense, DraftScoring, KVMethod, Method, PromptMethod, SpecKVPC, WindowKVMethod, get_method
 from .prompt import EncodedPrompt, encode_prompt, kept_text, user_turn
 from .types import Request, Result, Sampling, Stats
 
@@ -208,22 +208,28 @@ def target_prefill(model: torch.nn.Module, batch: PaddedBatch, collectors: list[
 
 
 def probe(model: torch.nn.Module, cache: DynamicCache, batch: PaddedBatch, guess: DraftView,
-          collector: WindowCollector, clock: Clock) -> None:
-    """Read a guessed answer after the prompt so its queries score the prompt, then drop its entries."""
+          scorers: list[tuple[WindowCollector, torch.Tensor]], clock: Clock) -> None:
+    """Read a guessed answer after the prompt so its queries score the prompt, then drop its entries.
+
+    scorers: each collector with the guess tokens it counts ([B, L] bool); causal attention makes a
+    shorter guess exactly the first tokens of a longer one."""
     width = guess.lookahead_ids.shape[1]
-    collector.score_last(width, guess.lookahead_valid)
+    for collector, valid in scorers:
+        collector.score_last(width, valid)
     mask = None
     if batch.attention_mask is not None:
         mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(len(batch.lengths), width)], 1)
     device = cache.layers[0].keys.device
     positions = torch.tensor(batch.next_positions, device=device)[:, None] + torch.arange(width, device=device)
-    started, before = clock.now(), collector.seconds
-    with capture(model, collector):
+    collectors = [collector for collector, _ in scorers]
+    started, before = clock.now(), sum(c.seconds for c in collectors)
+    with capture(model, *collectors):
         model(input_ids=guess.lookahead_ids, attention_mask=mask, position_ids=positions,
               past_key_values=cache, use_cache=True, logits_to_keep=1)
     drop_last(cache, width)
-    clock.add("probe", clock.now() - started - (collector.seconds - before))
-    clock.add("scoring", collector.seconds - before)
+    scoring = sum(c.seconds for c in collectors) - before
+    clock.add("probe", clock.now() - started - scoring)
+    clock.add("scoring", scoring)
 
 
 def pseudo_answer(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.Tensor, batch: PaddedBatch,
@@ -295,6 +301,28 @@ def row_mask(valid: list[torch.Tensor]) -> tuple[bool, torch.Tensor | None]:
     if not uniform:
         return False, None
     return True, None if bool(first.all()) else first.long()
+
+
+def kv_stage(method: KVMethod, cache: DynamicCache, batch: PaddedBatch, scores: list[torch.Tensor] | None,
+             budgets: list[int | None], *, copy: bool) -> tuple[DynamicCache, torch.Tensor | None,
+                                                                list[list[torch.Tensor] | None]]:
+    """Station 2: keep each layer's and head's entries; in place, or into a new cache when `copy`
+    (so several methods can start from one prefill). Returns the cache, its row mask, the kept rows."""
+    if scores is None:  # the method decides by position alone
+        layer = cache.layers[0].keys
+        scores = [torch.zeros(layer.shape[0], layer.shape[1], batch.width, device=layer.device)] * len(cache.layers)
+    index, valid, kept_rows = select_kv(method, scores, batch, budgets)
+    uniform, attention_mask = row_mask(valid)
+    if not uniform:  # layers or heads keep different numbers of entries: a ragged cache, masked per head
+        cache = ragged_cache(cache, index, valid, getattr(method, "layout", "per-head"))
+    elif copy:
+        cache = gathered_copy(cache, index)
+    else:
+        gather_positions(cache, index)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(cache.layers[0].keys.device if cache.layers[0].keys is not None
+                                           else batch.input_ids.device)
+    return cache, attention_mask, kept_rows
 
 
 def peak_memory(device: torch.device) -> int:
@@ -457,7 +485,7 @@ def prepare_batch(pair: ModelPair, requests: list[Request], method: str | Method
                               stage.kv_budgets, method.pseudo_tokens, eos_ids(target, pair.tokenizer),
                               pad_token(pair.tokenizer), clock)
     if collector is not None and guess is not None and guess.lookahead_ids.shape[1] > 0:
-        probe(target, cache, batch, guess, collector, clock)
+        probe(target, cache, batch, guess, [(collector, guess.lookahead_valid)], clock)
     scores = collector.layer_scores() if collector is not None else None
 
     # Station 2: the KV stage keeps a subset of KV entries per layer and head.
@@ -467,17 +495,7 @@ def prepare_batch(pair: ModelPair, requests: list[Request], method: str | Method
     if any(compress_kv):
         selecting = clock.now()
         assert isinstance(method, KVMethod)
-        if scores is None:  # the method decides by position alone
-            layer = cache.layers[0].keys
-            scores = [torch.zeros(layer.shape[0], layer.shape[1], batch.width, device=layer.device)] * len(cache.layers)
-        index, valid, kept_rows = select_kv(method, scores, batch, stage.kv_budgets)
-        uniform, attention_mask = row_mask(valid)
-        if uniform:
-            gather_positions(cache, index)
-        else:  # layers or heads keep different numbers of entries: a ragged cache, masked per head
-            cache = ragged_cache(cache, index, valid, getattr(method, "layout", "per-head"))
-        if attention_mask is not None:
-            attention_mask = attention_mask.to(first_logits.device)
+        cache, attention_mask, kept_rows = kv_stage(method, cache, batch, scores, stage.kv_budgets, copy=False)
         clock.add("compression", clock.now() - selecting)
     return Prepared(stage, cache, first_logits, attention_mask, kept_rows, scores, entry_bytes, kv_bytes(cache))
 
@@ -529,10 +547,15 @@ def generate_batch(pair: ModelPair, requests: list[Request], method: str | Metho
     evicting = isinstance(chosen, KVMethod) and chosen.evict_every > 0
     if evicting and len(requests) > 1:  # each row would evict different entries: one request at a time
         return [generate_batch(pair, [request], chosen, on_text=on_text)[0] for request in requests]
-    prepared = prepare_batch(pair, requests, chosen)
+    return finish_batch(pair, prepare_batch(pair, requests, chosen), on_text)
+
+
+def finish_batch(pair: ModelPair, prepared: Prepared, on_text: TextCallback | None = None) -> list[Result]:
+    """Decode a prepared batch (with decode-time eviction when the method asks) and build the results."""
+    chosen, requests = prepared.stage.method, prepared.stage.requests
     target, clock = pair.target.model, prepared.stage.clock
     eviction = None
-    if evicting and prepared.kept_rows[0] is not None:
+    if isinstance(chosen, KVMethod) and chosen.evict_every > 0 and prepared.kept_rows[0] is not None:
         eviction = DecodeEviction(chosen, prepared.stage.kv_budgets[0])
     decoding = clock.now()
     with ragged_attention(target, prepared.cache), capture(target, eviction):
@@ -554,6 +577,85 @@ def generate_batch(pair: ModelPair, requests: list[Request], method: str | Metho
         if eviction is not None:
             stats.note = "; ".join(filter(None, [stats.note, f"decode-time eviction ran {eviction.evictions} times"]))
         results.append(Result(decoded.text, decoded.token_ids, decoded.finish_reason, stats, kept_kv, kept_tokens))
+    return results
+
+
+@torch.inference_mode()
+def generate_shared(pair: ModelPair, request: Request, methods: list[str | Method]) -> list[Result]:
+    """One request under several KV methods (and dense) with one target prefill and one draft pass.
+
+    Exact, not approximate: the prompt's prefill is the same for every method, its window queries
+    never see later tokens, a shorter lookahead is the first tokens of a longer greedy one, and each
+    method then gathers its own copy of the cache and decodes from it. Prompt methods change what the
+    target reads, so they cannot share. Each result's timings include the shared stages.
+    """
+    chosen = [get_method(m) for m in methods]
+    target, tokenizer = pair.target.model, pair.tokenizer
+    prompt = encode_prompt(tokenizer, request)
+    n = len(prompt.ids)
+    for method in chosen:
+        if not isinstance(method, KVMethod | Dense) or method.prompt_tokens(n) is not None:
+            raise ConfigError(f"method {method.name!r} changes the prompt the target reads, so it cannot share a "
+                              "prefill; run it on its own")
+    clock = Clock(target.device)
+    started = clock.now()
+    check_context(target, "target", n, request.max_new_tokens)
+    pad_id = pad_token(tokenizer)
+    batch = pad_prompts([prompt.ids], pad_id, target.device)
+    budgets = [method.kv_entries(n) for method in chosen]
+    compress = [b is not None and b < n for b in budgets]
+    lookahead = [m.draft_lookahead(request.max_new_tokens) if c else 0 for m, c in zip(chosen, compress, strict=True)]
+    clock.add("tokenize", clock.now() - started)
+
+    draft = None
+    if max(lookahead) > 0:  # one draft pass, as long as the longest lookahead asked for
+        if pair.draft is None:
+            raise ConfigError("a method here needs a draft model; load the pair with a draft")
+        if pair.tokenizer_mismatch is not None:
+            raise TokenizerMismatchError(f"the draft's lookahead tokens need the target's tokenizer "
+                                         f"({pair.tokenizer_mismatch})")
+        check_context(pair.draft.model, "draft", n, max(lookahead))
+        draft = run_draft(pair.draft.model, batch, [max(lookahead)], eos_ids(pair.draft.model, tokenizer), pad_id,
+                          clock)
+    collectors = [kv_collector(m, batch) if c else None for m, c in zip(chosen, compress, strict=True)]
+    stage_ones = [kv_collector(m.stage_one(), batch) if c and m.stage_one() else None
+                  for m, c in zip(chosen, compress, strict=True)]
+    cache, first_logits = target_prefill(target, batch, [*collectors, *stage_ones], clock)
+    if draft is not None and draft.lookahead_ids.shape[1] > 0:
+        steps = torch.arange(draft.lookahead_ids.shape[1], device=target.device)
+        probe(target, cache, batch, draft, [(c, draft.lookahead_valid & (steps < length)) for c, length in
+                                            zip(collectors, lookahead, strict=True) if c is not None and length],
+              clock)
+    for method, collector, stage_one, budget in zip(chosen, collectors, stage_ones, budgets, strict=True):
+        if stage_one is not None:  # LAQ++: its own pseudo-answer probes the shared full cache
+            guess = pseudo_answer(target, cache, first_logits, batch, method.stage_one(), stage_one.layer_scores(),
+                                  [budget], method.pseudo_tokens, eos_ids(target, tokenizer), pad_id, clock)
+            if guess.lookahead_ids.shape[1] > 0:
+                probe(target, cache, batch, guess, [(collector, guess.lookahead_valid)], clock)
+    shared = dict(clock.stages)
+
+    results = []
+    for method, collector, budget, length, compressing in zip(chosen, collectors, budgets, lookahead, compress,
+                                                              strict=True):
+        own = Clock(target.device, dict(shared))
+        scores = collector.layer_scores() if collector is not None else None
+        if compressing:
+            selecting = own.now()
+            method_cache, mask, kept_rows = kv_stage(method, cache, batch, scores, [budget], copy=True)
+            own.add("compression", own.now() - selecting)
+        else:  # dense: its own copy of the full cache
+            method_cache = DynamicCache([(layer.keys.clone(), layer.values.clone()) for layer in cache.layers])
+            mask, kept_rows = None, [None]
+        view = None
+        if draft is not None and length:
+            view = DraftView(draft.lookahead_ids[:, :length], draft.lookahead_valid[:, :length],
+                             [min(draft.lengths[0], length)])
+        stage = PromptStage(method, [request], [prompt], [None], batch, [budget], view, own, started, [None])
+        prepared = Prepared(stage, method_cache, first_logits, mask, kept_rows, scores, bytes_per_entry(cache),
+                            kv_bytes(method_cache))
+        result = finish_batch(pair, prepared)[0]
+        result.stats.note = "; ".join(filter(None, [result.stats.note, "shared prefill"]))
+        results.append(result)
     return results
 
 

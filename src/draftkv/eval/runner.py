@@ -27,7 +27,7 @@ from rich.progress import (
 
 from ..errors import ConfigError
 from ..methods import KVMethod, PromptMethod, SpecKVPC, get_method
-from ..pipeline import generate_batch
+from ..pipeline import generate_batch, generate_shared
 from . import metrics
 from .ruler import Sample
 
@@ -105,31 +105,55 @@ def key(sample_id: str, setting: Setting) -> str:
     return f"{sample_id}|{setting.label}"
 
 
-def run(pair: ModelPair, samples: Iterable[Sample], runs: list[Setting], out: Path, config: dict) -> Path:
-    """Run every setting on every sample, appending to `out/results.jsonl`; returns its path."""
+def shareable(setting: Setting) -> bool:
+    """Dense and KV methods read the whole prompt, so they can share one prefill (prompt methods cannot)."""
+    method = get_method(setting.method, **setting.params)
+    return not isinstance(method, PromptMethod | SpecKVPC)
+
+
+def run(pair: ModelPair, samples: Iterable[Sample], runs: list[Setting], out: Path, config: dict,
+        share: bool = True) -> Path:
+    """Run every setting on every sample, appending to `out/results.jsonl`; returns its path.
+
+    With `share`, the dense and KV settings of a sample run from one target prefill and one draft
+    pass (exactly what separate runs give; see pipeline.generate_shared)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True), encoding="utf-8")
+    (out / "config.json").write_text(json.dumps({**config, "share": share}, indent=1, sort_keys=True),
+                                     encoding="utf-8")
     path = out / "results.jsonl"
     drop_torn_tail(path)
     done = {row["key"] for row in read_results(path)}
-    todo = [(sample, setting) for sample in samples for setting in runs if key(sample.id, setting) not in done]
+    todo = [(sample, [s for s in runs if key(sample.id, s) not in done]) for sample in samples]
+    todo = [(sample, missing) for sample, missing in todo if missing]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("eta"), TimeRemainingColumn())
     with open(path, "a", encoding="utf-8") as handle, Progress(*columns) as progress:
-        task = progress.add_task(f"{len(done)} done before", total=len(todo))
-        for sample, setting in todo:
-            progress.update(task, description=f"{sample.task} {setting.label}")
-            started = time.perf_counter()
-            result = generate_batch(pair, [sample.request()], setting.method, **setting.params)[0]
-            row = {
-                "key": key(sample.id, setting), "sample": sample.id, "task": sample.task, "length": sample.length,
-                "method": setting.method, "budget": setting.budget, "prompt_budget": setting.prompt_budget,
-                "prediction": result.text, "answers": sample.answers, "metric": sample.metric,
-                "score": SCORERS[sample.metric](result.text, sample.answers), "seconds": time.perf_counter() - started,
-                "stats": result.stats.to_dict(),
-            }
-            handle.write(json.dumps(row) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())  # on disk before the next one starts
-            progress.advance(task)
+        task = progress.add_task(f"{len(done)} done before", total=sum(len(missing) for _, missing in todo))
+        for sample, missing in todo:
+            together = [s for s in missing if share and shareable(s)] if len(missing) > 1 else []
+            groups = ([together] if together else []) + [[s] for s in missing if s not in together]
+            for group in groups:
+                progress.update(task, description=f"{sample.task} {', '.join(s.label for s in group)}")
+                started = time.perf_counter()
+                if len(group) > 1:
+                    methods = [get_method(s.method, **s.params) for s in group]
+                    results = generate_shared(pair, sample.request(), methods)
+                else:
+                    results = generate_batch(pair, [sample.request()], group[0].method, **group[0].params)
+                seconds = (time.perf_counter() - started) / len(group)
+                for setting, result in zip(group, results, strict=True):
+                    handle.write(json.dumps(row(sample, setting, result, seconds)) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())  # on disk before the next one starts
+                progress.advance(task, len(group))
     return path
+
+
+def row(sample: Sample, setting: Setting, result, seconds: float) -> dict:
+    return {
+        "key": key(sample.id, setting), "sample": sample.id, "task": sample.task, "length": sample.length,
+        "method": setting.method, "budget": setting.budget, "prompt_budget": setting.prompt_budget,
+        "prediction": result.text, "answers": sample.answers, "metric": sample.metric,
+        "score": SCORERS[sample.metric](result.text, sample.answers), "seconds": seconds,
+        "stats": result.stats.to_dict(),
+    }
