@@ -123,3 +123,51 @@ def test_longbench_metrics():
     assert metrics.count_score("There are 3 unique paragraphs, not 4.", ["3"]) == 50.0
     assert metrics.retrieval_score("Paragraph 7", ["Paragraph 7"]) == 100.0
     assert metrics.retrieval_score("I think 2 or 7", ["Paragraph 7"]) == 50.0
+
+
+def write_longbench(folder, task, items):
+    folder.mkdir(exist_ok=True)
+    (folder / f"{task}.jsonl").write_text("".join(__import__("json").dumps(i) + "\n" for i in items), encoding="utf-8")
+
+
+def test_longbench_samples_fit_and_keep_both_ends(tmp_path):
+    from draftkv.eval import longbench
+
+    tokenizer = make_tokenizer()
+    long_text = "alpha " * 50 + "middle " * 2000 + "omega " * 50
+    write_longbench(tmp_path, "hotpotqa", [{"input": "Who is it?", "context": long_text, "answers": ["alpha"],
+                                             "all_classes": None, "length": 2100, "_id": "h1"}])
+    write_longbench(tmp_path, "trec", [{"input": "Question: what is it? Type:", "context": "examples", "answers": ["LOC"],
+                                         "all_classes": ["LOC", "NUM"], "length": 3, "_id": "t1"}])
+    (sample,) = longbench.samples(tmp_path, "hotpotqa", tokenizer, max_length=512)
+    assert sample.prompt_tokens <= 512 and sample.max_new_tokens == 32 and sample.metric == "qa_f1"
+    assert "alpha alpha" in sample.context and "omega omega" in sample.context  # the middle went
+    assert "Who is it?" in sample.question and sample.id == "h1"
+    (trec,) = longbench.samples(tmp_path, "trec", tokenizer)
+    assert trec.classes == ["LOC", "NUM"] and trec.metric == "classification"
+
+
+def test_longbench_bad_files(tmp_path):
+    from draftkv.eval import longbench
+
+    with pytest.raises(ConfigError, match="does not exist"):
+        longbench.read_task(tmp_path, "qasper")
+    with pytest.raises(ConfigError, match="unknown LongBench task"):
+        longbench.read_task(tmp_path, "qasperr")
+    (tmp_path / "qasper.jsonl").write_text('{"input": "q", "context": "c", "answers": ["a"]}\n{"input": "broken',
+                                          encoding="utf-8")
+    with pytest.raises(ConfigError, match="line 2: not a LongBench item"):
+        longbench.read_task(tmp_path, "qasper")
+
+
+def test_runner_scores_longbench_metrics(qwen_pair, tmp_path):
+    from draftkv.eval import longbench, runner
+
+    write_longbench(tmp_path / "data", "trec", [{"input": "what?", "context": "alpha bravo " * 100, "answers": ["LOC"],
+                                                  "all_classes": ["LOC", "NUM"], "_id": "t1"}])
+    items = longbench.samples(tmp_path / "data", "trec", make_tokenizer(), max_length=400)
+    rows = runner.read_results(runner.run(qwen_pair, items, runner.settings(["dense", "snapkv"], [64], []),
+                                          tmp_path / "out", {}))
+    for row in rows:
+        expected = metrics.classification(row["prediction"], ["LOC"], ["LOC", "NUM"])
+        assert row["score"] == expected and row["metric"] == "classification"

@@ -130,3 +130,24 @@ def test_shared_and_separate_runs_write_the_same_rows(qwen_pair, samples, tmp_pa
     assert sorted((r["key"], r["prediction"], r["score"]) for r in shared) == \
         sorted((r["key"], r["prediction"], r["score"]) for r in separate)
     assert any("shared prefill" in r["stats"]["note"] for r in shared)
+
+
+def test_eval_longbench_command(tmp_path):
+    from conftest import tiny_pair
+
+    pair = tiny_pair("qwen2")
+    for role, loaded in (("target", pair.target), ("draft", pair.draft)):
+        loaded.model.save_pretrained(tmp_path / role)
+        loaded.tokenizer.save_pretrained(tmp_path / role)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "hotpotqa.jsonl").write_text(json.dumps({"input": "who?", "context": "oscar papa " * 80,
+                                                     "answers": ["oscar"], "_id": "a"}) + "\n", encoding="utf-8")
+    base = ["eval", "longbench", "--target", str(tmp_path / "target"), "--draft", str(tmp_path / "draft"),
+            "--tasks", "hotpotqa", "--methods", "dense,snapkv", "--budgets", "64", "--max-length", "300",
+            "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, [*base, "--data-dir", str(data)])
+    assert result.exit_code == 0, result.output
+    assert "| dense |" in result.stdout and "| snapkv (kv 64) |" in result.stdout
+    missing = CliRunner().invoke(app, [*base, "--data-dir", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "does not exist" in missing.stderr

@@ -15,7 +15,7 @@ from . import __version__
 from .compress import compress_prompt
 from .context import compress_context
 from .errors import ConfigError, DraftKVError
-from .eval import report, ruler, runner
+from .eval import longbench, report, ruler, runner
 from .methods import METHODS, KVMethod, Method, get_method, help_of
 from .models import DEFAULT_DRAFT, DEFAULT_TARGET, cache_dir, embedded_status, load_pair
 from .pipeline import generate as run_generate
@@ -352,6 +352,42 @@ def eval_ruler(
             err.print(f"results in {folder} (summary.md, summary.csv, {plot.name})", markup=False, highlight=False)
     except DraftKVError as error:
         raise fail(error) from None
+
+
+@eval_app.command("longbench")
+def eval_longbench(
+    data_dir: Annotated[Path, typer.Option(help="A folder of LongBench JSONL files (<task>.jsonl).")],
+    tasks: Annotated[str, typer.Option(help="Comma-separated LongBench tasks.")] = "hotpotqa,qasper",
+    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "dense,snapkv,speckv",
+    budgets: Annotated[str, typer.Option(help="KV budgets (KV methods, and speckv-pc's KV stage).")] = "512",
+    prompt_budgets: Annotated[str, typer.Option(help="Prompt budgets (prompt methods, and speckv-pc's prompt stage).")] = "2048",
+    samples: Annotated[int | None, typer.Option(help="At most this many items per task (default: all).")] = None,
+    max_length: Annotated[int, typer.Option(help="Prompts longer than this are cut in the middle.")] = 8192,
+    out: Annotated[Path, typer.Option(help="Results folder.")] = Path("results/longbench"),
+    share: Annotated[bool, typer.Option(help="Run dense and KV methods of a sample from one shared prefill (exact).")] = True,
+    target: Target = DEFAULT_TARGET,
+    draft: Draft = DEFAULT_DRAFT,
+    device: Device = None,
+    dtype: Dtype = None,
+) -> None:
+    """Score methods on LongBench tasks read from local files."""
+    try:
+        runs = runner.settings(_split(methods), _split(budgets, int), _split(prompt_budgets, int))
+        chosen_tasks = _split(tasks)
+        for task in chosen_tasks:
+            longbench.read_task(data_dir, task)  # fails fast on a missing or malformed file
+        with err.status("loading models"):
+            pair = load_pair(target, draft, device=device, dtype=dtype)
+        items = [s for task in chosen_tasks for s in longbench.samples(data_dir, task, pair.tokenizer, limit=samples,
+                                                                       max_length=max_length)]
+        config = {"benchmark": "longbench", "tasks": chosen_tasks, "samples": samples, "max_length": max_length,
+                  "settings": [s.label for s in runs], "target": target, "draft": draft}
+        runner.run(pair, items, runs, out, config, share=share)
+        summary, _, plot = report.report(out)
+    except DraftKVError as error:
+        raise fail(error) from None
+    typer.echo(summary.read_text(encoding="utf-8"))
+    err.print(f"results in {out} (summary.md, summary.csv, {plot.name})", markup=False, highlight=False)
 
 
 @eval_app.command("report")

@@ -14,7 +14,7 @@ import string
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -50,6 +50,7 @@ class Sample:
     max_new_tokens: int
     seed: int  # the sample's own seed: builder(task)(seed, haystack_units) rebuilds it
     haystack_units: int  # haystack size: the largest that fits the length (one unit more would not)
+    classes: list[str] = field(default_factory=list)  # the labels of a classification task (LongBench)
 
     def request(self, chat_template: bool = True) -> Request:
         return Request(context=self.context, question=self.question, answer_prefix=self.answer_prefix,

@@ -34,7 +34,15 @@ from .ruler import Sample
 if TYPE_CHECKING:
     from ..models import ModelPair
 
-SCORERS = {"all": metrics.ruler_all, "part": metrics.ruler_part}
+SCORERS = {"all": metrics.ruler_all, "part": metrics.ruler_part, "qa_f1": metrics.qa_f1, "rouge_l": metrics.rouge_l,
+           "code_similarity": metrics.code_similarity, "count_score": metrics.count_score,
+           "retrieval_score": metrics.retrieval_score}
+
+
+def score(sample: Sample, prediction: str) -> float:
+    if sample.metric == "classification":
+        return metrics.classification(prediction, sample.answers, sample.classes)
+    return SCORERS[sample.metric](prediction, sample.answers)
 
 
 @dataclass(frozen=True)
@@ -154,6 +162,6 @@ def row(sample: Sample, setting: Setting, result, seconds: float) -> dict:
         "key": key(sample.id, setting), "sample": sample.id, "task": sample.task, "length": sample.length,
         "method": setting.method, "budget": setting.budget, "prompt_budget": setting.prompt_budget,
         "prediction": result.text, "answers": sample.answers, "metric": sample.metric,
-        "score": SCORERS[sample.metric](result.text, sample.answers), "seconds": seconds,
+        "score": score(sample, result.text), "seconds": seconds,
         "stats": result.stats.to_dict(),
     }
