@@ -171,3 +171,31 @@ def test_runner_scores_longbench_metrics(qwen_pair, tmp_path):
     for row in rows:
         expected = metrics.classification(row["prediction"], ["LOC"], ["LOC", "NUM"])
         assert row["score"] == expected and row["metric"] == "classification"
+
+
+def test_rank_correlation_and_recall():
+    import torch
+
+    from draftkv.eval.agreement import recall, spearman
+
+    a = torch.tensor([0.1, 0.5, 0.3, 0.9])
+    assert spearman(a, a * 2 + 1) == pytest.approx(1.0)
+    assert spearman(a, -a) == pytest.approx(-1.0)
+    assert spearman(a, torch.tensor([0.1, 0.4, 0.2, 0.3])) == pytest.approx(0.8)  # ranks 0,2,1,3 vs 0,3,1,2: 4/5
+    assert recall(a, a, 2) == 1.0
+    assert recall(a, torch.tensor([0.9, 0.1, 0.2, 0.8]), 2) == 0.5  # {3, 1} vs {0, 3}
+
+
+def test_agreement_on_a_tiny_pair(qwen_pair, tmp_path):
+    from draftkv.eval import agreement
+
+    samples = ruler.generate("niah_single_1", 400, make_tokenizer(), samples=2, seed=5)
+    path = agreement.run_agreement(qwen_pair, samples, tmp_path, budget=64)
+    rows = [__import__("json").loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    layers = qwen_pair.target.model.config.num_hidden_layers
+    assert len(rows) == 2 * layers
+    for row in rows:
+        assert -1 <= row["speckv_spearman"] <= 1 and 0 <= row["snapkv_recall"] <= 1 and row["answer_tokens"] > 0
+    assert "| **all** |" in path.read_text() and (tmp_path / "agreement.png").exists()
+    agreement.run_agreement(qwen_pair, samples, tmp_path, budget=64)  # resumes: nothing new
+    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 2 * layers

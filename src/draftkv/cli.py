@@ -15,7 +15,7 @@ from . import __version__
 from .compress import compress_prompt
 from .context import compress_context
 from .errors import ConfigError, DraftKVError
-from .eval import longbench, report, ruler, runner
+from .eval import agreement, longbench, report, ruler, runner
 from .methods import METHODS, KVMethod, Method, get_method, help_of
 from .models import DEFAULT_DRAFT, DEFAULT_TARGET, cache_dir, embedded_status, load_pair
 from .pipeline import generate as run_generate
@@ -399,3 +399,36 @@ def eval_report(folder: Annotated[Path, typer.Argument(help="A results folder wi
         raise fail(error) from None
     typer.echo(summary.read_text(encoding="utf-8"))
     err.print(f"wrote {summary}, {csv_path}, {plot}", markup=False, highlight=False)
+
+
+analyze_app = typer.Typer(help="Analyses of how the draft's view agrees with the target's.", no_args_is_help=True)
+app.add_typer(analyze_app, name="analyze")
+
+
+@analyze_app.command("agreement")
+def analyze_agreement(
+    length: Annotated[int, typer.Option(help="Prompt length in tokens.")] = 4096,
+    samples: Annotated[int, typer.Option(help="Samples per task.")] = 10,
+    tasks: Annotated[str, typer.Option(help="Comma-separated RULER tasks.")] = "niah_single_2,niah_multikey_1,vt,fwe",
+    budget: Annotated[int, typer.Option(help="KV budget whose top-C set the recall is about (C = budget - 32).")] = 128,
+    seed: Annotated[int, typer.Option(help="Seed of the generated samples.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Results folder (default results/agreement-LENGTH).")] = None,
+    essays: Annotated[Path | None, typer.Option(help="A folder of .txt essays (default: the pinned essays).")] = None,
+    target: Target = DEFAULT_TARGET,
+    draft: Draft = DEFAULT_DRAFT,
+    device: Device = None,
+    dtype: Dtype = None,
+) -> None:
+    """Oracle (the target's own answer) vs SpecKV (draft lookahead) vs SnapKV (window) importance, per layer."""
+    try:
+        with err.status("loading models"):
+            pair = load_pair(target, draft, device=device, dtype=dtype)
+        generated = [s for task in _split(tasks) for s in ruler.generate(
+            task, length, pair.tokenizer, samples=samples, seed=seed, essays=str(essays) if essays else None)]
+        folder = out or Path(f"results/agreement-{length}")
+        with err.status(f"scoring {len(generated)} samples"):
+            summary = agreement.run_agreement(pair, generated, folder, budget=budget)
+    except DraftKVError as error:
+        raise fail(error) from None
+    typer.echo(summary.read_text(encoding="utf-8"))
+    err.print(f"results in {folder} (agreement.md, agreement.csv, agreement.png)", markup=False, highlight=False)

@@ -1,0 +1,154 @@
+"""Does the draft see what the target sees? The paper's premise, measured.
+
+For each sample the target's own greedy answer is the oracle lookahead: the window queries plus
+that answer give the oracle importance of every prompt entry. SpecKV estimates it with the draft's
+lookahead instead, SnapKV with the window alone. Per layer we report the Spearman rank correlation of
+each estimate with the oracle (mean over KV heads) and the recall of the oracle's top-C set (the
+entries a budget of C + window would keep by score).
+
+One target prefill serves all three (three collectors), the oracle answer is decoded from a copy of
+its cache, and the two guesses are read as probes on the same cache.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import DynamicCache
+
+from ..attention import WindowCollector
+from ..decoding import decode
+from ..pipeline import (
+    Clock,
+    eos_ids,
+    lookahead_view,
+    pad_prompts,
+    pad_token,
+    probe,
+    run_draft,
+    target_prefill,
+)
+from ..prompt import encode_prompt
+from ..scoring import pool_scores
+from ..types import Sampling
+from .ruler import Sample
+
+if TYPE_CHECKING:
+    from ..models import ModelPair
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Rank correlation of two score vectors."""
+    rank_a = a.argsort().argsort().double()
+    rank_b = b.argsort().argsort().double()
+    rank_a, rank_b = rank_a - rank_a.mean(), rank_b - rank_b.mean()
+    return float((rank_a * rank_b).sum() / (rank_a.norm() * rank_b.norm()).clamp(min=1e-12))
+
+
+def recall(oracle: torch.Tensor, estimate: torch.Tensor, top: int) -> float:
+    """Share of the oracle's top-`top` entries that the estimate's top-`top` also holds."""
+    top = min(top, oracle.numel())
+    wanted = set(oracle.topk(top).indices.tolist())
+    return len(wanted & set(estimate.topk(top).indices.tolist())) / top
+
+
+@torch.inference_mode()
+def sample_agreement(pair: ModelPair, sample: Sample, *, budget: int = 128, window: int = 32, kernel: int = 7,
+                     max_lookahead: int = 128) -> list[dict]:
+    """Per layer: correlation and top-C recall of SpecKV's and SnapKV's importance with the oracle's."""
+    target, tokenizer = pair.target.model, pair.tokenizer
+    request = sample.request()
+    prompt = encode_prompt(tokenizer, request)
+    batch = pad_prompts([prompt.ids], pad_token(tokenizer), target.device)
+    clock = Clock(target.device)
+    snap, spec, oracle = (WindowCollector(batch.width - window, "max") for _ in range(3))
+    for collector in (snap, spec, oracle):
+        collector.score_last(window)
+    cache, first_logits = target_prefill(target, batch, [snap, spec, oracle], clock)
+    copy = DynamicCache([(layer.keys.clone(), layer.values.clone()) for layer in cache.layers])
+    answer = decode(target, copy, first_logits, positions=torch.tensor(batch.next_positions, device=target.device),
+                    attention_mask=None, max_new_tokens=[request.max_new_tokens], samplings=[Sampling()],
+                    eos_token_ids=eos_ids(target, tokenizer)).rows[0].token_ids
+    del copy
+    lookahead = min(request.max_new_tokens, max_lookahead)
+    draft = run_draft(pair.draft.model, batch, [lookahead], eos_ids(pair.draft.model, tokenizer), pad_token(tokenizer),
+                      clock)
+    for collector, guess in ((spec, draft), (oracle, lookahead_view([answer], pad_token(tokenizer), target.device))):
+        if guess.lookahead_ids.shape[1] > 0:
+            probe(target, cache, batch, guess, [(collector, guess.lookahead_valid)], clock)
+    rows = []
+    chosen = budget - window
+    for layer, (o, s, n) in enumerate(zip(oracle.layer_scores(), spec.layer_scores(), snap.layer_scores(), strict=True)):
+        o, s, n = (pool_scores(x[0].float(), kernel, "max") for x in (o, s, n))
+        heads = range(o.shape[0])
+        rows.append({
+            "sample": sample.id, "task": sample.task, "layer": layer, "answer_tokens": len(answer),
+            "lookahead_tokens": draft.lengths[0],
+            "speckv_spearman": sum(spearman(o[h], s[h]) for h in heads) / len(heads),
+            "snapkv_spearman": sum(spearman(o[h], n[h]) for h in heads) / len(heads),
+            "speckv_recall": sum(recall(o[h], s[h], chosen) for h in heads) / len(heads),
+            "snapkv_recall": sum(recall(o[h], n[h], chosen) for h in heads) / len(heads),
+        })
+    return rows
+
+
+METRICS = ("speckv_spearman", "snapkv_spearman", "speckv_recall", "snapkv_recall")
+
+
+def run_agreement(pair: ModelPair, samples: list[Sample], out: Path, *, budget: int = 128) -> Path:
+    """Per-layer rows of every sample to `rows.jsonl` (resumable per sample), then table and plot."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "rows.jsonl"
+    done = {json.loads(line)["sample"] for line in path.read_text().splitlines() if line.strip()} if path.exists() else set()
+    with open(path, "a", encoding="utf-8") as handle:
+        for sample in samples:
+            if sample.id in done:
+                continue
+            handle.writelines(json.dumps(row) + "\n" for row in sample_agreement(pair, sample, budget=budget))
+            handle.flush()
+    return summarize(out)
+
+
+def summarize(out: Path) -> Path:
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines() if line.strip()]
+    by_layer: dict[int, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_layer[row["layer"]].append(row)
+    layers = sorted(by_layer)
+    means = {layer: {m: sum(r[m] for r in by_layer[layer]) / len(by_layer[layer]) for m in METRICS} for layer in layers}
+    overall = {m: sum(means[layer][m] for layer in layers) / len(layers) for m in METRICS}
+    samples = len({row["sample"] for row in rows})
+    lines = [f"Oracle = the target's own answer as lookahead; {samples} samples; mean over KV heads and samples.", "",
+             "| layer | SpecKV rank corr. | SnapKV rank corr. | SpecKV top-C recall | SnapKV top-C recall |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {layer} | " + " | ".join(f"{means[layer][m]:.3f}" for m in METRICS) + " |" for layer in layers]
+    lines.append("| **all** | " + " | ".join(f"**{overall[m]:.3f}**" for m in METRICS) + " |")
+    (out / "agreement.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with open(out / "agreement.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["layer", *METRICS])
+        writer.writerows([layer, *(f"{means[layer][m]:.4f}" for m in METRICS)] for layer in layers)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, kind, title in ((left, "spearman", "rank correlation with the oracle"),
+                              (right, "recall", "recall of the oracle's top-C")):
+        for method in ("speckv", "snapkv"):
+            axis.plot(layers, [means[layer][f"{method}_{kind}"] for layer in layers], marker="o",
+                      label="SpecKV (draft lookahead)" if method == "speckv" else "SnapKV (window only)")
+        axis.set_xlabel("layer")
+        axis.set_title(title)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(out / "agreement.png", dpi=120)
+    plt.close(figure)
+    return out / "agreement.md"
