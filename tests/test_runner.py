@@ -151,3 +151,17 @@ def test_eval_longbench_command(tmp_path):
     assert "| dense |" in result.stdout and "| snapkv (kv 64) |" in result.stdout
     missing = CliRunner().invoke(app, [*base, "--data-dir", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "does not exist" in missing.stderr
+
+
+def test_query_agnostic_runs(qwen_pair, samples, tmp_path):
+    from draftkv.context import compress_context
+
+    runs = runner.settings(["dense", "snapkv"], [48], [])
+    rows = runner.read_results(runner.run(qwen_pair, samples[:1], runs, tmp_path, {}, query_agnostic=True))
+    assert len(rows) == 2 and all("query-agnostic" in row["stats"]["note"] for row in rows)
+    sample = samples[0]
+    expected = compress_context(qwen_pair, sample.context, method="snapkv", budget=48,
+                                max_new_tokens=sample.max_new_tokens).ask(
+        sample.question, answer_prefix=sample.answer_prefix, max_new_tokens=sample.max_new_tokens)
+    assert rows[1]["prediction"] == expected.text
+    assert json.loads((tmp_path / "config.json").read_text())["query_agnostic"] is True

@@ -313,6 +313,7 @@ def eval_ruler(
     hotpotqa: Annotated[Path | None, typer.Option(help="A local HotpotQA JSON file, for qa_2.")] = None,
     dump: Annotated[Path | None, typer.Option(help="Only write the generated samples to this JSONL file.")] = None,
     share: Annotated[bool, typer.Option(help="Run dense and KV methods of a sample from one shared prefill (exact).")] = True,
+    query_agnostic: Annotated[bool, typer.Option(help="Compress the context before the question is known, then ask it.")] = False,
     target: Target = DEFAULT_TARGET,
     draft: Draft = DEFAULT_DRAFT,
     device: Device = None,
@@ -343,10 +344,10 @@ def eval_ruler(
                     handle.writelines(json.dumps(sample.to_dict()) + "\n" for sample in generated)
                 err.print(f"wrote {len(generated)} samples of length {n} to {dump}", markup=False, highlight=False)
                 continue
-            folder = out or Path(f"results/ruler-{n}")
+            folder = out or Path(f"results/ruler-{n}" + ("-agnostic" if query_agnostic else ""))
             config = {"benchmark": "ruler", "length": n, "samples": samples, "tasks": chosen_tasks, "seed": seed,
                       "settings": [s.label for s in runs], "target": target, "draft": draft}
-            runner.run(pair, generated, runs, folder, config, share=share)
+            runner.run(pair, generated, runs, folder, config, share=share, query_agnostic=query_agnostic)
             summary, _, plot = report.report(folder)
             typer.echo(summary.read_text(encoding="utf-8"))
             err.print(f"results in {folder} (summary.md, summary.csv, {plot.name})", markup=False, highlight=False)

@@ -55,14 +55,15 @@ class CompressedContext:
     @torch.inference_mode()
     def ask(self, question: str, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
             top_k: int = 0, seed: int | None = None, stop: tuple[str, ...] | list[str] = (),
-            on_text: Callable[[str], None] | None = None) -> Result:
+            on_text: Callable[[str], None] | None = None, answer_prefix: str = "") -> Result:
         if not question.strip():
             raise PromptError("the question is empty")
         model, tokenizer = self.pair.target.model, self.pair.tokenizer
         cache = self.prepared.cache
         physical = cache.get_seq_length()
         start = self.prepared.stage.batch.next_positions[0]
-        ids = tokenizer(question + self.tail, add_special_tokens=False)["input_ids"]
+        tail = self.tail + (answer_prefix if not answer_prefix or self.tail.endswith("\n") else "\n" + answer_prefix)
+        ids = tokenizer(question + tail, add_special_tokens=False)["input_ids"]
         check_context(model, "target", start + len(ids), max_new_tokens)
         started = time.perf_counter()
         try:

@@ -25,6 +25,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from ..context import compress_context
 from ..errors import ConfigError
 from ..methods import KVMethod, PromptMethod, SpecKVPC, get_method
 from ..pipeline import generate_batch, generate_shared
@@ -120,14 +121,15 @@ def shareable(setting: Setting) -> bool:
 
 
 def run(pair: ModelPair, samples: Iterable[Sample], runs: list[Setting], out: Path, config: dict,
-        share: bool = True) -> Path:
+        share: bool = True, query_agnostic: bool = False) -> Path:
     """Run every setting on every sample, appending to `out/results.jsonl`; returns its path.
 
     With `share`, the dense and KV settings of a sample run from one target prefill and one draft
-    pass (exactly what separate runs give; see pipeline.generate_shared)."""
+    pass (exactly what separate runs give; see pipeline.generate_shared). With `query_agnostic`, the
+    context is compressed before the question is known and the question is asked afterwards."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({**config, "share": share}, indent=1, sort_keys=True),
-                                     encoding="utf-8")
+    (out / "config.json").write_text(json.dumps({**config, "share": share, "query_agnostic": query_agnostic},
+                                                indent=1, sort_keys=True), encoding="utf-8")
     path = out / "results.jsonl"
     drop_torn_tail(path)
     done = {row["key"] for row in read_results(path)}
@@ -138,12 +140,17 @@ def run(pair: ModelPair, samples: Iterable[Sample], runs: list[Setting], out: Pa
     with open(path, "a", encoding="utf-8") as handle, Progress(*columns) as progress:
         task = progress.add_task(f"{len(done)} done before", total=sum(len(missing) for _, missing in todo))
         for sample, missing in todo:
-            together = [s for s in missing if share and shareable(s)] if len(missing) > 1 else []
+            together = [s for s in missing if share and shareable(s)] if len(missing) > 1 and not query_agnostic else []
             groups = ([together] if together else []) + [[s] for s in missing if s not in together]
             for group in groups:
                 progress.update(task, description=f"{sample.task} {', '.join(s.label for s in group)}")
                 started = time.perf_counter()
-                if len(group) > 1:
+                if query_agnostic:
+                    compressed = compress_context(pair, sample.context, method=group[0].method,
+                                                  max_new_tokens=sample.max_new_tokens, **group[0].params)
+                    results = [compressed.ask(sample.question, answer_prefix=sample.answer_prefix,
+                                              max_new_tokens=sample.max_new_tokens)]
+                elif len(group) > 1:
                     methods = [get_method(s.method, **s.params) for s in group]
                     results = generate_shared(pair, sample.request(), methods)
                 else:
