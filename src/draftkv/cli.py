@@ -287,6 +287,12 @@ def _size(num_bytes: int) -> str:
     return f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.0f} MiB"
 
 
+EvalMethods = Annotated[str, typer.Option(help="Comma-separated methods.")]
+KVBudgets = Annotated[str, typer.Option(help="KV budgets (KV methods, and speckv-pc's KV stage).")]
+PromptBudgets = Annotated[str, typer.Option(help="Prompt budgets (prompt methods, and speckv-pc's prompt stage).")]
+Share = Annotated[bool, typer.Option(help="Run dense and KV methods of a sample from one shared prefill (exact).")]
+QueryAgnostic = Annotated[bool, typer.Option(help="Compress the context before the question is known, then ask it.")]
+
 eval_app = typer.Typer(help="Evaluate methods: RULER generated here, and reports of finished runs.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
@@ -303,17 +309,17 @@ def eval_ruler(
     length: Annotated[str, typer.Option(help="Prompt length(s) in tokens, comma-separated.")] = "4096",
     samples: Annotated[int, typer.Option(help="Samples per task and length.")] = 5,
     tasks: Annotated[str, typer.Option(help="Comma-separated tasks, or 'all' (QA tasks need --squad / --hotpotqa).")] = "all",
-    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "dense,snapkv,speckv",
-    budgets: Annotated[str, typer.Option(help="KV budgets (KV methods, and speckv-pc's KV stage).")] = "256",
-    prompt_budgets: Annotated[str, typer.Option(help="Prompt budgets (prompt methods, and speckv-pc's prompt stage).")] = "1024",
+    methods: EvalMethods = "dense,snapkv,speckv",
+    budgets: KVBudgets = "256",
+    prompt_budgets: PromptBudgets = "1024",
     seed: Annotated[int, typer.Option(help="Seed of the generated samples.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Results folder (default results/ruler-LENGTH).")] = None,
     essays: Annotated[Path | None, typer.Option(help="A folder of .txt essays (default: the pinned Paul Graham essays).")] = None,
     squad: Annotated[Path | None, typer.Option(help="A local SQuAD JSON file, for qa_1.")] = None,
     hotpotqa: Annotated[Path | None, typer.Option(help="A local HotpotQA JSON file, for qa_2.")] = None,
     dump: Annotated[Path | None, typer.Option(help="Only write the generated samples to this JSONL file.")] = None,
-    share: Annotated[bool, typer.Option(help="Run dense and KV methods of a sample from one shared prefill (exact).")] = True,
-    query_agnostic: Annotated[bool, typer.Option(help="Compress the context before the question is known, then ask it.")] = False,
+    share: Share = True,
+    query_agnostic: QueryAgnostic = False,
     target: Target = DEFAULT_TARGET,
     draft: Draft = DEFAULT_DRAFT,
     device: Device = None,
@@ -359,13 +365,14 @@ def eval_ruler(
 def eval_longbench(
     data_dir: Annotated[Path, typer.Option(help="A folder of LongBench JSONL files (<task>.jsonl).")],
     tasks: Annotated[str, typer.Option(help="Comma-separated LongBench tasks.")] = "hotpotqa,qasper",
-    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "dense,snapkv,speckv",
-    budgets: Annotated[str, typer.Option(help="KV budgets (KV methods, and speckv-pc's KV stage).")] = "512",
-    prompt_budgets: Annotated[str, typer.Option(help="Prompt budgets (prompt methods, and speckv-pc's prompt stage).")] = "2048",
+    methods: EvalMethods = "dense,snapkv,speckv",
+    budgets: KVBudgets = "512",
+    prompt_budgets: PromptBudgets = "2048",
     samples: Annotated[int | None, typer.Option(help="At most this many items per task (default: all).")] = None,
     max_length: Annotated[int, typer.Option(help="Prompts longer than this are cut in the middle.")] = 8192,
     out: Annotated[Path, typer.Option(help="Results folder.")] = Path("results/longbench"),
-    share: Annotated[bool, typer.Option(help="Run dense and KV methods of a sample from one shared prefill (exact).")] = True,
+    share: Share = True,
+    query_agnostic: QueryAgnostic = False,
     target: Target = DEFAULT_TARGET,
     draft: Draft = DEFAULT_DRAFT,
     device: Device = None,
@@ -383,7 +390,7 @@ def eval_longbench(
                                                                        max_length=max_length)]
         config = {"benchmark": "longbench", "tasks": chosen_tasks, "samples": samples, "max_length": max_length,
                   "settings": [s.label for s in runs], "target": target, "draft": draft}
-        runner.run(pair, items, runs, out, config, share=share)
+        runner.run(pair, items, runs, out, config, share=share, query_agnostic=query_agnostic)
         summary, _, plot = report.report(out)
     except DraftKVError as error:
         raise fail(error) from None
