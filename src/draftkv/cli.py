@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -164,7 +165,7 @@ def generate(
             answer_each(pair, text, ask, chosen, system, chat_template, max_new_tokens, as_json)
             return
         printer = (lambda piece: print(piece, end="", flush=True)) if stream and not as_json else None
-        with err.status(f"running {chosen.name}") if printer is None else _nothing():
+        with err.status(f"running {chosen.name}") if printer is None else nullcontext():
             result = run_generate(
                 pair, text, question, method=chosen, max_new_tokens=max_new_tokens, temperature=temperature,
                 top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ()), system=system,
@@ -239,14 +240,6 @@ def compress(
     typer.echo(" ".join(map(str, compressed.token_ids)) if ids else compressed.text)
     spans = ", ".join(f"{a}-{b}" for a, b in compressed.spans[:12]) + (" ..." if len(compressed.spans) > 12 else "")
     err.print(f"{compressed.summary()}; kept character spans: {spans}", markup=False, highlight=False, soft_wrap=True)
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 @app.command()
