@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from contextlib import nullcontext
@@ -17,7 +18,7 @@ from .compress import compress_prompt
 from .context import compress_context
 from .errors import ConfigError, DraftKVError
 from .eval import agreement, longbench, report, ruler, runner
-from .methods import METHODS, KVMethod, Method, get_method, help_of
+from .methods import METHODS, KVMethod, Method, help_of, method_with_budgets
 from .models import DEFAULT_DRAFT, DEFAULT_TARGET, cache_dir, embedded_status, load_pair
 from .pipeline import generate as run_generate
 
@@ -85,7 +86,7 @@ Context = Annotated[str | None, typer.Option(help="The context text (or use --co
 ContextFile = Annotated[Path | None, typer.Option(help="Read the context from this file ('-' for stdin).")]
 BudgetOption = Annotated[str | None, typer.Option(
     help="KV entries (KV methods) or prompt tokens (prompt methods) kept, e.g. 256, or a ratio of the prompt, e.g. 0.25.")]
-PromptBudget = Annotated[str | None, typer.Option(help="speckv-pc: prompt tokens kept by its SpecPC stage (default 2048).")]
+PromptBudget = Annotated[str | None, typer.Option(help="Prompt tokens kept: a prompt method's budget, or speckv-pc's prompt stage.")]
 Window = Annotated[int | None, typer.Option(help="Last prompt tokens always kept (default: the method's).")]
 Kernel = Annotated[int | None, typer.Option(help="Odd pooling kernel (default: the method's).")]
 Lookahead = Annotated[int | None, typer.Option(help="Draft lookahead tokens (default: the method's).")]
@@ -106,7 +107,7 @@ def method_from_options(method: str, params: list[str] | None, **options: Any):
         if options.get(key) is not None:
             options[key] = parse_budget(options[key])
     given.update({key: value for key, value in options.items() if value is not None})
-    return get_method(method, **given)
+    return method_with_budgets(method, **given)
 
 
 def crosses_as_text(method: Method, max_new_tokens: int) -> bool:
@@ -276,6 +277,85 @@ def methods() -> None:
         console.print(table)
 
 
+def parse_bytes(text: str) -> int:
+    """'8GiB', '512MiB', '2GB' or a plain number of bytes."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+             "tb": 10**12, "b": 1, "": 1}
+    number = text.strip().rstrip("bBiIkKmMgGtT")
+    unit = text.strip()[len(number):].lower()
+    try:
+        return int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise ConfigError(f"a memory size looks like 8GiB, 512MiB, 2GB or a number of bytes; got {text!r}") from None
+
+
+def _env(name: str, help: str, **options: Any) -> Any:
+    return typer.Option(envvar=f"DRAFTKV_{name}", help=help, **options)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, _env("HOST", "Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, _env("PORT", "Port to listen on.")] = 8000,
+    method: Annotated[str | None, _env("METHOD", "Method of requests that name none (default: dense; in proxy mode specpc).")] = None,
+    budget: Annotated[str | None, _env("BUDGET", "Default KV budget (a prompt method's budget), for --method.")] = None,
+    prompt_budget: Annotated[str | None, _env("PROMPT_BUDGET", "Default prompt budget, for --method.")] = None,
+    param: Params = None,
+    upstream: Annotated[str | None, _env("UPSTREAM", "Proxy mode: an OpenAI-compatible engine's base URL (http://host:port/v1); only the draft runs here.")] = None,
+    upstream_model: Annotated[str | None, _env("UPSTREAM_MODEL", "Proxy mode: the model name to ask the upstream for (and to serve).")] = None,
+    upstream_api_key: Annotated[str | None, _env("UPSTREAM_API_KEY", "Proxy mode: bearer token for the upstream.")] = None,
+    upstream_timeout: Annotated[float, _env("UPSTREAM_TIMEOUT", "Proxy mode: seconds to wait for the upstream.")] = 600.0,
+    model_name: Annotated[str | None, _env("MODEL_NAME", "The model name clients use (default: the target's, or --upstream-model).")] = None,
+    max_batch_size: Annotated[int, _env("MAX_BATCH_SIZE", "Most requests run together in one batch.", min=1)] = 8,
+    max_queue: Annotated[int, _env("MAX_QUEUE", "Most requests waiting; more are refused with 503.", min=1)] = 256,
+    max_prompt_tokens: Annotated[int | None, _env("MAX_PROMPT_TOKENS", "Longest prompt accepted (default: the model's context).")] = None,
+    max_tokens: Annotated[int, _env("MAX_TOKENS", "New tokens for requests that give no max_tokens.", min=1)] = 256,
+    temperature: Annotated[float, _env("TEMPERATURE", "Temperature for requests that give none (0: greedy).", min=0)] = 0.0,
+    timeout: Annotated[float, _env("TIMEOUT", "Seconds a request may take, queueing included (then 504).")] = 600.0,
+    memory_limit: Annotated[str | None, _env("MEMORY_LIMIT", "Memory running requests may use, like 8GiB (default: 90% of what is free after loading).")] = None,
+    log_level: Annotated[str, _env("LOG_LEVEL", "debug, info, warning or error.")] = "info",
+    target: Annotated[str, _env("TARGET", "Target model (local mode): embedded name, folder, .gguf or cached hub id.")] = DEFAULT_TARGET,
+    draft: Annotated[str, _env("DRAFT", "Draft model, or 'none' for draft-free methods only (local mode).")] = DEFAULT_DRAFT,
+    device: Annotated[str | None, _env("DEVICE", "cpu, cuda, cuda:1 ... (default: cuda if available).")] = None,
+    dtype: Annotated[str | None, _env("DTYPE", "float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on CUDA).")] = None,
+) -> None:
+    """Serve the OpenAI API: locally (draft and target here), or as a compressing proxy (--upstream)."""
+    import logging
+
+    import uvicorn
+
+    from .models import ModelPair, load_model
+    from .serving import ServeSettings, create_app
+    from .serving.protocol import ServeError
+
+    logging.basicConfig(level=log_level.upper(), format="%(message)s")  # request lines are JSON already
+    try:
+        params: dict[str, Any] = dict(parse_param(item) for item in param or [])
+        for key, value in (("budget", budget), ("prompt_budget", prompt_budget)):
+            if value is not None:
+                params[key] = parse_budget(value)
+        settings = ServeSettings(
+            method=method or ("specpc" if upstream else "dense"), params=params, model_name=model_name,
+            upstream=upstream, upstream_model=upstream_model, upstream_api_key=upstream_api_key,
+            upstream_timeout=upstream_timeout, max_batch_size=max_batch_size, max_queue=max_queue,
+            max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, temperature=temperature, timeout=timeout,
+            memory_limit=parse_bytes(memory_limit) if memory_limit else None)
+        method_with_budgets(settings.method, **params)  # a bad default fails before minutes of loading
+        with err.status("loading models"):
+            if upstream:  # only the draft runs here; it stands in for the target's tokenizer and limits
+                loaded = load_model(draft, device=device, dtype=dtype)
+                pair = ModelPair(loaded, loaded)
+            else:
+                pair = load_pair(target, None if draft.lower() == "none" else draft, device=device, dtype=dtype)
+        application = create_app(pair, settings)
+    except (DraftKVError, ServeError) as error:
+        raise fail(error if isinstance(error, DraftKVError) else ConfigError(error.message)) from None
+    mode = f"proxy to {upstream}" if upstream else f"local, target {pair.target.name}"
+    err.print(f"serving on http://{host}:{port}/v1 ({mode}; default method {settings.method})", markup=False,
+              highlight=False)
+    uvicorn.run(application, host=host, port=port, log_level=log_level.lower(), access_log=False)
+
+
 def _size(num_bytes: int) -> str:
     return f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.0f} MiB"
 
@@ -329,15 +409,17 @@ def eval_ruler(
         with err.status("loading models"):
             pair = load_pair(target, draft if dump is None else None, device=device, dtype=dtype)
         for n in lengths:
-            generated = []
+            per_task = []
             for task in chosen_tasks:
                 try:
-                    generated += ruler.generate(task, n, pair.tokenizer, samples=samples, seed=seed,
+                    per_task.append(ruler.generate(task, n, pair.tokenizer, samples=samples, seed=seed,
                                                 essays=str(essays) if essays else None,
                                                 squad=str(squad) if squad else None,
-                                                hotpotqa=str(hotpotqa) if hotpotqa else None)
+                                                hotpotqa=str(hotpotqa) if hotpotqa else None))
                 except ruler.TaskUnavailable as skipped:
                     err.print(f"skipping {task}: {skipped}", markup=False, highlight=False)
+            # sample 0 of every task, then sample 1 of every task...: a run cut short stays balanced
+            generated = [s for batch in itertools.zip_longest(*per_task) for s in batch if s is not None]
             if dump is not None:
                 with open(dump, "a", encoding="utf-8") as handle:
                     handle.writelines(json.dumps(sample.to_dict()) + "\n" for sample in generated)

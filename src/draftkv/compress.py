@@ -52,24 +52,33 @@ def prompt_methods() -> list[str]:
     return [name for name, cls in METHODS.items() if cls.prompt_tokens is not Method.prompt_tokens]
 
 
-@torch.inference_mode()
 def compress_prompt(pair: ModelPair, context: str = "", question: str = "", *, method: str | Method = "specpc",
                     messages: list[dict[str, str]] | None = None, system: str | None = None,
                     chat_template: bool = True, max_new_tokens: int = 128, **method_params) -> CompressedPrompt:
     """Keep the prompt tokens a prompt method keeps; no target forward pass is run."""
+    request = Request(context=context, question=question, messages=messages, system=system,
+                      max_new_tokens=max_new_tokens, chat_template=chat_template)
+    return compress_prompts(pair, [request], method, **method_params)[0]
+
+
+@torch.inference_mode()
+def compress_prompts(pair: ModelPair, requests: list[Request], method: str | Method = "specpc",
+                     **method_params) -> list[CompressedPrompt]:
+    """`compress_prompt` for a batch of requests (one draft pass for all of them)."""
     chosen = get_method(method, **method_params)
     if type(chosen).prompt_tokens is Method.prompt_tokens:
         raise ConfigError(f"method {chosen.name!r} does not compress prompts; use one of: {', '.join(prompt_methods())}")
-    request = Request(context=context, question=question, messages=messages, system=system,
-                      max_new_tokens=max_new_tokens, chat_template=chat_template)
-    stage = compress_batch(pair, [request], chosen)
-    prompt = stage.prompts[0]
-    kept = stage.kept_tokens[0]
-    positions = kept.tolist() if kept is not None else list(range(len(prompt.ids)))
-    if stage.kept_texts[0] is not None:  # the draft has another tokenizer: the target re-tokenised the kept text
-        (text, spans), positions = stage.kept_texts[0], []
-    else:
-        text, spans = kept_text(prompt, positions)
-    target_ids = stage.batch.input_ids[0, stage.batch.pad(0):].tolist()
-    return CompressedPrompt(text=text, token_ids=target_ids, kept_positions=positions, spans=spans,
-                            prompt_tokens=len(prompt.ids), method=chosen.name, timings=dict(stage.clock.stages))
+    stage = compress_batch(pair, requests, chosen)
+    results = []
+    for row, prompt in enumerate(stage.prompts):
+        kept = stage.kept_tokens[row]
+        positions = kept.tolist() if kept is not None else list(range(len(prompt.ids)))
+        if stage.kept_texts[row] is not None:  # the draft has another tokenizer: the target re-tokenised the kept text
+            (text, spans), positions = stage.kept_texts[row], []
+        else:
+            text, spans = kept_text(prompt, positions)
+        target_ids = stage.batch.input_ids[row, stage.batch.pad(row):].tolist()
+        results.append(CompressedPrompt(text=text, token_ids=target_ids, kept_positions=positions, spans=spans,
+                                        prompt_tokens=len(prompt.ids), method=chosen.name,
+                                        timings=dict(stage.clock.stages)))
+    return results

@@ -96,13 +96,15 @@ def decode(
     stops: list[tuple[str, ...]] | None = None,
     on_text: TextCallback | None = None,
     after_step: Callable[[DynamicCache], None] | None = None,
+    cancelled: Callable[[int], bool] | None = None,
 ) -> DecodeOutput:
     """Generate from `first_logits` [B, V] (the prefill's last position) and a filled `cache`.
 
     positions: [B] logical position of the next token per row. attention_mask: [B, physical
     cache length] (None when no row has padding). Without a tokenizer, text is left empty (the
     draft's lookahead only needs ids). `after_step` sees the cache after every forward pass
-    (decode-time eviction cuts it there).
+    (decode-time eviction cuts it there). A row for which `cancelled(row)` turns true stops at the
+    next token with finish reason "cancelled" (a server's client went away or ran out of time).
     """
     batch = first_logits.shape[0]
     device = first_logits.device
@@ -122,6 +124,8 @@ def decode(
         if step == 0:
             first_token_at = time.perf_counter()
         for row, token in enumerate(next_tokens):
+            if finish[row] is None and cancelled is not None and cancelled(row):
+                finish[row] = "cancelled"
             if finish[row] is not None:
                 continue
             if token in eos_token_ids:

@@ -536,21 +536,28 @@ def row_stats(prepared: Prepared, row: int, new_tokens: int, first_token_at: flo
 
 @torch.inference_mode()
 def generate_batch(pair: ModelPair, requests: list[Request], method: str | Method = "dense",
-                   on_text: TextCallback | None = None, **method_params) -> list[Result]:
+                   on_text: TextCallback | None = None, cancelled: Callable[[int], bool] | None = None,
+                   **method_params) -> list[Result]:
     """Run requests through the flow as one batch; results equal running them one by one.
 
     Stage timings in each result's stats are the batch's (the stages run once for all rows).
+    `on_text(row, text)` streams each row's new text; a row whose `cancelled(row)` turns true stops
+    decoding at its next token.
     """
     if not requests:
         return []
     chosen = get_method(method, **method_params)
     evicting = isinstance(chosen, KVMethod) and chosen.evict_every > 0
     if evicting and len(requests) > 1:  # each row would evict different entries: one request at a time
-        return [generate_batch(pair, [request], chosen, on_text=on_text)[0] for request in requests]
-    return finish_batch(pair, prepare_batch(pair, requests, chosen), on_text)
+        return [generate_batch(pair, [request], chosen,
+                               on_text=(lambda _row, text, i=i: on_text(i, text)) if on_text else None,
+                               cancelled=(lambda _row, i=i: cancelled(i)) if cancelled else None)[0]
+                for i, request in enumerate(requests)]
+    return finish_batch(pair, prepare_batch(pair, requests, chosen), on_text, cancelled)
 
 
-def finish_batch(pair: ModelPair, prepared: Prepared, on_text: TextCallback | None = None) -> list[Result]:
+def finish_batch(pair: ModelPair, prepared: Prepared, on_text: TextCallback | None = None,
+                 cancelled: Callable[[int], bool] | None = None) -> list[Result]:
     """Decode a prepared batch (with decode-time eviction when the method asks) and build the results."""
     chosen, requests = prepared.stage.method, prepared.stage.requests
     target, clock = pair.target.model, prepared.stage.clock
@@ -565,7 +572,7 @@ def finish_batch(pair: ModelPair, prepared: Prepared, on_text: TextCallback | No
             attention_mask=prepared.attention_mask, max_new_tokens=[r.max_new_tokens for r in requests],
             samplings=[r.sampling for r in requests], eos_token_ids=eos_ids(target, pair.tokenizer),
             tokenizer=pair.tokenizer, stops=[r.stop for r in requests], on_text=on_text,
-            after_step=eviction.after_step if eviction is not None else None,
+            after_step=eviction.after_step if eviction is not None else None, cancelled=cancelled,
         )
     finished = clock.now()
     clock.add("decode", finished - max(decoding, output.first_token_at))

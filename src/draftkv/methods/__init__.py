@@ -44,7 +44,29 @@ def get_method(method: str | Method, **params: Any) -> Method:
         )
     return method_class(**{**given, **params})
 
+
+def method_with_budgets(method: str, budget: Budget | None = None, prompt_budget: Budget | None = None,
+                        **params: Any) -> Method:
+    """A method from the two budgets users speak of: `budget` (KV entries; a prompt method's only
+    budget) and `prompt_budget` (prompt tokens: a prompt method's budget, speckv-pc's prompt stage)."""
+    method_class = type(get_method(method))
+    if prompt_budget is not None:
+        if issubclass(method_class, SpecKVPC):
+            params["prompt_budget"] = prompt_budget
+        elif issubclass(method_class, PromptMethod) and budget is None:
+            params["budget"] = prompt_budget
+        elif issubclass(method_class, PromptMethod):
+            raise ConfigError(f"method {method_class.name!r} has one budget (prompt tokens): give budget or "
+                              "prompt_budget, not both")
+        else:
+            raise ConfigError(f"method {method_class.name!r} keeps no prompt tokens, so it takes no prompt_budget; "
+                              "prompt methods: specpc, speckv-pc, specprefill, lingua, keep-last, keep-ends")
+    if budget is not None:
+        params["budget"] = budget
+    return get_method(method, **params)
+
+
 __all__ = [
     "AdaSnapKV", "AdaSpecKV", "H2O", "KVMethod", "LAQ", "PyramidKV", "METHODS", "StreamingLLM", "Budget", "Dense", "DraftScoring", "KeepEnds", "KeepLast", "Lingua", "Method", "PromptMethod", "SnapKV",
-    "SpecKV", "SpecKVPC", "SpecPC", "SpecPrefill", "WindowKVMethod", "get_method", "help_of",
+    "SpecKV", "SpecKVPC", "SpecPC", "SpecPrefill", "WindowKVMethod", "get_method", "help_of", "method_with_budgets",
 ]

@@ -1,0 +1,503 @@
+"""The OpenAI-compatible HTTP server: local mode (draft and target here) and proxy mode (the draft
+here compresses the prompt; an upstream OpenAI-compatible engine answers it)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from ..errors import DraftKVError, UnknownMethodError
+from ..methods import Dense, Method, method_with_budgets
+from ..types import Request as DraftRequest
+from ..types import Result, Sampling
+from . import protocol
+from .engine import Job, Scheduler, check_proxy_method, run_local, run_proxy
+from .protocol import ChatRequest, Common, CompletionRequest, ServeError, sse
+
+if TYPE_CHECKING:
+    from ..compress import CompressedPrompt
+    from ..models import ModelPair
+
+log = logging.getLogger("draftkv.serve")
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+@dataclass
+class ServeSettings:
+    """Server-wide defaults and limits (flags or DRAFTKV_* environment variables of `draftkv serve`)."""
+
+    method: str = "dense"  # the method of requests that name none
+    params: dict[str, Any] = field(default_factory=dict)  # its default parameters (budget, prompt_budget, ...)
+    model_name: str | None = None  # the model name clients use (default: the target's, or the upstream model)
+    upstream: str | None = None  # proxy mode: the upstream engine's base URL (".../v1")
+    upstream_model: str | None = None
+    upstream_api_key: str | None = None
+    upstream_timeout: float = 600.0
+    max_batch_size: int = 8
+    max_queue: int = 256
+    max_prompt_tokens: int | None = None
+    max_tokens: int = 256  # for requests that give no max_tokens
+    temperature: float = 0.0  # for requests that give none (0: greedy, reproducible)
+    timeout: float = 600.0  # seconds a request may take, queueing included
+    memory_limit: int | None = None  # bytes running requests may use (default: 90% of free memory)
+
+    @property
+    def proxy(self) -> bool:
+        return self.upstream is not None
+
+
+class Metrics:
+    """Prometheus counters and histograms, in a registry of this app's own."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter("draftkv_requests", "Requests answered, by endpoint, method and HTTP status",
+                                ["endpoint", "method", "status"], registry=registry)
+        self.prompt_tokens = Counter("draftkv_prompt_tokens", "Prompt tokens received, before compression",
+                                     registry=registry)
+        self.kept_tokens = Counter("draftkv_kept_prompt_tokens", "Prompt tokens the target read, after compression",
+                                   registry=registry)
+        self.completion_tokens = Counter("draftkv_completion_tokens", "Tokens generated", registry=registry)
+        self.latency = Histogram("draftkv_request_latency_seconds", "Time from request to last byte",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.first_token = Histogram("draftkv_time_to_first_token_seconds", "Time from request to first token",
+                                     ["endpoint"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.batch_size = Histogram("draftkv_batch_size", "Requests per batch the worker ran",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry)
+        scheduler.on_batch = self.batch_size.observe
+        Gauge("draftkv_requests_waiting", "Requests in the queue", registry=registry).set_function(
+            lambda: scheduler.waiting)
+        Gauge("draftkv_requests_running", "Requests in the running batch", registry=registry).set_function(
+            lambda: scheduler.running)
+
+
+@dataclass
+class Trace:
+    """One request's numbers, recorded in the metrics and logged as one JSON line when it ends."""
+
+    metrics: Metrics
+    endpoint: str
+    started: float = field(default_factory=time.monotonic)
+    method: str = "-"
+    status: int = 200
+    prompt_tokens: int = 0
+    kept_prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_token: float | None = None  # seconds after the start
+    closed: bool = False
+
+    def mark_first_token(self) -> None:
+        if self.first_token is None:
+            self.first_token = time.monotonic() - self.started
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        latency = time.monotonic() - self.started
+        m = self.metrics
+        m.requests.labels(self.endpoint, self.method, str(self.status)).inc()
+        m.latency.labels(self.endpoint).observe(latency)
+        if self.status == 200:
+            m.prompt_tokens.inc(self.prompt_tokens)
+            m.kept_tokens.inc(self.kept_prompt_tokens)
+            m.completion_tokens.inc(self.completion_tokens)
+            if self.first_token is not None:
+                m.first_token.labels(self.endpoint).observe(self.first_token)
+        log.info(json.dumps({
+            "event": "request", "endpoint": self.endpoint, "method": self.method, "status": self.status,
+            "prompt_tokens": self.prompt_tokens, "kept_prompt_tokens": self.kept_prompt_tokens,
+            "completion_tokens": self.completion_tokens, "latency_s": round(latency, 4),
+            "first_token_s": None if self.first_token is None else round(self.first_token, 4),
+        }))
+
+
+class ClientGone(Exception):
+    """The client closed the connection; nobody reads the answer."""
+
+
+def error_response(error: ServeError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+def usage(result: Result) -> dict:
+    stats = result.stats
+    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.new_tokens,
+            "total_tokens": stats.prompt_tokens + stats.new_tokens, "kept_prompt_tokens": stats.kept_prompt_tokens}
+
+
+def draftkv_stats(method: Method, result: Result) -> dict:
+    stats = result.stats
+    return {"method": method.name, "params": method.params(), "prompt_tokens": stats.prompt_tokens,
+            "kept_prompt_tokens": stats.kept_prompt_tokens, "kv_entries": stats.kv_entries, "kv_bytes": stats.kv_bytes,
+            "kv_bytes_dense": stats.kv_bytes_dense, "time_to_first_token": stats.time_to_first_token,
+            "total_time": stats.total_time, "timings": stats.timings, "note": stats.note}
+
+
+class Server:
+    """The routes' state: settings, the scheduler, metrics and (proxy mode) the upstream client."""
+
+    def __init__(self, pair: ModelPair, settings: ServeSettings):
+        self.pair, self.settings = pair, settings
+        if settings.proxy:
+            check_proxy_method(self.method_for(None, {}))
+        else:
+            self.method_for(None, {})  # fail at start on a bad server-wide method
+        self.scheduler = Scheduler(pair, run_proxy if settings.proxy else run_local,
+                                   max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
+                                   max_prompt_tokens=settings.max_prompt_tokens, memory_limit=settings.memory_limit)
+        self.metrics = Metrics(self.scheduler)
+        self.model_name = settings.model_name or (settings.upstream_model if settings.proxy else pair.target.name)
+        self.upstream: httpx.AsyncClient | None = None
+
+    # ---- requests -> draftkv ----
+
+    def method_for(self, name: str | None, given: dict[str, Any]) -> Method:
+        """The request's method: its own name and parameters, else the server's defaults."""
+        name = name or self.settings.method
+        params = dict(self.settings.params) if name == self.settings.method else {}
+        if "budget" in given or "prompt_budget" in given:  # the request's budgets replace the server's
+            params.pop("budget", None)
+            params.pop("prompt_budget", None)
+        params.update(given)
+        try:
+            return method_with_budgets(name, **params)
+        except UnknownMethodError as error:
+            raise ServeError(400, str(error), param="method", code="unknown_method") from None
+        except DraftKVError as error:
+            raise protocol.config_error(error) from None
+
+    def draft_request(self, parsed: Common) -> tuple[DraftRequest, Method]:
+        given = parsed.method_params()
+        given.update({name: getattr(parsed, name) for name in ("budget", "prompt_budget")
+                      if getattr(parsed, name) is not None})
+        method = self.method_for(parsed.method, given)
+        if self.settings.proxy:
+            check_proxy_method(method)
+        temperature = parsed.temperature if parsed.temperature is not None else self.settings.temperature
+        sampling = Sampling(temperature, parsed.top_p or 1.0, parsed.top_k or 0, parsed.seed)
+        if isinstance(parsed, ChatRequest):
+            max_new = parsed.max_completion_tokens or parsed.max_tokens or self.settings.max_tokens
+            request = DraftRequest(messages=parsed.chat(), max_new_tokens=max_new, sampling=sampling,
+                                   stop=parsed.stops())
+        else:
+            assert isinstance(parsed, CompletionRequest)
+            request = DraftRequest(context=parsed.text(), chat_template=False, sampling=sampling, stop=parsed.stops(),
+                                   max_new_tokens=parsed.max_tokens or self.settings.max_tokens)
+        return request, method
+
+    def check_model(self, model: str) -> None:
+        if self.settings.proxy and self.settings.upstream_model is None:
+            return  # any model: the upstream decides
+        if model != self.model_name:
+            raise ServeError(404, f"model {model!r} is not served here; this server serves {self.model_name!r}",
+                             param="model", code="model_not_found")
+
+    # ---- waiting for the worker ----
+
+    def submit(self, request: DraftRequest, method: Method) -> Job:
+        job = Job(request, method, asyncio.get_running_loop(), time.monotonic() + self.settings.timeout)
+        self.scheduler.submit(job)
+        return job
+
+    async def next_event(self, job: Job, http: Request | None = None) -> tuple[str, Any]:
+        """The job's next event; raises its ServeError, a 504 when its time runs out, or ClientGone."""
+        while True:
+            remaining = job.deadline - time.monotonic()
+            if remaining <= 0:
+                job.cancelled = True
+                raise ServeError(504, f"the request took longer than this server's timeout of "
+                                 f"{self.settings.timeout:g} s", code="timeout")
+            try:
+                kind, value = await asyncio.wait_for(job.events.get(), min(remaining, 0.5))
+            except asyncio.TimeoutError:
+                if http is not None and await http.is_disconnected():
+                    job.cancelled = True
+                    raise ClientGone from None
+                continue
+            if kind == "error":
+                raise value
+            return kind, value
+
+    async def admitted(self, job: Job, http: Request, trace: Trace) -> None:
+        await self.next_event(job, http)  # the first event is "admitted" (or the error that refused it)
+        trace.prompt_tokens = job.prompt_tokens
+
+    # ---- local mode ----
+
+    async def local(self, http: Request, parsed: Common, trace: Trace) -> Any:
+        request, method = self.draft_request(parsed)
+        trace.method = method.name
+        chat = isinstance(parsed, ChatRequest)
+        job = self.submit(request, method)
+        await self.admitted(job, http, trace)
+        reply = Reply(chat, protocol.new_id("chatcmpl" if chat else "cmpl"), protocol.now(), self.model_name)
+        if not parsed.stream:
+            while (event := await self.next_event(job, http))[0] != "done":
+                pass
+            result = event[1]
+            self.account(trace, result)
+            return JSONResponse({**reply.whole(result.text, result.finish_reason), "usage": usage(result),
+                                 "draftkv": draftkv_stats(method, result)})
+
+        async def stream() -> AsyncIterator[str]:
+            ended = False
+            try:
+                if chat:
+                    yield sse(reply.chunk({"role": "assistant", "content": ""}))
+                while True:
+                    kind, value = await self.next_event(job)
+                    if kind == "text":
+                        trace.mark_first_token()
+                        yield sse(reply.chunk(value))
+                    elif kind == "done":
+                        self.account(trace, value)
+                        yield sse(reply.chunk("" if not chat else {}, value.finish_reason))
+                        if parsed.include_usage:
+                            yield sse({**reply.chunk(None), "choices": [], "usage": usage(value),
+                                       "draftkv": draftkv_stats(method, value)})
+                        ended = True
+                        yield sse("[DONE]")
+                        return
+            except ServeError as error:
+                ended = True
+                trace.status = error.status
+                yield sse(error.body())
+            finally:
+                job.cancelled = True  # a no-op when it finished; stops decoding when the client left
+                if not ended:
+                    trace.status = 499  # the client closed the stream
+                trace.close()
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @staticmethod
+    def account(trace: Trace, result: Result) -> None:
+        stats = result.stats
+        trace.prompt_tokens, trace.kept_prompt_tokens = stats.prompt_tokens, stats.kept_prompt_tokens
+        trace.completion_tokens = stats.new_tokens
+        if trace.first_token is None:  # from the request's arrival: the decode time is what came after it
+            trace.first_token = time.monotonic() - trace.started - (stats.total_time - stats.time_to_first_token)
+
+    # ---- proxy mode ----
+
+    async def proxy(self, http: Request, parsed: Common, raw: dict, trace: Trace) -> Any:
+        request, method = self.draft_request(parsed)
+        trace.method = method.name
+        chat = isinstance(parsed, ChatRequest)
+        ours = protocol.DRAFTKV_FIELDS | set(parsed.method_params())  # what the upstream would not understand
+        body = {key: value for key, value in raw.items() if key not in ours}
+        if self.settings.upstream_model:
+            body["model"] = self.settings.upstream_model
+        compressed: CompressedPrompt | None = None
+        if not isinstance(method, Dense):
+            job = self.submit(request, method)
+            await self.admitted(job, http, trace)
+            _, compressed = await self.next_event(job, http)
+            if chat:
+                body["messages"] = [*raw["messages"][:-1], {**raw["messages"][-1], "content": compressed.text}]
+            else:
+                body["prompt"] = compressed.text
+            trace.prompt_tokens = compressed.prompt_tokens
+        if parsed.stream:
+            body["stream_options"] = {"include_usage": True}  # for the kept-token count; passed on only if asked
+        url = self.settings.upstream.rstrip("/") + ("/chat/completions" if chat else "/completions")
+        headers = {"Authorization": f"Bearer {self.settings.upstream_api_key}"} if self.settings.upstream_api_key else {}
+        extra = {"method": method.name, "params": method.params()}
+        if compressed is not None:
+            extra.update(prompt_tokens=compressed.prompt_tokens, kept_prompt_tokens=compressed.kept_tokens,
+                         timings=compressed.timings)
+
+        def merged(upstream_usage: dict | None) -> dict:
+            upstream_usage = dict(upstream_usage or {})
+            kept = upstream_usage.get("prompt_tokens", 0)
+            trace.kept_prompt_tokens = kept
+            trace.completion_tokens = upstream_usage.get("completion_tokens", 0)
+            if compressed is None:
+                trace.prompt_tokens = kept
+            return {**upstream_usage, "prompt_tokens": trace.prompt_tokens, "kept_prompt_tokens": kept,
+                    "total_tokens": trace.prompt_tokens + trace.completion_tokens}
+
+        client = self.upstream_client()
+        try:
+            response = await client.send(client.build_request("POST", url, json=body, headers=headers),
+                                         stream=parsed.stream)
+        except httpx.HTTPError as error:
+            raise upstream_failure(url, error) from None
+        if response.status_code >= 400:
+            await response.aread()
+            await response.aclose()
+            raise upstream_refusal(response)
+        if not parsed.stream:
+            data = response.json()
+            data["usage"] = merged(data.get("usage"))
+            data["draftkv"] = extra
+            trace.mark_first_token()
+            return JSONResponse(data)
+
+        async def stream() -> AsyncIterator[str]:
+            try:
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    if chunk.get("usage") and not chunk.get("choices"):
+                        chunk["usage"] = merged(chunk["usage"])
+                        if parsed.include_usage:
+                            yield sse({**chunk, "draftkv": extra})
+                        continue
+                    if not parsed.include_usage:
+                        chunk.pop("usage", None)
+                    trace.mark_first_token()
+                    yield sse(chunk)
+                yield sse("[DONE]")
+            except (httpx.HTTPError, json.JSONDecodeError) as error:
+                failure = upstream_failure(url, error)
+                trace.status = failure.status
+                yield sse(failure.body())
+            finally:
+                await response.aclose()
+                trace.close()
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    def upstream_client(self) -> httpx.AsyncClient:
+        if self.upstream is None:
+            self.upstream = httpx.AsyncClient(timeout=httpx.Timeout(self.settings.upstream_timeout, connect=10.0))
+        return self.upstream
+
+    # ---- the route ----
+
+    async def complete(self, http: Request, kind: type[Common], endpoint: str) -> Any:
+        trace = Trace(self.metrics, endpoint)
+        streaming = False
+        try:
+            raw = await http.body()
+            parsed = protocol.parse(kind, raw)
+            self.check_model(parsed.model)
+            if self.settings.proxy:
+                response = await self.proxy(http, parsed, json.loads(raw), trace)
+            else:
+                response = await self.local(http, parsed, trace)
+            streaming = isinstance(response, StreamingResponse)
+            return response
+        except ServeError as error:
+            trace.status = error.status
+            return error_response(error)
+        except ClientGone:
+            trace.status = 499
+            return JSONResponse({}, status_code=499)
+        finally:
+            if not streaming:  # a stream closes its trace when it ends
+                trace.close()
+
+
+@dataclass
+class Reply:
+    """Response bodies of one request, in the chat or the completion shape."""
+
+    chat: bool
+    id: str
+    created: int
+    model: str
+
+    def head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def whole(self, text: str, finish_reason: str) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+            return {**self.head("chat.completion"), "choices": [choice]}
+        return {**self.head("text_completion"),
+                "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
+
+    def chunk(self, delta: str | dict | None, finish_reason: str | None = None) -> dict:
+        if self.chat:
+            content = delta if isinstance(delta, dict) else {"content": delta}
+            choice = {"index": 0, "delta": content, "finish_reason": finish_reason}
+            return {**self.head("chat.completion.chunk"), "choices": [choice]}
+        choice = {"index": 0, "text": delta or "", "finish_reason": finish_reason, "logprobs": None}
+        return {**self.head("text_completion"), "choices": [choice]}
+
+
+def upstream_failure(url: str, error: Exception) -> ServeError:
+    if isinstance(error, httpx.TimeoutException):
+        return ServeError(504, f"the upstream {url} did not answer in time: {error!r}", code="upstream_timeout")
+    if isinstance(error, httpx.ConnectError):
+        return ServeError(502, f"the upstream {url} is unreachable: {error}", code="upstream_unreachable")
+    return ServeError(502, f"the upstream {url} failed: {type(error).__name__}: {error}", code="upstream_error")
+
+
+def upstream_refusal(response: httpx.Response) -> ServeError:
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = response.text[:500]
+    status = response.status_code if response.status_code < 500 else 502
+    return ServeError(status, f"the upstream answered {response.status_code}: {message}", code="upstream_error")
+
+
+def create_app(pair: ModelPair, settings: ServeSettings | None = None) -> FastAPI:
+    """The FastAPI app. Local mode needs the target (and a draft for draft methods); proxy mode
+    (settings.upstream) needs only the draft, given as both models of the pair."""
+    server = Server(pair, settings or ServeSettings())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        server.scheduler.close()
+        if server.upstream is not None:
+            await server.upstream.aclose()
+
+    app = FastAPI(title="draftkv", lifespan=lifespan)
+    app.state.server = server
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, error: RequestValidationError) -> JSONResponse:
+        return error_response(ServeError(400, str(error), code="invalid_request"))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http: Request) -> Any:
+        return await server.complete(http, ChatRequest, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(http: Request) -> Any:
+        return await server.complete(http, CompletionRequest, "completion")
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": protocol.now(),
+                                            "owned_by": "draftkv"}]}
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "mode": "proxy" if server.settings.proxy else "local", "model": server.model_name,
+                "waiting": server.scheduler.waiting, "running": server.scheduler.running}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,164 @@
+"""The OpenAI request and response shapes the server speaks, and its error shape.
+
+Requests are validated here, so a bad one is answered with a 4xx and a message that names the field,
+before any work is queued. Fields that are not OpenAI's are draftkv's: `method`, `budget`,
+`prompt_budget` and any parameter of the chosen method (`window`, `kernel`, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import ConfigError
+
+# OpenAI fields that change nothing here and are accepted as they are.
+IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier",
+           "prompt_cache_key", "modalities", "reasoning_effort", "verbosity"}
+# OpenAI features that are not supported: accepted only at their neutral value.
+NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "frequency_penalty": (0, 0.0, None), "presence_penalty": (0, 0.0, None), "logit_bias": (None, {}),
+    "logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
+    "functions": (None, []), "function_call": (None, "none"), "best_of": (None, 1), "echo": (None, False),
+    "suffix": (None, ""), "response_format": (None, {"type": "text"}),
+}
+DRAFTKV_FIELDS = {"method", "budget", "prompt_budget"}
+
+
+class ServeError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    TYPES = {400: "invalid_request_error", 404: "not_found_error", 408: "timeout_error",
+             429: "rate_limit_error", 502: "upstream_error", 503: "overloaded_error", 504: "timeout_error"}
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = self.TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class Common(BaseModel):
+    """The fields chat and completion requests share."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    method: str | None = None
+    budget: int | float | None = Field(None, gt=0)
+    prompt_budget: int | float | None = Field(None, gt=0)
+
+    def method_params(self) -> dict[str, Any]:
+        """The chosen method's own parameters: every field that is neither OpenAI's nor a budget."""
+        extra = dict(self.model_extra or {})
+        for name in list(extra):
+            if name in IGNORED:
+                extra.pop(name)
+            elif name in NEUTRAL:
+                value = extra.pop(name)
+                if value not in NEUTRAL[name]:
+                    raise ServeError(400, f"{name}={json.dumps(value)} is not supported by draftkv; leave it out",
+                                     param=name, code="unsupported_parameter")
+        return extra
+
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ServeError(400, f"message content parts must be text parts ({{'type': 'text', 'text': ...}}), "
+                                 f"got type {part.get('type')!r}", param="messages", code="unsupported_content")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatRequest(Common):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def chat(self) -> list[dict[str, str]]:
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+
+class CompletionRequest(Common):
+    prompt: str | list[str]
+
+    def text(self) -> str:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if len(self.prompt) != 1:
+            raise ServeError(400, f"give one prompt per request (got a list of {len(self.prompt)})", param="prompt")
+        return self.prompt[0]
+
+
+def parse(model: type[Common], raw: bytes) -> Common:
+    """A request from its JSON body, or a ServeError that says what is wrong with it."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ServeError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ServeError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        request = model.model_validate(body)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        missing = first["type"] == "missing"
+        raise ServeError(400, f"{where}: {'field required' if missing else first['msg']}",
+                         param=where, code="missing_field" if missing else "invalid_value") from None
+    if request.n != 1:
+        raise ServeError(400, "n must be 1: draftkv returns one choice per request", param="n",
+                         code="unsupported_parameter")
+    return request
+
+
+def config_error(error: ConfigError | Exception) -> ServeError:
+    return ServeError(400, str(error), code="invalid_parameter")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def sse(payload: dict | str) -> str:
+    """One server-sent event."""
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"

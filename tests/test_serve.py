@@ -1,0 +1,461 @@
+"""The OpenAI-compatible server and the compressing proxy, on loopback, with tiny models and the
+official `openai` client."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from conftest import tiny_pair
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from tiny import long_context
+
+import draftkv
+from draftkv.cli import parse_bytes
+from draftkv.errors import ConfigError
+from draftkv.methods import get_method
+from draftkv.models import ModelPair
+from draftkv.pipeline import generate_batch
+from draftkv.prompt import encode_prompt
+from draftkv.serving import ServeSettings, create_app
+from draftkv.serving.engine import estimate_bytes
+from draftkv.types import Request
+
+MODEL = "tiny"
+
+
+class Live:
+    """An app served by uvicorn on a free loopback port, in a thread."""
+
+    def __init__(self, app: FastAPI):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def client(self, **options) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url, api_key="unused", max_retries=0, **options)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def serve(pair: ModelPair, **settings) -> Live:
+    return Live(create_app(pair, ServeSettings(model_name=MODEL, **settings)))
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny_pair("qwen2", max_positions=2048)
+
+
+@pytest.fixture(scope="module")
+def live(pair):
+    server = serve(pair)
+    yield server
+    server.stop()
+
+
+def metric(live: Live, name: str, **labels) -> float:
+    """The value of a sample from the /metrics text whose labels include `labels` (0 when absent)."""
+    for line in httpx.get(f"http://127.0.0.1:{live.port}/metrics").text.splitlines():
+        sample, _, value = line.rpartition(" ")
+        if sample.split("{")[0] == name and all(f'{key}="{want}"' in sample for key, want in labels.items()):
+            return float(value)
+    return 0.0
+
+
+MESSAGES = [{"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "alpha bravo charlie. what is the magic number?"}]
+
+
+def test_chat_answer_equals_the_library_and_reports_usage(live, pair):
+    expected = draftkv.generate(pair, messages=MESSAGES, max_new_tokens=12)
+    reply = live.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12)
+    assert reply.choices[0].message.content == expected.text
+    assert reply.choices[0].finish_reason == expected.finish_reason
+    assert reply.usage.prompt_tokens == expected.stats.prompt_tokens
+    assert reply.usage.completion_tokens == expected.stats.new_tokens
+    assert reply.usage.model_extra["kept_prompt_tokens"] == expected.stats.prompt_tokens  # dense keeps all
+    assert reply.model_extra["draftkv"]["method"] == "dense"
+
+
+def test_chat_stream_is_the_same_text_with_usage_at_the_end(live):
+    client = live.client()
+    whole = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=16)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=16, stream=True,
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completions_stream_and_not(live, pair):
+    prompt = "the launch is on monday at noon. the launch is on"
+    expected = generate_batch(pair, [Request(context=prompt, chat_template=False, max_new_tokens=10)])[0]
+    client = live.client()
+    reply = client.completions.create(model=MODEL, prompt=prompt, max_tokens=10)
+    assert reply.choices[0].text == expected.text
+    assert reply.usage.prompt_tokens == expected.stats.prompt_tokens
+    streamed = "".join(c.choices[0].text for c in client.completions.create(model=MODEL, prompt=prompt,
+                                                                            max_tokens=10, stream=True))
+    assert streamed == expected.text
+
+
+def test_per_request_methods_and_budgets(live, pair):
+    context = long_context(400)
+    messages = [{"role": "user", "content": context + " what is the magic number?"}]
+    client = live.client()
+    for method, body, check in [
+        ("speckv", {"budget": 48}, lambda stats: stats["kv_entries"] == 48),
+        ("snapkv", {"budget": 24, "window": 8}, lambda stats: stats["kv_entries"] == 24),
+        ("specpc", {"prompt_budget": 96, "window": 16, "start_layer": 0}, lambda stats: stats["kept_prompt_tokens"] == 96),
+        ("speckv-pc", {"budget": 48, "prompt_budget": 128, "start_layer": 0}, lambda stats: stats["kv_entries"] == 48
+         and stats["kept_prompt_tokens"] == 128),
+    ]:
+        reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8,
+                                               extra_body={"method": method, **body})
+        stats = reply.model_extra["draftkv"]
+        assert stats["method"] == method and check(stats), (method, stats)
+        params = {("budget" if method == "specpc" and key == "prompt_budget" else key): value
+                  for key, value in body.items()}
+        expected = draftkv.generate(pair, messages=messages, max_new_tokens=8, method=method, **params)
+        assert reply.choices[0].message.content == expected.text, method
+
+
+def test_server_wide_default_method_and_its_parameters(pair):
+    server = serve(pair, method="snapkv", params={"budget": 20, "window": 8})
+    try:
+        messages = [{"role": "user", "content": long_context(300) + " what?"}]
+        client = server.client()
+        stats = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4).model_extra["draftkv"]
+        assert (stats["method"], stats["kv_entries"]) == ("snapkv", 20)
+        # The request's own budget replaces the server's; another method does not inherit them.
+        stats = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4,
+                                               extra_body={"budget": 40}).model_extra["draftkv"]
+        assert (stats["kv_entries"], stats["params"]["window"]) == (40, 8)
+        stats = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4,
+                                               extra_body={"method": "streamingllm"}).model_extra["draftkv"]
+        assert stats["params"]["budget"] == get_method("streamingllm").budget
+    finally:
+        server.stop()
+
+
+def post(live: Live, path: str, body) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(live.url + path, content=content, headers={"content-type": "application/json"}, timeout=30)
+
+
+@pytest.mark.parametrize("body, status, code, words", [
+    (b"{not json", 400, "invalid_json", "not valid JSON"),
+    (b"[1, 2]", 400, "invalid_json", "JSON object"),
+    ({"model": MODEL}, 400, "missing_field", "messages"),
+    ({"messages": MESSAGES}, 400, "missing_field", "model"),
+    ({"model": MODEL, "messages": []}, 400, "invalid_value", "messages"),
+    ({"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]}, 400, "invalid_value", "role"),
+    ({"model": "gpt-9", "messages": MESSAGES}, 404, "model_not_found", "gpt-9"),
+    ({"model": MODEL, "messages": MESSAGES, "method": "magic"}, 400, "unknown_method", "available"),
+    ({"model": MODEL, "messages": MESSAGES, "method": "snapkv", "colour": 3}, 400, "invalid_parameter", "colour"),
+    ({"model": MODEL, "messages": MESSAGES, "method": "dense", "budget": 64}, 400, "invalid_parameter", "budget"),
+    ({"model": MODEL, "messages": MESSAGES, "method": "snapkv", "budget": -5}, 400, "invalid_value", "budget"),
+    ({"model": MODEL, "messages": MESSAGES, "method": "snapkv", "budget": 1.5}, 400, "invalid_parameter", "budget"),
+    ({"model": MODEL, "messages": MESSAGES, "method": "snapkv", "prompt_budget": 64}, 400, "invalid_parameter",
+     "prompt_budget"),
+    ({"model": MODEL, "messages": MESSAGES, "n": 2}, 400, "unsupported_parameter", "n must be 1"),
+    ({"model": MODEL, "messages": MESSAGES, "logprobs": True}, 400, "unsupported_parameter", "logprobs"),
+    ({"model": MODEL, "messages": MESSAGES, "temperature": 5}, 400, "invalid_value", "temperature"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "  "}]}, 400, "invalid_prompt", "empty"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "unsupported_content", "text parts"),
+    ({"model": MODEL, "messages": MESSAGES, "max_tokens": 5000}, 400, "context_length_exceeded", "context"),
+])
+def test_bad_input_gets_the_openai_error_shape_and_the_server_keeps_serving(live, body, status, code, words):
+    response = post(live, "/chat/completions", body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and words in error["message"], error
+    assert set(error) == {"message", "type", "param", "code"}
+    assert httpx.get(f"http://127.0.0.1:{live.port}/health").json()["status"] == "ok"
+
+
+def test_openai_client_raises_the_matching_errors(live):
+    client = live.client()
+    with pytest.raises(openai.BadRequestError, match="unknown method"):
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, extra_body={"method": "nope"})
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="other", prompt="hello")
+    assert client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2).choices
+
+
+def test_oversized_prompt_memory_and_timeout_limits(pair):
+    long = [{"role": "user", "content": long_context(500)}]
+    server = serve(pair, max_prompt_tokens=200)
+    try:
+        with pytest.raises(openai.BadRequestError, match="limit of 200"):
+            server.client().chat.completions.create(model=MODEL, messages=long)
+    finally:
+        server.stop()
+    needed = estimate_bytes(pair, get_method("dense"), 500, 16)
+    server = serve(pair, memory_limit=needed // 2)
+    try:
+        response = post(server, "/chat/completions", {"model": MODEL, "messages": long, "max_tokens": 16})
+        assert response.status_code == 503 and response.json()["error"]["code"] == "insufficient_memory"
+        assert "MiB" in response.json()["error"]["message"]
+        # A short request still fits.
+        assert server.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2).choices
+    finally:
+        server.stop()
+    server = serve(pair, timeout=1e-3)
+    try:
+        response = post(server, "/chat/completions", {"model": MODEL, "messages": MESSAGES})
+        assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
+    finally:
+        server.stop()
+
+
+def test_memory_estimate_grows_with_the_prompt_and_shrinks_with_prompt_methods(pair):
+    dense = get_method("dense")
+    assert estimate_bytes(pair, dense, 1000, 16) > estimate_bytes(pair, dense, 500, 16) > 0
+    # SpecPC adds the draft's pass but prefills the target on 128 tokens instead of 1000.
+    specpc = get_method("specpc", budget=128, window=16)
+    target_only = ModelPair(pair.target)
+    assert estimate_bytes(target_only, specpc, 1000, 16) < estimate_bytes(target_only, dense, 1000, 16)
+
+
+def test_cancelled_rows_stop_decoding(pair):
+    request = Request(messages=MESSAGES, max_new_tokens=30)
+    free = generate_batch(pair, [request, request])
+    assert len(free[0].token_ids) > 3, "pick a prompt whose answer is longer than the cut"
+    produced = {0: 0}
+
+    def on_text(row: int, _text: str) -> None:
+        produced[row] = produced.get(row, 0) + 1
+
+    cut = generate_batch(pair, [request, request], on_text=on_text, cancelled=lambda row: row == 0 and produced[0] >= 2)
+    assert cut[0].finish_reason == "cancelled" and cut[0].token_ids == free[0].token_ids[:len(cut[0].token_ids)]
+    assert len(cut[0].token_ids) < len(free[0].token_ids)
+    assert cut[1].token_ids == free[1].token_ids  # the other row is untouched
+
+
+def test_a_client_that_disconnects_cancels_its_request(pair):
+    server = serve(pair)
+    jobs = []
+    scheduler = server.app.state.server.scheduler
+    submit = scheduler.submit
+    scheduler.submit = lambda job: (jobs.append(job), submit(job))[1]
+    try:
+        stream = server.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1500,
+                                                         stream=True)
+        next(iter(stream))  # the role chunk: the request runs
+        stream.close()
+        deadline = time.monotonic() + 10
+        while not jobs[0].cancelled:
+            assert time.monotonic() < deadline, "the disconnect did not cancel the job"
+            time.sleep(0.05)
+        while metric(server, "draftkv_requests_total", status="499") < 1:
+            assert time.monotonic() < deadline, "the disconnect was not counted"
+            time.sleep(0.05)
+    finally:
+        server.stop()
+
+
+def test_health_models_and_metrics(live):
+    client = live.client()
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    before = metric(live, "draftkv_requests_total", endpoint="chat", method="dense", status="200")
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3)
+    assert metric(live, "draftkv_requests_total", endpoint="chat", method="dense", status="200") == before + 1
+    assert metric(live, "draftkv_prompt_tokens_total") >= reply.usage.prompt_tokens
+    assert metric(live, "draftkv_request_latency_seconds_count", endpoint="chat") >= 1
+    assert metric(live, "draftkv_batch_size_count") >= 1
+    health = httpx.get(f"http://127.0.0.1:{live.port}/health").json()
+    assert health == {"status": "ok", "mode": "local", "model": MODEL, "waiting": 0, "running": 0}
+
+
+def test_load_sixteen_clients_times_eight_requests_all_complete_and_correct(pair):
+    server = serve(pair, max_batch_size=8)
+    prompts = [f"{long_context(20 + 3 * client, seed=client)} what is number {index}?"
+               for client in range(16) for index in range(8)]
+    expected = {p: draftkv.generate(pair, messages=[{"role": "user", "content": p}], max_new_tokens=12).text
+                for p in prompts}
+    try:
+        def one_client(client: int) -> list[bool]:
+            api = server.client(timeout=120)
+            ok = []
+            for index in range(8):
+                prompt = prompts[client * 8 + index]
+                messages = [{"role": "user", "content": prompt}]
+                if index % 2:
+                    chunks = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, stream=True)
+                    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+                else:
+                    text = api.chat.completions.create(model=MODEL, messages=messages,
+                                                       max_tokens=12).choices[0].message.content
+                ok.append(text == expected[prompt])
+            return ok
+
+        with ThreadPoolExecutor(16) as pool:
+            results = [ok for batch in pool.map(one_client, range(16)) for ok in batch]
+        assert len(results) == 128 and all(results)
+        assert metric(server, "draftkv_requests_total", endpoint="chat", method="dense", status="200") == 128
+        # Requests that waited together ran together.
+        batches = metric(server, "draftkv_batch_size_count")
+        assert batches < 128
+        assert httpx.get(f"http://127.0.0.1:{server.port}/health").json()["status"] == "ok"
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def upstream(pair):
+    server = serve(pair)  # a dense draftkv server stands in for vLLM
+    yield server
+    server.stop()
+
+
+def draft_only(pair: ModelPair) -> ModelPair:
+    return ModelPair(pair.draft, pair.draft)
+
+
+def test_proxy_sends_the_compressed_prompt_upstream_and_streams_the_answer(pair, upstream):
+    proxy = serve(draft_only(pair), upstream=upstream.url, upstream_model=MODEL, method="specpc",
+                  params={"budget": 96, "window": 16, "start_layer": 0})
+    try:
+        context = long_context(500)
+        messages = [{"role": "system", "content": "Answer briefly."},
+                    {"role": "user", "content": context + " what is the magic number?"}]
+        full = draftkv.compress_prompt(draft_only(pair), messages=messages, method="keep-last", budget=10**6)
+        compressed = draftkv.compress_prompt(draft_only(pair), messages=messages, method="specpc", budget=96,
+                                             window=16, start_layer=0)
+        before = metric(upstream, "draftkv_prompt_tokens_total")
+        reply = proxy.client().chat.completions.create(model=MODEL, messages=messages, max_tokens=10)
+        received = metric(upstream, "draftkv_prompt_tokens_total") - before
+        # The upstream got the kept text in place of the last message, and nothing more.
+        direct = [*messages[:-1], {"role": "user", "content": compressed.text}]
+        assert received == len(encode_prompt(pair.tokenizer, Request(messages=direct)).ids)
+        assert received < full.prompt_tokens / 2
+        assert reply.usage.prompt_tokens == full.prompt_tokens and reply.usage.model_extra["kept_prompt_tokens"] == received
+        assert reply.choices[0].message.content == upstream.client().chat.completions.create(
+            model=MODEL, messages=direct, max_tokens=10).choices[0].message.content
+        chunks = list(proxy.client().chat.completions.create(model=MODEL, messages=messages, max_tokens=10,
+                                                             stream=True, stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.choices[0].message.content
+        assert chunks[-1].usage.model_extra["kept_prompt_tokens"] == received
+        # Completions are compressed too; dense passes the prompt through.
+        prompt = context + " the magic number is"
+        short = proxy.client().completions.create(model=MODEL, prompt=prompt, max_tokens=4)
+        assert short.usage.model_extra["kept_prompt_tokens"] < short.usage.prompt_tokens
+        whole = proxy.client().completions.create(model=MODEL, prompt=prompt, max_tokens=4,
+                                                  extra_body={"method": "dense"})
+        assert whole.usage.model_extra["kept_prompt_tokens"] == whole.usage.prompt_tokens > short.usage.prompt_tokens - 5
+        # KV methods need the target, which runs upstream.
+        with pytest.raises(openai.BadRequestError, match="prompt method"):
+            proxy.client().chat.completions.create(model=MODEL, messages=messages, extra_body={"method": "snapkv"})
+    finally:
+        proxy.stop()
+
+
+def test_proxy_reports_an_unreachable_or_failing_upstream(pair):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    proxy = serve(draft_only(pair), upstream=f"http://127.0.0.1:{closed_port}/v1", method="keep-last",
+                  params={"budget": 64})
+    broken = FastAPI()
+
+    @broken.post("/v1/chat/completions")
+    async def fail() -> JSONResponse:
+        return JSONResponse({"error": {"message": "engine crashed", "type": "server_error"}}, status_code=500)
+
+    failing = Live(broken)
+    failing_proxy = serve(draft_only(pair), upstream=failing.url, method="keep-last", params={"budget": 64})
+    try:
+        for server, words in ((proxy, "unreachable"), (failing_proxy, "engine crashed")):
+            for stream in (False, True):
+                response = post(server, "/chat/completions", {"model": "any", "messages": MESSAGES, "stream": stream})
+                assert response.status_code == 502 and words in response.json()["error"]["message"]
+            assert httpx.get(f"http://127.0.0.1:{server.port}/health").json()["mode"] == "proxy"
+    finally:
+        for server in (proxy, failing_proxy, failing):
+            server.stop()
+
+
+def test_parse_bytes():
+    assert parse_bytes("8GiB") == 8 * 2**30 and parse_bytes("512MiB") == 512 * 2**20
+    assert parse_bytes("2GB") == 2 * 10**9 and parse_bytes("1000") == 1000
+    with pytest.raises(ConfigError, match="8GiB"):
+        parse_bytes("lots")
+
+
+def test_request_log_lines_are_json(live, caplog):
+    with caplog.at_level(logging.INFO, logger="draftkv.serve"):
+        live.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
+        deadline = time.monotonic() + 5
+        while not [r for r in caplog.records if r.name == "draftkv.serve"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+    line = json.loads([r for r in caplog.records if r.name == "draftkv.serve"][-1].getMessage())
+    assert line["event"] == "request" and line["status"] == 200 and line["method"] == "dense"
+    assert line["prompt_tokens"] > 0 and line["latency_s"] > 0
+
+
+def test_the_serve_command_takes_its_configuration_from_the_environment(pair, tmp_path):
+    for role, loaded in (("target", pair.target), ("draft", pair.draft)):
+        loaded.model.save_pretrained(tmp_path / role)
+        loaded.tokenizer.save_pretrained(tmp_path / role)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "DRAFTKV_PORT": str(port), "DRAFTKV_TARGET": str(tmp_path / "target"),
+           "DRAFTKV_DRAFT": str(tmp_path / "draft"), "DRAFTKV_METHOD": "snapkv", "DRAFTKV_BUDGET": "24",
+           "DRAFTKV_MODEL_NAME": "served", "DRAFTKV_DEVICE": "cpu", "DRAFTKV_LOG_LEVEL": "warning"}
+    process = subprocess.Popen([sys.executable, "-m", "draftkv", "serve", "-p", "window=8"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline, "draftkv serve did not come up"
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        messages = [{"role": "user", "content": long_context(200) + " what?"}]
+        stats = client.chat.completions.create(model="served", messages=messages, max_tokens=3).model_extra["draftkv"]
+        assert (stats["method"], stats["kv_entries"], stats["params"]["window"]) == ("snapkv", 24, 8)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_the_serve_command_refuses_a_bad_default_method(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "draftkv", "serve", "--method", "nope", "--target",
+                             str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "unknown method 'nope'" in result.stderr
