@@ -329,6 +329,7 @@ def serve(
     from .serving.protocol import ServeError
 
     logging.basicConfig(level=log_level.upper(), format="%(message)s")  # request lines are JSON already
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call otherwise
     try:
         params: dict[str, Any] = dict(parse_param(item) for item in param or [])
         for key, value in (("budget", budget), ("prompt_budget", prompt_budget)):

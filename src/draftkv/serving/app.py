@@ -370,7 +370,8 @@ class Server:
                         continue
                     if not parsed.include_usage:
                         chunk.pop("usage", None)
-                    trace.mark_first_token()
+                    if any((c.get("delta") or {}).get("content") or c.get("text") for c in chunk.get("choices", [])):
+                        trace.mark_first_token()  # the first chunk with text (not the role chunk)
                     yield sse(chunk)
                 yield sse("[DONE]")
             except (httpx.HTTPError, json.JSONDecodeError) as error:
