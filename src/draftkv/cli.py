@@ -277,6 +277,46 @@ def methods() -> None:
         console.print(table)
 
 
+@app.command()
+def bench(
+    lengths: Annotated[str, typer.Option(help="Context lengths in tokens, comma-separated.")] = "1024,2048,4096,8192",
+    methods: Annotated[str, typer.Option(help="Comma-separated methods (dense is always added: every ratio needs it).")] = "dense,snapkv,speckv,specpc,speckv-pc",
+    budget: Annotated[str, typer.Option(help="KV budget of KV methods (and speckv-pc's KV stage).")] = "256",
+    prompt_budget: Annotated[str, typer.Option(help="Prompt budget of prompt methods (and speckv-pc's prompt stage).")] = "1024",
+    new_tokens: Annotated[int, typer.Option(help="New tokens per request (exactly: end-of-text is ignored).", min=1)] = 32,
+    repeats: Annotated[int, typer.Option(help="Measured repeats per configuration (after one warm-up).", min=1)] = 3,
+    batch_sizes: Annotated[str, typer.Option(help="Batch sizes, comma-separated (throughput).")] = "1",
+    memory: Annotated[bool, typer.Option(help="CPU: peak memory of each configuration in a fresh subprocess (one more run each).")] = True,
+    out: Annotated[Path, typer.Option(help="Results folder (resumes what is there).")] = Path("results/bench"),
+    target: Target = DEFAULT_TARGET,
+    draft: Draft = DEFAULT_DRAFT,
+    device: Device = None,
+    dtype: Dtype = None,
+) -> None:
+    """Latency, throughput and memory of each method against dense, over context lengths."""
+    from . import bench as benchmark
+
+    try:
+        chosen = benchmark.method_configs(_split(methods), parse_budget(budget), parse_budget(prompt_budget))
+        length_list, batch_list = _split(lengths, int), _split(batch_sizes, int)
+        if not length_list or min(length_list) < 1 or not batch_list or min(batch_list) < 1:
+            raise ConfigError(f"lengths and batch sizes must be positive integers, got {lengths!r} and {batch_sizes!r}")
+        with err.status("loading models"):
+            pair = load_pair(target, draft, device=device, dtype=dtype)
+        spec = {"target": target, "draft": draft, "device": device, "dtype": dtype} if memory else None
+        config = {"lengths": length_list, "methods": chosen, "new_tokens": new_tokens, "repeats": repeats,
+                  "batch_sizes": batch_list, "target": target, "draft": draft,
+                  "device": str(pair.target.model.device), "dtype": str(pair.target.model.dtype)}
+        benchmark.run_bench(pair, out, lengths=length_list, methods=chosen, batch_sizes=batch_list,
+                            new_tokens=new_tokens, repeats=repeats, memory_spec=spec)
+        markdown, _ = benchmark.report(out, config)
+    except DraftKVError as error:
+        raise fail(error) from None
+    typer.echo(markdown.read_text(encoding="utf-8"))
+    err.print(f"results in {out} (runs.jsonl, bench.json, bench.md, latency.png, memory.png)", markup=False,
+              highlight=False)
+
+
 def parse_bytes(text: str) -> int:
     """'8GiB', '512MiB', '2GB' or a plain number of bytes."""
     units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,

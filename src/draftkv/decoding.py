@@ -91,7 +91,7 @@ def decode(
     attention_mask: torch.Tensor | None,
     max_new_tokens: list[int],
     samplings: list[Sampling],
-    eos_token_ids: set[int],
+    eos_token_ids: set[int] | list[set[int]],
     tokenizer=None,
     stops: list[tuple[str, ...]] | None = None,
     on_text: TextCallback | None = None,
@@ -100,7 +100,8 @@ def decode(
 ) -> DecodeOutput:
     """Generate from `first_logits` [B, V] (the prefill's last position) and a filled `cache`.
 
-    positions: [B] logical position of the next token per row. attention_mask: [B, physical
+    positions: [B] logical position of the next token per row. eos_token_ids: one set for every row
+    or a set per row. attention_mask: [B, physical
     cache length] (None when no row has padding). Without a tokenizer, text is left empty (the
     draft's lookahead only needs ids). `after_step` sees the cache after every forward pass
     (decode-time eviction cuts it there). A row for which `cancelled(row)` turns true stops at the
@@ -108,6 +109,7 @@ def decode(
     """
     batch = first_logits.shape[0]
     device = first_logits.device
+    row_eos = eos_token_ids if isinstance(eos_token_ids, list) else [eos_token_ids] * batch
     stops = stops or [() for _ in range(batch)]
     generators = make_generators(samplings, device)
     token_ids: list[list[int]] = [[] for _ in range(batch)]
@@ -128,7 +130,7 @@ def decode(
                 finish[row] = "cancelled"
             if finish[row] is not None:
                 continue
-            if token in eos_token_ids:
+            if token in row_eos[row]:
                 finish[row] = "stop"
             else:
                 token_ids[row].append(token)

@@ -570,7 +570,8 @@ def finish_batch(pair: ModelPair, prepared: Prepared, on_text: TextCallback | No
             target, prepared.cache, prepared.first_logits,
             positions=torch.tensor(prepared.stage.batch.next_positions, device=target.device),
             attention_mask=prepared.attention_mask, max_new_tokens=[r.max_new_tokens for r in requests],
-            samplings=[r.sampling for r in requests], eos_token_ids=eos_ids(target, pair.tokenizer),
+            samplings=[r.sampling for r in requests],
+            eos_token_ids=[set() if r.ignore_eos else eos_ids(target, pair.tokenizer) for r in requests],
             tokenizer=pair.tokenizer, stops=[r.stop for r in requests], on_text=on_text,
             after_step=eviction.after_step if eviction is not None else None, cancelled=cancelled,
         )

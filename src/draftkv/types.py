@@ -49,6 +49,7 @@ class Request:
     stop: tuple[str, ...] = ()
     chat_template: bool = True
     answer_prefix: str = ""  # the start of the answer, which the model continues (after the chat template)
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks); stop strings still apply
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

@@ -16,19 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-
 from ..context import compress_context
 from ..errors import ConfigError
 from ..methods import KVMethod, PromptMethod, SpecKVPC, get_method
 from ..pipeline import generate_batch, generate_shared
+from ..progress import progress_bar
 from . import metrics
 from .ruler import Sample
 
@@ -135,9 +127,7 @@ def run(pair: ModelPair, samples: Iterable[Sample], runs: list[Setting], out: Pa
     done = {row["key"] for row in read_results(path)}
     todo = [(sample, [s for s in runs if key(sample.id, s) not in done]) for sample in samples]
     todo = [(sample, missing) for sample, missing in todo if missing]
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("eta"), TimeRemainingColumn())
-    with open(path, "a", encoding="utf-8") as handle, Progress(*columns) as progress:
+    with open(path, "a", encoding="utf-8") as handle, progress_bar() as progress:
         task = progress.add_task(f"{len(done)} done before", total=sum(len(missing) for _, missing in todo))
         for sample, missing in todo:
             together = [s for s in missing if share and shareable(s)] if len(missing) > 1 and not query_agnostic else []

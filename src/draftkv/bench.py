@@ -1,0 +1,460 @@
+"""`draftkv bench`: latency, throughput and memory of every method against dense, over context length.
+
+The protocol (EVALUATION.md): one process, the same inputs for every method, methods interleaved
+within each repeat after one warm-up, at least 3 repeats, medians with min-max, and every figure's
+ratio to dense from the same run (absolute times on shared machines are noise; ratios within a run
+are the figure). Peak memory: on CUDA `max_memory_allocated`, reset per run; on CPU the peak resident
+memory of a fresh subprocess per configuration (one more run each), so that one configuration's
+allocations never count against another's. Rows are appended to `runs.jsonl` as they finish, so a
+killed sweep resumes where it stopped; a configuration that fails is recorded and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError, DraftKVError
+from .methods import Method, get_method
+from .pipeline import generate_batch
+from .progress import progress_bar
+from .prompt import encode_prompt
+from .synthetic import LAUNCH_QUESTION, notes_context
+from .types import Request
+
+if TYPE_CHECKING:
+    from .models import ModelPair
+
+DRAFT_STAGES = ("draft_prefill", "draft_lookahead", "draft_scoring")
+ANSWER = re.compile(r"14(th)?\s+(of\s+)?October|October\s+14", re.IGNORECASE)
+# (column, row key, what it is) for the table; ratios to dense are added for the first five.
+COLUMNS = [
+    ("TTFT", "ttft_s", "time to first token, s"),
+    ("decode ms/tok", "decode_ms_per_token", "decode time per new token after the first, ms"),
+    ("end-to-end", "e2e_s", "all stages and every new token, s"),
+    ("peak memory", "peak_memory_bytes", "what the run adds to memory at its peak (weights excluded)"),
+    ("KV bytes", "kv_bytes", "KV cache after compression, per request"),
+    ("tokens/s", "tokens_per_s", "new tokens of the whole batch per second, end to end"),
+    ("draft share", "draft_share", "draft prefill + lookahead + scoring over end-to-end"),
+]
+
+
+@dataclass(frozen=True)
+class Config:
+    """One cell of the sweep: a method at a context length and a batch size."""
+
+    method: str
+    params: tuple[tuple[str, Any], ...]
+    length: int
+    batch: int
+
+    @property
+    def label(self) -> str:
+        params = ",".join(f"{key}={value}" for key, value in self.params)
+        return f"{self.method}({params})" if params else self.method
+
+    def make(self) -> Method:
+        return get_method(self.method, **dict(self.params))
+
+    def key(self, repeat: int) -> str:
+        return f"{self.length}|{self.batch}|{self.label}|{repeat}"
+
+
+def method_configs(methods: list[str], budget: int | float, prompt_budget: int | float) -> list[tuple[str, dict]]:
+    """Each method with the budgets that apply to it (KV budget, prompt budget, or both)."""
+    from .methods import KVMethod, PromptMethod, SpecKVPC
+
+    chosen = []
+    for name in methods:
+        method = get_method(name)  # fails fast on an unknown name
+        if isinstance(method, SpecKVPC):
+            chosen.append((name, {"budget": budget, "prompt_budget": prompt_budget}))
+        elif isinstance(method, KVMethod):
+            chosen.append((name, {"budget": budget}))
+        elif isinstance(method, PromptMethod):
+            chosen.append((name, {"budget": prompt_budget}))
+        else:
+            chosen.append((name, {}))
+        get_method(name, **chosen[-1][1])  # a budget the method refuses fails before the sweep
+    if "dense" not in [name for name, _ in chosen]:
+        chosen.insert(0, ("dense", {}))  # every ratio needs it
+    return chosen
+
+
+def bench_requests(tokenizer, length: int, batch: int, new_tokens: int) -> list[Request]:
+    """`batch` prompts of `length` tokens (the chat template included): notes with one launch fact at
+    the middle and a question about it, each row with other notes. Exactly `new_tokens` are generated."""
+    overhead = len(encode_prompt(tokenizer, Request(context="x", question=LAUNCH_QUESTION)).ids) - 1
+    if length <= overhead + 16:
+        raise ConfigError(f"a benchmark length must be above {overhead + 16} tokens (the template and question), "
+                          f"got {length}")
+    return [Request(context=notes_context(length - overhead, tokenizer, seed=length * 100 + row),
+                    question=LAUNCH_QUESTION, max_new_tokens=new_tokens, ignore_eos=True)
+            for row in range(batch)]
+
+
+def measure(pair: ModelPair, method: Method, requests: list[Request]) -> dict:
+    """One run of a batch: the figures of one row of the sweep."""
+    import torch
+
+    device = pair.target.model.device
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    started = time.perf_counter()
+    results = generate_batch(pair, requests, method)
+    wall = time.perf_counter() - started
+    stats = results[0].stats  # stage timings are the batch's
+    timings = stats.timings
+    new_tokens = sum(r.stats.new_tokens for r in results)
+    draft = sum(timings.get(stage, 0.0) for stage in DRAFT_STAGES)
+    steps = max(results[0].stats.new_tokens - 1, 1)
+    row = {
+        "prompt_tokens": stats.prompt_tokens, "kept_prompt_tokens": stats.kept_prompt_tokens,
+        "ttft_s": stats.time_to_first_token, "e2e_s": stats.total_time, "wall_s": wall,
+        "decode_ms_per_token": 1000 * timings.get("decode", 0.0) / steps,
+        "tokens_per_s": new_tokens / stats.total_time if stats.total_time else 0.0,
+        "draft_share": draft / stats.total_time if stats.total_time else 0.0,
+        "kv_bytes": stats.kv_bytes, "kv_bytes_dense": stats.kv_bytes_dense, "kv_entries": stats.kv_entries,
+        "kv_bytes_stored": stats.kv_bytes_stored,  # what the cache tensors hold: measured, not computed
+        "new_tokens": new_tokens, "timings": timings, "correct": all(bool(ANSWER.search(r.text)) for r in results),
+        "answer": results[0].text,
+    }
+    if device.type == "cuda":
+        row["peak_memory_bytes"] = (stats.peak_memory_bytes or 0) - before
+        row["peak_memory_total_bytes"] = stats.peak_memory_bytes
+    return row
+
+
+# ---- CPU peak memory, in a fresh subprocess per configuration ----
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset the peak resident size (VmHWM) of this process; Linux only."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
+            clear.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_probe(spec: dict) -> dict:
+    """Run one configuration once in this (fresh) process and report the peak memory it added."""
+    from .models import load_pair
+
+    pair = load_pair(spec["target"], spec["draft"], device=spec.get("device"), dtype=spec.get("dtype"))
+    requests = bench_requests(pair.tokenizer, spec["length"], spec["batch"], spec["new_tokens"])
+    method = get_method(spec["method"], **spec["params"])
+    gc.collect()
+    resettable = _reset_peak()
+    before = (_status_kib("VmRSS") or 0) * 1024
+    generate_batch(pair, requests, method)
+    if resettable and (peak := _status_kib("VmHWM")) is not None:
+        peak_bytes = peak * 1024
+    else:  # no reset: the peak since the process started (weights included)
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak_bytes = kib if sys.platform == "darwin" else kib * 1024
+    return {"peak_memory_bytes": max(peak_bytes - before, 0), "peak_memory_total_bytes": peak_bytes,
+            "rss_before_bytes": before}
+
+
+def probe_in_subprocess(spec: dict) -> dict:
+    completed = subprocess.run([sys.executable, "-m", "draftkv.bench", json.dumps(spec)], capture_output=True,
+                               text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
+    if completed.returncode != 0 or not lines:
+        raise RuntimeError(f"memory probe failed: {completed.stderr.strip().splitlines()[-1:] or completed.returncode}")
+    return json.loads(lines[-1])
+
+
+# ---- the sweep ----
+
+def read_runs(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a torn last line from a killed sweep
+    return rows
+
+
+def run_bench(pair: ModelPair, out: Path, *, lengths: list[int], methods: list[tuple[str, dict]],
+              batch_sizes: tuple[int, ...] | list[int] = (1,), new_tokens: int = 32, repeats: int = 3,
+              memory_spec: dict | None = None) -> list[dict]:
+    """Sweep lengths x batch sizes x methods, `repeats` times, methods interleaved; append to
+    `out/runs.jsonl` and return every row (earlier ones included). `memory_spec` (target, draft,
+    device, dtype) lets CPU runs measure peak memory in a subprocess; without it, CPU memory is skipped."""
+    if repeats < 1 or new_tokens < 1:
+        raise ConfigError(f"repeats and new tokens must be >= 1, got {repeats} and {new_tokens}")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "runs.jsonl"
+    rows = read_runs(path)
+    done = {row["key"] for row in rows}
+    configs = [Config(name, tuple(sorted(params.items())), length, batch)
+               for length in lengths for batch in batch_sizes for name, params in methods]
+    on_cpu = pair.target.model.device.type == "cpu"
+    todo = [(c, r) for r in range(repeats) for c in configs if c.key(r) not in done]
+    memory_todo = [c for c in configs if on_cpu and memory_spec is not None and c.key(-1) not in done]
+    if todo:  # warm-up: every method once at the shortest length, so one-time costs miss the measurements
+        with contextlib.suppress(DraftKVError):  # a failing configuration is reported by its measured runs
+            warm = bench_requests(pair.tokenizer, min(lengths), 1, 2)
+            for name, params in methods:
+                with contextlib.suppress(DraftKVError):
+                    generate_batch(pair, warm, get_method(name, **params))
+    with open(path, "a", encoding="utf-8") as handle, progress_bar() as progress:
+        task = progress.add_task("bench", total=len(todo) + len(memory_todo))
+        inputs: dict[tuple[int, int], list[Request] | Exception] = {}
+        for config, repeat in todo:  # repeat-major, so methods interleave within each repeat
+            progress.update(task, description=f"{config.length} tok x{config.batch} {config.label} #{repeat}")
+            row = {"key": config.key(repeat), "method": config.method, "label": config.label,
+                   "params": dict(config.params), "length": config.length, "batch": config.batch, "repeat": repeat}
+            try:
+                if (config.length, config.batch) not in inputs:
+                    try:
+                        inputs[config.length, config.batch] = bench_requests(pair.tokenizer, config.length,
+                                                                             config.batch, new_tokens)
+                    except DraftKVError as error:
+                        inputs[config.length, config.batch] = error
+                requests = inputs[config.length, config.batch]
+                if isinstance(requests, Exception):
+                    raise requests
+                row.update(measure(pair, config.make(), requests))
+            except Exception as error:  # reported in the table; the sweep goes on
+                row["error"] = f"{type(error).__name__}: {error}"
+            write(handle, row)
+            rows.append(row)
+            progress.advance(task)
+        for config in memory_todo:
+            progress.update(task, description=f"memory {config.length} tok x{config.batch} {config.label}")
+            row = {"key": config.key(-1), "method": config.method, "label": config.label, "params": dict(config.params),
+                   "length": config.length, "batch": config.batch, "repeat": -1}
+            try:
+                row.update(probe_in_subprocess({**memory_spec, "method": config.method, "params": dict(config.params),
+                                                "length": config.length, "batch": config.batch,
+                                                "new_tokens": new_tokens}))
+            except Exception as error:
+                row["error"] = f"{type(error).__name__}: {error}"
+            write(handle, row)
+            rows.append(row)
+            progress.advance(task)
+    return rows
+
+
+def write(handle, row: dict) -> None:
+    handle.write(json.dumps(row) + "\n")
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+# ---- summary: medians, min-max, ratios to dense ----
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One entry per (length, batch, method): median, min and max of each figure and its ratio to dense."""
+    cells: dict[tuple[int, int, str], dict] = {}
+    for row in rows:
+        cell = cells.setdefault((row["length"], row["batch"], row["label"]),
+                                {"length": row["length"], "batch": row["batch"], "label": row["label"],
+                                 "method": row["method"], "params": row["params"], "runs": [], "memory": None,
+                                 "errors": []})
+        if "error" in row:
+            cell["errors"].append(row["error"])
+        elif row["repeat"] < 0:
+            cell["memory"] = row
+        else:
+            cell["runs"].append(row)
+    summary = []
+    for cell in cells.values():
+        runs = cell.pop("runs")
+        memory = cell.pop("memory")
+        for _, key, _ in COLUMNS:
+            values = [run[key] for run in runs if run.get(key) is not None]
+            if key == "peak_memory_bytes" and memory is not None:
+                values = [memory[key]]
+            if values:
+                cell[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+        cell["repeats"] = len(runs)
+        if runs:
+            last = runs[-1]
+            cell.update(prompt_tokens=last["prompt_tokens"], kept_prompt_tokens=last["kept_prompt_tokens"],
+                        kv_entries=last["kv_entries"], kv_bytes_dense=last["kv_bytes_dense"],
+                        kv_bytes_stored=last["kv_bytes_stored"],
+                        correct=sum(run["correct"] for run in runs),
+                        timings={stage: statistics.median(run["timings"].get(stage, 0.0) for run in runs)
+                                 for stage in sorted({s for run in runs for s in run["timings"]})})
+        summary.append(cell)
+    for cell in summary:
+        dense = next((c for c in summary if c["method"] == "dense" and c["length"] == cell["length"]
+                      and c["batch"] == cell["batch"]), None)
+        for _, key, _ in COLUMNS:
+            if dense is not None and key in cell and key in dense and dense[key]["median"]:
+                cell[key]["ratio"] = cell[key]["median"] / dense[key]["median"]
+    return sorted(summary, key=lambda c: (c["length"], c["batch"], c["method"] != "dense", c["label"]))
+
+
+def _fmt(key: str, value: float) -> str:
+    if key.endswith("bytes"):
+        return f"{value / 2**20:.1f} MiB"
+    if key == "draft_share":
+        return f"{value:.0%}"
+    if key == "decode_ms_per_token":
+        return f"{value:.0f}"
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}"
+
+
+def table(summary: list[dict]) -> str:
+    """The markdown table: each figure as median [min-max] (ratio to dense)."""
+    head = ["length", "batch", "method", *[name for name, _, _ in COLUMNS], "answer ok", "n"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cell in summary:
+        values = []
+        for _, key, _ in COLUMNS:
+            figure = cell.get(key)
+            if figure is None:
+                values.append("-")
+                continue
+            text = _fmt(key, figure["median"])
+            if figure["min"] != figure["max"]:
+                text += f" [{_fmt(key, figure['min'])}-{_fmt(key, figure['max'])}]"
+            if "ratio" in figure and key != "draft_share":
+                text += f" ({figure['ratio']:.2f})"
+            values.append(text)
+        repeats = cell.get("repeats", 0)
+        ok = f"{cell.get('correct', 0)}/{repeats}" if repeats else "-"
+        errors = f" error: {cell['errors'][0]}" if cell["errors"] else ""
+        lines.append("| " + " | ".join([str(cell.get("prompt_tokens", cell["length"])), str(cell["batch"]),
+                                         cell["label"] + errors, *values, ok, str(repeats)]) + " |")
+    return "\n".join(lines)
+
+
+def targets(summary: list[dict]) -> list[str]:
+    """The issue's targets, checked on the longest length measured, batch 1."""
+    lines = []
+    ones = [c for c in summary if c["batch"] == 1 and c.get("repeats")]
+    if not ones:
+        return lines
+    longest = max(c["length"] for c in ones)
+
+    def cell(method: str, length: int = longest) -> dict | None:
+        return next((c for c in ones if c["method"] == method and c["length"] == length), None)
+
+    if (c := cell("specpc")) and "ratio" in c.get("ttft_s", {}):
+        r = c["ttft_s"]["ratio"]
+        lines.append(f"- SpecPC time to first token at {c['prompt_tokens']} tokens: {r:.2f} of dense "
+                     f"(target <= 0.45: {'met' if r <= 0.45 else 'missed'})")
+    if (c := cell("speckv-pc")) and "ratio" in c.get("e2e_s", {}):
+        r = c["e2e_s"]["ratio"]
+        lines.append(f"- SpecKV-PC end-to-end at {c['prompt_tokens']} tokens: {r:.2f} of dense "
+                     f"(target <= 0.5: {'met' if r <= 0.5 else 'missed'})")
+    for c in [c for c in ones if c["method"] == "speckv"]:
+        stored, dense = c["kv_bytes_stored"], c["kv_bytes_dense"]
+        want = min(c["params"]["budget"], c["prompt_tokens"]) / c["prompt_tokens"]
+        error = abs(stored / dense - want) / want
+        timings = c["timings"]
+        scoring = timings.get("scoring", 0.0) / timings["target_prefill"] if timings.get("target_prefill") else 0.0
+        probe = timings.get("probe", 0.0) / timings["target_prefill"] if timings.get("target_prefill") else 0.0
+        lines.append(f"- SpecKV at {c['prompt_tokens']} tokens: cache tensors hold {stored / dense:.4f} of dense's "
+                     f"KV bytes, budget / prompt "
+                     f"= {want:.4f} (off by {error:.2%}; target within 1%: {'met' if error <= 0.01 else 'missed'}); "
+                     f"scoring {scoring:.1%} of the target prefill (target <= 5%: "
+                     f"{'met' if scoring <= 0.05 else 'missed'}), the lookahead probe another {probe:.1%}")
+    for c in [c for c in summary if c["method"] == "speckv" and "peak_memory_bytes" in c]:
+        if "ratio" in c["peak_memory_bytes"]:
+            r = c["peak_memory_bytes"]["ratio"]
+            lines.append(f"- SpecKV peak memory at {c['prompt_tokens']} tokens x{c['batch']}: {r:.2f} of dense's "
+                         f"(target <= 1: {'met' if r <= 1 else 'missed'})")
+    return lines
+
+
+def plots(summary: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    ones = [c for c in summary if c["batch"] == min(c2["batch"] for c2 in summary)]
+    labels = sorted({c["label"] for c in ones}, key=lambda label: (not label.startswith("dense"), label))
+    for name, panels in (("latency.png", [("ttft_s", "time to first token (s)"), ("e2e_s", "end-to-end (s)"),
+                                          ("decode_ms_per_token", "decode (ms / token)")]),
+                         ("memory.png", [("peak_memory_bytes", "peak memory above weights (MiB)"),
+                                         ("kv_bytes", "KV cache after compression (MiB)")])):
+        figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+        for axis, (key, title) in zip(axes, panels, strict=True):
+            for label in labels:
+                points = sorted((c["length"], c[key]["median"]) for c in ones if c["label"] == label and key in c)
+                if points:
+                    scale = 2**20 if key.endswith("bytes") else 1
+                    axis.plot([p[0] for p in points], [p[1] / scale for p in points], marker="o", label=label)
+            axis.set_xlabel("context length (tokens)")
+            axis.set_title(title)
+            axis.set_xscale("log", base=2)
+            axis.grid(alpha=0.3)
+        next((axis for axis in axes if axis.lines), axes[0]).legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(out / name, dpi=120)
+        plt.close(figure)
+        written.append(out / name)
+    batches = sorted({c["batch"] for c in summary})
+    if len(batches) > 1:
+        longest = max(c["length"] for c in summary)
+        figure, axis = plt.subplots(figsize=(5, 4))
+        for label in labels:
+            points = sorted((c["batch"], c["tokens_per_s"]["median"]) for c in summary
+                            if c["label"] == label and c["length"] == longest and "tokens_per_s" in c)
+            if points:
+                axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        axis.set_xlabel("batch size")
+        axis.set_title(f"throughput at {longest} tokens (new tokens / s)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(out / "throughput.png", dpi=120)
+        plt.close(figure)
+        written.append(out / "throughput.png")
+    return written
+
+
+def report(out: Path, config: dict | None = None) -> tuple[Path, list[dict]]:
+    """bench.json (config, summary) and bench.md (the table and the targets) from `out/runs.jsonl`, with plots."""
+    rows = read_runs(out / "runs.jsonl")
+    if not rows:
+        raise ConfigError(f"no benchmark runs in {out / 'runs.jsonl'}")
+    summary = summarize(rows)
+    (out / "bench.json").write_text(json.dumps({"config": config, "summary": summary}, indent=1) + "\n",
+                                    encoding="utf-8")
+    legend = "\n".join(f"- **{name}**: {meaning}" for name, _, meaning in COLUMNS)
+    text = ("Each figure: median [min-max] of the repeats (ratio to dense, same length and batch, same run).\n\n"
+            + table(summary) + "\n\n" + legend + "\n")
+    checks = targets(summary)
+    if checks:
+        text += "\nTargets:\n\n" + "\n".join(checks) + "\n"
+    (out / "bench.md").write_text(text, encoding="utf-8")
+    plots(summary, out)
+    return out / "bench.md", summary
+
+
+if __name__ == "__main__":  # the memory probe's subprocess
+    print(json.dumps(memory_probe(json.loads(sys.argv[1]))))

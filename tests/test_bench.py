@@ -1,0 +1,143 @@
+"""The benchmark's measurement code, on tiny models: the table, the ratios, failures, resume, the
+memory subprocess and the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import tiny_pair
+from typer.testing import CliRunner
+
+from draftkv import bench
+from draftkv.cli import app
+from draftkv.errors import ConfigError
+from draftkv.pipeline import generate_batch
+from draftkv.types import Request
+
+METHODS = [("dense", {}), ("snapkv", {"budget": 64}), ("speckv", {"budget": 64}),
+           ("specpc", {"budget": 128, "start_layer": 0})]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny_pair("qwen2", max_positions=1200)
+
+
+@pytest.fixture(scope="module")
+def swept(pair, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    rows = bench.run_bench(pair, out, lengths=[500, 900], methods=[*METHODS, ("specpc", {"budget": 128})],
+                           new_tokens=4, repeats=2)
+    markdown, summary = bench.report(out, {"note": "test"})
+    return out, rows, markdown, summary
+
+
+def test_every_configuration_is_measured_with_every_column(swept):
+    out, rows, markdown, summary = swept
+    measured = [r for r in rows if "error" not in r]
+    assert len(measured) == 2 * 4 * 2  # lengths x working methods x repeats
+    assert all(r["new_tokens"] == 4 for r in measured)  # end-of-text is ignored: every run decodes 4
+    for row in measured:  # whole notes paragraphs fill each length from below
+        assert row["length"] - 200 < row["prompt_tokens"] <= row["length"]
+    header = markdown.read_text().splitlines()[2]
+    for name, _, _ in bench.COLUMNS:
+        assert name in header
+    good = [c for c in summary if not c["errors"]]
+    for cell in good:
+        assert cell["repeats"] == 2
+        for _, key, _ in bench.COLUMNS:
+            if key != "peak_memory_bytes":  # CPU memory needs the subprocess (tested below)
+                assert key in cell, (cell["label"], key)
+                assert cell[key]["min"] <= cell[key]["median"] <= cell[key]["max"]
+
+
+def test_ratios_to_dense_are_one_for_dense_and_follow_the_budgets(swept):
+    _, _, _, summary = swept
+    for cell in summary:
+        if cell["method"] == "dense":
+            assert all(cell[key]["ratio"] == 1.0 for _, key, _ in bench.COLUMNS if key in cell and cell[key]["median"])
+        elif cell["method"] == "speckv":
+            assert cell["kv_bytes"]["ratio"] == pytest.approx(64 / cell["prompt_tokens"])
+            assert cell["kv_bytes_stored"] == 64 * cell["kv_bytes_dense"] // cell["prompt_tokens"]
+        elif cell["method"] == "specpc" and not cell["errors"]:
+            assert cell["kept_prompt_tokens"] == 128 and cell["kv_bytes"]["ratio"] < 1
+
+
+def test_a_failing_configuration_is_reported_and_the_sweep_goes_on(swept):
+    _, rows, markdown, summary = swept
+    failed = [c for c in summary if c["errors"]]
+    assert [c["label"] for c in failed] == ["specpc(budget=128)"] * 2
+    assert "start_layer" in failed[0]["errors"][0]
+    assert "error: " in markdown.read_text()
+    assert {c["method"] for c in summary if c["repeats"] == 2} == {"dense", "snapkv", "speckv", "specpc"}
+
+
+def test_targets_are_checked_from_the_summary(swept):
+    _, _, markdown, _ = swept
+    text = markdown.read_text()
+    assert "SpecKV at" in text and "budget / prompt" in text and "scoring" in text
+    assert "target within 1%: met" in text
+
+
+def test_a_second_run_resumes_and_measures_nothing(swept, pair, monkeypatch):
+    out, rows, _, _ = swept
+
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(bench, "measure", forbidden)
+    monkeypatch.setattr(bench, "generate_batch", forbidden)  # not even the warm-up
+    again = bench.run_bench(pair, out, lengths=[500, 900], methods=[*METHODS, ("specpc", {"budget": 128})],
+                            new_tokens=4, repeats=2)
+    assert len(again) == len(rows)
+
+
+def test_a_torn_last_line_is_skipped(tmp_path):
+    (tmp_path / "runs.jsonl").write_text(json.dumps({"key": "a"}) + "\n{\"key\": \"b", encoding="utf-8")
+    assert bench.read_runs(tmp_path / "runs.jsonl") == [{"key": "a"}]
+
+
+def test_memory_is_measured_in_a_fresh_subprocess(pair, tmp_path):
+    for role, loaded in (("target", pair.target), ("draft", pair.draft)):
+        loaded.model.save_pretrained(tmp_path / role)
+        loaded.tokenizer.save_pretrained(tmp_path / role)
+    spec = {"target": str(tmp_path / "target"), "draft": str(tmp_path / "draft"), "device": "cpu", "dtype": None}
+    out = tmp_path / "out"
+    rows = bench.run_bench(pair, out, lengths=[300], methods=[("dense", {}), ("specpc", {"budget": 96, "start_layer": 0})],
+                           new_tokens=3, repeats=1, memory_spec=spec)
+    probes = [r for r in rows if r["repeat"] == -1]
+    assert len(probes) == 2 and all("error" not in r for r in probes), probes
+    assert all(r["peak_memory_total_bytes"] >= r["rss_before_bytes"] > 0 for r in probes)
+    _, summary = bench.report(out)
+    assert all("peak_memory_bytes" in c for c in summary)
+
+
+def test_ignore_eos_generates_exactly_the_new_tokens(pair):
+    request = Request(context="alpha bravo", question="what?", max_new_tokens=9, ignore_eos=True)
+    assert len(generate_batch(pair, [request])[0].token_ids) == 9
+
+
+def test_lengths_below_the_template_are_refused(pair):
+    with pytest.raises(ConfigError, match="length must be above"):
+        bench.bench_requests(pair.tokenizer, 10, 1, 4)
+
+
+def test_the_bench_command_writes_table_json_and_plots(pair, tmp_path):
+    for role, loaded in (("target", pair.target), ("draft", pair.draft)):
+        loaded.model.save_pretrained(tmp_path / role)
+        loaded.tokenizer.save_pretrained(tmp_path / role)
+    out = tmp_path / "results"
+    base = ["bench", "--target", str(tmp_path / "target"), "--draft", str(tmp_path / "draft"), "--out", str(out)]
+    result = CliRunner().invoke(app, [*base, "--lengths", "500,700", "--methods", "snapkv,streamingllm",
+                                      "--budget", "48", "--repeats", "1", "--new-tokens", "3", "--batch-sizes", "1,2",
+                                      "--no-memory"])
+    assert result.exit_code == 0, result.output
+    assert "| length | batch | method | TTFT" in result.stdout and "(1.00)" in result.stdout
+    for name in ("runs.jsonl", "bench.json", "bench.md", "latency.png", "memory.png", "throughput.png"):
+        assert (out / name).stat().st_size > 0, name
+    summary = json.loads((out / "bench.json").read_text())["summary"]
+    assert {(c["method"], c["length"], c["batch"]) for c in summary} == {
+        (m, n, b) for m in ("dense", "snapkv", "streamingllm") for n in (500, 700) for b in (1, 2)}
+    bad = CliRunner().invoke(app, [*base, "--methods", "nope"])
+    assert bad.exit_code == 2 and "unknown method" in bad.output
