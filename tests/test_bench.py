@@ -93,9 +93,13 @@ def test_a_second_run_resumes_and_measures_nothing(swept, pair, monkeypatch):
     assert len(again) == len(rows)
 
 
-def test_a_torn_last_line_is_skipped(tmp_path):
-    (tmp_path / "runs.jsonl").write_text(json.dumps({"key": "a"}) + "\n{\"key\": \"b", encoding="utf-8")
-    assert bench.read_runs(tmp_path / "runs.jsonl") == [{"key": "a"}]
+def test_a_torn_last_line_is_cut_before_new_rows(pair, tmp_path):
+    first = {"key": "old", "method": "dense", "label": "dense", "params": {}, "length": 1, "batch": 1, "repeat": 0,
+             "error": "x"}
+    (tmp_path / "runs.jsonl").write_text(json.dumps(first) + "\n{\"key\": \"to", encoding="utf-8")
+    rows = bench.run_bench(pair, tmp_path, lengths=[500], methods=[("dense", {})], new_tokens=2, repeats=1)
+    assert [row["key"] for row in bench.read_rows(tmp_path / "runs.jsonl")] == ["old", "500|1|dense|0"]
+    assert len(rows) == 2
 
 
 def test_memory_is_measured_in_a_fresh_subprocess(pair, tmp_path):

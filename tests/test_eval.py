@@ -166,7 +166,7 @@ def test_runner_scores_longbench_metrics(qwen_pair, tmp_path):
     write_longbench(tmp_path / "data", "trec", [{"input": "what?", "context": "alpha bravo " * 100, "answers": ["LOC"],
                                                   "all_classes": ["LOC", "NUM"], "_id": "t1"}])
     items = longbench.samples(tmp_path / "data", "trec", make_tokenizer(), max_length=400)
-    rows = runner.read_results(runner.run(qwen_pair, items, runner.settings(["dense", "snapkv"], [64], []),
+    rows = runner.read_rows(runner.run(qwen_pair, items, runner.settings(["dense", "snapkv"], [64], []),
                                           tmp_path / "out", {}))
     for row in rows:
         expected = metrics.classification(row["prediction"], ["LOC"], ["LOC", "NUM"])

@@ -53,7 +53,7 @@ def count_calls(monkeypatch) -> list:
 def test_run_resumes_and_recomputes_nothing(qwen_pair, samples, tmp_path, monkeypatch):
     calls = count_calls(monkeypatch)
     path = runner.run(qwen_pair, samples, SETTINGS, tmp_path, {"test": True})
-    rows = runner.read_results(path)
+    rows = runner.read_rows(path)
     assert len(rows) == len(calls) == len(samples) * len(SETTINGS)
     assert {row["key"] for row in rows} == {runner.key(s.id, setting) for s in samples for setting in SETTINGS}
     assert all(0 <= row["score"] <= 100 and row["stats"]["method"] == row["method"] for row in rows)
@@ -72,8 +72,8 @@ def test_an_interrupted_run_loses_only_the_one_in_flight(qwen_pair, samples, tmp
     calls = count_calls(monkeypatch)
     runner.run(qwen_pair, samples, SETTINGS, killed, {})
     assert len(calls) == len(lines) - 4  # only the unfinished ones ran again
-    resumed = runner.read_results(killed / "results.jsonl")
-    assert [row["key"] for row in resumed] == [row["key"] for row in runner.read_results(full)]  # none lost
+    resumed = runner.read_rows(killed / "results.jsonl")
+    assert [row["key"] for row in resumed] == [row["key"] for row in runner.read_rows(full)]  # none lost
     assert [json.dumps(row) for row in resumed[:4]] == lines[:4]  # finished lines untouched
     assert all(line.startswith("{") for line in (killed / "results.jsonl").read_text().splitlines())
 
@@ -114,7 +114,7 @@ def test_eval_ruler_command(tmp_path):
     result = cli.invoke(app, base)
     assert result.exit_code == 0, result.output
     assert "skipping qa_1" in result.stderr and "| dense |" in result.stdout
-    assert len(runner.read_results(tmp_path / "out" / "results.jsonl")) == 4
+    assert len(runner.read_rows(tmp_path / "out" / "results.jsonl")) == 4
     assert (tmp_path / "out" / "accuracy.png").exists()
     dump = cli.invoke(app, [*base[:-2], "--dump", str(tmp_path / "samples.jsonl")])
     assert dump.exit_code == 0 and len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2
@@ -125,8 +125,8 @@ def test_eval_ruler_command(tmp_path):
 
 
 def test_shared_and_separate_runs_write_the_same_rows(qwen_pair, samples, tmp_path):
-    shared = runner.read_results(runner.run(qwen_pair, samples, SETTINGS, tmp_path / "shared", {}, share=True))
-    separate = runner.read_results(runner.run(qwen_pair, samples, SETTINGS, tmp_path / "separate", {}, share=False))
+    shared = runner.read_rows(runner.run(qwen_pair, samples, SETTINGS, tmp_path / "shared", {}, share=True))
+    separate = runner.read_rows(runner.run(qwen_pair, samples, SETTINGS, tmp_path / "separate", {}, share=False))
     assert sorted((r["key"], r["prediction"], r["score"]) for r in shared) == \
         sorted((r["key"], r["prediction"], r["score"]) for r in separate)
     assert any("shared prefill" in r["stats"]["note"] for r in shared)
@@ -157,7 +157,7 @@ def test_query_agnostic_runs(qwen_pair, samples, tmp_path):
     from draftkv.context import compress_context
 
     runs = runner.settings(["dense", "snapkv"], [48], [])
-    rows = runner.read_results(runner.run(qwen_pair, samples[:1], runs, tmp_path, {}, query_agnostic=True))
+    rows = runner.read_rows(runner.run(qwen_pair, samples[:1], runs, tmp_path, {}, query_agnostic=True))
     assert len(rows) == 2 and all("query-agnostic" in row["stats"]["note"] for row in rows)
     sample = samples[0]
     expected = compress_context(qwen_pair, sample.context, method="snapkv", budget=48,

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, DraftKVError
+from .jsonl import append_row, drop_torn_tail, read_rows
 from .methods import Method, get_method
 from .pipeline import generate_batch
 from .progress import progress_bar
@@ -189,18 +190,6 @@ def probe_in_subprocess(spec: dict) -> dict:
 
 # ---- the sweep ----
 
-def read_runs(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a torn last line from a killed sweep
-    return rows
-
-
 def run_bench(pair: ModelPair, out: Path, *, lengths: list[int], methods: list[tuple[str, dict]],
               batch_sizes: tuple[int, ...] | list[int] = (1,), new_tokens: int = 32, repeats: int = 3,
               memory_spec: dict | None = None) -> list[dict]:
@@ -211,7 +200,8 @@ def run_bench(pair: ModelPair, out: Path, *, lengths: list[int], methods: list[t
         raise ConfigError(f"repeats and new tokens must be >= 1, got {repeats} and {new_tokens}")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "runs.jsonl"
-    rows = read_runs(path)
+    drop_torn_tail(path)
+    rows = read_rows(path)
     done = {row["key"] for row in rows}
     configs = [Config(name, tuple(sorted(params.items())), length, batch)
                for length in lengths for batch in batch_sizes for name, params in methods]
@@ -244,7 +234,7 @@ def run_bench(pair: ModelPair, out: Path, *, lengths: list[int], methods: list[t
                 row.update(measure(pair, config.make(), requests))
             except Exception as error:  # reported in the table; the sweep goes on
                 row["error"] = f"{type(error).__name__}: {error}"
-            write(handle, row)
+            append_row(handle, row)
             rows.append(row)
             progress.advance(task)
         for config in memory_todo:
@@ -257,16 +247,10 @@ def run_bench(pair: ModelPair, out: Path, *, lengths: list[int], methods: list[t
                                                 "new_tokens": new_tokens}))
             except Exception as error:
                 row["error"] = f"{type(error).__name__}: {error}"
-            write(handle, row)
+            append_row(handle, row)
             rows.append(row)
             progress.advance(task)
     return rows
-
-
-def write(handle, row: dict) -> None:
-    handle.write(json.dumps(row) + "\n")
-    handle.flush()
-    os.fsync(handle.fileno())
 
 
 # ---- summary: medians, min-max, ratios to dense ----
@@ -439,7 +423,7 @@ def plots(summary: list[dict], out: Path) -> list[Path]:
 
 def report(out: Path, config: dict | None = None) -> tuple[Path, list[dict]]:
     """bench.json (config, summary) and bench.md (the table and the targets) from `out/runs.jsonl`, with plots."""
-    rows = read_runs(out / "runs.jsonl")
+    rows = read_rows(out / "runs.jsonl")
     if not rows:
         raise ConfigError(f"no benchmark runs in {out / 'runs.jsonl'}")
     summary = summarize(rows)

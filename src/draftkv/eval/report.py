@@ -7,7 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..errors import ConfigError
-from .runner import read_results
+from ..jsonl import read_rows
 
 
 def summarize(rows: list[dict]) -> tuple[list[str], list[tuple[str, int | None, int | None]], dict]:
@@ -32,7 +32,7 @@ def label(setting: tuple) -> str:
 
 def report(folder: Path) -> tuple[Path, Path, Path]:
     """Write summary.md, summary.csv and accuracy.png in `folder`; returns their paths."""
-    rows = read_results(folder / "results.jsonl")
+    rows = read_rows(folder / "results.jsonl")
     if not rows:
         raise ConfigError(f"{folder} has no finished results (results.jsonl is missing or empty)")
     tasks, found, table = summarize(rows)

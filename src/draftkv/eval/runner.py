@@ -9,7 +9,6 @@ finished line. The exact config goes to `config.json`.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from ..context import compress_context
 from ..errors import ConfigError
+from ..jsonl import append_row, drop_torn_tail, read_rows
 from ..methods import KVMethod, PromptMethod, SpecKVPC, get_method
 from ..pipeline import generate_batch, generate_shared
 from ..progress import progress_bar
@@ -78,30 +78,6 @@ def settings(methods: list[str], budgets: list[int], prompt_budgets: list[int]) 
     return result
 
 
-def read_results(path: Path) -> list[dict]:
-    """The finished lines of a results file; a torn last line (a killed run) is ignored."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-def drop_torn_tail(path: Path) -> None:
-    """Cut a half-written last line (a killed run), so new lines are not appended onto it."""
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        partial = path.with_suffix(".partial")
-        partial.write_bytes(data[: data.rfind(b"\n") + 1])
-        partial.replace(path)  # atomic: the file is whole before and after
-
-
 def key(sample_id: str, setting: Setting) -> str:
     return f"{sample_id}|{setting.label}"
 
@@ -124,7 +100,7 @@ def run(pair: ModelPair, samples: Iterable[Sample], runs: list[Setting], out: Pa
                                                 indent=1, sort_keys=True), encoding="utf-8")
     path = out / "results.jsonl"
     drop_torn_tail(path)
-    done = {row["key"] for row in read_results(path)}
+    done = {row["key"] for row in read_rows(path)}
     todo = [(sample, [s for s in runs if key(sample.id, s) not in done]) for sample in samples]
     todo = [(sample, missing) for sample, missing in todo if missing]
     with open(path, "a", encoding="utf-8") as handle, progress_bar() as progress:
@@ -147,9 +123,7 @@ def run(pair: ModelPair, samples: Iterable[Sample], runs: list[Setting], out: Pa
                     results = generate_batch(pair, [sample.request()], group[0].method, **group[0].params)
                 seconds = (time.perf_counter() - started) / len(group)
                 for setting, result in zip(group, results, strict=True):
-                    handle.write(json.dumps(row(sample, setting, result, seconds)) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())  # on disk before the next one starts
+                    append_row(handle, row(sample, setting, result, seconds))
                 progress.advance(task, len(group))
     return path
 
