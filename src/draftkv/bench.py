@@ -161,11 +161,19 @@ def _reset_peak() -> bool:
 
 def memory_probe(spec: dict) -> dict:
     """Run one configuration once in this (fresh) process and report the peak memory it added."""
+    import torch
+
     from .models import load_pair
 
     pair = load_pair(spec["target"], spec["draft"], device=spec.get("device"), dtype=spec.get("dtype"))
     requests = bench_requests(pair.tokenizer, spec["length"], spec["batch"], spec["new_tokens"])
     method = get_method(spec["method"], **spec["params"])
+    # Weights loaded from safetensors are mapped lazily: touch every one, so that the pages the run
+    # would fault in count as the weights' and not as the run's.
+    with torch.inference_mode():
+        for loaded in filter(None, (pair.target, pair.draft)):
+            for tensor in [*loaded.model.parameters(), *loaded.model.buffers()]:
+                tensor.float().sum()
     gc.collect()
     resettable = _reset_peak()
     before = (_status_kib("VmRSS") or 0) * 1024
