@@ -113,6 +113,7 @@ def test_memory_is_measured_in_a_fresh_subprocess(pair, tmp_path):
     probes = [r for r in rows if r["repeat"] == -1]
     assert len(probes) == 2 and all("error" not in r for r in probes), probes
     assert all(r["peak_memory_total_bytes"] >= r["rss_before_bytes"] > 0 for r in probes)
+    assert all(0 <= r["target_stage_peak_bytes"] <= r["peak_memory_bytes"] for r in probes)
     _, summary = bench.report(out)
     assert all("peak_memory_bytes" in c for c in summary)
 
