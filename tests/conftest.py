@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from tiny import make_model, make_tokenizer
 
 from draftkv.models import pair_from_models
@@ -23,3 +24,15 @@ def pair(request):
 @pytest.fixture(scope="session")
 def qwen_pair():
     return tiny_pair("qwen2")
+
+
+def assert_same_result(together, alone) -> None:
+    """A result from a batch or a shared run equals the one-request run: tokens, KV kept, lookahead."""
+    assert together.token_ids == alone.token_ids
+    assert together.stats.kv_entries == alone.stats.kv_entries
+    assert together.stats.lookahead_tokens == alone.stats.lookahead_tokens
+    if alone.kept_positions is None:
+        assert together.kept_positions is None
+    else:
+        for a, b in zip(together.kept_positions, alone.kept_positions, strict=True):
+            assert torch.equal(a, b)

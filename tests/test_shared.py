@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-import torch
+from conftest import assert_same_result
 from tiny import long_context
 
 from draftkv.errors import ConfigError
@@ -35,14 +35,7 @@ def test_shared_equals_separate(pair):
     assert calls.count(prompt_length) == 1  # one prefill of the prompt for all eleven
     for method, together in zip(methods, shared, strict=True):
         alone = generate_batch(pair, [request], method)[0]
-        assert together.token_ids == alone.token_ids, method
-        assert together.stats.kv_entries == alone.stats.kv_entries
-        assert together.stats.lookahead_tokens == alone.stats.lookahead_tokens
-        if alone.kept_positions is None:
-            assert together.kept_positions is None
-        else:
-            for a, b in zip(together.kept_positions, alone.kept_positions, strict=True):
-                assert torch.equal(a, b)
+        assert_same_result(together, alone)
         assert "shared prefill" in together.stats.note
 
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from . import pipeline
 from .errors import ConfigError, DraftKVError
 from .jsonl import append_row, drop_torn_tail, read_rows
-from .methods import Method, get_method
+from .methods import Method, budget_kinds, get_method
 from .pipeline import generate_batch
 from .progress import progress_bar
 from .prompt import encode_prompt
@@ -75,20 +75,14 @@ class Config:
 
 def method_configs(methods: list[str], budget: int | float, prompt_budget: int | float) -> list[tuple[str, dict]]:
     """Each method with the budgets that apply to it (KV budget, prompt budget, or both)."""
-    from .methods import KVMethod, PromptMethod, SpecKVPC
-
     chosen = []
     for name in methods:
-        method = get_method(name)  # fails fast on an unknown name
-        if isinstance(method, SpecKVPC):
-            chosen.append((name, {"budget": budget, "prompt_budget": prompt_budget}))
-        elif isinstance(method, KVMethod):
-            chosen.append((name, {"budget": budget}))
-        elif isinstance(method, PromptMethod):
-            chosen.append((name, {"budget": prompt_budget}))
-        else:
-            chosen.append((name, {}))
-        get_method(name, **chosen[-1][1])  # a budget the method refuses fails before the sweep
+        takes_kv, takes_prompt = budget_kinds(name)  # fails fast on an unknown name
+        params = {"budget": budget} if takes_kv else {}
+        if takes_prompt:
+            params["prompt_budget" if takes_kv else "budget"] = prompt_budget
+        get_method(name, **params)  # a budget the method refuses fails before the sweep
+        chosen.append((name, params))
     if "dense" not in [name for name, _ in chosen]:
         chosen.insert(0, ("dense", {}))  # every ratio needs it
     return chosen

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from ..context import compress_context
 from ..errors import ConfigError
 from ..jsonl import append_row, drop_torn_tail, read_rows
-from ..methods import KVMethod, PromptMethod, SpecKVPC, get_method
+from ..methods import PromptMethod, SpecKVPC, budget_kinds, get_method
 from ..pipeline import generate_batch, generate_shared
 from ..progress import progress_bar
 from . import metrics
@@ -64,12 +64,12 @@ def settings(methods: list[str], budgets: list[int], prompt_budgets: list[int]) 
     """Each method with the budgets that apply to it: KV budgets, prompt budgets, or both."""
     result = []
     for name in methods:
-        method = get_method(name)  # fails fast on an unknown name
-        if isinstance(method, SpecKVPC):
+        takes_kv, takes_prompt = budget_kinds(name)  # fails fast on an unknown name
+        if takes_kv and takes_prompt:
             result += [Setting(name, b, p) for p in prompt_budgets for b in budgets if b <= p]
-        elif isinstance(method, KVMethod):
+        elif takes_kv:
             result += [Setting(name, b) for b in budgets]
-        elif isinstance(method, PromptMethod):
+        elif takes_prompt:
             result += [Setting(name, None, p) for p in prompt_budgets]
         else:
             result.append(Setting(name))

@@ -45,22 +45,25 @@ def get_method(method: str | Method, **params: Any) -> Method:
     return method_class(**{**given, **params})
 
 
+def budget_kinds(method: str) -> tuple[bool, bool]:
+    """Whether `method` takes a KV budget and whether it takes a prompt budget (speckv-pc: both)."""
+    method_class = type(get_method(method))
+    return issubclass(method_class, KVMethod), issubclass(method_class, PromptMethod | SpecKVPC)
+
+
 def method_with_budgets(method: str, budget: Budget | None = None, prompt_budget: Budget | None = None,
                         **params: Any) -> Method:
     """A method from the two budgets users speak of: `budget` (KV entries; a prompt method's only
     budget) and `prompt_budget` (prompt tokens: a prompt method's budget, speckv-pc's prompt stage)."""
-    method_class = type(get_method(method))
+    takes_kv, takes_prompt = budget_kinds(method)
     if prompt_budget is not None:
-        if issubclass(method_class, SpecKVPC):
-            params["prompt_budget"] = prompt_budget
-        elif issubclass(method_class, PromptMethod) and budget is None:
-            params["budget"] = prompt_budget
-        elif issubclass(method_class, PromptMethod):
-            raise ConfigError(f"method {method_class.name!r} has one budget (prompt tokens): give budget or "
-                              "prompt_budget, not both")
-        else:
-            raise ConfigError(f"method {method_class.name!r} keeps no prompt tokens, so it takes no prompt_budget; "
+        if not takes_prompt:
+            raise ConfigError(f"method {method!r} keeps no prompt tokens, so it takes no prompt_budget; "
                               "prompt methods: specpc, speckv-pc, specprefill, lingua, keep-last, keep-ends")
+        if not takes_kv and budget is not None:
+            raise ConfigError(f"method {method!r} has one budget (prompt tokens): give budget or prompt_budget, "
+                              "not both")
+        params["prompt_budget" if takes_kv else "budget"] = prompt_budget
     if budget is not None:
         params["budget"] = budget
     return get_method(method, **params)
@@ -68,5 +71,5 @@ def method_with_budgets(method: str, budget: Budget | None = None, prompt_budget
 
 __all__ = [
     "AdaSnapKV", "AdaSpecKV", "H2O", "KVMethod", "LAQ", "PyramidKV", "METHODS", "StreamingLLM", "Budget", "Dense", "DraftScoring", "KeepEnds", "KeepLast", "Lingua", "Method", "PromptMethod", "SnapKV",
-    "SpecKV", "SpecKVPC", "SpecPC", "SpecPrefill", "WindowKVMethod", "get_method", "help_of", "method_with_budgets",
+    "SpecKV", "SpecKVPC", "SpecPC", "SpecPrefill", "WindowKVMethod", "budget_kinds", "get_method", "help_of", "method_with_budgets",
 ]

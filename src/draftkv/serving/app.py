@@ -184,7 +184,7 @@ class Server:
         except UnknownMethodError as error:
             raise ServeError(400, str(error), param="method", code="unknown_method") from None
         except DraftKVError as error:
-            raise protocol.config_error(error) from None
+            raise ServeError(400, str(error), code="invalid_parameter") from None
 
     def draft_request(self, parsed: Common) -> tuple[DraftRequest, Method]:
         given = parsed.method_params()

@@ -14,8 +14,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..errors import ConfigError
-
 # OpenAI fields that change nothing here and are accepted as they are.
 IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier",
            "prompt_cache_key", "modalities", "reasoning_effort", "verbosity"}
@@ -145,10 +143,6 @@ def parse(model: type[Common], raw: bytes) -> Common:
         raise ServeError(400, "n must be 1: draftkv returns one choice per request", param="n",
                          code="unsupported_parameter")
     return request
-
-
-def config_error(error: ConfigError | Exception) -> ServeError:
-    return ServeError(400, str(error), code="invalid_parameter")
 
 
 def new_id(prefix: str) -> str:
