@@ -12,7 +12,15 @@ from draftkv.compress import compress_prompt
 from draftkv.errors import ConfigError, PromptError, TokenizerMismatchError
 from draftkv.methods import KeepEnds, KeepLast, Lingua, SpecPC, SpecPrefill, get_method
 from draftkv.methods.specpc import nearest_first_offsets, select_with_neighbourhoods
-from draftkv.pipeline import compress_batch, generate, generate_batch, pad_prompts, self_information
+from draftkv.pipeline import (
+    Clock,
+    DraftNeed,
+    compress_batch,
+    generate,
+    generate_batch,
+    pad_prompts,
+    run_draft,
+)
 from draftkv.prompt import encode_prompt
 from draftkv.scoring import pool_scores
 from draftkv.types import Request
@@ -84,7 +92,9 @@ def test_lingua_keeps_question_tail_and_most_surprising(qwen_pair):
     prompt = encode_prompt(qwen_pair.tokenizer, request)
     batch = pad_prompts([prompt.ids], 0, torch.device("cpu"))
     with torch.inference_mode():
-        information = self_information(qwen_pair.draft.model, batch)[0]
+        view = run_draft(qwen_pair.draft.model, batch, [DraftNeed([0], information=True)], set(), 0,
+                         Clock(torch.device("cpu")))[0]
+        information = view.token_scores[0]
         logits = qwen_pair.draft.model(input_ids=batch.input_ids).logits[0]
     expected = -torch.log_softmax(logits[:-1].float(), -1).gather(-1, batch.input_ids[0, 1:, None])[:, 0]
     torch.testing.assert_close(information[1:], expected, rtol=1e-4, atol=1e-4)

@@ -41,9 +41,9 @@ def count_calls(monkeypatch) -> list:
         calls.append(args[2])
         return real_batch(*args, **kwargs)
 
-    def counting_shared(pair, request, methods):
+    def counting_shared(pair, request, methods, **kwargs):
         calls.extend(methods)
-        return real_shared(pair, request, methods)
+        return real_shared(pair, request, methods, **kwargs)
 
     monkeypatch.setattr(runner, "generate_batch", counting_batch)
     monkeypatch.setattr(runner, "generate_shared", counting_shared)
@@ -125,8 +125,9 @@ def test_eval_ruler_command(tmp_path):
 
 
 def test_shared_and_separate_runs_write_the_same_rows(qwen_pair, samples, tmp_path):
-    shared = runner.read_rows(runner.run(qwen_pair, samples, SETTINGS, tmp_path / "shared", {}, share=True))
-    separate = runner.read_rows(runner.run(qwen_pair, samples, SETTINGS, tmp_path / "separate", {}, share=False))
+    settings = SETTINGS + runner.settings(["specprefill", "lingua"], [48], [128])
+    shared = runner.read_rows(runner.run(qwen_pair, samples, settings, tmp_path / "shared", {}, share=True))
+    separate = runner.read_rows(runner.run(qwen_pair, samples, settings, tmp_path / "separate", {}, share=False))
     assert sorted((r["key"], r["prediction"], r["score"]) for r in shared) == \
         sorted((r["key"], r["prediction"], r["score"]) for r in separate)
     assert any("shared prefill" in r["stats"]["note"] for r in shared)

@@ -116,13 +116,12 @@ def check_context(model: torch.nn.Module, role: str, prompt_length: int, extra_t
         )
 
 
-def self_information(model: torch.nn.Module, batch: PaddedBatch) -> torch.Tensor:
-    """-log p(token | prefix) of every prompt column under the draft [B, N]; a row's first token gets inf.
+def self_information(model: torch.nn.Module, hidden: torch.Tensor, batch: PaddedBatch) -> torch.Tensor:
+    """-log p(token | prefix) of every prompt column under the draft [B, N], from its last hidden
+    states [B, N, d]; a row's first token gets inf.
 
     The LM head runs in chunks of positions, so the [N, vocabulary] logits never exist at once.
     """
-    hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                 position_ids=batch.position_ids).last_hidden_state
     head = model.get_output_embeddings()
     batch_size, width = batch.input_ids.shape
     scores = torch.zeros(batch_size, width, device=hidden.device)
@@ -136,50 +135,111 @@ def self_information(model: torch.nn.Module, batch: PaddedBatch) -> torch.Tensor
     return scores
 
 
-def run_draft(model: torch.nn.Module, batch: PaddedBatch, lookahead: list[int], eos: set[int], pad_id: int,
-              clock: Clock, scoring: DraftScoring | None = None, information: bool = False) -> DraftView:
-    """Draft prefill + greedy lookahead (its own cache is discarded afterwards), capturing the
-    prompt-token scores the prompt stage asks for."""
+@dataclass(frozen=True)
+class DraftNeed:
+    """What one method asks of the draft pass: a guess of the answer (per row), prompt scores, or both."""
+
+    lookahead: list[int]
+    scoring: DraftScoring | None = None
+    information: bool = False  # the self-information of every prompt token (LLMLingua-style)
+
+    @property
+    def needed(self) -> bool:
+        return max(self.lookahead, default=0) > 0 or self.scoring is not None or self.information
+
+
+@dataclass
+class Budgets:
+    """Per row: what station 1 keeps of the prompt, and what station 2 keeps of what is left."""
+
+    prompt: list[int | None]
+    compress_prompt: list[bool]
+    kv: list[int | None]
+    compressing: list[bool]  # either station drops something
+
+    @classmethod
+    def of(cls, method: Method, lengths: list[int]) -> Budgets:
+        prompt = [method.prompt_tokens(n) for n in lengths]
+        compress_prompt = [b is not None and b < n for b, n in zip(prompt, lengths, strict=True)]
+        # The KV stage runs on what station 1 leaves, which is exactly its budget.
+        stage_lengths = [b if c else n for b, c, n in zip(prompt, compress_prompt, lengths, strict=True)]
+        kv = [method.kv_entries(n) for n in stage_lengths]
+        compress_kv = [b is not None and b < n for b, n in zip(kv, stage_lengths, strict=True)]
+        return cls(prompt, compress_prompt, kv, [p or k for p, k in zip(compress_prompt, compress_kv, strict=True)])
+
+    def draft_need(self, method: Method, max_new_tokens: list[int]) -> DraftNeed:
+        """Nothing for rows kept whole (a dense run needs no guess); prompt scores when station 1 drops tokens."""
+        lookahead = [method.draft_lookahead(m) if c else 0 for m, c in zip(max_new_tokens, self.compressing, strict=True)]
+        drops = any(self.compress_prompt)
+        return DraftNeed(lookahead, method.draft_scoring() if drops else None, method.needs_self_information and drops)
+
+
+def run_draft(model: torch.nn.Module, batch: PaddedBatch, needs: list[DraftNeed], eos: set[int], pad_id: int,
+              clock: Clock) -> list[DraftView]:
+    """One draft prefill + greedy lookahead (its own cache is discarded afterwards) serving every need.
+
+    The lookahead runs as long as the longest need asks, and each need gets the first tokens of it
+    (greedy decoding is causal, so exactly what a shorter run gives) with the prompt scores of its
+    own collector, which counts only the steps of its own lookahead."""
     device = batch.input_ids.device
     started = clock.now()
-    if information:
-        scores = self_information(model, batch)
-        clock.add("draft_prefill", clock.now() - started)
-        empty = torch.zeros((len(lookahead), 0), dtype=torch.long, device=device)
-        return DraftView(empty, empty.bool(), [0] * len(lookahead), scores)
-    collector = None
-    if scoring is not None:
-        layers = model.config.num_hidden_layers
-        if scoring.start_layer >= layers:
+    layers = model.config.num_hidden_layers
+    collectors = []
+    for need in needs:
+        scoring = need.scoring
+        if scoring is not None and scoring.start_layer >= layers:
             raise ConfigError(f"start_layer is {scoring.start_layer} but the draft has {layers} layers; "
                               f"give a start_layer below {layers}")
-        collector = PromptCollector(batch.width, scoring.window, scoring.start_layer, scoring.weighted,
-                                    scoring.head_reduction, scoring.layer_reduction)
+        collectors.append(None if scoring is None else PromptCollector(
+            batch.width, scoring.window, scoring.start_layer, scoring.weighted, scoring.head_reduction,
+            scoring.layer_reduction))
+    active = [c for c in collectors if c is not None]
     # When the lookahead scores the prompt, each lookahead token must be fed too: one step more.
-    steps = [length + 1 if collector is not None and length > 0 else length for length in lookahead]
+    steps = [max(length + 1 if need.scoring is not None and length > 0 else length
+                 for need in needs for length in [need.lookahead[row]]) for row in range(len(batch.lengths))]
+    hidden: list[torch.Tensor] = []
+    keep_hidden = None
+    if any(need.information for need in needs):  # the decoder's last hidden states, before the LM head's slice
+        keep_hidden = model.get_decoder().register_forward_hook(
+            lambda _module, _args, output: hidden.append(output.last_hidden_state))
     cache = DynamicCache(config=model.config)
-    with capture(model, collector):
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+    def scoring_seconds() -> float:
+        return sum(c.seconds for c in active)
+
+    with capture(model, *active):
+        try:
+            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                        position_ids=batch.position_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        finally:
+            if keep_hidden is not None:
+                keep_hidden.remove()
         prefilled = clock.now()
-        clock.add("draft_prefill", prefilled - started - (collector.seconds if collector is not None else 0.0))
-        prefill_scoring = collector.seconds if collector is not None else 0.0
+        prefill_scoring = scoring_seconds()
+        clock.add("draft_prefill", prefilled - started - prefill_scoring)
         decoded = decode(
             model, cache, out.logits[:, -1], positions=torch.tensor(batch.next_positions, device=device),
             attention_mask=batch.attention_mask, max_new_tokens=steps,
-            samplings=[Sampling()] * len(lookahead), eos_token_ids=eos,
+            samplings=[Sampling()] * len(steps), eos_token_ids=eos,
         )
-    scoring_seconds = collector.seconds if collector is not None else 0.0
-    clock.add("draft_lookahead", clock.now() - prefilled - (scoring_seconds - prefill_scoring))
-    token_ids = [row.token_ids[:length] for row, length in zip(decoded.rows, lookahead, strict=True)]
-    view = lookahead_view(token_ids, pad_id, device)
-    scores = None
-    if collector is not None:
-        # Step 0 is the prefill's window; step t feeds lookahead token t.
-        step_valid = torch.cat([torch.ones(len(token_ids), 1, dtype=torch.bool, device=device), view.lookahead_valid], 1)
-        view.token_scores = collector.token_scores(step_valid, scoring.step_reduction)
-        clock.add("draft_scoring", scoring_seconds)
-    return view
+    del cache
+    clock.add("draft_lookahead", clock.now() - prefilled - (scoring_seconds() - prefill_scoring))
+    scoring_started = clock.now()
+    information = self_information(model, hidden[0], batch) if hidden else None
+    views = []
+    for need, collector in zip(needs, collectors, strict=True):
+        view = lookahead_view([row.token_ids[:length] for row, length in zip(decoded.rows, need.lookahead, strict=True)],
+                              pad_id, device)
+        if collector is not None:
+            # Step 0 is the prefill's window; step t feeds lookahead token t.
+            step_valid = torch.cat([torch.ones(len(steps), 1, dtype=torch.bool, device=device), view.lookahead_valid], 1)
+            view.token_scores = collector.token_scores(step_valid, need.scoring.step_reduction)
+        elif need.information:
+            view.token_scores = information
+        views.append(view)
+    if active or information is not None:
+        clock.add("draft_scoring", clock.now() - scoring_started + scoring_seconds())
+    return views
 
 
 def kv_collector(method: Method, batch: PaddedBatch) -> WindowCollector | None:
@@ -353,9 +413,11 @@ class PromptStage:
 
 @torch.inference_mode()
 def compress_batch(pair: ModelPair, requests: list[Request], method: str | Method = "dense", *,
-                   prompts: list[EncodedPrompt] | None = None, **method_params) -> PromptStage:
-    """Tokenize (unless `prompts` are given), run the draft when the method needs it, and keep the
-    prompt tokens station 1 keeps."""
+                   prompts: list[EncodedPrompt] | None = None, drafted: Drafted | None = None,
+                   **method_params) -> PromptStage:
+    """Tokenize (unless `prompts` are given), run the draft when the method needs it (unless
+    `drafted` brings its view from a pass shared with other methods), and keep the prompt tokens
+    station 1 keeps."""
     method = get_method(method, **method_params)
     target, tokenizer = pair.target.model, pair.tokenizer
     device = target.device
@@ -369,27 +431,23 @@ def compress_batch(pair: ModelPair, requests: list[Request], method: str | Metho
     lengths = [len(p.ids) for p in prompts]
     for request, n in zip(requests, lengths, strict=True):
         check_context(target, "target", n, request.max_new_tokens)
-    prompt_budgets = [method.prompt_tokens(n) for n in lengths]
-    compress_prompt = [b is not None and b < n for b, n in zip(prompt_budgets, lengths, strict=True)]
-    # The KV stage runs on what station 1 leaves, which is exactly its budget.
-    stage_lengths = [b if c else n for b, c, n in zip(prompt_budgets, compress_prompt, lengths, strict=True)]
-    kv_budgets = [method.kv_entries(n) for n in stage_lengths]
-    compress_kv = [b is not None and b < n for b, n in zip(kv_budgets, stage_lengths, strict=True)]
-    compressing = [p or k for p, k in zip(compress_prompt, compress_kv, strict=True)]
+    budgets = Budgets.of(method, lengths)
+    prompt_budgets, compress_prompt = budgets.prompt, budgets.compress_prompt
     pad_id = pad_token(tokenizer)
     batch = pad_prompts([p.ids for p in prompts], pad_id, device)
     clock.add("tokenize", clock.now() - started)
 
-    # Draft pass, only when some row will be compressed (a dense run needs no guess).
-    lookahead = [method.draft_lookahead(r.max_new_tokens) if c else 0 for r, c in zip(requests, compressing, strict=True)]
-    scoring = method.draft_scoring() if any(compress_prompt) else None
-    information = method.needs_self_information and any(compress_prompt)
+    need = budgets.draft_need(method, [r.max_new_tokens for r in requests])
     cross = pair.tokenizer_mismatch is not None
     draft, draft_prompts = None, prompts
-    if any(compressing) and (max(lookahead) > 0 or scoring is not None or information):
+    if drafted is not None:
+        draft = drafted.view
+        for stage, seconds in drafted.stages.items():
+            clock.add(stage, seconds)
+    elif need.needed:
         if pair.draft is None:
             raise ConfigError(f"method {method.name!r} needs a draft model; load the pair with a draft")
-        if cross and isinstance(method, KVMethod) and max(lookahead) > 0:
+        if cross and isinstance(method, KVMethod) and max(need.lookahead) > 0:
             raise TokenizerMismatchError(
                 f"method {method.name!r} passes the draft's lookahead tokens to the target, which needs the same "
                 f"tokenizer ({pair.tokenizer_mismatch}); prompt methods (specpc, specprefill, lingua) work across "
@@ -399,10 +457,10 @@ def compress_batch(pair: ModelPair, requests: list[Request], method: str | Metho
         if cross:  # the draft reads the prompt in its own tokens; station 1 crosses back as text
             draft_prompts = [encode_prompt(draft_tokenizer, request) for request in requests]
             draft_batch = pad_prompts([p.ids for p in draft_prompts], pad_token(draft_tokenizer), device)
-        for prompt, extra in zip(draft_prompts, lookahead, strict=True):
+        for prompt, extra in zip(draft_prompts, need.lookahead, strict=True):
             check_context(pair.draft.model, "draft", len(prompt.ids), extra)
-        draft = run_draft(pair.draft.model, draft_batch, lookahead, eos_ids(pair.draft.model, draft_tokenizer),
-                          pad_token(draft_tokenizer), clock, scoring, information)
+        draft = run_draft(pair.draft.model, draft_batch, [need], eos_ids(pair.draft.model, draft_tokenizer),
+                          pad_token(draft_tokenizer), clock)[0]
 
     # Station 1: the prompt stage keeps a subset of prompt tokens.
     kept_tokens: list[torch.Tensor | None] = [None] * len(requests)
@@ -437,7 +495,7 @@ def compress_batch(pair: ModelPair, requests: list[Request], method: str | Metho
             next_positions.append(len(prompt.ids) if original and kept_positions else len(ids))
         batch = pad_prompts(rows, pad_id, device, positions, next_positions)
         clock.add("prompt_selection", clock.now() - selecting)
-    return PromptStage(method, requests, prompts, kept_tokens, batch, kv_budgets, draft, clock, started, kept_texts)
+    return PromptStage(method, requests, prompts, kept_tokens, batch, budgets.kv, draft, clock, started, kept_texts)
 
 
 def pad_token(tokenizer) -> int:
@@ -468,9 +526,10 @@ class Prepared:
 
 @torch.inference_mode()
 def prepare_batch(pair: ModelPair, requests: list[Request], method: str | Method = "dense", *,
-                  prompts: list[EncodedPrompt] | None = None, **method_params) -> Prepared:
+                  prompts: list[EncodedPrompt] | None = None, drafted: Drafted | None = None,
+                  **method_params) -> Prepared:
     """Everything before decoding: tokenize, draft pass, both stations, compressed target cache."""
-    stage = compress_batch(pair, requests, method, prompts=prompts, **method_params)
+    stage = compress_batch(pair, requests, method, prompts=prompts, drafted=drafted, **method_params)
     method, batch, clock = stage.method, stage.batch, stage.clock
     compress_kv = [b is not None and b < n for b, n in zip(stage.kv_budgets, batch.lengths, strict=True)]
 
@@ -537,12 +596,13 @@ def row_stats(prepared: Prepared, row: int, new_tokens: int, first_token_at: flo
 @torch.inference_mode()
 def generate_batch(pair: ModelPair, requests: list[Request], method: str | Method = "dense",
                    on_text: TextCallback | None = None, cancelled: Callable[[int], bool] | None = None,
-                   **method_params) -> list[Result]:
+                   drafted: Drafted | None = None, **method_params) -> list[Result]:
     """Run requests through the flow as one batch; results equal running them one by one.
 
     Stage timings in each result's stats are the batch's (the stages run once for all rows).
     `on_text(row, text)` streams each row's new text; a row whose `cancelled(row)` turns true stops
-    decoding at its next token.
+    decoding at its next token. `drafted`: this method's view of a draft pass shared with others
+    (see `shared_draft`), for the one request it was run on.
     """
     if not requests:
         return []
@@ -553,7 +613,7 @@ def generate_batch(pair: ModelPair, requests: list[Request], method: str | Metho
                                on_text=(lambda _row, text, i=i: on_text(i, text)) if on_text else None,
                                cancelled=(lambda _row, i=i: cancelled(i)) if cancelled else None)[0]
                 for i, request in enumerate(requests)]
-    return finish_batch(pair, prepare_batch(pair, requests, chosen), on_text, cancelled)
+    return finish_batch(pair, prepare_batch(pair, requests, chosen, drafted=drafted), on_text, cancelled)
 
 
 def finish_batch(pair: ModelPair, prepared: Prepared, on_text: TextCallback | None = None,
@@ -588,14 +648,62 @@ def finish_batch(pair: ModelPair, prepared: Prepared, on_text: TextCallback | No
     return results
 
 
+@dataclass
+class Drafted:
+    """One method's view of a draft pass shared by several (see `shared_draft`), and the pass's stage times."""
+
+    view: DraftView | None  # None: the method asks nothing of the draft
+    stages: dict[str, float]
+
+
 @torch.inference_mode()
-def generate_shared(pair: ModelPair, request: Request, methods: list[str | Method]) -> list[Result]:
+def shared_draft(pair: ModelPair, request: Request, methods: list[str | Method]) -> list[Drafted] | None:
+    """One draft pass for one request under several methods, prompt and KV methods alike: the longest
+    lookahead any asks for, with each method's prompt scores captured alongside.
+
+    Exact: each method's view equals its own pass's (see run_draft). None when there is nothing to
+    share (fewer than two methods use the draft) or it cannot be shared (no draft, another tokenizer,
+    a prompt past the draft's limit, a method the draft cannot serve): each method then runs its own
+    pass and reports its own errors.
+    """
+    if pair.draft is None or pair.tokenizer_mismatch is not None:
+        return None
+    chosen = [get_method(m) for m in methods]
+    prompt = encode_prompt(pair.tokenizer, request)
+    n = len(prompt.ids)
+    needs = [Budgets.of(m, [n]).draft_need(m, [request.max_new_tokens]) for m in chosen]
+    users = [i for i, need in enumerate(needs) if need.needed]
+    if len(users) < 2:
+        return None
+    try:
+        check_context(pair.draft.model, "draft", n, max(needs[i].lookahead[0] for i in users))
+    except PromptError:  # past the draft's limit: each method says so on its own
+        return None
+    device = pair.target.model.device
+    clock = Clock(device)
+    pad_id = pad_token(pair.tokenizer)
+    batch = pad_prompts([prompt.ids], pad_id, device)
+    try:
+        views = run_draft(pair.draft.model, batch, [needs[i] for i in users],
+                          eos_ids(pair.draft.model, pair.tokenizer), pad_id, clock)
+    except ConfigError:  # a method the draft cannot serve
+        return None
+    shared = [Drafted(None, {}) for _ in chosen]
+    for i, view in zip(users, views, strict=True):
+        shared[i] = Drafted(view, clock.stages)
+    return shared
+
+
+@torch.inference_mode()
+def generate_shared(pair: ModelPair, request: Request, methods: list[str | Method],
+                    drafted: Drafted | None = None) -> list[Result]:
     """One request under several KV methods (and dense) with one target prefill and one draft pass.
 
     Exact, not approximate: the prompt's prefill is the same for every method, its window queries
     never see later tokens, a shorter lookahead is the first tokens of a longer greedy one, and each
     method then gathers its own copy of the cache and decodes from it. Prompt methods change what the
-    target reads, so they cannot share. Each result's timings include the shared stages.
+    target reads, so they cannot share. Each result's timings include the shared stages. `drafted`:
+    a draft pass shared with more methods (see `shared_draft`), as long as the longest lookahead here.
     """
     chosen = [get_method(m) for m in methods]
     target, tokenizer = pair.target.model, pair.tokenizer
@@ -612,19 +720,23 @@ def generate_shared(pair: ModelPair, request: Request, methods: list[str | Metho
     batch = pad_prompts([prompt.ids], pad_id, target.device)
     budgets = [method.kv_entries(n) for method in chosen]
     compress = [b is not None and b < n for b in budgets]
-    lookahead = [m.draft_lookahead(request.max_new_tokens) if c else 0 for m, c in zip(chosen, compress, strict=True)]
+    lookahead = [Budgets.of(m, [n]).draft_need(m, [request.max_new_tokens]).lookahead[0] for m in chosen]
     clock.add("tokenize", clock.now() - started)
 
     draft = None
-    if max(lookahead) > 0:  # one draft pass, as long as the longest lookahead asked for
+    if drafted is not None:
+        draft = drafted.view
+        for stage, seconds in drafted.stages.items():
+            clock.add(stage, seconds)
+    elif max(lookahead) > 0:  # one draft pass, as long as the longest lookahead asked for
         if pair.draft is None:
             raise ConfigError("a method here needs a draft model; load the pair with a draft")
         if pair.tokenizer_mismatch is not None:
             raise TokenizerMismatchError(f"the draft's lookahead tokens need the target's tokenizer "
                                          f"({pair.tokenizer_mismatch})")
         check_context(pair.draft.model, "draft", n, max(lookahead))
-        draft = run_draft(pair.draft.model, batch, [max(lookahead)], eos_ids(pair.draft.model, tokenizer), pad_id,
-                          clock)
+        draft = run_draft(pair.draft.model, batch, [DraftNeed([max(lookahead)])], eos_ids(pair.draft.model, tokenizer),
+                          pad_id, clock)[0]
     collectors = [kv_collector(m, batch) if c else None for m, c in zip(chosen, compress, strict=True)]
     stage_ones = [kv_collector(m.stage_one(), batch) if c and m.stage_one() else None
                   for m, c in zip(chosen, compress, strict=True)]

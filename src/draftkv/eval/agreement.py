@@ -25,6 +25,7 @@ from ..attention import WindowCollector
 from ..decoding import decode
 from ..pipeline import (
     Clock,
+    DraftNeed,
     eos_ids,
     lookahead_view,
     pad_prompts,
@@ -76,8 +77,8 @@ def sample_agreement(pair: ModelPair, sample: Sample, *, budget: int = 128, wind
                     eos_token_ids=eos_ids(target, tokenizer)).rows[0].token_ids
     del copy
     lookahead = min(request.max_new_tokens, max_lookahead)
-    draft = run_draft(pair.draft.model, batch, [lookahead], eos_ids(pair.draft.model, tokenizer), pad_token(tokenizer),
-                      clock)
+    draft = run_draft(pair.draft.model, batch, [DraftNeed([lookahead])], eos_ids(pair.draft.model, tokenizer),
+                      pad_token(tokenizer), clock)[0]
     for collector, guess in ((spec, draft), (oracle, lookahead_view([answer], pad_token(tokenizer), target.device))):
         if guess.lookahead_ids.shape[1] > 0:
             probe(target, cache, batch, guess, [(collector, guess.lookahead_valid)], clock)

@@ -19,7 +19,7 @@ from ..context import compress_context
 from ..errors import ConfigError
 from ..jsonl import append_row, drop_torn_tail, read_rows
 from ..methods import PromptMethod, SpecKVPC, budget_kinds, get_method
-from ..pipeline import generate_batch, generate_shared
+from ..pipeline import Drafted, generate_batch, generate_shared, shared_draft
 from ..progress import progress_bar
 from . import metrics
 from .ruler import Sample
@@ -92,8 +92,9 @@ def run(pair: ModelPair, samples: Iterable[Sample], runs: list[Setting], out: Pa
         share: bool = True, query_agnostic: bool = False) -> Path:
     """Run every setting on every sample, appending to `out/results.jsonl`; returns its path.
 
-    With `share`, the dense and KV settings of a sample run from one target prefill and one draft
-    pass (exactly what separate runs give; see pipeline.generate_shared). With `query_agnostic`, the
+    With `share`, every setting of a sample that uses the draft reads one draft pass, and the dense
+    and KV settings run from one target prefill (exactly what separate runs give; see
+    pipeline.shared_draft and pipeline.generate_shared). With `query_agnostic`, the
     context is compressed before the question is known and the question is asked afterwards."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({**config, "share": share, "query_agnostic": query_agnostic},
@@ -106,8 +107,15 @@ def run(pair: ModelPair, samples: Iterable[Sample], runs: list[Setting], out: Pa
     with open(path, "a", encoding="utf-8") as handle, progress_bar() as progress:
         task = progress.add_task(f"{len(done)} done before", total=sum(len(missing) for _, missing in todo))
         for sample, missing in todo:
+            request = sample.request()
+            methods = {s: get_method(s.method, **s.params) for s in missing}
             together = [s for s in missing if share and shareable(s)] if len(missing) > 1 and not query_agnostic else []
             groups = ([together] if together else []) + [[s] for s in missing if s not in together]
+            started = time.perf_counter()
+            # One draft pass for every setting of this sample that asks the draft for something.
+            drafts = shared_draft(pair, request, list(methods.values())) if share and not query_agnostic else None
+            drafted = dict(zip(missing, drafts, strict=True)) if drafts is not None else {}
+            shared_seconds = (time.perf_counter() - started) / len(missing)
             for group in groups:
                 progress.update(task, description=f"{sample.task} {', '.join(s.label for s in group)}")
                 started = time.perf_counter()
@@ -117,15 +125,21 @@ def run(pair: ModelPair, samples: Iterable[Sample], runs: list[Setting], out: Pa
                     results = [compressed.ask(sample.question, answer_prefix=sample.answer_prefix,
                                               max_new_tokens=sample.max_new_tokens)]
                 elif len(group) > 1:
-                    methods = [get_method(s.method, **s.params) for s in group]
-                    results = generate_shared(pair, sample.request(), methods)
+                    results = generate_shared(pair, request, [methods[s] for s in group],
+                                              drafted=longest([drafted[s] for s in group if s in drafted]))
                 else:
-                    results = generate_batch(pair, [sample.request()], group[0].method, **group[0].params)
-                seconds = (time.perf_counter() - started) / len(group)
+                    results = generate_batch(pair, [request], methods[group[0]], drafted=drafted.get(group[0]))
+                seconds = (time.perf_counter() - started) / len(group) + shared_seconds
                 for setting, result in zip(group, results, strict=True):
                     append_row(handle, row(sample, setting, result, seconds))
                 progress.advance(task, len(group))
     return path
+
+
+def longest(drafts: list[Drafted]) -> Drafted | None:
+    """The view with the longest lookahead: the others' are its first tokens."""
+    drafted = [d for d in drafts if d.view is not None]
+    return max(drafted, key=lambda d: d.view.lookahead_ids.shape[1]) if drafted else None
 
 
 def row(sample: Sample, setting: Setting, result, seconds: float) -> dict:
