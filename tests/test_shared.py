@@ -4,12 +4,11 @@ exactly the separate runs' results."""
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import assert_same_result
 from tiny import long_context
 
 from draftkv.errors import ConfigError
-import torch
-
 from draftkv.pipeline import generate_batch, generate_shared, shared_draft
 from draftkv.types import Request
 
@@ -22,18 +21,23 @@ METHODS = [
 ]
 
 
+def forward_lengths(model, run):
+    """`run()`'s result, and the input length of each forward call `model` made meanwhile."""
+    calls = []
+    hook = model.register_forward_pre_hook(lambda _m, _a, kwargs: calls.append(kwargs["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    try:
+        return run(), calls
+    finally:
+        hook.remove()
+
+
 def test_shared_equals_separate(pair):
     from draftkv.methods import get_method
 
     request = Request(context=long_context(260, seed=41), question="what is the magic number?", max_new_tokens=10)
     methods = [get_method(name, **params) for name, params in METHODS]
-    calls = []
-    prefills = pair.target.model.register_forward_pre_hook(
-        lambda _m, _a, kwargs: calls.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
-    try:
-        shared = generate_shared(pair, request, methods)
-    finally:
-        prefills.remove()
+    shared, calls = forward_lengths(pair.target.model, lambda: generate_shared(pair, request, methods))
     prompt_length = shared[0].stats.prompt_tokens
     assert calls.count(prompt_length) == 1  # one prefill of the prompt for all eleven
     for method, together in zip(methods, shared, strict=True):
@@ -55,13 +59,7 @@ def test_one_draft_pass_serves_prompt_and_kv_methods(pair):
 
     request = Request(context=long_context(260, seed=43), question="what is the magic number?", max_new_tokens=10)
     methods = [get_method(name, **params) for name, params in DRAFT_USERS]
-    calls = []
-    passes = pair.draft.model.register_forward_pre_hook(
-        lambda _m, _a, kwargs: calls.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
-    try:
-        drafts = shared_draft(pair, request, methods)
-    finally:
-        passes.remove()
+    drafts, calls = forward_lengths(pair.draft.model, lambda: shared_draft(pair, request, methods))
     assert drafts is not None and calls[0] > 1 and calls.count(calls[0]) == 1  # one prefill of the prompt
     # Then the longest lookahead (10 tokens), each of them fed, so that speckv-pc's prompt scoring sees them.
     assert len(calls) == 1 + 10
