@@ -51,12 +51,15 @@ def test_window_scores_match_full_attention(shape, seed):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_chunked_queries_give_the_same_scores(monkeypatch):
+@pytest.mark.parametrize("chunks", [{"_MAX_PROBABILITY_BYTES": 4 * 4 * 50 * 3},  # 3 queries per product
+                                    {"_KEY_CHUNK": 7}, {"_KEY_CHUNK": 7, "_MAX_PROBABILITY_BYTES": 4 * 4 * 50}])
+def test_chunked_queries_and_keys_give_the_same_scores(monkeypatch, chunks):
     generator = torch.Generator().manual_seed(0)
     query = torch.randn(1, 4, 20, 8, generator=generator)
     key = torch.randn(1, 2, 50, 8, generator=generator)
     whole = window_scores(query, key, prefix_length=30, reduction="mean")
-    monkeypatch.setattr(scoring, "_MAX_PROBABILITY_BYTES", 4 * 4 * 50 * 3)  # 3 queries per chunk
+    for name, value in chunks.items():
+        monkeypatch.setattr(scoring, name, value)
     chunked = window_scores(query, key, prefix_length=30, reduction="mean")
     torch.testing.assert_close(chunked, whole)
 
