@@ -202,7 +202,8 @@ def run_draft(model: torch.nn.Module, batch: PaddedBatch, needs: list[DraftNeed]
     if any(need.information for need in needs):  # the decoder's last hidden states, before the LM head's slice
         keep_hidden = model.get_decoder().register_forward_hook(
             lambda _module, _args, output: hidden.append(output.last_hidden_state))
-    cache = DynamicCache(config=model.config)
+    # Without lookahead steps (LLMLingua-style alone) the draft needs no cache of its own.
+    cache = DynamicCache(config=model.config) if max(steps) > 0 else None
 
     def scoring_seconds() -> float:
         return sum(c.seconds for c in active)
@@ -210,7 +211,8 @@ def run_draft(model: torch.nn.Module, batch: PaddedBatch, needs: list[DraftNeed]
     with capture(model, *active):
         try:
             out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                        position_ids=batch.position_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                        position_ids=batch.position_ids, past_key_values=cache, use_cache=cache is not None,
+                        logits_to_keep=1)
         finally:
             if keep_hidden is not None:
                 keep_hidden.remove()
