@@ -80,6 +80,10 @@ class Clock:
     def add(self, stage: str, seconds: float) -> None:
         self.stages[stage] = self.stages.get(stage, 0.0) + seconds
 
+    def add_all(self, stages: dict[str, float]) -> None:
+        for stage, seconds in stages.items():
+            self.add(stage, seconds)
+
 
 def pad_prompts(rows: list[list[int]], pad_id: int, device: torch.device,
                 positions: list[list[int]] | None = None, next_positions: list[int] | None = None) -> PaddedBatch:
@@ -444,8 +448,7 @@ def compress_batch(pair: ModelPair, requests: list[Request], method: str | Metho
     draft, draft_prompts = None, prompts
     if drafted is not None:
         draft = drafted.view
-        for stage, seconds in drafted.stages.items():
-            clock.add(stage, seconds)
+        clock.add_all(drafted.stages)
     elif need.needed:
         if pair.draft is None:
             raise ConfigError(f"method {method.name!r} needs a draft model; load the pair with a draft")
@@ -720,16 +723,16 @@ def generate_shared(pair: ModelPair, request: Request, methods: list[str | Metho
     check_context(target, "target", n, request.max_new_tokens)
     pad_id = pad_token(tokenizer)
     batch = pad_prompts([prompt.ids], pad_id, target.device)
-    budgets = [method.kv_entries(n) for method in chosen]
-    compress = [b is not None and b < n for b in budgets]
-    lookahead = [Budgets.of(m, [n]).draft_need(m, [request.max_new_tokens]).lookahead[0] for m in chosen]
+    plans = [Budgets.of(m, [n]) for m in chosen]  # KV methods: station 2 only
+    budgets = [plan.kv[0] for plan in plans]
+    compress = [plan.compressing[0] for plan in plans]
+    lookahead = [plan.draft_need(m, [request.max_new_tokens]).lookahead[0] for plan, m in zip(plans, chosen, strict=True)]
     clock.add("tokenize", clock.now() - started)
 
     draft = None
     if drafted is not None:
         draft = drafted.view
-        for stage, seconds in drafted.stages.items():
-            clock.add(stage, seconds)
+        clock.add_all(drafted.stages)
     elif max(lookahead) > 0:  # one draft pass, as long as the longest lookahead asked for
         if pair.draft is None:
             raise ConfigError("a method here needs a draft model; load the pair with a draft")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from ..context import compress_context
 from ..errors import ConfigError
 from ..jsonl import append_row, drop_torn_tail, read_rows
-from ..methods import PromptMethod, SpecKVPC, budget_kinds, get_method
+from ..methods import Method, PromptMethod, SpecKVPC, budget_kinds, get_method
 from ..pipeline import Drafted, generate_batch, generate_shared, shared_draft
 from ..progress import progress_bar
 from . import metrics
@@ -82,9 +82,8 @@ def key(sample_id: str, setting: Setting) -> str:
     return f"{sample_id}|{setting.label}"
 
 
-def shareable(setting: Setting) -> bool:
+def shareable(method: Method) -> bool:
     """Dense and KV methods read the whole prompt, so they can share one prefill (prompt methods cannot)."""
-    method = get_method(setting.method, **setting.params)
     return not isinstance(method, PromptMethod | SpecKVPC)
 
 
@@ -109,7 +108,7 @@ def run(pair: ModelPair, samples: Iterable[Sample], runs: list[Setting], out: Pa
         for sample, missing in todo:
             request = sample.request()
             methods = {s: get_method(s.method, **s.params) for s in missing}
-            together = [s for s in missing if share and shareable(s)] if len(missing) > 1 and not query_agnostic else []
+            together = [s for s in missing if share and shareable(methods[s])] if len(missing) > 1 and not query_agnostic else []
             groups = ([together] if together else []) + [[s] for s in missing if s not in together]
             started = time.perf_counter()
             # One draft pass for every setting of this sample that asks the draft for something.
