@@ -53,15 +53,19 @@ def test_window_scores_match_full_attention(shape, seed):
 
 @pytest.mark.parametrize("chunks", [{"_MAX_PROBABILITY_BYTES": 4 * 4 * 50 * 3},  # 3 queries per product
                                     {"_KEY_CHUNK": 7}, {"_KEY_CHUNK": 7, "_MAX_PROBABILITY_BYTES": 4 * 4 * 50}])
-def test_chunked_queries_and_keys_give_the_same_scores(monkeypatch, chunks):
+@pytest.mark.parametrize(("window", "prefix"), [(20, 30), (50, 50), (50, 45)])  # 50 of 50: every query (H2O)
+def test_chunked_queries_and_keys_give_the_same_scores(monkeypatch, chunks, window, prefix):
     generator = torch.Generator().manual_seed(0)
-    query = torch.randn(1, 4, 20, 8, generator=generator)
+    query = torch.randn(1, 4, 50, 8, generator=generator)
     key = torch.randn(1, 2, 50, 8, generator=generator)
-    whole = window_scores(query, key, prefix_length=30, reduction="mean")
+    whole = window_scores(query[:, :, -window:], key, prefix_length=prefix, reduction="mean")
     for name, value in chunks.items():
         monkeypatch.setattr(scoring, name, value)
-    chunked = window_scores(query, key, prefix_length=30, reduction="mean")
+    chunked = window_scores(query[:, :, -window:], key, prefix_length=prefix, reduction="mean")
     torch.testing.assert_close(chunked, whole)
+    # Early query chunks skip the keys after their last query; the sums must still be every query's.
+    expected = naive_attention(query, key)[:, :, -window:, :prefix].reshape(1, 2, 2 * window, prefix).sum(dim=2)
+    torch.testing.assert_close(chunked, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_padding_mask_and_invalid_queries_are_excluded():

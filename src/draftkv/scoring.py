@@ -56,31 +56,37 @@ def window_scores(
     keys32 = key.float()
     out = torch.zeros(batch, num_kv_heads, prefix_length, dtype=torch.float32, device=query.device)
     chunk = max(1, _MAX_PROBABILITY_BYTES // (4 * num_heads * key_length))
-    key_positions = torch.arange(key_length, device=query.device)
     for start in range(0, num_queries, chunk):
         stop = min(start + chunk, num_queries)
-        q = query[:, :, start:stop].float().view(batch, num_kv_heads, group, stop - start, head_dim)
-        logits = torch.cat([torch.einsum("bhgqd,bhkd->bhgqk", q, keys32[:, :, first: first + _KEY_CHUNK])
-                            for first in range(0, key_length, _KEY_CHUNK)], dim=-1) * scale
+        size = stop - start
+        # Causal queries see no key past the chunk's last query: those logits are never computed.
+        visible = key_length if allowed is not None else key_length - num_queries + stop
+        q = (query[:, :, start:stop].float() * scale).reshape(batch, num_kv_heads, group * size, head_dim)
+        logits = torch.empty(batch, num_kv_heads, group * size, visible, dtype=torch.float32, device=query.device)
+        for first in range(0, visible, _KEY_CHUNK):
+            last = min(first + _KEY_CHUNK, visible)
+            torch.matmul(q, keys32[:, :, first:last].transpose(-1, -2), out=logits[..., first:last])
+        logits = logits.view(batch, num_kv_heads, group, size, visible)
         if allowed is None:
-            query_positions = torch.arange(key_length - num_queries + start, key_length - num_queries + stop,
-                                           device=query.device)
-            mask = key_positions[None, :] <= query_positions[:, None]  # [q, k]
-            mask = mask.view(1, 1, 1, stop - start, key_length)
+            # Only the chunk's own last `size` keys can lie after one of its queries.
+            future = torch.ones(size, size, dtype=torch.bool, device=query.device).triu(1)
+            logits[..., visible - size:].masked_fill_(future, float("-inf"))
         else:
             mask = allowed[:, :, start:stop]
-            mask = mask.view(batch, -1, 1, stop - start, key_length) if mask.shape[1] == 1 else \
-                mask.view(batch, num_kv_heads, group, stop - start, key_length)
-        logits = logits.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)[..., :prefix_length]
-        # A query row with every key masked (left padding) gives NaN: it attends to nothing.
-        probs = torch.nan_to_num(probs, nan=0.0)
+            mask = mask.view(batch, -1, 1, size, key_length) if mask.shape[1] == 1 else \
+                mask.view(batch, num_kv_heads, group, size, key_length)
+            logits.masked_fill_(~mask, float("-inf"))
+        width = min(prefix_length, visible)
+        probs = torch.softmax(logits, dim=-1)[..., :width]
+        if allowed is not None:
+            # A query row with every key masked (left padding) gives NaN: it attends to nothing.
+            probs = torch.nan_to_num(probs, nan=0.0)
         if query_weight is not None:
-            probs = probs * query_weight[:, start:stop].to(probs.dtype).view(batch, 1, 1, stop - start, 1)
+            probs = probs * query_weight[:, start:stop].to(probs.dtype).view(batch, 1, 1, size, 1)
         if reduction == "max":
-            out = torch.maximum(out, probs.amax(dim=(2, 3)))
+            out[..., :width] = torch.maximum(out[..., :width], probs.amax(dim=(2, 3)))
         else:
-            out += probs.sum(dim=(2, 3))
+            out[..., :width] += probs.sum(dim=(2, 3))
     return out
 
 
