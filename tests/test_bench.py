@@ -146,3 +146,26 @@ def test_the_bench_command_writes_table_json_and_plots(pair, tmp_path):
         (m, n, b) for m in ("dense", "snapkv", "streamingllm") for n in (500, 700) for b in (1, 2)}
     bad = CliRunner().invoke(app, [*base, "--methods", "nope"])
     assert bad.exit_code == 2 and "unknown method" in bad.output
+
+
+def test_repeats_zero_runs_only_the_memory_probes(pair, tmp_path, monkeypatch):
+    probed = []
+    monkeypatch.setattr(bench, "probe_in_subprocess", lambda spec: probed.append(spec) or
+                        {"peak_memory_bytes": 1, "peak_memory_total_bytes": 2, "target_stage_peak_bytes": 1,
+                         "rss_before_bytes": 1})
+
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("a timed run or a warm-up")
+
+    monkeypatch.setattr(bench, "measure", forbidden)
+    monkeypatch.setattr(bench, "generate_batch", forbidden)
+    spec = {"target": "t", "draft": "d", "device": "cpu", "dtype": None}
+    rows = bench.run_bench(pair, tmp_path, lengths=[300], methods=[("dense", {}), ("snapkv", {"budget": 64})],
+                           new_tokens=3, repeats=0, memory_spec=spec)
+    assert [row["repeat"] for row in rows] == [-1, -1]
+    assert [spec["method"] for spec in probed] == ["dense", "snapkv"]
+    _, summary = bench.report(tmp_path)
+    assert {cell["label"]: cell["peak_memory_bytes"]["ratio"] for cell in summary} == {"dense": 1.0, "snapkv(budget=64)": 1.0}
+    assert (tmp_path / "memory.png").exists() and not (tmp_path / "latency.png").exists()
+    with pytest.raises(ConfigError, match="repeats 0"):
+        bench.run_bench(pair, tmp_path, lengths=[300], methods=[("dense", {})], new_tokens=3, repeats=0)

@@ -164,6 +164,14 @@ def _reset_peak() -> bool:
 PROBE_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
+def measurement_environment() -> dict[str, str]:
+    """The settings that change what is measured, for the results' config: the thread counts and the
+    allocators' (MKL keeps its product buffers in a pool unless MKL_DISABLE_FAST_MM is set; probes
+    inherit this environment)."""
+    names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_DISABLE_FAST_MM", "PYTORCH_CUDA_ALLOC_CONF")
+    return {name: os.environ[name] for name in names if name in os.environ}
+
+
 def _trim() -> None:
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -229,9 +237,14 @@ def run_bench(pair: ModelPair, out: Path, *, lengths: list[int], methods: list[t
               memory_spec: dict | None = None) -> list[dict]:
     """Sweep lengths x batch sizes x methods, `repeats` times, methods interleaved; append to
     `out/runs.jsonl` and return every row (earlier ones included). `memory_spec` (target, draft,
-    device, dtype) lets CPU runs measure peak memory in a subprocess; without it, CPU memory is skipped."""
-    if repeats < 1 or new_tokens < 1:
-        raise ConfigError(f"repeats and new tokens must be >= 1, got {repeats} and {new_tokens}")
+    device, dtype) lets CPU runs measure peak memory in a subprocess; without it, CPU memory is skipped.
+    `repeats=0` runs the memory probes alone (they do not need a quiet machine, the timed rounds do)."""
+    on_cpu = pair.target.model.device.type == "cpu"
+    if repeats < 0 or new_tokens < 1:
+        raise ConfigError(f"repeats must be >= 0 and new tokens >= 1, got {repeats} and {new_tokens}")
+    if repeats == 0 and not (on_cpu and memory_spec is not None):
+        raise ConfigError("repeats 0 measures only the CPU memory probes; on this device, or without them, it "
+                          "would measure nothing (on CUDA the peak memory comes from the timed repeats)")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "runs.jsonl"
     drop_torn_tail(path)
@@ -239,7 +252,6 @@ def run_bench(pair: ModelPair, out: Path, *, lengths: list[int], methods: list[t
     done = {row["key"] for row in rows}
     configs = [Config(name, tuple(sorted(params.items())), length, batch)
                for length in lengths for batch in batch_sizes for name, params in methods]
-    on_cpu = pair.target.model.device.type == "cpu"
     todo = [(c, r) for r in range(repeats) for c in configs if c.key(r) not in done]
     memory_todo = [c for c in configs if on_cpu and memory_spec is not None and c.key(-1) not in done]
     if todo:  # warm-up: every method once at the shortest length, so one-time costs miss the measurements
@@ -434,7 +446,10 @@ def plots(summary: list[dict], out: Path) -> list[Path]:
             axis.set_title(title)
             axis.set_xscale("log", base=2)
             axis.grid(alpha=0.3)
-        next((axis for axis in axes if axis.lines), axes[0]).legend(fontsize=7)
+        if not any(axis.lines for axis in axes):  # e.g. the latency of a memory-only run
+            plt.close(figure)
+            continue
+        next(axis for axis in axes if axis.lines).legend(fontsize=7)
         figure.tight_layout()
         figure.savefig(out / name, dpi=120)
         plt.close(figure)

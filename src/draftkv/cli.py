@@ -284,7 +284,7 @@ def bench(
     budget: Annotated[str, typer.Option(help="KV budget of KV methods (and speckv-pc's KV stage).")] = "256",
     prompt_budget: Annotated[str, typer.Option(help="Prompt budget of prompt methods (and speckv-pc's prompt stage).")] = "1024",
     new_tokens: Annotated[int, typer.Option(help="New tokens per request (exactly: end-of-text is ignored).", min=1)] = 32,
-    repeats: Annotated[int, typer.Option(help="Measured repeats per configuration (after one warm-up).", min=1)] = 3,
+    repeats: Annotated[int, typer.Option(help="Measured repeats per configuration (after one warm-up); 0: CPU memory probes only.", min=0)] = 3,
     batch_sizes: Annotated[str, typer.Option(help="Batch sizes, comma-separated (throughput).")] = "1",
     memory: Annotated[bool, typer.Option(help="CPU: peak memory of each configuration in a fresh subprocess (one more run each).")] = True,
     out: Annotated[Path, typer.Option(help="Results folder (resumes what is there).")] = Path("results/bench"),
@@ -306,7 +306,8 @@ def bench(
         spec = {"target": target, "draft": draft, "device": device, "dtype": dtype} if memory else None
         config = {"lengths": length_list, "methods": chosen, "new_tokens": new_tokens, "repeats": repeats,
                   "batch_sizes": batch_list, "target": target, "draft": draft,
-                  "device": str(pair.target.model.device), "dtype": str(pair.target.model.dtype)}
+                  "device": str(pair.target.model.device), "dtype": str(pair.target.model.dtype),
+                  "environment": benchmark.measurement_environment()}
         benchmark.run_bench(pair, out, lengths=length_list, methods=chosen, batch_sizes=batch_list,
                             new_tokens=new_tokens, repeats=repeats, memory_spec=spec)
         markdown, _ = benchmark.report(out, config)
