@@ -169,3 +169,15 @@ def test_repeats_zero_runs_only_the_memory_probes(pair, tmp_path, monkeypatch):
     assert (tmp_path / "memory.png").exists() and not (tmp_path / "latency.png").exists()
     with pytest.raises(ConfigError, match="repeats 0"):
         bench.run_bench(pair, tmp_path, lengths=[300], methods=[("dense", {})], new_tokens=3, repeats=0)
+
+
+def test_a_resumed_sweep_warms_up_only_what_is_left(pair, tmp_path, monkeypatch):
+    bench.run_bench(pair, tmp_path, lengths=[300], methods=[("dense", {})], new_tokens=2, repeats=1)
+    ran = []
+    generate = bench.generate_batch
+    monkeypatch.setattr(bench, "generate_batch", lambda pair, requests, method, **kw:
+                        ran.append(method.name) or generate(pair, requests, method, **kw))
+    rows = bench.run_bench(pair, tmp_path, lengths=[300], methods=[("dense", {}), ("snapkv", {"budget": 64})],
+                           new_tokens=2, repeats=1)
+    assert set(ran) == {"snapkv"}  # its warm-up and its timed run; dense was done
+    assert [row["label"] for row in rows] == ["dense", "snapkv(budget=64)"]

@@ -254,12 +254,12 @@ def run_bench(pair: ModelPair, out: Path, *, lengths: list[int], methods: list[t
                for length in lengths for batch in batch_sizes for name, params in methods]
     todo = [(c, r) for r in range(repeats) for c in configs if c.key(r) not in done]
     memory_todo = [c for c in configs if on_cpu and memory_spec is not None and c.key(-1) not in done]
-    if todo:  # warm-up: every method once at the shortest length, so one-time costs miss the measurements
+    if todo:  # warm-up: each method still to time once, at the shortest length left, so one-time costs miss the measurements
         with contextlib.suppress(DraftKVError):  # a failing configuration is reported by its measured runs
-            warm = bench_requests(pair.tokenizer, min(lengths), 1, 2)
-            for name, params in methods:
+            warm = bench_requests(pair.tokenizer, min(c.length for c, _ in todo), 1, 2)
+            for config in {c.label: c for c, _ in todo}.values():
                 with contextlib.suppress(DraftKVError):
-                    generate_batch(pair, warm, get_method(name, **params))
+                    generate_batch(pair, warm, config.make())
     with open(path, "a", encoding="utf-8") as handle, progress_bar() as progress:
         task = progress.add_task("bench", total=len(todo) + len(memory_todo))
         inputs: dict[tuple[int, int], list[Request] | Exception] = {}
