@@ -150,22 +150,28 @@ def test_the_bench_command_writes_table_json_and_plots(pair, tmp_path):
 
 def test_repeats_zero_runs_only_the_memory_probes(pair, tmp_path, monkeypatch):
     probed = []
-    monkeypatch.setattr(bench, "probe_in_subprocess", lambda spec: probed.append(spec) or
-                        {"peak_memory_bytes": 1, "peak_memory_total_bytes": 2, "target_stage_peak_bytes": 1,
-                         "rss_before_bytes": 1})
+
+    def probe(spec):
+        probed.append(spec)
+        peak = 100 if spec["method"] == "dense" else 103
+        return {"peak_memory_bytes": peak, "peak_memory_total_bytes": 1000 + peak, "target_stage_peak_bytes": peak,
+                "rss_before_bytes": 1000}
 
     def forbidden(*_args, **_kwargs):
         raise AssertionError("a timed run or a warm-up")
 
+    monkeypatch.setattr(bench, "probe_in_subprocess", probe)
     monkeypatch.setattr(bench, "measure", forbidden)
     monkeypatch.setattr(bench, "generate_batch", forbidden)
     spec = {"target": "t", "draft": "d", "device": "cpu", "dtype": None}
-    rows = bench.run_bench(pair, tmp_path, lengths=[300], methods=[("dense", {}), ("snapkv", {"budget": 64})],
+    rows = bench.run_bench(pair, tmp_path, lengths=[300], methods=[("dense", {}), ("speckv", {"budget": 64})],
                            new_tokens=3, repeats=0, memory_spec=spec)
     assert [row["repeat"] for row in rows] == [-1, -1]
-    assert [spec["method"] for spec in probed] == ["dense", "snapkv"]
-    _, summary = bench.report(tmp_path)
-    assert {cell["label"]: cell["peak_memory_bytes"]["ratio"] for cell in summary} == {"dense": 1.0, "snapkv(budget=64)": 1.0}
+    assert [spec["method"] for spec in probed] == ["dense", "speckv"]
+    markdown, summary = bench.report(tmp_path)
+    assert {c["label"]: c["peak_memory_bytes"]["ratio"] for c in summary} == {"dense": 1.0, "speckv(budget=64)": 1.03}
+    assert "SpecKV target-stage peak memory at length 300 x1: 1.030 of dense's (target <= 1: missed)" in \
+        markdown.read_text(encoding="utf-8")
     assert (tmp_path / "memory.png").exists() and not (tmp_path / "latency.png").exists()
     with pytest.raises(ConfigError, match="repeats 0"):
         bench.run_bench(pair, tmp_path, lengths=[300], methods=[("dense", {})], new_tokens=3, repeats=0)

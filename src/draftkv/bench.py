@@ -384,9 +384,7 @@ def targets(summary: list[dict]) -> list[str]:
     """The issue's targets, checked on the longest length measured, batch 1."""
     lines = []
     ones = [c for c in summary if c["batch"] == 1 and c.get("repeats")]
-    if not ones:
-        return lines
-    longest = max(c["length"] for c in ones)
+    longest = max((c["length"] for c in ones), default=0)
 
     def cell(method: str, length: int = longest) -> dict | None:
         return next((c for c in ones if c["method"] == method and c["length"] == length), None)
@@ -417,8 +415,9 @@ def targets(summary: list[dict]) -> list[str]:
         if dense is not None:
             r = c["target_stage_peak_bytes"] / dense["target_stage_peak_bytes"]
             whole = c["peak_memory_bytes"].get("ratio", float("nan"))
-            lines.append(f"- SpecKV target-stage peak memory at {c['prompt_tokens']} tokens x{c['batch']}: {r:.2f} of "
-                         f"dense's (target <= 1: {'met' if r <= 1 else 'missed'}); with its draft pass {whole:.2f}")
+            size = f"{c['prompt_tokens']} tokens" if "prompt_tokens" in c else f"length {c['length']}"
+            lines.append(f"- SpecKV target-stage peak memory at {size} x{c['batch']}: {r:.3f} of dense's "
+                         f"(target <= 1: {'met' if r <= 1 else 'missed'}); with its draft pass {whole:.3f}")
     return lines
 
 
