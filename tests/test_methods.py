@@ -104,3 +104,12 @@ def test_speckv_lookahead_defaults_to_answer_length_capped():
     assert SpecKV(budget=64, max_lookahead=8).draft_lookahead(20) == 8
     assert SpecKV(budget=64, lookahead=5).draft_lookahead(20) == 5
     assert SnapKV(budget=64).draft_lookahead(20) == 0
+
+
+def test_ties_go_to_the_earlier_position():
+    # Max pooling makes plateaus; the entries kept at a plateau's edge must not depend on the device.
+    scores = torch.tensor([[0.1, 0.5, 0.5, 0.5, 0.2, 0.5, 0.0, 0.0]])
+    (kept,) = SnapKV(budget=4, window=2, kernel=1).keep_positions([scores[:, :6]], 8, 4)
+    assert kept.tolist() == [[1, 2, 6, 7]]
+    (kept,) = SnapKV(budget=5, window=2, kernel=1, adaptive=True, alpha=0.0).keep_positions([scores[:, :6]], 8, 5)
+    assert kept.tolist() == [[1, 2, 3, 6, 7]]

@@ -12,11 +12,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
 
 from .types import FinishReason, Sampling
 
 TextCallback = Callable[[int, str], None]  # (row in the batch, new text)
+
+# cuDNN attention (PyTorch's first choice on Hopper GPUs) builds an execution plan for every new
+# shape, and every decode step brings a new key length: on an H100, steps at a key length not seen
+# before took ~120 ms instead of ~20 (results/bench-gpu/README.md). The other kernels need no plans.
+DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -154,7 +160,7 @@ def decode(
         feed = torch.tensor(next_tokens, device=device).view(batch, 1)
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
-        with torch.inference_mode():
+        with torch.inference_mode(), sdpa_kernel(DECODE_ATTENTION):
             out = model(input_ids=feed, position_ids=positions.view(batch, 1), attention_mask=attention_mask,
                         past_key_values=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]

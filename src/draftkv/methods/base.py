@@ -202,9 +202,16 @@ class WindowKVMethod(KVMethod):
             if self.adaptive:
                 kept.append(adaptive_positions(pooled, chosen, self.alpha, window))
             else:
-                top = pooled.topk(chosen, dim=-1).indices.cpu()
+                top = best_positions(pooled, chosen)
                 kept.append(torch.cat([top, window.expand(top.shape[0], -1)], dim=-1).sort(dim=-1).values)
         return kept
+
+
+def best_positions(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """The positions of the `count` highest scores along the last dimension, on the CPU. Ties (max
+    pooling makes plateaus) go to the earlier position, so every device keeps the same entries;
+    `topk` breaks them differently on a CPU and a GPU."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :count].cpu()
 
 
 def adaptive_positions(pooled: torch.Tensor, chosen: int, alpha: float, window: torch.Tensor) -> torch.Tensor:
@@ -215,9 +222,9 @@ def adaptive_positions(pooled: torch.Tensor, chosen: int, alpha: float, window: 
     floor = int(alpha * chosen)
     selected = torch.zeros(heads, prefix, dtype=torch.bool)
     if floor:
-        selected.scatter_(1, pooled.topk(floor, dim=-1).indices.cpu(), True)
+        selected.scatter_(1, best_positions(pooled, floor), True)
     rest = pooled.cpu().float().masked_fill(selected, float("-inf")).flatten()
-    selected.view(-1)[rest.topk(heads * chosen - heads * floor).indices] = True
+    selected.view(-1)[best_positions(rest, heads * chosen - heads * floor)] = True
     per_head = [torch.cat([selected[h].nonzero().flatten(), window]) for h in range(heads)]
     width = max(len(p) for p in per_head)
     return torch.stack([torch.cat([torch.full((width - len(p),), -1, dtype=torch.long), p]) for p in per_head])

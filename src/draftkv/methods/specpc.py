@@ -23,7 +23,16 @@ import torch
 
 from ..errors import ConfigError, PromptError
 from ..scoring import pool_scores
-from .base import DraftScoring, PromptMethod, check_choice, check_int, check_kernel, first_in_order, param
+from .base import (
+    DraftScoring,
+    PromptMethod,
+    best_positions,
+    check_choice,
+    check_int,
+    check_kernel,
+    first_in_order,
+    param,
+)
 
 
 def nearest_first_offsets(size: int) -> torch.Tensor:
@@ -43,7 +52,7 @@ def select_with_neighbourhoods(scores: torch.Tensor, budget: int, *, window: int
         )
     smoothed = pool_scores(scores.float().cpu(), kernel, pooling)
     # Only the best `budget` positions can be needed: each adds at least one new token.
-    ranked = torch.sort(smoothed, descending=True, stable=True).indices[:budget]
+    ranked = best_positions(smoothed, budget)
     expanded = (ranked[:, None] + nearest_first_offsets(neighbourhood)[None, :]).flatten()
     expanded = expanded[(expanded >= 0) & (expanded < n)]
     always = torch.cat([torch.arange(n - window, n), torch.arange(min(sink, n))])
