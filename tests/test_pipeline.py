@@ -161,6 +161,24 @@ def test_speckv_runs_the_draft_once_and_snapkv_never(qwen_pair):
     assert len(calls) == result.stats.lookahead_tokens  # one prefill + one step per further token
 
 
+def test_decode_steps_run_without_cudnn_attention(qwen_pair):
+    # cuDNN attention plans every new shape, and each decode step has a new key length (H100: ~6x
+    # slower per step). The flag is process-wide, so it can be checked on a CPU too.
+    seen = []
+    hooks = [model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(
+        (kwargs["input_ids"].shape[1], torch.backends.cuda.cudnn_sdp_enabled())), with_kwargs=True)
+        for model in (qwen_pair.target.model, qwen_pair.draft.model)]
+    try:
+        generate(qwen_pair, CONTEXT, QUESTION, method="speckv", budget=64, max_new_tokens=4, lookahead=4)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    steps = [cudnn for width, cudnn in seen if width == 1]
+    assert len(steps) >= 3 + 3  # the draft's lookahead steps and the target's decode steps
+    assert not any(steps)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # and the setting is the caller's again afterwards
+
+
 @pytest.mark.parametrize("method,params", [("dense", {}), ("snapkv", {"budget": 48}), ("speckv", {"budget": 48}),
                                            ("speckv", {"budget": 0.4, "window": 4}), ("h2o", {"budget": 48}),
                                            ("streamingllm", {"budget": 48})])
