@@ -63,7 +63,7 @@ def plot(table: dict, found: list[tuple], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(8, 4.5))
+    figure, axis = plt.subplots(figsize=(10, 4.5))
     by_method: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for setting in found:
         method, budget, prompt_budget = setting
@@ -73,13 +73,16 @@ def plot(table: dict, found: list[tuple], path: Path) -> None:
         else:
             by_method[method if budget is None or prompt_budget is None else f"{method} (prompt {prompt_budget})"
                       ].append((budget if budget is not None else prompt_budget, mean))
-    for method, points in sorted(by_method.items()):
+    # Up to 20 distinct colours, and a marker per colour cycle, so no two methods look alike.
+    colours, markers = plt.get_cmap("tab20").colors, "osD^v<>P"
+    for index, (method, points) in enumerate(sorted(by_method.items())):
         points.sort()
-        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        axis.plot([p[0] for p in points], [p[1] for p in points], color=colours[index % 20],
+                  marker=markers[index % len(markers)], label=method)
     axis.set_xscale("log", base=2)
     axis.set_xlabel("budget (KV entries per head, or prompt tokens for prompt methods)")
     axis.set_ylabel("average score")
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
