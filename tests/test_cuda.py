@@ -1,7 +1,7 @@
 """CUDA and bfloat16: every method on a GPU agrees with the CPU run (float32) and stays sane in bfloat16.
 
 These run only where CUDA is available (CI has no GPU); results/gpu-checks holds their output from a
-lent GPU machine. `DRAFTKV_TEST_DEVICE=cuda python -m pytest` runs the rest of the suite there too.
+lent GPU machine.
 """
 
 from __future__ import annotations
