@@ -100,3 +100,11 @@ def test_a_cuda_batch_equals_one_by_one(pairs):
 def test_cuda_peak_memory_is_measured(pairs):
     result = run(pairs["bf16"], "speckv")
     assert result.stats.peak_memory_bytes is not None and result.stats.peak_memory_bytes > 0
+
+
+def test_cuda_scoring_is_timed_by_events(pairs):
+    # CUDA events time the scoring kernels without a synchronisation per layer. The prefill's own time
+    # is the wall time less the scoring, so scoring timed too long would leave it at or below zero.
+    for method in ("snapkv", "h2o"):
+        timings = run(pairs["cuda"], method).stats.timings
+        assert timings["scoring"] > 0 and timings["target_prefill"] > 0, timings

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from tiny import long_context
 
 from draftkv.attention import ragged_attention
-from draftkv.cache import kv_bytes, ragged_cache
+from draftkv.cache import PaddedLayer, PerHeadLayer, kv_bytes, ragged_cache
 from draftkv.decoding import decode
 from draftkv.errors import ConfigError
 from draftkv.methods import PyramidKV, SnapKV, get_method
@@ -105,7 +105,8 @@ def test_ragged_methods_keep_dense_entries_and_save_memory(qwen_pair, method, la
         for head in range(kept.shape[0]):
             positions = kept[head][kept[head] >= 0]
             real_entries += len(positions)
-            stored = ragged.head_keys[0][head] if layout == "per-head" else ragged.keys[0, head][ragged.valid[0, head]]
+            stored = ragged.head_keys[0][head] if isinstance(ragged, PerHeadLayer) else \
+                ragged.keys[0, head][ragged.valid[0, head]]
             assert torch.equal(stored, full.keys[0, head, positions]), f"layer {layer} head {head}"
     heads, layers = kept.shape[0], len(prepared.kept_rows[0])
     assert real_entries == layers * heads * 64  # the per-head budgets sum to the uniform total
@@ -116,6 +117,23 @@ def test_ragged_methods_keep_dense_entries_and_save_memory(qwen_pair, method, la
         assert stats.kv_bytes_stored == stats.kv_bytes  # exact storage
     else:
         assert stats.kv_bytes <= stats.kv_bytes_stored < stats.kv_bytes_dense
+
+
+def test_a_ragged_layer_without_empty_slots_is_stored_whole(qwen_pair):
+    # PyramidKV's heads keep one number of entries per layer: at batch 1 no slot is empty, so the
+    # per-head layout would hold the same bytes and pay a copy per head each step; a decoding step
+    # then needs no mask either.
+    request = Request(context=CONTEXT, question=QUESTION, max_new_tokens=8)
+    per_head = prepare_batch(qwen_pair, [request], "pyramidkv", budget=64, window=8, layout="per-head")
+    lengths = {layer.keys.shape[2] for layer in per_head.cache.layers}
+    assert len(lengths) > 1  # the layers still differ: the cache is ragged
+    assert all(type(layer) is PaddedLayer and layer.full for layer in per_head.cache.layers)
+    assert per_head.cache.layers[0].mask(1, 2) is None and per_head.cache.layers[0].mask(3, 2) is not None
+    ada = prepare_batch(qwen_pair, [request], "ada-snapkv", budget=64, window=8, layout="per-head")
+    assert any(isinstance(layer, PerHeadLayer) for layer in ada.cache.layers)  # heads differ: stored per head
+    answers = {layout: generate(qwen_pair, CONTEXT, QUESTION, method="pyramidkv", budget=64, window=8, layout=layout,
+                                max_new_tokens=8).token_ids for layout in ("padded", "per-head")}
+    assert answers["padded"] == answers["per-head"]
 
 
 @pytest.mark.parametrize("method", ["pyramidkv", "ada-speckv"])

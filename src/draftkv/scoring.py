@@ -20,9 +20,9 @@ Pooling = Literal["max", "avg"]
 
 # Bound on the float32 attention probabilities materialised at once (per layer and call).
 _MAX_PROBABILITY_BYTES = 256 * 2**20
-# Keys per matrix product: BLAS libraries keep their packing buffers (sized by the operands) for
-# reuse, so one product over all n keys would leave memory behind that dense attention never needs
-# (12 MiB at 8k tokens with MKL on a CPU).
+# Keys per matrix product on a CPU: BLAS libraries keep their packing buffers (sized by the operands)
+# for reuse, so one product over all n keys would leave memory behind that dense attention never
+# needs (12 MiB at 8k tokens with MKL). A GPU keeps no such buffers, and each product is a launch.
 _KEY_CHUNK = 1024
 
 
@@ -56,6 +56,7 @@ def window_scores(
     keys32 = key.float()
     out = torch.zeros(batch, num_kv_heads, prefix_length, dtype=torch.float32, device=query.device)
     chunk = max(1, _MAX_PROBABILITY_BYTES // (4 * num_heads * key_length))
+    key_chunk = _KEY_CHUNK if key.device.type == "cpu" else key_length
     for start in range(0, num_queries, chunk):
         stop = min(start + chunk, num_queries)
         size = stop - start
@@ -63,8 +64,8 @@ def window_scores(
         visible = key_length if allowed is not None else key_length - num_queries + stop
         q = (query[:, :, start:stop].float() * scale).reshape(batch, num_kv_heads, group * size, head_dim)
         logits = torch.empty(batch, num_kv_heads, group * size, visible, dtype=torch.float32, device=query.device)
-        for first in range(0, visible, _KEY_CHUNK):
-            last = min(first + _KEY_CHUNK, visible)
+        for first in range(0, visible, key_chunk):
+            last = min(first + key_chunk, visible)
             torch.matmul(q, keys32[:, :, first:last].transpose(-1, -2), out=logits[..., first:last])
         logits = logits.view(batch, num_kv_heads, group, size, visible)
         if allowed is None:
