@@ -156,9 +156,9 @@ def prefill(model: torch.nn.Module, batch: PaddedBatch, cache: DynamicCache | No
 
     A padded batch is read one row at a time, each without its padding: attention over left-padded rows
     needs a [B, 1, N, N] mask, which rules out the fused flash kernel and is gigabytes by itself at
-    32k tokens (measured: batch 8 at 32k took 10 s against 8 x 0.4 s for its rows alone). Each row's
-    cache goes into `cache` left-padded with zeros (the decode mask hides them), and each collector
-    puts the row's scores at the row's own columns."""
+    32k tokens (H100, dense, batch 8 at 32k: 10.9 s and a 36.6 GB peak, row by row 3.9 s and 9.2 GB).
+    Each row's cache goes into `cache` left-padded with zeros (the decode mask hides them), and each
+    collector puts the row's scores at the row's own columns."""
     if batch.attention_mask is None:
         out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, past_key_values=cache,
                     use_cache=cache is not None, logits_to_keep=1)
