@@ -6,12 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_same_result, tiny_pair
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tiny import long_context
 
 from draftkv import scoring
+from draftkv.attention import RowSlot
 from draftkv.cache import kv_bytes
 from draftkv.errors import ConfigError, PromptError, UnknownMethodError
-from draftkv.pipeline import generate, generate_batch, prepare_batch
+from draftkv.pipeline import generate, generate_batch, left_padded, prepare_batch
 from draftkv.prompt import encode_prompt
 from draftkv.types import Request, Sampling
 
@@ -232,6 +235,24 @@ def test_a_padded_batch_is_prefilled_one_row_at_a_time(qwen_pair, method, params
                                        rtol=1e-5, atol=1e-7)
         assert together.kept_rows[row] is None or all(
             torch.equal(a, b) for a, b in zip(together.kept_rows[row], alone.kept_rows[0], strict=True))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(1, 9), min_size=1, max_size=5), st.integers(1, 3))
+def test_rows_land_at_their_own_columns(lengths, heads):
+    # The row-by-row prefill's two placements: a row's cache at the right end of the batch's (zeros
+    # before it, where the mask hides them), and a row's scores at the columns after its padding.
+    rows = [torch.rand(1, heads, n, 2) + 1 for n in lengths]
+    stacked = left_padded(rows, dim=2)
+    width = max(lengths)
+    assert stacked.shape == (len(lengths), heads, width, 2)
+    for index, (row, n) in enumerate(zip(rows, lengths, strict=True)):
+        assert torch.equal(stacked[index, :, width - n:], row[0])
+        assert not stacked[index, :, : width - n].any()
+        scores = torch.rand(1, heads, n) + 1
+        widened = RowSlot(index, width - n, len(lengths)).widen(scores, width)
+        assert torch.equal(widened[index, :, width - n:], scores[0])
+        assert widened.count_nonzero() == scores.numel()  # nothing anywhere else
 
 
 def test_sampling_is_deterministic_with_a_seed(qwen_pair):
