@@ -187,3 +187,14 @@ def test_a_resumed_sweep_warms_up_only_what_is_left(pair, tmp_path, monkeypatch)
                            new_tokens=2, repeats=1)
     assert set(ran) == {"snapkv"}  # its warm-up and its timed run; dense was done
     assert [row["label"] for row in rows] == ["dense", "snapkv(budget=64)"]
+
+
+def test_every_method_of_a_plot_has_its_own_line_style():
+    from draftkv.plotting import line_styles
+
+    labels = ["dense", *(f"method-{i}" for i in range(30))]
+    styles = line_styles(labels)
+    assert styles["dense"]["color"] == "black"
+    assert len({(s["color"], s["marker"]) for s in styles.values()}) == len(labels)
+    # Up to 20 methods besides dense differ in colour alone, so a legend reads without the markers.
+    assert len({styles[label]["color"] for label in labels[:21]}) == 21

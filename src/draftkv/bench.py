@@ -31,6 +31,7 @@ from .errors import ConfigError, DraftKVError
 from .jsonl import append_row, drop_torn_tail, read_rows
 from .methods import Method, budget_kinds, get_method
 from .pipeline import generate_batch
+from .plotting import line_styles
 from .progress import progress_bar
 from .prompt import encode_prompt
 from .synthetic import LAUNCH_QUESTION, notes_context
@@ -430,6 +431,7 @@ def plots(summary: list[dict], out: Path) -> list[Path]:
     written = []
     ones = [c for c in summary if c["batch"] == min(c2["batch"] for c2 in summary)]
     labels = sorted({c["label"] for c in ones}, key=lambda label: (not label.startswith("dense"), label))
+    styles = line_styles(sorted({c["label"] for c in summary}))
     for name, panels in (("latency.png", [("ttft_s", "time to first token (s)"), ("e2e_s", "end-to-end (s)"),
                                           ("decode_ms_per_token", "decode (ms / token)")]),
                          ("memory.png", [("peak_memory_bytes", "peak memory above weights (MiB)"),
@@ -440,7 +442,7 @@ def plots(summary: list[dict], out: Path) -> list[Path]:
                 points = sorted((c["length"], c[key]["median"]) for c in ones if c["label"] == label and key in c)
                 if points:
                     scale = 2**20 if key.endswith("bytes") else 1
-                    axis.plot([p[0] for p in points], [p[1] / scale for p in points], marker="o", label=label)
+                    axis.plot([p[0] for p in points], [p[1] / scale for p in points], label=label, **styles[label])
             axis.set_xlabel("context length (tokens)")
             axis.set_title(title)
             axis.set_xscale("log", base=2)
@@ -461,7 +463,7 @@ def plots(summary: list[dict], out: Path) -> list[Path]:
             points = sorted((c["batch"], c["tokens_per_s"]["median"]) for c in summary
                             if c["label"] == label and c["length"] == longest and "tokens_per_s" in c)
             if points:
-                axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+                axis.plot([p[0] for p in points], [p[1] for p in points], label=label, **styles[label])
         axis.set_xlabel("batch size")
         axis.set_title(f"throughput at {longest} tokens (new tokens / s)")
         axis.grid(alpha=0.3)

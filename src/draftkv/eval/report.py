@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..jsonl import read_rows
+from ..plotting import line_styles
 
 
 def summarize(rows: list[dict]) -> tuple[list[str], list[tuple[str, int | None, int | None]], dict]:
@@ -73,12 +74,10 @@ def plot(table: dict, found: list[tuple], path: Path) -> None:
         else:
             by_method[method if budget is None or prompt_budget is None else f"{method} (prompt {prompt_budget})"
                       ].append((budget if budget is not None else prompt_budget, mean))
-    # Up to 20 distinct colours, and a marker per colour cycle, so no two methods look alike.
-    colours, markers = plt.get_cmap("tab20").colors, "osD^v<>P"
-    for index, (method, points) in enumerate(sorted(by_method.items())):
+    styles = line_styles(sorted(by_method))
+    for method, points in sorted(by_method.items()):
         points.sort()
-        axis.plot([p[0] for p in points], [p[1] for p in points], color=colours[index % 20],
-                  marker=markers[index % len(markers)], label=method)
+        axis.plot([p[0] for p in points], [p[1] for p in points], label=method, **styles[method])
     axis.set_xscale("log", base=2)
     axis.set_xlabel("budget (KV entries per head, or prompt tokens for prompt methods)")
     axis.set_ylabel("average score")
