@@ -15,7 +15,7 @@ from draftkv.attention import RowSlot
 from draftkv.cache import kv_bytes
 from draftkv.errors import ConfigError, PromptError, UnknownMethodError
 from draftkv.pipeline import generate, generate_batch, left_padded, prepare_batch
-from draftkv.prompt import encode_prompt
+from draftkv.prompt import encode_prompt, encode_prompts
 from draftkv.types import Request, Sampling
 
 CONTEXT = long_context(260)
@@ -34,6 +34,26 @@ def dense_prefill(pair, request: Request):
     ids = torch.tensor([encode_prompt(pair.tokenizer, request).ids])
     with torch.inference_mode():
         return pair.target.model(input_ids=ids, use_cache=True).past_key_values
+
+
+def test_a_batch_is_encoded_as_each_request_alone(qwen_pair):
+    tokenizer = qwen_pair.tokenizer
+    requests = [Request(context=CONTEXT, question=QUESTION),
+                Request(context="short notes", question=QUESTION, chat_template=False),
+                Request(context=CONTEXT[:300], question="", answer_prefix="The number is"),
+                Request(messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": QUESTION}]),
+                Request(context=CONTEXT[:90], question=QUESTION, chat_template=False, system="ignored")]
+    together = encode_prompts(tokenizer, requests)
+    for request, prompt in zip(requests, together, strict=True):
+        alone = encode_prompt(tokenizer, request)
+        assert prompt == alone
+        special = not request.chat_template
+        assert prompt.ids == tokenizer(prompt.text, add_special_tokens=special)["input_ids"]
+        begin, end = prompt.content
+        last = request.messages[-1]["content"] if request.messages else request.question or request.context
+        assert prompt.text[begin:end].endswith(last)
+        if request.question:
+            assert tokenizer.decode(prompt.ids[prompt.question_start:]).lstrip().startswith(QUESTION)
 
 
 @pytest.mark.parametrize("method", [*KV_METHODS, "pyramidkv", "ada-snapkv", "ada-speckv"])

@@ -30,7 +30,7 @@ from .decoding import TextCallback, decode
 from .errors import ConfigError, PromptError, TokenizerMismatchError
 from .eviction import DecodeEviction
 from .methods import Dense, DraftScoring, KVMethod, Method, PromptMethod, SpecKVPC, WindowKVMethod, get_method
-from .prompt import EncodedPrompt, encode_prompt, kept_text, user_turn
+from .prompt import EncodedPrompt, encode_prompt, encode_prompts, kept_text, user_turn
 from .types import Request, Result, Sampling, Stats
 
 if TYPE_CHECKING:
@@ -480,7 +480,7 @@ def compress_batch(pair: ModelPair, requests: list[Request], method: str | Metho
     started = clock.now()
 
     if prompts is None:
-        prompts = [encode_prompt(tokenizer, request) for request in requests]
+        prompts = encode_prompts(tokenizer, requests)
     lengths = [len(p.ids) for p in prompts]
     for request, n in zip(requests, lengths, strict=True):
         check_context(target, "target", n, request.max_new_tokens)
@@ -507,7 +507,7 @@ def compress_batch(pair: ModelPair, requests: list[Request], method: str | Metho
         draft_tokenizer = pair.draft.tokenizer
         draft_batch = batch
         if cross:  # the draft reads the prompt in its own tokens; station 1 crosses back as text
-            draft_prompts = [encode_prompt(draft_tokenizer, request) for request in requests]
+            draft_prompts = encode_prompts(draft_tokenizer, requests)
             draft_batch = pad_prompts([p.ids for p in draft_prompts], pad_token(draft_tokenizer), device)
         for prompt, extra in zip(draft_prompts, need.lookahead, strict=True):
             check_context(pair.draft.model, "draft", len(prompt.ids), extra)
