@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny import long_context
 
+from draftkv import pipeline
 from draftkv.compress import compress_prompt
 from draftkv.errors import ConfigError, PromptError, TokenizerMismatchError
 from draftkv.methods import KeepEnds, KeepLast, Lingua, SpecPC, SpecPrefill, get_method
@@ -87,7 +88,10 @@ def test_truncation_baselines():
     assert KeepEnds(budget=10, head=2).keep_tokens(ids, 50, 10, None).tolist() == [0, 1, *range(42, 50)]
 
 
-def test_lingua_keeps_question_tail_and_most_surprising(qwen_pair):
+@pytest.mark.parametrize("chunk_positions", [None, 7])
+def test_lingua_keeps_question_tail_and_most_surprising(qwen_pair, monkeypatch, chunk_positions):
+    if chunk_positions is not None:  # LM-head chunks of 7 positions: every chunk boundary is crossed
+        monkeypatch.setattr(pipeline, "_LM_HEAD_CHUNK", chunk_positions * qwen_pair.draft.model.config.vocab_size)
     request = Request(context=CONTEXT, question=QUESTION)
     prompt = encode_prompt(qwen_pair.tokenizer, request)
     batch = pad_prompts([prompt.ids], 0, torch.device("cpu"))

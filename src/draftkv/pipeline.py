@@ -120,20 +120,26 @@ def check_context(model: torch.nn.Module, role: str, prompt_length: int, extra_t
         )
 
 
+# Logits per LM-head chunk: 2**24 floats is 64 MiB, a fraction of a long prompt's prefill peak.
+_LM_HEAD_CHUNK = 2**24
+
+
 def self_information(model: torch.nn.Module, hidden: torch.Tensor, batch: PaddedBatch) -> torch.Tensor:
     """-log p(token | prefix) of every prompt column under the draft [B, N], from its last hidden
     states [B, N, d]; a row's first token gets inf.
 
-    The LM head runs in chunks of positions, so the [N, vocabulary] logits never exist at once.
+    The LM head runs in chunks of positions, so the [N, vocabulary] logits never exist at once, and
+    -log p is logsumexp - logit, so no second [chunk, vocabulary] tensor (log_softmax's) is made.
     """
     head = model.get_output_embeddings()
     batch_size, width = batch.input_ids.shape
     scores = torch.zeros(batch_size, width, device=hidden.device)
-    chunk = max(1, 2**26 // (batch_size * head.weight.shape[0]))
+    chunk = max(1, _LM_HEAD_CHUNK // (batch_size * head.weight.shape[0]))
     for start in range(0, width - 1, chunk):
         stop = min(start + chunk, width - 1)
-        log_probs = torch.log_softmax(head(hidden[:, start:stop]).float(), dim=-1)
-        scores[:, start + 1: stop + 1] = -log_probs.gather(-1, batch.input_ids[:, start + 1: stop + 1, None])[..., 0]
+        logits = head(hidden[:, start:stop]).float()
+        next_logits = logits.gather(-1, batch.input_ids[:, start + 1: stop + 1, None])[..., 0]
+        scores[:, start + 1: stop + 1] = torch.logsumexp(logits, dim=-1) - next_logits
     for row in range(batch_size):
         scores[row, batch.width - batch.lengths[row]] = float("inf")  # nothing predicts the first token
     return scores
