@@ -7,7 +7,6 @@ import torch
 from tiny import long_context
 from transformers import DynamicCache
 
-from draftkv import pipeline
 from draftkv.errors import ConfigError
 from draftkv.eviction import DecodeEviction
 from draftkv.methods import H2O, StreamingLLM, get_method
@@ -20,15 +19,15 @@ METHODS = [("streamingllm", {}), ("h2o", {"window": 8}), ("snapkv", {"window": 8
 
 
 @pytest.mark.parametrize(("method", "params"), METHODS)
-def test_the_cache_never_grows_past_budget_plus_k(qwen_pair, method, params, monkeypatch):
-    monkeypatch.setattr(pipeline, "eos_ids", lambda *_: set())  # a long answer: the tiny model may stop early
+def test_the_cache_never_grows_past_budget_plus_k(qwen_pair, method, params):
+    # A long answer (ignore_eos): the tiny model may stop early.
+    request = Request(context=CONTEXT, question=QUESTION, max_new_tokens=30, ignore_eos=True)
     lengths = []
     hook = qwen_pair.target.model.register_forward_pre_hook(
         lambda _m, _a, kwargs: lengths.append((kwargs["input_ids"].shape[1], kwargs["past_key_values"].get_seq_length())),
         with_kwargs=True)
     try:
-        result = generate(qwen_pair, CONTEXT, QUESTION, method=method, budget=40, evict_every=4, max_new_tokens=30,
-                          **params)
+        result = generate_batch(qwen_pair, [request], method, budget=40, evict_every=4, **params)[0]
     finally:
         hook.remove()
     decoding = [length for width, length in lengths if width == 1][-(result.stats.new_tokens - 1):]

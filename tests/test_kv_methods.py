@@ -12,9 +12,10 @@ from draftkv.attention import ragged_attention
 from draftkv.cache import PaddedLayer, PerHeadLayer, kv_bytes, ragged_cache
 from draftkv.decoding import decode
 from draftkv.errors import ConfigError
+from draftkv.flow.steps import eos_ids
 from draftkv.methods import PyramidKV, SnapKV, get_method
 from draftkv.methods.base import adaptive_positions
-from draftkv.pipeline import eos_ids, generate, generate_batch, prepare_batch
+from draftkv.pipeline import generate, generate_batch, prepare_batch
 from draftkv.prompt import encode_prompt
 from draftkv.types import Request, Sampling
 

@@ -14,7 +14,8 @@ from draftkv import scoring
 from draftkv.attention import RowSlot
 from draftkv.cache import kv_bytes
 from draftkv.errors import ConfigError, PromptError, UnknownMethodError
-from draftkv.pipeline import generate, generate_batch, left_padded, prepare_batch
+from draftkv.flow.batch import left_padded
+from draftkv.pipeline import generate, generate_batch, prepare_batch
 from draftkv.prompt import encode_prompt, encode_prompts
 from draftkv.types import Request, Sampling
 
@@ -243,7 +244,7 @@ def test_a_padded_batch_is_prefilled_one_row_at_a_time(qwen_pair, method, params
                 "specpc": [(1, 283), (1, 172), (2, 60)]}[method]
     assert prefills == expected
     assert all(mask is None for shape, mask in calls if shape[1] > 40)
-    batch = together.stage.batch if method != "specpc" else None
+    batch = together.batch if method != "specpc" else None
     for row, request in enumerate(requests):
         alone = prepare_batch(qwen_pair, [request], method, **params)
         if together.layer_scores is not None:

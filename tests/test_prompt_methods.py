@@ -8,20 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny import long_context
 
-from draftkv import pipeline
 from draftkv.compress import compress_prompt
 from draftkv.errors import ConfigError, PromptError, TokenizerMismatchError
+from draftkv.flow import steps
+from draftkv.flow.batch import pad_prompts
+from draftkv.flow.plan import DraftNeed
+from draftkv.flow.steps import Clock, run_draft
 from draftkv.methods import KeepEnds, KeepLast, Lingua, SpecPC, SpecPrefill, get_method
 from draftkv.methods.specpc import nearest_first_offsets, select_with_neighbourhoods
-from draftkv.pipeline import (
-    Clock,
-    DraftNeed,
-    compress_batch,
-    generate,
-    generate_batch,
-    pad_prompts,
-    run_draft,
-)
+from draftkv.pipeline import compress_batch, generate, generate_batch
 from draftkv.prompt import encode_prompt
 from draftkv.scoring import pool_scores
 from draftkv.types import Request
@@ -91,7 +86,7 @@ def test_truncation_baselines():
 @pytest.mark.parametrize("chunk_positions", [None, 7])
 def test_lingua_keeps_question_tail_and_most_surprising(qwen_pair, monkeypatch, chunk_positions):
     if chunk_positions is not None:  # LM-head chunks of 7 positions: every chunk boundary is crossed
-        monkeypatch.setattr(pipeline, "_LM_HEAD_CHUNK", chunk_positions * qwen_pair.draft.model.config.vocab_size)
+        monkeypatch.setattr(steps, "_LM_HEAD_CHUNK", chunk_positions * qwen_pair.draft.model.config.vocab_size)
     request = Request(context=CONTEXT, question=QUESTION)
     prompt = encode_prompt(qwen_pair.tokenizer, request)
     batch = pad_prompts([prompt.ids], 0, torch.device("cpu"))

@@ -33,20 +33,16 @@ def test_settings_give_each_method_its_budgets():
 
 
 def count_calls(monkeypatch) -> list:
-    """Every setting run (one entry per method, whether it ran alone or in a shared group)."""
+    """Every setting run (one entry per setting, whether it ran alone or with the sample's others)."""
     calls = []
-    real_batch, real_shared = runner.generate_batch, runner.generate_shared
+    real = runner.sample_results
 
-    def counting_batch(*args, **kwargs):
-        calls.append(args[2])
-        return real_batch(*args, **kwargs)
+    def counting(pair, sample, settings, *args, **kwargs):
+        for setting, result in real(pair, sample, settings, *args, **kwargs):
+            calls.append(setting)
+            yield setting, result
 
-    def counting_shared(pair, request, methods, **kwargs):
-        calls.extend(methods)
-        return real_shared(pair, request, methods, **kwargs)
-
-    monkeypatch.setattr(runner, "generate_batch", counting_batch)
-    monkeypatch.setattr(runner, "generate_shared", counting_shared)
+    monkeypatch.setattr(runner, "sample_results", counting)
     return calls
 
 

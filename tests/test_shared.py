@@ -1,5 +1,5 @@
-"""One prefill shared by several KV methods, and one draft pass shared by prompt and KV methods, give
-exactly the separate runs' results."""
+"""The executor's sharing: one prefill shared by several KV methods, and one draft pass shared by prompt
+and KV methods, give exactly the separate runs' results."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from conftest import assert_same_result
 from tiny import long_context
 
 from draftkv.errors import ConfigError
-from draftkv.pipeline import generate_batch, generate_shared, shared_draft
+from draftkv.flow import run
+from draftkv.pipeline import generate_batch
 from draftkv.types import Request
 
 METHODS = [
@@ -37,7 +38,7 @@ def test_shared_equals_separate(pair):
 
     request = Request(context=long_context(260, seed=41), question="what is the magic number?", max_new_tokens=10)
     methods = [get_method(name, **params) for name, params in METHODS]
-    shared, calls = forward_lengths(pair.target.model, lambda: generate_shared(pair, request, methods))
+    shared, calls = forward_lengths(pair.target.model, lambda: [r[0] for r in run(pair, [request], methods)])
     prompt_length = shared[0].stats.prompt_tokens
     assert calls.count(prompt_length) == 1  # one prefill of the prompt for all eleven
     for method, together in zip(methods, shared, strict=True):
@@ -59,34 +60,40 @@ def test_one_draft_pass_serves_prompt_and_kv_methods(pair):
 
     request = Request(context=long_context(260, seed=43), question="what is the magic number?", max_new_tokens=10)
     methods = [get_method(name, **params) for name, params in DRAFT_USERS]
-    drafts, calls = forward_lengths(pair.draft.model, lambda: shared_draft(pair, request, methods))
-    assert drafts is not None and calls[0] > 1 and calls.count(calls[0]) == 1  # one prefill of the prompt
+    results, calls = forward_lengths(pair.draft.model, lambda: [r[0] for r in run(pair, [request], methods)])
+    assert calls[0] > 1 and calls.count(calls[0]) == 1  # one prefill of the prompt
     # Then the longest lookahead (10 tokens), each of them fed, so that speckv-pc's prompt scoring sees them.
     assert len(calls) == 1 + 10
-    for method, drafted in zip(methods, drafts, strict=True):
-        assert (drafted.view is None) == (method.name in ("dense", "keep-ends"))
-        together = generate_batch(pair, [request], method, drafted=drafted)[0]
+    for method, together in zip(methods, results, strict=True):
+        assert (together.stats.lookahead_tokens == 0) == (method.name in ("dense", "keep-ends", "lingua"))
         alone = generate_batch(pair, [request], method)[0]
         assert_same_result(together, alone)
         assert (together.kept_tokens is None) == (alone.kept_tokens is None)
         if alone.kept_tokens is not None:
             assert torch.equal(together.kept_tokens, alone.kept_tokens)
             assert len(alone.kept_tokens) == 120  # the prompt stage did drop tokens
-    group = [m for m in methods if m.name in ("speckv", "dense")]
-    longest = drafts[0]  # speckv with the default lookahead (10) is the longest here
-    for together, method in zip(generate_shared(pair, request, group, drafted=longest), group, strict=True):
-        assert_same_result(together, generate_batch(pair, [request], method)[0])
 
 
-def test_nothing_to_share_without_two_draft_users(qwen_pair):
+def test_a_method_the_draft_cannot_serve_fails_with_its_reason(qwen_pair):
+    from draftkv.methods import get_method
+
     request = Request(context=long_context(100), question="what?")
-    assert shared_draft(qwen_pair, request, ["dense", "snapkv", "specprefill"]) is None
-    # A method the draft cannot serve (SpecPC's default start layer is past the tiny draft's 2 layers)
-    # is left to fail on its own.
-    assert shared_draft(qwen_pair, request, ["speckv", "specprefill", "specpc"]) is None
+    # SpecPC's default start layer is past the tiny draft's 2 layers.
+    specpc = get_method("specpc", budget=60, window=16, kernel=7, neighbourhood=8)
+    with pytest.raises(ConfigError, match="start_layer is 8 but the draft has 2 layers"):
+        run(qwen_pair, [request], ["speckv", "specprefill", specpc])
 
 
-def test_prompt_methods_cannot_share(qwen_pair):
-    request = Request(context=long_context(100), question="what?")
-    with pytest.raises(ConfigError, match="cannot share a prefill"):
-        generate_shared(qwen_pair, request, ["snapkv", "specpc"])
+def test_prompt_methods_read_their_own_prompt_and_kv_methods_share_one(qwen_pair):
+    request = Request(context=long_context(260, seed=44), question="what?", max_new_tokens=4)
+    methods = ["dense", "snapkv", "specprefill", "keep-last"]
+    params = {"snapkv": {"budget": 48, "window": 8}, "specprefill": {"budget": 120}, "keep-last": {"budget": 100}}
+    from draftkv.methods import get_method
+
+    chosen = [get_method(m, **params.get(m, {})) for m in methods]
+    results, calls = forward_lengths(qwen_pair.target.model, lambda: [r[0] for r in run(qwen_pair, [request], chosen)])
+    prefills = [width for width in calls if width > 1]
+    assert prefills == [results[0].stats.prompt_tokens, 120, 100]  # one full prefill, then each prompt method's own
+    assert ["shared prefill" in r.stats.note for r in results] == [True, True, False, False]
+    for method, together in zip(chosen, results, strict=True):
+        assert_same_result(together, generate_batch(qwen_pair, [request], method)[0])

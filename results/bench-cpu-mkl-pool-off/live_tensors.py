@@ -12,7 +12,8 @@ import warnings
 
 import torch
 
-from draftkv import bench, pipeline
+from draftkv import bench
+from draftkv.flow import StageEvent, run
 from draftkv.methods import get_method
 from draftkv.models import load_pair
 
@@ -20,10 +21,11 @@ warnings.filterwarnings("ignore", category=FutureWarning)  # gc.get_objects() me
 pair = load_pair("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct", device="cpu", dtype="float32")
 weights = {id(t) for m in (pair.target.model, pair.draft.model) for t in [*m.parameters(), *m.buffers()]}
 requests = bench.bench_requests(pair.tokenizer, 1024, 1, 32)
-target_prefill = pipeline.target_prefill
 
 
-def list_live_tensors(*args, **kwargs):
+def list_live_tensors(event: StageEvent) -> None:
+    if (event.stage, event.event) != ("target_prefill", "start"):
+        return
     gc.collect()
     storages = {}
     for thing in gc.get_objects():
@@ -35,10 +37,8 @@ def list_live_tensors(*args, **kwargs):
     print(f"  before the target prefill: {total / 2**20:.2f} MiB in {len(storages)} tensors")
     for size, shape, dtype in sorted(storages.values(), key=lambda entry: -entry[0])[:10]:
         print(f"    {size / 2**20:.3f} MiB {shape} {dtype}")
-    return target_prefill(*args, **kwargs)
 
 
-pipeline.target_prefill = list_live_tensors
 for name, params in (("dense", {}), ("speckv", {"budget": 256})):
     print(name)
-    pipeline.generate_batch(pair, requests, get_method(name, **params))
+    run(pair, requests, [get_method(name, **params)], observer=list_live_tensors)

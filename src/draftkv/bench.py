@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import pipeline
 from .errors import ConfigError, DraftKVError
+from .flow import StageEvent, run
 from .jsonl import append_row, drop_torn_tail, read_rows
 from .methods import Method, budget_kinds, get_method
 from .pipeline import generate_batch
@@ -199,19 +199,15 @@ def memory_probe(spec: dict) -> dict:
     # The target stage's own peak: reset the high-water mark again when the target's prefill starts
     # (after the draft's pass), so the draft's peak does not count for it.
     stages: dict[str, int] = {}
-    target_prefill = pipeline.target_prefill
 
-    def marked(*args, **kwargs):
-        if resettable and (peak := _status_kib("VmHWM")) is not None:
+    def at_target_prefill(event: StageEvent) -> None:
+        if (event.stage, event.event) != ("target_prefill", "start") or not resettable:
+            return
+        if (peak := _status_kib("VmHWM")) is not None:
             stages["draft_stage_peak"] = peak * 1024
             _reset_peak()
-        return target_prefill(*args, **kwargs)
 
-    pipeline.target_prefill = marked
-    try:
-        generate_batch(pair, requests, method)
-    finally:
-        pipeline.target_prefill = target_prefill
+    run(pair, requests, [method], observer=at_target_prefill)
     if resettable and (peak := _status_kib("VmHWM")) is not None:
         target_peak = peak * 1024
         peak_bytes = max(target_peak, stages.get("draft_stage_peak", 0))

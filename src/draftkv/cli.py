@@ -18,7 +18,7 @@ from .compress import compress_prompt
 from .context import compress_context
 from .errors import ConfigError, DraftKVError
 from .eval import agreement, longbench, report, ruler, runner
-from .methods import METHODS, KVMethod, Method, help_of, method_with_budgets
+from .methods import METHODS, Method, help_of, method_with_budgets
 from .models import DEFAULT_DRAFT, DEFAULT_TARGET, cache_dir, embedded_status, load_pair
 from .pipeline import generate as run_generate
 
@@ -112,7 +112,7 @@ def method_from_options(method: str, params: list[str] | None, **options: Any):
 
 def crosses_as_text(method: Method, max_new_tokens: int) -> bool:
     """Prompt methods work with a draft of another tokenizer; methods that pass token ids do not."""
-    return not (isinstance(method, KVMethod) and method.draft_lookahead(max_new_tokens) > 0)
+    return not method.target_reads_draft_tokens(max_new_tokens)
 
 
 def fail(error: DraftKVError) -> typer.Exit:
@@ -157,8 +157,7 @@ def generate(
         chosen = method_from_options(method, param, budget=budget, prompt_budget=prompt_budget, window=window,
                                      kernel=kernel, pooling=pooling, reduction=reduction, lookahead=lookahead)
         text = read_context(context, context_file)
-        needs_draft = chosen.draft_lookahead(max_new_tokens) > 0 or chosen.draft_scoring() is not None \
-            or chosen.needs_self_information
+        needs_draft = chosen.uses_draft(max_new_tokens)
         with err.status("loading models (the first time converts the embedded pair: a few minutes)"):
             pair = load_pair(target, draft if needs_draft else None, device=device, dtype=dtype,
                              allow_tokenizer_mismatch=crosses_as_text(chosen, max_new_tokens))

@@ -49,7 +49,7 @@ class CompressedPrompt:
 
 
 def prompt_methods() -> list[str]:
-    return [name for name, cls in METHODS.items() if cls.prompt_tokens is not Method.prompt_tokens]
+    return [name for name in METHODS if get_method(name).compresses_prompt]
 
 
 def compress_prompt(pair: ModelPair, context: str = "", question: str = "", *, method: str | Method = "specpc",
@@ -66,15 +66,15 @@ def compress_prompts(pair: ModelPair, requests: list[Request], method: str | Met
                      **method_params) -> list[CompressedPrompt]:
     """`compress_prompt` for a batch of requests (one draft pass for all of them)."""
     chosen = get_method(method, **method_params)
-    if type(chosen).prompt_tokens is Method.prompt_tokens:
+    if not chosen.compresses_prompt:
         raise ConfigError(f"method {chosen.name!r} does not compress prompts; use one of: {', '.join(prompt_methods())}")
     stage = compress_batch(pair, requests, chosen)
     results = []
     for row, prompt in enumerate(stage.prompts):
-        kept = stage.kept_tokens[row]
+        kept = stage.kept.kept_tokens[row]
         positions = kept.tolist() if kept is not None else list(range(len(prompt.ids)))
-        if stage.kept_texts[row] is not None:  # the draft has another tokenizer: the target re-tokenised the kept text
-            (text, spans), positions = stage.kept_texts[row], []
+        if stage.kept.kept_texts[row] is not None:  # another tokenizer: the target re-tokenised the kept text
+            (text, spans), positions = stage.kept.kept_texts[row], []
         else:
             text, spans = kept_text(prompt, positions)
         target_ids = stage.batch.input_ids[row, stage.batch.pad(row):].tolist()

@@ -20,8 +20,10 @@ from .attention import ragged_attention
 from .cache import drop_last
 from .decoding import decode
 from .errors import ConfigError, PromptError
+from .flow import Prepared
+from .flow.steps import check_context, eos_ids
 from .methods import Method
-from .pipeline import Prepared, check_context, eos_ids, prepare_batch
+from .pipeline import prepare_batch
 from .prompt import EncodedPrompt, user_turn
 from .types import Request, Result, Sampling, Stats
 
@@ -61,7 +63,7 @@ class CompressedContext:
         model, tokenizer = self.pair.target.model, self.pair.tokenizer
         cache = self.prepared.cache
         physical = cache.get_seq_length()
-        start = self.prepared.stage.batch.next_positions[0]
+        start = self.prepared.batch.next_positions[0]
         tail = self.tail + (answer_prefix if not answer_prefix or self.tail.endswith("\n") else "\n" + answer_prefix)
         ids = tokenizer(question + tail, add_special_tokens=False)["input_ids"]
         check_context(model, "target", start + len(ids), max_new_tokens)
@@ -109,12 +111,12 @@ def compress_context(pair: ModelPair, context: str, *, method: str | Method = "s
     request = Request(context=context, max_new_tokens=max_new_tokens, chat_template=chat_template)
     prepared = prepare_batch(pair, [request], method, prompts=[prompt], **method_params)
     kept = prepared.kept_rows[0]
-    entries = kept[0].shape[-1] if kept is not None else prepared.stage.batch.lengths[0]
-    clock = prepared.stage.clock
-    stats = Stats(method=prepared.stage.method.name, prompt_tokens=len(ids),
-                  kept_prompt_tokens=prepared.stage.batch.lengths[0], kv_entries=entries,
+    entries = kept[0].shape[-1] if kept is not None else prepared.batch.lengths[0]
+    clock = prepared.clock
+    stats = Stats(method=prepared.method.name, prompt_tokens=len(ids),
+                  kept_prompt_tokens=prepared.batch.lengths[0], kv_entries=entries,
                   kv_bytes_dense=len(ids) * prepared.entry_bytes, kv_bytes=entries * prepared.entry_bytes,
-                  compressed=kept is not None or prepared.stage.kept_tokens[0] is not None,
+                  compressed=kept is not None or prepared.kept.kept_tokens[0] is not None,
                   lookahead_tokens=prepared.draft.lengths[0] if prepared.draft is not None else 0,
-                  total_time=clock.now() - prepared.stage.started, timings=dict(clock.stages))
+                  total_time=clock.now() - prepared.started, timings=dict(clock.stages))
     return CompressedContext(pair, prepared, tail, len(ids), stats)

@@ -13,18 +13,19 @@ import torch
 from transformers import DynamicCache
 
 from .cache import gather_positions
-from .methods import KVMethod, WindowKVMethod
+from .methods import Method
 from .scoring import window_scores
 
 
 class DecodeEviction:
     """A collector for decoding steps that also evicts, through the decode loop's `after_step`."""
 
-    def __init__(self, method: KVMethod, budget: int) -> None:
+    def __init__(self, method: Method, budget: int) -> None:
         self.method = method
         self.budget = budget
-        self.summed = isinstance(method, WindowKVMethod) and method.score_queries == "all"
-        self.window = method.window if isinstance(method, WindowKVMethod) else 0
+        scoring = method.kv_scoring()
+        self.summed = scoring is not None and scoring.all_queries
+        self.window = scoring.window if scoring is not None else 0
         self.history: dict[int, list[torch.Tensor]] = {}  # per layer: recent steps' [B, H_kv, K_t] attention
         self.steps = 0
         self.evictions = 0

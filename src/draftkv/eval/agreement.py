@@ -6,8 +6,9 @@ lookahead instead, SnapKV with the window alone. Per layer we report the Spearma
 each estimate with the oracle (mean over KV heads) and the recall of the oracle's top-C set (the
 entries a budget of C + window would keep by score).
 
-One target prefill serves all three (three collectors), the oracle answer is decoded from a copy of
-its cache, and the two guesses are read as probes on the same cache.
+All three run through the executor as consumers of one target prefill: SnapKV, SpecKV, and SpecKV
+with the target as its own guesser (the oracle, decoded from a copy of the full cache); each guess
+is read as a probe on the same cache.
 """
 
 from __future__ import annotations
@@ -19,24 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import DynamicCache
 
-from ..attention import WindowCollector
-from ..decoding import decode
-from ..pipeline import (
-    Clock,
-    DraftNeed,
-    eos_ids,
-    lookahead_view,
-    pad_prompts,
-    pad_token,
-    probe,
-    run_draft,
-    target_prefill,
-)
-from ..prompt import encode_prompt
+from ..flow import prepare
+from ..methods import get_method
 from ..scoring import pool_scores
-from ..types import Sampling
 from .ruler import Sample
 
 if TYPE_CHECKING:
@@ -62,34 +49,20 @@ def recall(oracle: torch.Tensor, estimate: torch.Tensor, top: int) -> float:
 def sample_agreement(pair: ModelPair, sample: Sample, *, budget: int = 128, window: int = 32, kernel: int = 7,
                      max_lookahead: int = 128) -> list[dict]:
     """Per layer: correlation and top-C recall of SpecKV's and SnapKV's importance with the oracle's."""
-    target, tokenizer = pair.target.model, pair.tokenizer
     request = sample.request()
-    prompt = encode_prompt(tokenizer, request)
-    batch = pad_prompts([prompt.ids], pad_token(tokenizer), target.device)
-    clock = Clock(target.device)
-    snap, spec, oracle = (WindowCollector(batch.width - window, "max") for _ in range(3))
-    for collector in (snap, spec, oracle):
-        collector.score_last(window)
-    cache, first_logits = target_prefill(target, batch, [snap, spec, oracle], clock)
-    copy = DynamicCache([(layer.keys.clone(), layer.values.clone()) for layer in cache.layers])
-    answer = decode(target, copy, first_logits, positions=torch.tensor(batch.next_positions, device=target.device),
-                    attention_mask=None, max_new_tokens=[request.max_new_tokens], samplings=[Sampling()],
-                    eos_token_ids=eos_ids(target, tokenizer)).rows[0].token_ids
-    del copy
-    lookahead = min(request.max_new_tokens, max_lookahead)
-    draft = run_draft(pair.draft.model, batch, [DraftNeed([lookahead])], eos_ids(pair.draft.model, tokenizer),
-                      pad_token(tokenizer), clock)[0]
-    for collector, guess in ((spec, draft), (oracle, lookahead_view([answer], pad_token(tokenizer), target.device))):
-        if guess.lookahead_ids.shape[1] > 0:
-            probe(target, cache, batch, guess, [(collector, guess.lookahead_valid)], clock)
+    common = {"budget": budget, "window": window, "kernel": kernel}
+    methods = [get_method("snapkv", **common), get_method("speckv", **common, max_lookahead=max_lookahead),
+               get_method("speckv", **common, guesser="target", lookahead=request.max_new_tokens)]
+    snap, spec, oracle = prepare(pair, [request], methods)
+    answer = oracle.guess.lengths[0] if oracle.guess is not None else 0
     rows = []
     chosen = budget - window
-    for layer, (o, s, n) in enumerate(zip(oracle.layer_scores(), spec.layer_scores(), snap.layer_scores(), strict=True)):
+    for layer, (o, s, n) in enumerate(zip(oracle.layer_scores, spec.layer_scores, snap.layer_scores, strict=True)):
         o, s, n = (pool_scores(x[0].float(), kernel, "max") for x in (o, s, n))
         heads = range(o.shape[0])
         rows.append({
-            "sample": sample.id, "task": sample.task, "layer": layer, "answer_tokens": len(answer),
-            "lookahead_tokens": draft.lengths[0],
+            "sample": sample.id, "task": sample.task, "layer": layer, "answer_tokens": answer,
+            "lookahead_tokens": spec.draft.lengths[0] if spec.draft is not None else 0,
             "speckv_spearman": sum(spearman(o[h], s[h]) for h in heads) / len(heads),
             "snapkv_spearman": sum(spearman(o[h], n[h]) for h in heads) / len(heads),
             "speckv_recall": sum(recall(o[h], s[h], chosen) for h in heads) / len(heads),

@@ -10,22 +10,23 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..context import compress_context
 from ..errors import ConfigError
+from ..flow import run_each
 from ..jsonl import append_row, drop_torn_tail, read_rows
-from ..methods import Method, PromptMethod, SpecKVPC, budget_kinds, get_method
-from ..pipeline import Drafted, generate_batch, generate_shared, shared_draft
+from ..methods import Method, budget_kinds, budget_params, method_with_budgets
 from ..progress import progress_bar
 from . import metrics
 from .ruler import Sample
 
 if TYPE_CHECKING:
     from ..models import ModelPair
+    from ..types import Result
 
 SCORERS = {"all": metrics.ruler_all, "part": metrics.ruler_part, "qa_f1": metrics.qa_f1, "rouge_l": metrics.rouge_l,
            "code_similarity": metrics.code_similarity, "count_score": metrics.count_score,
@@ -48,10 +49,10 @@ class Setting:
 
     @property
     def params(self) -> dict:
-        params = {"budget": self.budget} if self.budget is not None else {}
-        if self.prompt_budget is not None:
-            params["prompt_budget" if self.budget is not None else "budget"] = self.prompt_budget
-        return params
+        return budget_params(self.method, self.budget, self.prompt_budget)
+
+    def make(self) -> Method:
+        return method_with_budgets(self.method, self.budget, self.prompt_budget)
 
     @property
     def label(self) -> str:
@@ -82,19 +83,15 @@ def key(sample_id: str, setting: Setting) -> str:
     return f"{sample_id}|{setting.label}"
 
 
-def shareable(method: Method) -> bool:
-    """Dense and KV methods read the whole prompt, so they can share one prefill (prompt methods cannot)."""
-    return not isinstance(method, PromptMethod | SpecKVPC)
-
-
 def run(pair: ModelPair, samples: Iterable[Sample], runs: list[Setting], out: Path, config: dict,
         share: bool = True, query_agnostic: bool = False) -> Path:
     """Run every setting on every sample, appending to `out/results.jsonl`; returns its path.
 
-    With `share`, every setting of a sample that uses the draft reads one draft pass, and the dense
-    and KV settings run from one target prefill (exactly what separate runs give; see
-    pipeline.shared_draft and pipeline.generate_shared). With `query_agnostic`, the
-    context is compressed before the question is known and the question is asked afterwards."""
+    With `share`, every setting of a sample runs through the executor together: one draft pass for
+    all that use the draft, one target prefill for dense and the KV methods (exactly what separate
+    runs give). With `query_agnostic`, the context is compressed before the question is known and the
+    question is asked afterwards. A row's `seconds` is the wall time since the sample's previous row
+    (its first row carries the shared stages)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({**config, "share": share, "query_agnostic": query_agnostic},
                                                 indent=1, sort_keys=True), encoding="utf-8")
@@ -106,39 +103,30 @@ def run(pair: ModelPair, samples: Iterable[Sample], runs: list[Setting], out: Pa
     with open(path, "a", encoding="utf-8") as handle, progress_bar() as progress:
         task = progress.add_task(f"{len(done)} done before", total=sum(len(missing) for _, missing in todo))
         for sample, missing in todo:
-            request = sample.request()
-            methods = {s: get_method(s.method, **s.params) for s in missing}
-            together = [s for s in missing if share and shareable(methods[s])] if len(missing) > 1 and not query_agnostic else []
-            groups = ([together] if together else []) + [[s] for s in missing if s not in together]
-            started = time.perf_counter()
-            # One draft pass for every setting of this sample that asks the draft for something.
-            drafts = shared_draft(pair, request, list(methods.values())) if share and not query_agnostic else None
-            drafted = dict(zip(missing, drafts, strict=True)) if drafts is not None else {}
-            shared_seconds = (time.perf_counter() - started) / len(missing)
-            for group in groups:
-                progress.update(task, description=f"{sample.task} {', '.join(s.label for s in group)}")
-                started = time.perf_counter()
-                if query_agnostic:
-                    compressed = compress_context(pair, sample.context, method=group[0].method,
-                                                  max_new_tokens=sample.max_new_tokens, **group[0].params)
-                    results = [compressed.ask(sample.question, answer_prefix=sample.answer_prefix,
-                                              max_new_tokens=sample.max_new_tokens)]
-                elif len(group) > 1:
-                    results = generate_shared(pair, request, [methods[s] for s in group],
-                                              drafted=longest([drafted[s] for s in group if s in drafted]))
-                else:
-                    results = generate_batch(pair, [request], methods[group[0]], drafted=drafted.get(group[0]))
-                seconds = (time.perf_counter() - started) / len(group) + shared_seconds
-                for setting, result in zip(group, results, strict=True):
-                    append_row(handle, row(sample, setting, result, seconds))
-                progress.advance(task, len(group))
+            progress.update(task, description=f"{sample.task} ({len(missing)} settings)")
+            last = time.perf_counter()
+            for setting, result in sample_results(pair, sample, missing, share, query_agnostic):
+                now = time.perf_counter()
+                append_row(handle, row(sample, setting, result, now - last))
+                last = now
+                progress.advance(task)
     return path
 
 
-def longest(drafts: list[Drafted]) -> Drafted | None:
-    """The view with the longest lookahead: the others' are its first tokens."""
-    drafted = [d for d in drafts if d.view is not None]
-    return max(drafted, key=lambda d: d.view.lookahead_ids.shape[1]) if drafted else None
+def sample_results(pair: ModelPair, sample: Sample, settings: list[Setting], share: bool,
+                   query_agnostic: bool) -> Iterator[tuple[Setting, Result]]:
+    """Each setting's result on one sample, as each finishes."""
+    methods = [s.make() for s in settings]
+    if query_agnostic:
+        for setting, method in zip(settings, methods, strict=True):
+            compressed = compress_context(pair, sample.context, method=method, max_new_tokens=sample.max_new_tokens)
+            yield setting, compressed.ask(sample.question, answer_prefix=sample.answer_prefix,
+                                          max_new_tokens=sample.max_new_tokens)
+        return
+    groups = [list(range(len(settings)))] if share else [[i] for i in range(len(settings))]
+    for group in groups:
+        for index, results in run_each(pair, [sample.request()], [methods[i] for i in group]):
+            yield settings[group[index]], results[0]
 
 
 def row(sample: Sample, setting: Setting, result, seconds: float) -> dict:

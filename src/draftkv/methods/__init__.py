@@ -6,7 +6,17 @@ import dataclasses
 from typing import Any
 
 from ..errors import ConfigError, UnknownMethodError
-from .base import Budget, DraftScoring, KVMethod, Method, PromptMethod, WindowKVMethod, help_of
+from .base import (
+    Budget,
+    DraftScoring,
+    KVMethod,
+    KVScoring,
+    Method,
+    PromptMethod,
+    PseudoAnswer,
+    WindowKVMethod,
+    help_of,
+)
 from .dense import Dense
 from .h2o import H2O
 from .laq import LAQ
@@ -47,15 +57,16 @@ def get_method(method: str | Method, **params: Any) -> Method:
 
 def budget_kinds(method: str) -> tuple[bool, bool]:
     """Whether `method` takes a KV budget and whether it takes a prompt budget (speckv-pc: both)."""
-    method_class = type(get_method(method))
-    return issubclass(method_class, KVMethod), issubclass(method_class, PromptMethod | SpecKVPC)
+    chosen = get_method(method)
+    return chosen.compresses_kv, chosen.compresses_prompt
 
 
-def method_with_budgets(method: str, budget: Budget | None = None, prompt_budget: Budget | None = None,
-                        **params: Any) -> Method:
-    """A method from the two budgets users speak of: `budget` (KV entries; a prompt method's only
-    budget) and `prompt_budget` (prompt tokens: a prompt method's budget, speckv-pc's prompt stage)."""
+def budget_params(method: str, budget: Budget | None = None, prompt_budget: Budget | None = None) -> dict[str, Budget]:
+    """The method's parameters for the two budgets users speak of: `budget` (KV entries; a prompt method's
+    only budget) and `prompt_budget` (prompt tokens: a prompt method's budget, speckv-pc's prompt stage).
+    The one place that says which budget goes to which parameter."""
     takes_kv, takes_prompt = budget_kinds(method)
+    params: dict[str, Budget] = {}
     if prompt_budget is not None:
         if not takes_prompt:
             raise ConfigError(f"method {method!r} keeps no prompt tokens, so it takes no prompt_budget; "
@@ -66,10 +77,17 @@ def method_with_budgets(method: str, budget: Budget | None = None, prompt_budget
         params["prompt_budget" if takes_kv else "budget"] = prompt_budget
     if budget is not None:
         params["budget"] = budget
-    return get_method(method, **params)
+    return params
+
+
+def method_with_budgets(method: str, budget: Budget | None = None, prompt_budget: Budget | None = None,
+                        **params: Any) -> Method:
+    """A method from the two budgets users speak of (see budget_params) and its other parameters."""
+    return get_method(method, **{**params, **budget_params(method, budget, prompt_budget)})
 
 
 __all__ = [
-    "AdaSnapKV", "AdaSpecKV", "H2O", "KVMethod", "LAQ", "PyramidKV", "METHODS", "StreamingLLM", "Budget", "Dense", "DraftScoring", "KeepEnds", "KeepLast", "Lingua", "Method", "PromptMethod", "SnapKV",
-    "SpecKV", "SpecKVPC", "SpecPC", "SpecPrefill", "WindowKVMethod", "budget_kinds", "get_method", "help_of", "method_with_budgets",
+    "AdaSnapKV", "AdaSpecKV", "H2O", "KVMethod", "LAQ", "PyramidKV", "METHODS", "StreamingLLM", "Budget", "Dense", "DraftScoring", "KVScoring", "KeepEnds", "KeepLast", "Lingua", "Method", "PromptMethod",
+    "PseudoAnswer", "SnapKV",
+    "SpecKV", "SpecKVPC", "SpecPC", "SpecPrefill", "WindowKVMethod", "budget_kinds", "budget_params", "get_method", "help_of", "method_with_budgets",
 ]

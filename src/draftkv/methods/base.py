@@ -1,8 +1,9 @@
 """The tiny base of every method: a frozen, validated config that fills one or both stations.
 
 Station 1 (prompt stage) keeps a subset of prompt tokens; station 2 (KV stage) keeps a subset
-of KV entries per layer and KV head. The flow in pipeline.py calls them; a method never touches
-the flow.
+of KV entries per layer and KV head. A method answers the flow's questions (which stations it
+fills, what it asks of the draft, how the target scores the prompt for it, who guesses the answer
+that probes the target); the executor in flow/ asks them and never tests a method's class.
 """
 
 from __future__ import annotations
@@ -76,8 +77,18 @@ class Method:
     name: ClassVar[str] = "dense"
     summary: ClassVar[str] = "No compression: the reference for accuracy and cost."
 
+    @property
+    def compresses_prompt(self) -> bool:
+        """Station 1: does it keep a subset of the prompt tokens (so the target reads fewer)?"""
+        return False
+
+    @property
+    def compresses_kv(self) -> bool:
+        """Station 2: does it keep a subset of the target's KV entries?"""
+        return False
+
     def draft_lookahead(self, max_new_tokens: int) -> int:
-        """Tokens the draft generates as a guess of the answer; 0 means no draft pass."""
+        """Tokens the draft generates as a guess of the answer; 0 means no lookahead."""
         return 0
 
     def kv_entries(self, prompt_length: int) -> int | None:
@@ -92,12 +103,40 @@ class Method:
         """How the draft scores prompt tokens for the prompt stage; None when it does not."""
         return None
 
-    def stage_one(self) -> KVMethod | None:
-        """A first KV method whose compressed cache lets the target guess its answer (LAQ++); None: no such stage."""
+    def kv_scoring(self) -> KVScoring | None:
+        """How the target's queries score the prompt's keys for the KV stage; None: positions alone decide."""
         return None
+
+    def guess(self, max_new_tokens: int) -> PseudoAnswer | None:
+        """The target's own guess of the answer that probes its cache (LAQ++); None: the draft's
+        lookahead is the guess, if the method asks for one."""
+        return None
+
+    @property
+    def evicts_during_decode(self) -> bool:
+        return False
+
+    @property
+    def cache_layout(self) -> str:
+        """How a ragged cache (layers or heads keeping different numbers of entries) is stored."""
+        return "per-head"
+
+    @property
+    def keeps_original_positions(self) -> bool:
+        """Kept prompt tokens keep their original positions (else they are renumbered 0..C-1)."""
+        return False
 
     # The prompt stage wants the draft's self-information of every prompt token (LLMLingua-style).
     needs_self_information: ClassVar[bool] = False
+
+    def uses_draft(self, max_new_tokens: int) -> bool:
+        """Does a request that this method compresses need a draft pass at all?"""
+        return self.draft_lookahead(max_new_tokens) > 0 or self.draft_scoring() is not None \
+            or self.needs_self_information
+
+    def target_reads_draft_tokens(self, max_new_tokens: int) -> bool:
+        """The target reads the draft's lookahead tokens (as a probe), so both need one tokenizer."""
+        return self.compresses_kv and self.draft_lookahead(max_new_tokens) > 0
 
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -113,6 +152,24 @@ class DraftScoring:
     head_reduction: str = "max"  # over heads and queries
     layer_reduction: str = "max"
     step_reduction: str = "max"  # over the prefill and each lookahead token
+
+
+@dataclass(frozen=True)
+class KVScoring:
+    """How the target's queries score the prompt's keys for the KV stage (see attention.WindowCollector)."""
+
+    window: int  # the last prompt tokens: their queries score the rest, and they are always kept
+    reduction: str = "max"  # over the query heads of a group and the queries
+    all_queries: bool = False  # every prompt query scores (H2O), not only the window's
+
+
+@dataclass(frozen=True)
+class PseudoAnswer:
+    """The target guesses the answer itself: `tokens` greedy tokens from a copy of its cache that
+    `stage_one` compressed (LAQ++), or from the whole cache when `stage_one` is None."""
+
+    tokens: int
+    stage_one: KVMethod | None = None
 
 
 def help_of(method_class: type[Method]) -> list[tuple[str, str, Any, str]]:
@@ -142,6 +199,14 @@ class KVMethod(Method):
     def __post_init__(self) -> None:
         check_budget(self.budget)
         check_int("evict_every", self.evict_every, 0)
+
+    @property
+    def compresses_kv(self) -> bool:
+        return True
+
+    @property
+    def evicts_during_decode(self) -> bool:
+        return self.evict_every > 0
 
     def kv_entries(self, prompt_length: int) -> int | None:
         return resolve_budget(self.budget, prompt_length)
@@ -188,6 +253,13 @@ class WindowKVMethod(KVMethod):
 
     def kv_entries(self, prompt_length: int) -> int | None:
         return budget_beyond_window(self.budget, self.window, prompt_length, "entries")
+
+    def kv_scoring(self) -> KVScoring:
+        return KVScoring(self.window, self.reduction, all_queries=self.score_queries == "all")
+
+    @property
+    def cache_layout(self) -> str:
+        return self.layout
 
     def layer_budgets(self, num_layers: int, prefix_length: int, budget: int) -> list[int]:
         """Entries chosen by score in each layer (the window comes on top): uniform here."""
@@ -246,6 +318,14 @@ class PromptMethod(Method):
     def __post_init__(self) -> None:
         check_window_in_budget(self.budget, self.window, minimum=0)
         check_choice("positions", self.positions, ("renumbered", "original"))
+
+    @property
+    def compresses_prompt(self) -> bool:
+        return True
+
+    @property
+    def keeps_original_positions(self) -> bool:
+        return self.positions == "original"
 
     def prompt_tokens(self, prompt_length: int) -> int | None:
         return budget_beyond_window(self.budget, self.window, prompt_length, "tokens")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .base import KVMethod, WindowKVMethod, check_int, param
+from .base import PseudoAnswer, WindowKVMethod, check_int, param
 from .snapkv import SnapKV
 
 
@@ -27,8 +27,9 @@ class LAQ(WindowKVMethod):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("pseudo_tokens", self.pseudo_tokens, 1)
-        self.stage_one()  # validates the stage-one SnapKV now
+        self.guess(1)  # validates the stage-one SnapKV now
 
-    def stage_one(self) -> KVMethod:
-        return SnapKV(budget=self.budget, window=self.stage_one_window, kernel=self.kernel, pooling=self.pooling,
-                      reduction=self.reduction)
+    def guess(self, max_new_tokens: int) -> PseudoAnswer:
+        stage_one = SnapKV(budget=self.budget, window=self.stage_one_window, kernel=self.kernel, pooling=self.pooling,
+                           reduction=self.reduction)
+        return PseudoAnswer(self.pseudo_tokens, stage_one)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..errors import ConfigError
-from .base import WindowKVMethod, param
+from .base import PseudoAnswer, WindowKVMethod, check_choice, param
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,8 @@ class SpecKV(WindowKVMethod):
 
     lookahead: int | None = param(None, "draft lookahead tokens; None = the request's max_new_tokens, capped by max_lookahead")
     max_lookahead: int = param(128, "cap on the default lookahead length")
+    guesser: str = param("draft", "who writes the lookahead answer: draft (SpecKV), or target: the target's own "
+                                  "answer from its full cache, an oracle for analysis that costs a dense decode")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -32,9 +34,16 @@ class SpecKV(WindowKVMethod):
             raise ConfigError(f"lookahead must be an int >= 1 or None, got {self.lookahead!r}")
         if isinstance(self.max_lookahead, bool) or not isinstance(self.max_lookahead, int) or self.max_lookahead < 1:
             raise ConfigError(f"max_lookahead must be an int >= 1, got {self.max_lookahead!r}")
+        check_choice("guesser", self.guesser, ("draft", "target"))
+
+    def lookahead_tokens(self, max_new_tokens: int) -> int:
+        return self.lookahead if self.lookahead is not None else min(max_new_tokens, self.max_lookahead)
 
     def draft_lookahead(self, max_new_tokens: int) -> int:
-        return self.lookahead if self.lookahead is not None else min(max_new_tokens, self.max_lookahead)
+        return self.lookahead_tokens(max_new_tokens) if self.guesser == "draft" else 0
+
+    def guess(self, max_new_tokens: int) -> PseudoAnswer | None:
+        return PseudoAnswer(self.lookahead_tokens(max_new_tokens)) if self.guesser == "target" else None
 
 
 @dataclass(frozen=True)

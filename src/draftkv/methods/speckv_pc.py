@@ -40,6 +40,14 @@ class SpecKVPC(SpecKV):
                               f"({self.prompt_budget}): the KV stage runs on the compressed prompt")
 
     @property
+    def compresses_prompt(self) -> bool:
+        return True
+
+    @property
+    def keeps_original_positions(self) -> bool:
+        return self.positions == "original"
+
+    @property
     def prompt_stage(self) -> SpecPC:
         return SpecPC(budget=self.prompt_budget, window=self.prompt_window, lookahead=1,
                       start_layer=self.start_layer, kernel=self.prompt_kernel, neighbourhood=self.neighbourhood,

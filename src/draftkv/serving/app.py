@@ -26,7 +26,7 @@ from prometheus_client import (
 )
 
 from ..errors import DraftKVError, UnknownMethodError
-from ..methods import Dense, Method, method_with_budgets
+from ..methods import Method, method_with_budgets
 from ..types import Request as DraftRequest
 from ..types import Result, Sampling
 from . import protocol
@@ -309,7 +309,7 @@ class Server:
         if self.settings.upstream_model:
             body["model"] = self.settings.upstream_model
         compressed: CompressedPrompt | None = None
-        if not isinstance(method, Dense):
+        if method.compresses_prompt or method.compresses_kv:
             job = self.submit(request, method)
             await self.admitted(job, http, trace)
             _, compressed = await self.next_event(job, http)

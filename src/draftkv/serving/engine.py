@@ -22,7 +22,8 @@ import torch
 
 from ..compress import compress_prompts
 from ..errors import DraftKVError
-from ..methods import KVMethod, Method, PromptMethod, SpecKVPC
+from ..flow.plan import Consumer
+from ..methods import Method
 from ..pipeline import generate_batch
 from ..prompt import encode_prompt
 from ..types import Request
@@ -73,16 +74,14 @@ def activation_bytes(model: torch.nn.Module, tokens: int) -> int:
 
 
 def estimate_bytes(pair: ModelPair, method: Method, prompt_tokens: int, new_tokens: int) -> int:
-    """What a request adds to memory while it runs: the draft's pass (when the method runs one) and the
-    target's cache and activations. Prompt methods prefill the target on their budget only."""
+    """What a request adds to memory while it runs, from the executor's plan for it: the draft's pass
+    (when the plan asks for one) and the target's cache and activations for what station 1 leaves."""
+    consumer = Consumer.of(method, [prompt_tokens], [new_tokens])
     total = 0
-    target_tokens = prompt_tokens
-    if isinstance(method, PromptMethod | SpecKVPC):
-        target_tokens = min(prompt_tokens, method.prompt_tokens(prompt_tokens) or prompt_tokens)
-    uses_draft = isinstance(method, PromptMethod | SpecKVPC) or method.draft_lookahead(new_tokens) > 0
-    if uses_draft and pair.draft is not None:
+    target_tokens = consumer.budgets.prompt[0] if consumer.budgets.compress_prompt[0] else prompt_tokens
+    if consumer.need.needed and pair.draft is not None:
         draft = pair.draft.model
-        draft_tokens = prompt_tokens + method.draft_lookahead(new_tokens)
+        draft_tokens = prompt_tokens + consumer.need.lookahead[0]
         total += draft_tokens * entry_bytes(draft) + activation_bytes(draft, prompt_tokens)
     if pair.target.model is not (pair.draft.model if pair.draft else None):  # proxy mode runs no target
         target = pair.target.model
@@ -249,7 +248,7 @@ def run_proxy(pair: ModelPair, batch: list[Job]) -> None:
 
 
 def check_proxy_method(method: Method) -> None:
-    if isinstance(method, KVMethod):
+    if method.compresses_kv:
         raise ServeError(400, f"method {method.name!r} compresses the target's KV cache, which runs upstream in proxy "
                          "mode; use a prompt method (specpc, specprefill, lingua, keep-last, keep-ends) or dense",
                          param="method", code="invalid_parameter")

@@ -1,0 +1,245 @@
+"""The executor: the one request flow, for N consumers over one batch of requests.
+
+    tokenize with the chat template                       (once)
+    -> draft pass: prefill + lookahead                      (once, for every consumer that asks)
+    -> [station 1] keep prompt tokens                       (per consumer that compresses the prompt)
+    -> target prefill, capturing each consumer's scores     (once per distinct prompt the target reads)
+       + probes: the draft's lookahead, a pseudo-answer     (once per guess)
+    -> [station 2] keep KV entries                          (per consumer)
+    -> decode and build the stats                           (per consumer: results.finish)
+
+Sharing is exact: a shorter greedy lookahead is the first tokens of a longer one, and prompt queries
+never see later tokens, so every consumer gets what its own run would give. `generate` is N = 1; the
+eval runner, the agreement analysis, the benchmark and the server use the same flow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from ..cache import bytes_per_entry, kv_bytes
+from ..decoding import TextCallback
+from ..errors import ConfigError, TokenizerMismatchError
+from ..methods import Method, get_method
+from ..prompt import EncodedPrompt, encode_prompts
+from ..types import Request, Result
+from .batch import DraftView, PaddedBatch, pad_prompts, pad_token
+from .plan import Consumer
+from .results import Prepared, finish
+from .select import KeptPrompt, keep_prompt, kv_stage
+from .steps import (
+    Clock,
+    Observer,
+    check_context,
+    eos_ids,
+    kv_collector,
+    probe,
+    pseudo_answer,
+    run_draft,
+    target_prefill,
+)
+
+if TYPE_CHECKING:
+    from ..models import ModelPair
+
+
+def run(pair: ModelPair, requests: list[Request], methods: list[str | Method], *, observer: Observer | None = None,
+        on_text: TextCallback | None = None, cancelled: Callable[[int], bool] | None = None) -> list[list[Result]]:
+    """Every method's results for the batch (per method, per request): exactly what each would give alone.
+
+    `on_text(row, text)` streams each row's new text, and a row whose `cancelled(row)` turns true stops
+    at its next token."""
+    results: list[list[Result]] = [[] for _ in methods]
+    for index, finished in run_each(pair, requests, methods, observer=observer, on_text=on_text, cancelled=cancelled):
+        results[index] = finished
+    return results
+
+
+@torch.inference_mode()
+def run_each(pair: ModelPair, requests: list[Request], methods: list[str | Method], *,
+             observer: Observer | None = None, on_text: TextCallback | None = None,
+             cancelled: Callable[[int], bool] | None = None) -> Iterator[tuple[int, list[Result]]]:
+    """`run`, yielding (method index, its results) as each method finishes. Each is decoded before the
+    next is compressed, so at most one copy of the full cache exists beside it."""
+    chosen = [get_method(m) for m in methods]
+    alone = [i for i, m in enumerate(chosen) if m.evicts_during_decode and len(requests) > 1]
+    together = [i for i in range(len(chosen)) if i not in alone]
+    if together:
+        for index, prepared in prepare_each(pair, requests, [chosen[i] for i in together], observer=observer):
+            yield together[index], finish(pair, prepared, on_text, cancelled)
+    for i in alone:  # each row would evict different entries: one request at a time
+        yield i, [run(pair, [request], [chosen[i]], observer=observer,
+                      on_text=(lambda _r, text, row=row: on_text(row, text)) if on_text else None,
+                      cancelled=(lambda _r, row=row: cancelled(row)) if cancelled else None)[0][0]
+                  for row, request in enumerate(requests)]
+
+
+@torch.inference_mode()
+def prepare(pair: ModelPair, requests: list[Request], methods: list[str | Method], *,
+            prompts: list[EncodedPrompt] | None = None, observer: Observer | None = None,
+            read: bool = True) -> list[Prepared]:
+    """Every consumer's prepared batch, in the order of `methods` (see prepare_each)."""
+    prepared: list[Prepared | None] = [None] * len(methods)
+    for index, ready in prepare_each(pair, requests, methods, prompts=prompts, observer=observer, read=read):
+        prepared[index] = ready
+    return prepared
+
+
+@torch.inference_mode()
+def prepare_each(pair: ModelPair, requests: list[Request], methods: list[str | Method], *,
+                 prompts: list[EncodedPrompt] | None = None, observer: Observer | None = None,
+                 read: bool = True) -> Iterator[tuple[int, Prepared]]:
+    """The flow up to decoding. Yields (consumer index, its prepared batch) as each is ready; with
+    `read=False` it stops after station 1 (no target work: prompt compression alone).
+    `prompts`: the requests already encoded (query-agnostic mode encodes only the context)."""
+    target = pair.target.model
+    device = target.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    clock = Clock(device, observer)
+    started = clock.start("tokenize")
+    if prompts is None:
+        prompts = encode_prompts(pair.tokenizer, requests)
+    lengths = [len(p.ids) for p in prompts]
+    for request, n in zip(requests, lengths, strict=True):
+        check_context(target, "target", n, request.max_new_tokens)
+    consumers = [Consumer.of(get_method(m), lengths, [r.max_new_tokens for r in requests]) for m in methods]
+    batch = pad_prompts([p.ids for p in prompts], pad_token(pair.tokenizer), device)
+    clock.add("tokenize", clock.now() - started)
+
+    draft_clock = Clock(device, observer)
+    draft_prompts, views = draft_pass(pair, requests, prompts, batch, consumers, draft_clock)
+
+    own_clocks = [Clock(device, observer) for _ in consumers]
+    kept = [station_one(pair, requests, prompts, draft_prompts, batch, consumer, view, own)
+            for consumer, view, own in zip(consumers, views, own_clocks, strict=True)]
+
+    def prepared(index: int, shared: dict[str, float], **target_side) -> Prepared:
+        consumer = consumers[index]
+        stages = {**clock.stages, **shared, **own_clocks[index].stages}
+        return Prepared(consumer.method, requests, prompts, kept[index], consumer.budgets.kv, views[index],
+                        Clock(device, observer, stages), started, **target_side)
+
+    if not read:
+        for index in range(len(consumers)):
+            yield index, prepared(index, draft_clock.stages if consumers[index].need.needed else {})
+        return
+    # The target reads each distinct prompt once: all consumers that keep the whole prompt share one prefill.
+    groups = [[i for i, c in enumerate(consumers) if c.reads_whole_prompt]]
+    groups += [[i] for i, c in enumerate(consumers) if not c.reads_whole_prompt]
+    for group in filter(None, groups):
+        group_clock = Clock(device, observer)
+        uses_draft = any(consumers[i].need.needed for i in group)
+        shared = draft_clock.stages if uses_draft else {}
+        for index, target_side in read_target(pair, [consumers[i] for i in group], [views[i] for i in group],
+                                              kept[group[0]].batch, max(r.max_new_tokens for r in requests),
+                                              group_clock, [own_clocks[i] for i in group]):
+            yield group[index], prepared(group[index], {**shared, **group_clock.stages}, **target_side,
+                                         shared_prefill=len(group) > 1)
+
+
+def station_one(pair: ModelPair, requests: list[Request], prompts: list[EncodedPrompt],
+                draft_prompts: list[EncodedPrompt], batch: PaddedBatch, consumer: Consumer, view: DraftView | None,
+                clock: Clock) -> KeptPrompt:
+    """Station 1 for a consumer that drops prompt tokens; the others read the prompt as it is."""
+    if consumer.reads_whole_prompt:
+        return KeptPrompt(batch, [None] * len(requests), [None] * len(requests))
+    selecting = clock.start("prompt_selection")
+    kept = keep_prompt(consumer.method, requests, prompts, draft_prompts, consumer.budgets.prompt,
+                       consumer.budgets.compress_prompt, view, pair.tokenizer, pad_token(pair.tokenizer),
+                       pair.tokenizer_mismatch is not None, batch.input_ids.device)
+    clock.add("prompt_selection", clock.now() - selecting)
+    return kept
+
+
+def draft_pass(pair: ModelPair, requests: list[Request], prompts: list[EncodedPrompt], batch: PaddedBatch,
+               consumers: list[Consumer], clock: Clock) -> tuple[list[EncodedPrompt], list[DraftView | None]]:
+    """One draft pass for every consumer that asks the draft for something; each gets its own view.
+    Returns the prompts as the draft read them (in its own tokens when its tokenizer differs)."""
+    users = [i for i, c in enumerate(consumers) if c.need.needed]
+    views: list[DraftView | None] = [None] * len(consumers)
+    if not users:
+        return prompts, views
+    if pair.draft is None:
+        raise ConfigError(f"method {consumers[users[0]].method.name!r} needs a draft model; load the pair with a draft")
+    cross = pair.tokenizer_mismatch is not None
+    for i in users:
+        if cross and consumers[i].method.compresses_kv and max(consumers[i].need.lookahead) > 0:
+            raise TokenizerMismatchError(
+                f"method {consumers[i].method.name!r} passes the draft's lookahead tokens to the target, which needs "
+                f"the same tokenizer ({pair.tokenizer_mismatch}); prompt methods (specpc, specprefill, lingua) work "
+                "across tokenizers")
+    draft_tokenizer = pair.draft.tokenizer
+    draft_prompts, draft_batch = prompts, batch
+    if cross:  # the draft reads the prompt in its own tokens; station 1 crosses back as text
+        draft_prompts = encode_prompts(draft_tokenizer, requests)
+        draft_batch = pad_prompts([p.ids for p in draft_prompts], pad_token(draft_tokenizer), batch.input_ids.device)
+    for row, prompt in enumerate(draft_prompts):
+        check_context(pair.draft.model, "draft", len(prompt.ids), max(consumers[i].need.lookahead[row] for i in users))
+    drafted = run_draft(pair.draft.model, draft_batch, [consumers[i].need for i in users],
+                        eos_ids(pair.draft.model, draft_tokenizer), pad_token(draft_tokenizer), clock)
+    for i, view in zip(users, drafted, strict=True):
+        views[i] = view
+    return draft_prompts, views
+
+
+def read_target(pair: ModelPair, consumers: list[Consumer], views: list[DraftView | None], batch: PaddedBatch,
+                max_new_tokens: int, clock: Clock, own_clocks: list[Clock]) -> Iterator[tuple[int, dict]]:
+    """One target prefill of `batch` for the consumers that read it, with every consumer's collectors;
+    the guesses probe the full cache; then station 2 per consumer (yielded one at a time, each on its
+    own copy but the last, which takes the cache itself)."""
+    target, tokenizer = pair.target.model, pair.tokenizer
+    compress_kv = [[b is not None and b < n for b, n in zip(c.budgets.kv, batch.lengths, strict=True)]
+                   for c in consumers]
+    collectors = [kv_collector(c.method.kv_scoring(), batch) if any(rows) else None
+                  for c, rows in zip(consumers, compress_kv, strict=True)]
+    guesses = [c.method.guess(max_new_tokens) if any(rows) else None
+               for c, rows in zip(consumers, compress_kv, strict=True)]
+    stage_ones = [kv_collector(g.stage_one.kv_scoring(), batch) if g is not None and g.stage_one is not None else None
+                  for g in guesses]
+    cache, first_logits = target_prefill(target, batch, [*collectors, *stage_ones], clock)
+
+    # The draft's lookahead probes once, as long as the longest view; each collector counts its own tokens.
+    probing = [(collector, view) for collector, view, guess in zip(collectors, views, guesses, strict=True)
+               if collector is not None and guess is None and view is not None and view.lookahead_ids.shape[1] > 0]
+    if probing:
+        longest = max((view for _, view in probing), key=lambda v: v.lookahead_ids.shape[1])
+        width = longest.lookahead_ids.shape[1]
+        probe(target, cache, batch, longest,
+              [(collector, F.pad(view.lookahead_valid, (0, width - view.lookahead_valid.shape[1])))
+               for collector, view in probing], clock)
+    probes = [view if collector is not None and guess is None else None
+              for collector, view, guess in zip(collectors, views, guesses, strict=True)]
+    for index, (consumer, collector, guess, stage_one) in enumerate(zip(consumers, collectors, guesses, stage_ones,
+                                                                        strict=True)):
+        if guess is None:
+            continue
+        probes[index] = answer = pseudo_answer(target, cache, first_logits, batch, guess,
+                               stage_one.layer_scores() if stage_one is not None else None, consumer.budgets.kv,
+                               eos_ids(target, tokenizer), pad_token(tokenizer), clock)
+        if answer.lookahead_ids.shape[1] > 0:
+            probe(target, cache, batch, answer, [(collector, answer.lookahead_valid)], clock)
+
+    # Station 2, per consumer.
+    entry_bytes = bytes_per_entry(cache)
+    last = len(consumers) - 1
+    for index, (consumer, collector, rows, own) in enumerate(zip(consumers, collectors, compress_kv, own_clocks,
+                                                                 strict=True)):
+        scores = collector.layer_scores() if collector is not None else None
+        copy = index < last
+        if any(rows):
+            selecting = own.start("compression")
+            own_cache, mask, kept_rows = kv_stage(consumer.method, cache, batch, scores, consumer.budgets.kv, copy=copy)
+            own.add("compression", own.now() - selecting)
+        else:  # dense: the full cache (a copy of it while others still need it)
+            own_cache = DynamicCache([(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]) \
+                if copy else cache
+            mask, kept_rows = batch.attention_mask, [None] * len(batch.lengths)
+        yield index, {"cache": own_cache, "first_logits": first_logits, "attention_mask": mask,
+                      "kept_rows": kept_rows, "layer_scores": scores, "entry_bytes": entry_bytes,
+                      "stored_bytes": kv_bytes(own_cache), "guess": probes[index]}

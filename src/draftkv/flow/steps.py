@@ -1,0 +1,294 @@
+"""The flow's steps: padding a batch, the model calls (prefill, draft pass, probe, pseudo-answer) and
+the clock that times them. Each step does one thing to a batch; execute.py puts them in order.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from transformers import DynamicCache
+
+from ..attention import Collector, PromptCollector, RowSlot, WindowCollector, capture
+from ..cache import drop_last, gathered_copy
+from ..decoding import decode
+from ..errors import ConfigError, PromptError
+from ..methods import KVScoring, PseudoAnswer
+from ..types import Sampling
+from .batch import DraftView, PaddedBatch, left_padded, lookahead_view
+from .plan import DraftNeed
+from .select import row_mask, select_kv
+
+
+@dataclass(frozen=True)
+class StageEvent:
+    """A stage starts, or ends after `seconds` (what an observer of the executor is told)."""
+
+    stage: str
+    event: Literal["start", "end"]
+    seconds: float = 0.0
+
+
+Observer = Callable[[StageEvent], None]
+
+
+@dataclass
+class Clock:
+    """Stage timings in seconds (synchronising CUDA so the numbers mean something), told to an observer."""
+
+    device: torch.device
+    observer: Observer | None = None
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def start(self, stage: str) -> float:
+        """The time a stage starts at; the observer hears of it first."""
+        if self.observer is not None:
+            self.observer(StageEvent(stage, "start"))
+        return self.now()
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.stages[stage] = self.stages.get(stage, 0.0) + seconds
+        if self.observer is not None:
+            self.observer(StageEvent(stage, "end", seconds))
+
+
+def eos_ids(model: torch.nn.Module, tokenizer) -> set[int]:
+    ids = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
+    ids = {ids} if isinstance(ids, int) else set(ids or [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def check_context(model: torch.nn.Module, role: str, prompt_length: int, extra_tokens: int) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and prompt_length + extra_tokens > limit:
+        raise PromptError(
+            f"the prompt has {prompt_length} tokens and {extra_tokens} more are asked for, past the {role}'s "
+            f"context limit of {limit} tokens; shorten the context or ask for fewer new tokens"
+        )
+
+
+# Logits per LM-head chunk: 2**24 floats is 64 MiB, a fraction of a long prompt's prefill peak.
+_LM_HEAD_CHUNK = 2**24
+
+
+def self_information(model: torch.nn.Module, hidden: torch.Tensor, batch: PaddedBatch) -> torch.Tensor:
+    """-log p(token | prefix) of every prompt column under the draft [B, N], from its last hidden
+    states [B, N, d]; a row's first token gets inf.
+
+    The LM head runs in chunks of positions, so the [N, vocabulary] logits never exist at once, and
+    -log p is logsumexp - logit, so no second [chunk, vocabulary] tensor (log_softmax's) is made.
+    """
+    head = model.get_output_embeddings()
+    batch_size, width = batch.input_ids.shape
+    scores = torch.zeros(batch_size, width, device=hidden.device)
+    chunk = max(1, _LM_HEAD_CHUNK // (batch_size * head.weight.shape[0]))
+    for start in range(0, width - 1, chunk):
+        stop = min(start + chunk, width - 1)
+        logits = head(hidden[:, start:stop]).float()
+        next_logits = logits.gather(-1, batch.input_ids[:, start + 1: stop + 1, None])[..., 0]
+        scores[:, start + 1: stop + 1] = torch.logsumexp(logits, dim=-1) - next_logits
+    for row in range(batch_size):
+        scores[row, batch.width - batch.lengths[row]] = float("inf")  # nothing predicts the first token
+    return scores
+
+
+def prefill(model: torch.nn.Module, batch: PaddedBatch, cache: DynamicCache | None,
+            collectors: list[Collector]) -> torch.Tensor:
+    """The model reads the prompts (into `cache` when given); returns the last position's logits [B, V].
+
+    A padded batch is read one row at a time, each without its padding: attention over left-padded rows
+    needs a [B, 1, N, N] mask, which rules out the fused flash kernel and is gigabytes by itself at
+    32k tokens (H100, dense, batch 8 at 32k: 10.9 s and a 36.6 GB peak, row by row 3.9 s and 9.2 GB).
+    Each row's cache goes into `cache` left-padded with zeros (the decode mask hides them), and each
+    collector puts the row's scores at the row's own columns."""
+    if batch.attention_mask is None:
+        out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, past_key_values=cache,
+                    use_cache=cache is not None, logits_to_keep=1)
+        return out.logits[:, -1]
+    logits, row_layers = [], []
+    for row in range(len(batch.lengths)):
+        pad = batch.pad(row)
+        row_cache = DynamicCache(config=model.config) if cache is not None else None
+        for collector in collectors:
+            collector.slot = RowSlot(row, pad, len(batch.lengths))
+        try:
+            out = model(input_ids=batch.input_ids[row:row + 1, pad:], position_ids=batch.position_ids[row:row + 1, pad:],
+                        past_key_values=row_cache, use_cache=row_cache is not None, logits_to_keep=1)
+        finally:
+            for collector in collectors:
+                collector.slot = None
+        logits.append(out.logits[:, -1])
+        if row_cache is not None:
+            row_layers.append([(layer.keys, layer.values) for layer in row_cache.layers])
+        del out, row_cache
+    if cache is not None:
+        for index in range(len(row_layers[0])):
+            keys = left_padded([layers[index][0] for layers in row_layers], dim=2)
+            values = left_padded([layers[index][1] for layers in row_layers], dim=2)
+            for layers in row_layers:  # the rows' copies go as each layer's batch copy is made
+                layers[index] = None
+            cache.update(keys, values, index)
+    return torch.cat(logits)
+
+
+
+
+def run_draft(model: torch.nn.Module, batch: PaddedBatch, needs: list[DraftNeed], eos: set[int], pad_id: int,
+              clock: Clock) -> list[DraftView]:
+    """One draft prefill + greedy lookahead (its own cache is discarded afterwards) serving every need.
+
+    The lookahead runs as long as the longest need asks, and each need gets the first tokens of it
+    (greedy decoding is causal, so exactly what a shorter run gives) with the prompt scores of its
+    own collector, which counts only the steps of its own lookahead."""
+    device = batch.input_ids.device
+    started = clock.start("draft_prefill")
+    layers = model.config.num_hidden_layers
+    collectors = []
+    for need in needs:
+        scoring = need.scoring
+        if scoring is not None and scoring.start_layer >= layers:
+            raise ConfigError(f"start_layer is {scoring.start_layer} but the draft has {layers} layers; "
+                              f"give a start_layer below {layers}")
+        collectors.append(None if scoring is None else PromptCollector(
+            batch.width, scoring.window, scoring.start_layer, scoring.weighted, scoring.head_reduction,
+            scoring.layer_reduction))
+    active = [c for c in collectors if c is not None]
+    # When the lookahead scores the prompt, each lookahead token must be fed too: one step more.
+    steps = [max(length + 1 if need.scoring is not None and length > 0 else length
+                 for need in needs for length in [need.lookahead[row]]) for row in range(len(batch.lengths))]
+    hidden: list[torch.Tensor] = []
+    keep_hidden = None
+    if any(need.information for need in needs):  # the decoder's last hidden states, before the LM head's slice
+        keep_hidden = model.get_decoder().register_forward_hook(
+            lambda _module, _args, output: hidden.append(output.last_hidden_state))
+    # Without lookahead steps (LLMLingua-style alone) the draft needs no cache of its own.
+    cache = DynamicCache(config=model.config) if max(steps) > 0 else None
+
+    def scoring_seconds() -> float:
+        return sum(c.seconds for c in active)
+
+    with capture(model, *active):
+        try:
+            last_logits = prefill(model, batch, cache, active)
+        finally:
+            if keep_hidden is not None:
+                keep_hidden.remove()
+        prefilled = clock.now()
+        prefill_scoring = scoring_seconds()
+        clock.add("draft_prefill", prefilled - started - prefill_scoring)
+        decoded = decode(
+            model, cache, last_logits, positions=torch.tensor(batch.next_positions, device=device),
+            attention_mask=batch.attention_mask, max_new_tokens=steps,
+            samplings=[Sampling()] * len(steps), eos_token_ids=eos,
+        )
+    del cache
+    clock.add("draft_lookahead", clock.now() - prefilled - (scoring_seconds() - prefill_scoring))
+    scoring_started = clock.now()
+    information = self_information(model, left_padded(hidden, dim=1), batch) if hidden else None
+    views = []
+    for need, collector in zip(needs, collectors, strict=True):
+        view = lookahead_view([row.token_ids[:length] for row, length in zip(decoded.rows, need.lookahead, strict=True)],
+                              pad_id, device)
+        if collector is not None:
+            # Step 0 is the prefill's window; step t feeds lookahead token t.
+            step_valid = torch.cat([torch.ones(len(steps), 1, dtype=torch.bool, device=device), view.lookahead_valid], 1)
+            view.token_scores = collector.token_scores(step_valid, need.scoring.step_reduction)
+        elif need.information:
+            view.token_scores = information
+        views.append(view)
+    if active or information is not None:
+        clock.add("draft_scoring", clock.now() - scoring_started + scoring_seconds())
+    return views
+
+
+
+
+def kv_collector(scoring: KVScoring | None, batch: PaddedBatch) -> WindowCollector | None:
+    """The collector for the KV stage's scores: the window queries, or all prompt queries (H2O)."""
+    if scoring is None:
+        return None
+    collector = WindowCollector(batch.width - scoring.window, scoring.reduction)
+    collector.score_last(batch.width if scoring.all_queries else scoring.window)
+    return collector
+
+
+def target_prefill(model: torch.nn.Module, batch: PaddedBatch, collectors: list[WindowCollector | None],
+                   clock: Clock) -> tuple[DynamicCache, torch.Tensor]:
+    """Prefill the prompt alone (so its KV entries are exactly dense prefill's) while the collectors
+    score it; returns the cache and the last prompt position's logits."""
+    started = clock.start("target_prefill")
+    cache = DynamicCache(config=model.config)
+    before = sum(c.seconds for c in collectors if c is not None)
+    with capture(model, *collectors):
+        last_logits = prefill(model, batch, cache, [c for c in collectors if c is not None])
+    scoring = sum(c.seconds for c in collectors if c is not None) - before
+    clock.add("target_prefill", clock.now() - started - scoring)
+    clock.add("scoring", scoring)
+    return cache, last_logits
+
+
+def probe(model: torch.nn.Module, cache: DynamicCache, batch: PaddedBatch, guess: DraftView,
+          scorers: list[tuple[WindowCollector, torch.Tensor]], clock: Clock) -> None:
+    """Read a guessed answer after the prompt so its queries score the prompt, then drop its entries.
+
+    scorers: each collector with the guess tokens it counts ([B, L] bool); causal attention makes a
+    shorter guess exactly the first tokens of a longer one."""
+    width = guess.lookahead_ids.shape[1]
+    for collector, valid in scorers:
+        collector.score_last(width, valid)
+    mask = None
+    if batch.attention_mask is not None:
+        mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(len(batch.lengths), width)], 1)
+    device = cache.layers[0].keys.device
+    positions = torch.tensor(batch.next_positions, device=device)[:, None] + torch.arange(width, device=device)
+    collectors = [collector for collector, _ in scorers]
+    started, before = clock.start("probe"), sum(c.seconds for c in collectors)
+    with capture(model, *collectors):
+        model(input_ids=guess.lookahead_ids, attention_mask=mask, position_ids=positions,
+              past_key_values=cache, use_cache=True, logits_to_keep=1)
+    drop_last(cache, width)
+    scoring = sum(c.seconds for c in collectors) - before
+    clock.add("probe", clock.now() - started - scoring)
+    clock.add("scoring", scoring)
+
+
+def pseudo_answer(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.Tensor, batch: PaddedBatch,
+                  guess: PseudoAnswer, stage_one_scores: list[torch.Tensor] | None, budgets: list[int | None],
+                  eos: set[int], pad_id: int, clock: Clock) -> DraftView:
+    """The target's own guess of the answer, for the rows it compresses: greedy tokens from a copy of its
+    cache, compressed by the guess's stage one (LAQ++) or whole (an oracle)."""
+    started = clock.start("pseudo_answer")
+    if guess.stage_one is not None:
+        index, valid, _ = select_kv(guess.stage_one, stage_one_scores, batch, budgets)
+        copy = gathered_copy(cache, index)
+        _, mask = row_mask(valid)  # stage one (SnapKV) is uniform per row
+        mask = mask.to(first_logits.device) if mask is not None else None
+    else:
+        copy = DynamicCache([(layer.keys.clone(), layer.values.clone()) for layer in cache.layers])
+        mask = batch.attention_mask
+    decoded = decode(model, copy, first_logits, positions=torch.tensor(batch.next_positions, device=first_logits.device),
+                     attention_mask=mask, max_new_tokens=[guess.tokens if b is not None and b < n else 0
+                                                          for b, n in zip(budgets, batch.lengths, strict=True)],
+                     samplings=[Sampling()] * len(budgets), eos_token_ids=eos)
+    clock.add("pseudo_answer", clock.now() - started)
+    return lookahead_view([row.token_ids for row in decoded.rows], pad_id, first_logits.device)
+
+
+def peak_memory(device: torch.device) -> int:
+    """CUDA: bytes allocated at the peak of this request. CPU: the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib if sys.platform == "darwin" else kib * 1024
