@@ -24,7 +24,7 @@ def test_the_cache_never_grows_past_budget_plus_k(qwen_pair, method, params):
     request = Request(context=CONTEXT, question=QUESTION, max_new_tokens=30, ignore_eos=True)
     lengths = []
     hook = qwen_pair.target.model.register_forward_pre_hook(
-        lambda _m, _a, kwargs: lengths.append((kwargs["input_ids"].shape[1], kwargs["past_key_values"].get_seq_length())),
+        lambda _m, _a, kwargs: lengths.append((kwargs["input_ids"].shape[1], kwargs["cache"].get_seq_length())),
         with_kwargs=True)
     try:
         result = generate_batch(qwen_pair, [request], method, budget=40, evict_every=4, **params)[0]

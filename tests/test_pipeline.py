@@ -378,7 +378,7 @@ def test_laq_pseudo_answer_comes_from_the_stage_one_cache(qwen_pair):
     calls = []
 
     def record(_module, _args, kwargs):
-        calls.append((kwargs["input_ids"][0].tolist(), kwargs["past_key_values"].get_seq_length()))
+        calls.append((kwargs["input_ids"][0].tolist(), kwargs["cache"].get_seq_length()))
 
     handle = qwen_pair.target.model.register_forward_pre_hook(record, with_kwargs=True)
     try:

@@ -72,7 +72,7 @@ class CompressedContext:
             with ragged_attention(model, cache):
                 out = model(input_ids=torch.tensor([ids], device=model.device),
                             position_ids=torch.arange(start, start + len(ids), device=model.device)[None],
-                            past_key_values=cache, use_cache=True, logits_to_keep=1)
+                            cache=cache, use_cache=True, logits_to_keep=1)
                 read = time.perf_counter()
                 stream = (lambda _row, text: on_text(text)) if on_text is not None else None
                 decoded = decode(model, cache, out.logits[:, -1], positions=torch.tensor([start + len(ids)], device=model.device),

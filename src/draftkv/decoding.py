@@ -162,7 +162,7 @@ def decode(
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
         with torch.inference_mode(), sdpa_kernel(DECODE_ATTENTION):
             out = model(input_ids=feed, position_ids=positions.view(batch, 1), attention_mask=attention_mask,
-                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+                        cache=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]
         positions += 1
         steps += 1

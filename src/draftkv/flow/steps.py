@@ -114,7 +114,7 @@ def prefill(model: torch.nn.Module, batch: PaddedBatch, cache: DynamicCache | No
     Each row's cache goes into `cache` left-padded with zeros (the decode mask hides them), and each
     collector puts the row's scores at the row's own columns."""
     if batch.attention_mask is None:
-        out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, past_key_values=cache,
+        out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, cache=cache,
                     use_cache=cache is not None, logits_to_keep=1)
         return out.logits[:, -1]
     logits, row_layers = [], []
@@ -125,7 +125,7 @@ def prefill(model: torch.nn.Module, batch: PaddedBatch, cache: DynamicCache | No
             collector.slot = RowSlot(row, pad, len(batch.lengths))
         try:
             out = model(input_ids=batch.input_ids[row:row + 1, pad:], position_ids=batch.position_ids[row:row + 1, pad:],
-                        past_key_values=row_cache, use_cache=row_cache is not None, logits_to_keep=1)
+                        cache=row_cache, use_cache=row_cache is not None, logits_to_keep=1)
         finally:
             for collector in collectors:
                 collector.slot = None
@@ -257,7 +257,7 @@ def probe(model: torch.nn.Module, cache: DynamicCache, batch: PaddedBatch, guess
     started, before = clock.start("probe"), sum(c.seconds for c in collectors)
     with capture(model, *collectors):
         model(input_ids=guess.lookahead_ids, attention_mask=mask, position_ids=positions,
-              past_key_values=cache, use_cache=True, logits_to_keep=1)
+              cache=cache, use_cache=True, logits_to_keep=1)
     drop_last(cache, width)
     scoring = sum(c.seconds for c in collectors) - before
     clock.add("probe", clock.now() - started - scoring)

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +121,20 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
+
+
+@contextlib.contextmanager
+def transformers_bars_off() -> Iterator[None]:
+    """transformers' own "Loading weights" bars stay off while we load (our progress shows)."""
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
 
 
 def cache_dir() -> Path:
@@ -336,9 +351,10 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, source_sha256: str | None = 
             "(dequantising; about a minute per GB)"
         )
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-            )
+            with transformers_bars_off():
+                model = AutoModelForCausalLM.from_pretrained(
+                    gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+                )
             tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         except Exception as error:
             raise ModelLoadError(
@@ -361,7 +377,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, source_sha256: str | None = 
         gc.collect()  # frees the GGUF-loaded copy before the reload, so only one copy is held
 
         _console.print(f"Converting {out_dir.name}: reloading the folder and checking its logits")
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        with transformers_bars_off():
+            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
         actual = _logits(reloaded, ids)
         del reloaded
         if actual.shape != expected.shape or not torch.equal(actual, expected):

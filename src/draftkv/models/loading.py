@@ -16,6 +16,7 @@ from draftkv.models.embedded import (
     EMBEDDED_MODELS,
     ensure_embedded,
     ensure_gguf,
+    transformers_bars_off,
 )
 
 DTYPES = {
@@ -95,7 +96,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | 
 def _load_folder(source: str | Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+    with transformers_bars_off():
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
     tokenizer = AutoTokenizer.from_pretrained(source)
     model.to(device)
     model.eval()
