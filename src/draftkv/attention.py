@@ -19,7 +19,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .cache import PaddedLayer
+from .cache import RAGGED_LAYERS
 from .scoring import Reduction, reduced_count, window_scores
 
 ATTENTION_NAME = "draftkv"
@@ -243,7 +243,7 @@ Collector = WindowCollector | PromptCollector
 
 def _draftkv_attention(module, query, key, value, attention_mask, **kwargs):
     ragged = _active_ragged.get()
-    if ragged is not None and isinstance(layer := ragged.layers[module.layer_idx], PaddedLayer):
+    if ragged is not None and isinstance(layer := ragged.layers[module.layer_idx], RAGGED_LAYERS):
         # A ragged layer: each KV head has its own real entries, so it brings its own mask.
         attention_mask = layer.mask(query.shape[2], query.shape[1] // key.shape[1])
     for collector in _active_collectors.get():
@@ -281,7 +281,7 @@ def capture(model: torch.nn.Module, *collectors: Collector | None) -> Iterator[N
 @contextmanager
 def ragged_attention(model: torch.nn.Module, cache: DynamicCache) -> Iterator[None]:
     """Decode over a ragged cache: its layers' per-head masks replace the model's (none needed then)."""
-    if not any(isinstance(layer, PaddedLayer) for layer in cache.layers):
+    if not any(isinstance(layer, RAGGED_LAYERS) for layer in cache.layers):
         yield
         return
     previous = model.config._attn_implementation

@@ -1,5 +1,10 @@
 """The compressed KV cache: a transformers DynamicCache whose layers hold only kept entries.
 
+One layer class per layout, behind transformers' cache-layer interface (update, crop, seq length):
+`SlotLayer` (uniform: every head keeps the same entries), `PaddedLayer` (ragged, padded to the longest
+head and masked) and `PerHeadLayer` (ragged, every head stored exactly). The first two have
+preallocated room that decoding writes into in place (`reserve`).
+
 Entries keep the RoPE of their original positions (keys are cached after RoPE), so decoding goes
 on at the logical position n, n+1, ... while the physical cache holds fewer entries. The decode
 loop passes explicit `position_ids` (logical) and an attention mask as long as the physical cache.
@@ -18,49 +23,122 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 
-class PaddedLayer(DynamicLayer):
+class SlotLayer(DynamicLayer):
+    """A uniform layer with preallocated room: new entries are written into free slots in place and the
+    model reads a view of the filled ones, so a decoding step copies nothing that is already cached
+    (transformers' DynamicLayer concatenates the whole layer every step)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int = 0) -> None:
+        super().__init__()
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self._place(keys, values, room)
+
+    def _place(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
+        """Copy the entries into new slots with `room` free after them."""
+        batch, heads, length = keys.shape[:3]
+        self.key_slots = keys.new_empty(batch, heads, length + room, keys.shape[-1])
+        self.value_slots = values.new_empty(batch, heads, length + room, values.shape[-1])
+        self.key_slots[:, :, :length].copy_(keys)
+        self.value_slots[:, :, :length].copy_(values)
+        self.filled = length
+        self._show()
+
+    def _show(self) -> None:
+        self.keys = self.key_slots[:, :, : self.filled]
+        self.values = self.value_slots[:, :, : self.filled]
+
+    @property
+    def capacity(self) -> int:
+        return self.key_slots.shape[2]
+
+    def reserve(self, room: int) -> None:
+        """Make room for `room` more entries (one copy, only when there is too little)."""
+        if self.filled + room > self.capacity:
+            self._place(self.keys, self.values, room)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        new = key_states.shape[2]
+        self.reserve(max(new, self.filled) if self.filled + new > self.capacity else 0)
+        self.key_slots[:, :, self.filled: self.filled + new].copy_(key_states)
+        self.value_slots[:, :, self.filled: self.filled + new].copy_(value_states)
+        self.filled += new
+        self._show()
+        return self.keys, self.values
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove < 0:
+            self.filled = max(self.filled + tokens_to_remove, 0)
+            self._show()
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep only the entries at `index` ([B, H_kv, K]), in order (decode-time eviction)."""
+        gather = index.to(self.device)[..., None].expand(-1, -1, -1, self.keys.shape[-1])
+        self._place(self.keys.gather(2, gather), self.values.gather(2, gather), self.capacity - index.shape[-1])
+
+
+def ragged_mask(valid: torch.Tensor, num_queries: int, group: int) -> torch.Tensor:
+    """[B, H_q, q, K] bool from a ragged layer's real entries `valid` [B, H_kv, K]: each head sees its
+    own, causal among the last q (new) ones."""
+    valid = valid.repeat_interleave(group, dim=1)[:, :, None, :].expand(-1, -1, num_queries, -1)
+    if num_queries == 1:
+        return valid
+    length = valid.shape[-1]
+    causal = torch.ones(num_queries, length, dtype=torch.bool, device=valid.device).tril(length - num_queries)
+    return valid & causal
+
+
+class PaddedLayer(SlotLayer):
     """Keys and values [B, H_kv, K, d] padded to the longest head; `valid` [B, H_kv, K] marks real
     entries. Empty slots come first, so new tokens append at the end of every head."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
-        super().__init__()
-        self.keys, self.values, self.valid = keys, values, valid
-        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, room: int = 0) -> None:
         self.full = bool(valid.all())  # no empty slot: a decoding step needs no mask (and gets the flash kernel)
+        self._valid = valid
+        super().__init__(keys, values, room)
+
+    def _place(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
+        valid = self._valid
+        self.valid_slots = valid.new_ones(*valid.shape[:2], valid.shape[2] + room)
+        self.valid_slots[:, :, : valid.shape[2]].copy_(valid)
+        super()._place(keys, values, room)
+
+    def _show(self) -> None:
+        super()._show()
+        self._valid = self.valid_slots[:, :, : self.filled]
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self._valid
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        keys, values = super().update(key_states, value_states)
-        self.valid = torch.cat([self.valid, self.valid.new_ones(key_states.shape[:3])], dim=2)
-        return keys, values
+        # The new entries' slots are marked real already (free slots are made True).
+        return super().update(key_states, value_states)
 
-    def crop(self, tokens_to_remove: int) -> None:
-        super().crop(tokens_to_remove)
-        self.valid = self.valid[..., : self.keys.shape[2]]
+    def keep(self, index: torch.Tensor) -> None:
+        raise NotImplementedError("decode-time eviction keeps a uniform cache")
 
-    def mask(self, num_queries: int, group: int) -> torch.Tensor:
-        """[B, H_q, q, K] bool: each head's real entries, causal among the last q (new) ones; None for a
-        single new token when every slot is real."""
+    def mask(self, num_queries: int, group: int) -> torch.Tensor | None:
+        """The layer's per-head mask; None for a single new token when every slot is real."""
         if num_queries == 1 and self.full:
             return None
-        valid = self.valid.repeat_interleave(group, dim=1)[:, :, None, :].expand(-1, -1, num_queries, -1)
-        if num_queries == 1:
-            return valid
-        length = valid.shape[-1]
-        causal = torch.ones(num_queries, length, dtype=torch.bool, device=valid.device).tril(length - num_queries)
-        return valid & causal
+        return ragged_mask(self.valid, num_queries, group)
 
     def storage_bytes(self) -> int:
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
 
 
-class PerHeadLayer(PaddedLayer):
+class PerHeadLayer(DynamicLayer):
     """Every (row, KV head) stored exactly; each step works on a transient padded copy."""
 
+    full = False
+
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
+        super().__init__()
         batch, heads = valid.shape[:2]
         self.head_keys = [[keys[b, h][valid[b, h]] for h in range(heads)] for b in range(batch)]
         self.head_values = [[values[b, h][valid[b, h]] for h in range(heads)] for b in range(batch)]
-        super().__init__(keys, values, valid)
+        self.valid = valid
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
         self.keys = self.values = None  # no padded copy between steps
 
     def _padded(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,10 +171,26 @@ class PerHeadLayer(PaddedLayer):
     def get_seq_length(self) -> int:
         return max(k.shape[0] for row in self.head_keys for k in row)
 
+    def mask(self, num_queries: int, group: int) -> torch.Tensor:
+        return ragged_mask(self.valid, num_queries, group)
+
     def storage_bytes(self) -> int:
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
                    for row_k, row_v in zip(self.head_keys, self.head_values, strict=True)
                    for k, v in zip(row_k, row_v, strict=True))
+
+
+RAGGED_LAYERS = (PaddedLayer, PerHeadLayer)
+
+
+def reserve(cache: DynamicCache, room: int) -> None:
+    """Give every uniform or padded layer room for `room` more entries, written in place; plain
+    transformers layers become slot layers (one copy each, a layer at a time)."""
+    for index, layer in enumerate(cache.layers):
+        if isinstance(layer, SlotLayer):
+            layer.reserve(room)
+        elif type(layer) is DynamicLayer and layer.is_initialized:
+            cache.layers[index] = SlotLayer(layer.keys, layer.values, room)
 
 
 LAYOUTS = {"padded": PaddedLayer, "per-head": PerHeadLayer}
@@ -121,7 +215,7 @@ def kv_bytes(cache: DynamicCache) -> int:
     """Bytes held by the cache's key and value tensors (ragged layers: their storage, padding included)."""
     total = 0
     for layer in cache.layers:
-        if isinstance(layer, PaddedLayer):
+        if isinstance(layer, RAGGED_LAYERS):
             total += layer.storage_bytes()
         elif layer.is_initialized:
             total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
@@ -147,6 +241,9 @@ def drop_last(cache: DynamicCache, count: int) -> None:
 def gather_positions(cache: DynamicCache, kept_per_layer: list[torch.Tensor]) -> None:
     """Keep, in every layer, the entries at `kept_per_layer[l]` ([B, H_kv, K] indices), in place."""
     for layer, kept in zip(cache.layers, kept_per_layer, strict=True):
+        if isinstance(layer, SlotLayer):
+            layer.keep(kept)
+            continue
         index = kept.to(layer.keys.device)[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
         layer.keys = layer.keys.gather(2, index)
         layer.values = layer.values.gather(2, index)

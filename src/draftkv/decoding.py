@@ -3,6 +3,11 @@
 Greedy or sampled (temperature, top-k, top-p, a seed per request), stops on EOS and on stop
 strings, and streams text deltas through a callback. Each row has its own generator, so a
 batch samples exactly what its requests would sample one by one.
+
+The loop calls one step function per new token: `EagerStep` (any device) is one model call over the
+cache, with room for every new entry reserved once and the mask preallocated and read as a view. A
+backend can bring another step (the same call signature) and must give the same tokens. Text is
+detokenised incrementally: each step decodes only the last few tokens.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
 
+from .cache import reserve
 from .types import FinishReason, Sampling
 
 TextCallback = Callable[[int, str], None]  # (row in the batch, new text)
@@ -88,6 +94,76 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
     return longest
 
 
+class IncrementalText:
+    """One row's text, detokenised a few tokens at a time: the text of the tokens since `prefix` with
+    and without the newest ones, whose difference is what they add. Decoding from a few tokens back
+    keeps what a token means in context (a leading space, a character split over several tokens)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self.prefix = self.read = 0  # ids[prefix:read] were decoded as context; ids[read:] are pending
+
+    def _decode(self, ids: list[int]) -> str:
+        # No clean-up of spaces: it rewrites text already shown ("a ." -> "a.") and corrupts code.
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def add(self, token: int) -> str:
+        """The whole text after `token`; an unfinished character at the end waits for the next token."""
+        self.ids.append(token)
+        self.text += self._pending(final=False)
+        return self.text
+
+    def finish(self) -> str:
+        """The whole text, with whatever was still pending (an unfinished character included)."""
+        self.text += self._pending(final=True)
+        return self.text
+
+    def _pending(self, final: bool) -> str:
+        before = self._decode(self.ids[self.prefix: self.read])
+        after = self._decode(self.ids[self.prefix:])
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before):]
+
+
+class EagerStep:
+    """One decoding step on any device: the model reads one token per row over `cache`.
+
+    Room for `steps` new entries is reserved in the cache once (they are written in place), and the
+    attention mask ([B, physical length], None when no row has padding) is preallocated for every step
+    and read as a view."""
+
+    def __init__(self, model: torch.nn.Module, cache: DynamicCache | None, attention_mask: torch.Tensor | None,
+                 steps: int) -> None:
+        self.model, self.cache = model, cache
+        if cache is not None:
+            reserve(cache, steps)
+        self.mask, self.length = None, 0
+        if attention_mask is not None:
+            self.length = attention_mask.shape[1]
+            self.mask = attention_mask.new_ones(attention_mask.shape[0], self.length + steps)
+            self.mask[:, : self.length] = attention_mask
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] after `tokens` [B, 1] at `positions` [B, 1]."""
+        self.length += 1
+        mask = self.mask[:, : self.length] if self.mask is not None else None
+        with torch.inference_mode(), sdpa_kernel(DECODE_ATTENTION):
+            out = self.model(input_ids=tokens, position_ids=positions, attention_mask=mask, cache=self.cache,
+                             use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+
+
+def first_stop(text: str, searched: int, stops: tuple[str, ...]) -> int | None:
+    """Where the earliest stop string starts in `text`, looking only where a new one can be: from
+    `searched` (the length already searched) less the longest stop's length."""
+    hits = [hit for stop in stops if (hit := text.find(stop, max(searched - len(stop) + 1, 0))) >= 0]
+    return min(hits) if hits else None
+
+
 def decode(
     model: torch.nn.Module,
     cache: DynamicCache,
@@ -103,15 +179,16 @@ def decode(
     on_text: TextCallback | None = None,
     after_step: Callable[[DynamicCache], None] | None = None,
     cancelled: Callable[[int], bool] | None = None,
+    step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> DecodeOutput:
     """Generate from `first_logits` [B, V] (the prefill's last position) and a filled `cache`.
 
     positions: [B] logical position of the next token per row. eos_token_ids: one set for every row
-    or a set per row. attention_mask: [B, physical
-    cache length] (None when no row has padding). Without a tokenizer, text is left empty (the
-    draft's lookahead only needs ids). `after_step` sees the cache after every forward pass
-    (decode-time eviction cuts it there). A row for which `cancelled(row)` turns true stops at the
-    next token with finish reason "cancelled" (a server's client went away or ran out of time).
+    or a set per row. attention_mask: [B, physical cache length] (None when no row has padding).
+    Without a tokenizer, text is left empty (the draft's lookahead only needs ids). `after_step` sees
+    the cache after every forward pass (decode-time eviction cuts it there). A row for which
+    `cancelled(row)` turns true stops at the next token with finish reason "cancelled" (a server's
+    client went away or ran out of time). `step`: the decode step (default: an EagerStep).
     """
     batch = first_logits.shape[0]
     device = first_logits.device
@@ -119,55 +196,65 @@ def decode(
     stops = stops or [() for _ in range(batch)]
     generators = make_generators(samplings, device)
     token_ids: list[list[int]] = [[] for _ in range(batch)]
-    texts = ["" for _ in range(batch)]
+    texts = [IncrementalText(tokenizer) if tokenizer is not None else None for _ in range(batch)]
+    shown = ["" for _ in range(batch)]  # the text so far, cut at a stop string
     streamed = [0] * batch
     finish: list[FinishReason | None] = ["length" if limit == 0 else None for limit in max_new_tokens]
     logits = first_logits
-    positions = positions.clone()
+    positions = positions.clone().view(batch, 1)
+    step = step or EagerStep(model, cache, attention_mask, max(max_new_tokens, default=0))
     first_token_at = 0.0
     steps = 0
 
-    for step in range(max(max_new_tokens)):
+    for index in range(max(max_new_tokens)):
         next_tokens = pick_tokens(logits, samplings, generators)
-        if step == 0:
+        if index == 0:
             first_token_at = time.perf_counter()
         for row, token in enumerate(next_tokens):
-            if finish[row] is None and cancelled is not None and cancelled(row):
-                finish[row] = "cancelled"
             if finish[row] is not None:
                 continue
+            if cancelled is not None and cancelled(row):
+                finish[row] = "cancelled"
+                shown[row] = finish_text(texts[row], shown[row], stops[row])
+                continue
+            cut = False  # a stop string ended the text at this token
             if token in row_eos[row]:
                 finish[row] = "stop"
             else:
                 token_ids[row].append(token)
-                if tokenizer is not None:
-                    text = tokenizer.decode(token_ids[row], skip_special_tokens=True)
-                    hits = [text.index(stop) for stop in stops[row] if stop in text]
-                    if hits:
-                        text, finish[row] = text[: min(hits)], "stop"
-                    texts[row] = text
+                if texts[row] is not None:
+                    searched = len(shown[row])
+                    shown[row] = texts[row].add(token)
+                    if (at := first_stop(shown[row], searched, stops[row])) is not None:
+                        shown[row], finish[row], cut = shown[row][:at], "stop", True
                 if finish[row] is None and len(token_ids[row]) >= max_new_tokens[row]:
                     finish[row] = "length"
+            if finish[row] is not None and not cut:
+                shown[row] = finish_text(texts[row], shown[row], stops[row])
             if on_text is not None:
                 # Hold back a partial character or the start of a stop string until it is settled.
-                safe = len(texts[row]) if finish[row] else len(texts[row]) - _held_back(texts[row], stops[row])
+                safe = len(shown[row]) if finish[row] else len(shown[row]) - _held_back(shown[row], stops[row])
                 if safe > streamed[row]:
-                    on_text(row, texts[row][streamed[row] : safe])
+                    on_text(row, shown[row][streamed[row]: safe])
                     streamed[row] = safe
         if all(reason is not None for reason in finish):
             break
         # Finished rows are fed a token too (the batch moves together); their output is ignored.
-        feed = torch.tensor(next_tokens, device=device).view(batch, 1)
-        if attention_mask is not None:
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
-        with torch.inference_mode(), sdpa_kernel(DECODE_ATTENTION):
-            out = model(input_ids=feed, position_ids=positions.view(batch, 1), attention_mask=attention_mask,
-                        cache=cache, use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1]
+        logits = step(torch.tensor(next_tokens, device=device).view(batch, 1), positions)
         positions += 1
         steps += 1
         if after_step is not None:
             after_step(cache)
 
-    rows = [Decoded(ids, text, reason or "length") for ids, text, reason in zip(token_ids, texts, finish, strict=True)]
+    rows = [Decoded(ids, text, reason or "length") for ids, text, reason in zip(token_ids, shown, finish, strict=True)]
     return DecodeOutput(rows=rows, first_token_at=first_token_at, steps=steps)
+
+
+def finish_text(text: IncrementalText | None, shown: str, stops: tuple[str, ...]) -> str:
+    """A finished row's text: with what was still pending (an unfinished character), unless a stop
+    string in it ends the text earlier."""
+    if text is None:
+        return shown
+    full = text.finish()
+    at = first_stop(full, len(shown), stops)
+    return full[:at] if at is not None else full
