@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,6 +21,7 @@ from .cache import drop_last
 from .decoding import decode
 from .errors import ConfigError, PromptError
 from .flow import Prepared
+from .flow.results import row_stats
 from .flow.steps import check_context, eos_ids
 from .methods import Method
 from .pipeline import prepare_batch
@@ -84,14 +85,15 @@ class CompressedContext:
             drop_last(cache, cache.get_seq_length() - physical)
         finished = time.perf_counter()
         row = decoded.rows[0]
-        stats = Stats(
-            method=self.stats.method, prompt_tokens=self.context_tokens + len(ids),
-            kept_prompt_tokens=self.stats.kept_prompt_tokens + len(ids), kv_entries=self.stats.kv_entries,
-            kv_bytes_dense=self.stats.kv_bytes_dense, kv_bytes=self.stats.kv_bytes, compressed=self.stats.compressed,
+        # What the compression kept (self.stats), with this question's tokens and times.
+        stats = replace(
+            self.stats, prompt_tokens=self.context_tokens + len(ids),
+            kept_prompt_tokens=self.stats.kept_prompt_tokens + len(ids),
             new_tokens=len(row.token_ids), time_to_first_token=decoded.first_token_at - started,
             total_time=finished - started,
             timings={"question_prefill": read - started, "decode": finished - decoded.first_token_at},
-            note="query-agnostic: the context was compressed before the question was known",
+            note="; ".join(filter(None, [self.stats.note, "query-agnostic: the context was compressed before the "
+                                                          "question was known"])),
         )
         return Result(row.text, row.token_ids, row.finish_reason, stats)
 
@@ -110,13 +112,6 @@ def compress_context(pair: ModelPair, context: str, *, method: str | Method = "s
     prompt = EncodedPrompt(ids, len(ids), head, None, (0, len(head)))
     request = Request(context=context, max_new_tokens=max_new_tokens, chat_template=chat_template)
     prepared = prepare_batch(pair, [request], method, prompts=[prompt], **method_params)
-    kept = prepared.kept_rows[0]
-    entries = kept[0].shape[-1] if kept is not None else prepared.batch.lengths[0]
-    clock = prepared.clock
-    stats = Stats(method=prepared.method.name, prompt_tokens=len(ids),
-                  kept_prompt_tokens=prepared.batch.lengths[0], kv_entries=entries,
-                  kv_bytes_dense=len(ids) * prepared.entry_bytes, kv_bytes=entries * prepared.entry_bytes,
-                  compressed=kept is not None or prepared.kept.kept_tokens[0] is not None,
-                  lookahead_tokens=prepared.draft.lengths[0] if prepared.draft is not None else 0,
-                  total_time=clock.now() - prepared.started, timings=dict(clock.stages))
+    stats, _, _ = row_stats(prepared, 0, new_tokens=0, first_token_at=prepared.started,
+                            finished=prepared.clock.now(), memory=None)
     return CompressedContext(pair, prepared, tail, len(ids), stats)
