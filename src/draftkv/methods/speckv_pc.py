@@ -41,11 +41,11 @@ class SpecKVPC(SpecKV):
 
     @property
     def compresses_prompt(self) -> bool:
-        return True
+        return self.prompt_stage.compresses_prompt
 
     @property
     def keeps_original_positions(self) -> bool:
-        return self.positions == "original"
+        return self.prompt_stage.keeps_original_positions
 
     @property
     def prompt_stage(self) -> SpecPC:
