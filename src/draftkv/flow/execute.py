@@ -190,49 +190,16 @@ def draft_pass(pair: ModelPair, requests: list[Request], prompts: list[EncodedPr
 
 def read_target(pair: ModelPair, consumers: list[Consumer], views: list[DraftView | None], batch: PaddedBatch,
                 max_new_tokens: int, clock: Clock, own_clocks: list[Clock]) -> Iterator[tuple[int, dict]]:
-    """One target prefill of `batch` for the consumers that read it, with every consumer's collectors;
-    the guesses probe the full cache; then station 2 per consumer (yielded one at a time, each on its
-    own copy but the last, which takes the cache itself)."""
-    target, tokenizer = pair.target.model, pair.tokenizer
-    compress_kv = [[b is not None and b < n for b, n in zip(c.budgets.kv, batch.lengths, strict=True)]
-                   for c in consumers]
-    collectors = [kv_collector(c.method.kv_scoring(), batch) if any(rows) else None
-                  for c, rows in zip(consumers, compress_kv, strict=True)]
-    guesses = [c.method.guess(max_new_tokens) if any(rows) else None
-               for c, rows in zip(consumers, compress_kv, strict=True)]
-    stage_ones = [kv_collector(g.stage_one.kv_scoring(), batch) if g is not None and g.stage_one is not None else None
-                  for g in guesses]
-    cache, first_logits = target_prefill(target, batch, [*collectors, *stage_ones], clock)
-
-    # The draft's lookahead probes once, as long as the longest view; each collector counts its own tokens.
-    probing = [(collector, view) for collector, view, guess in zip(collectors, views, guesses, strict=True)
-               if collector is not None and guess is None and view is not None and view.lookahead_ids.shape[1] > 0]
-    if probing:
-        longest = max((view for _, view in probing), key=lambda v: v.lookahead_ids.shape[1])
-        width = longest.lookahead_ids.shape[1]
-        probe(target, cache, batch, longest,
-              [(collector, F.pad(view.lookahead_valid, (0, width - view.lookahead_valid.shape[1])))
-               for collector, view in probing], clock)
-    probes = [view if collector is not None and guess is None else None
-              for collector, view, guess in zip(collectors, views, guesses, strict=True)]
-    for index, (consumer, collector, guess, stage_one) in enumerate(zip(consumers, collectors, guesses, stage_ones,
-                                                                        strict=True)):
-        if guess is None:
-            continue
-        probes[index] = answer = pseudo_answer(target, cache, first_logits, batch, guess,
-                               stage_one.layer_scores() if stage_one is not None else None, consumer.budgets.kv,
-                               eos_ids(target, tokenizer), pad_token(tokenizer), clock)
-        if answer.lookahead_ids.shape[1] > 0:
-            probe(target, cache, batch, answer, [(collector, answer.lookahead_valid)], clock)
-
-    # Station 2, per consumer.
+    """One target prefill of `batch` for the consumers that read it, scored for each of them; then
+    station 2 per consumer (yielded one at a time, each on its own copy of the cache but the last,
+    which takes the cache itself)."""
+    cache, first_logits, collectors, guesses = score_prompt(pair, consumers, views, batch, max_new_tokens, clock)
     entry_bytes = bytes_per_entry(cache)
     last = len(consumers) - 1
-    for index, (consumer, collector, rows, own) in enumerate(zip(consumers, collectors, compress_kv, own_clocks,
-                                                                 strict=True)):
+    for index, (consumer, collector, own) in enumerate(zip(consumers, collectors, own_clocks, strict=True)):
         scores = collector.layer_scores() if collector is not None else None
         copy = index < last
-        if any(rows):
+        if compresses_kv(consumer, batch):
             selecting = own.start("compression")
             own_cache, mask, kept_rows = kv_stage(consumer.method, cache, batch, scores, consumer.budgets.kv, copy=copy)
             own.add("compression", own.now() - selecting)
@@ -242,4 +209,45 @@ def read_target(pair: ModelPair, consumers: list[Consumer], views: list[DraftVie
             mask, kept_rows = batch.attention_mask, [None] * len(batch.lengths)
         yield index, {"cache": own_cache, "first_logits": first_logits, "attention_mask": mask,
                       "kept_rows": kept_rows, "layer_scores": scores, "entry_bytes": entry_bytes,
-                      "stored_bytes": kv_bytes(own_cache), "guess": probes[index]}
+                      "stored_bytes": kv_bytes(own_cache), "guess": guesses[index]}
+
+
+def compresses_kv(consumer: Consumer, batch: PaddedBatch) -> bool:
+    """Station 2 drops entries of some row of what the target read."""
+    return any(b is not None and b < n for b, n in zip(consumer.budgets.kv, batch.lengths, strict=True))
+
+
+def score_prompt(pair: ModelPair, consumers: list[Consumer], views: list[DraftView | None], batch: PaddedBatch,
+                 max_new_tokens: int, clock: Clock) -> tuple[DynamicCache, torch.Tensor, list, list]:
+    """The target prefill with every consumer's collectors, then the guesses that probe the full cache:
+    the draft's lookahead once, as long as the longest view (each collector counts its own tokens),
+    and each target guess (LAQ++'s pseudo-answer). Returns the cache, the last position's logits, each
+    consumer's collector and the guess that probed for it."""
+    target, tokenizer = pair.target.model, pair.tokenizer
+    compressing = [compresses_kv(c, batch) for c in consumers]
+    collectors = [kv_collector(c.method.kv_scoring(), batch) if on else None
+                  for c, on in zip(consumers, compressing, strict=True)]
+    guesses = [c.method.guess(max_new_tokens) if on else None for c, on in zip(consumers, compressing, strict=True)]
+    stage_ones = [kv_collector(g.stage_one.kv_scoring(), batch) if g is not None and g.stage_one is not None else None
+                  for g in guesses]
+    cache, first_logits = target_prefill(target, batch, [*collectors, *stage_ones], clock)
+
+    probes = [view if collector is not None and guess is None and view is not None
+              and view.lookahead_ids.shape[1] > 0 else None
+              for collector, view, guess in zip(collectors, views, guesses, strict=True)]
+    if any(view is not None for view in probes):
+        longest = max((view for view in probes if view is not None), key=lambda v: v.lookahead_ids.shape[1])
+        width = longest.lookahead_ids.shape[1]
+        probe(target, cache, batch, longest,
+              [(collector, F.pad(view.lookahead_valid, (0, width - view.lookahead_valid.shape[1])))
+               for collector, view in zip(collectors, probes, strict=True) if view is not None], clock)
+    for index, (consumer, collector, guess, stage_one) in enumerate(zip(consumers, collectors, guesses, stage_ones,
+                                                                        strict=True)):
+        if guess is None:
+            continue
+        probes[index] = answer = pseudo_answer(
+            target, cache, first_logits, batch, guess, stage_one.layer_scores() if stage_one is not None else None,
+            consumer.budgets.kv, eos_ids(target, tokenizer), pad_token(tokenizer), clock)
+        if answer.lookahead_ids.shape[1] > 0:
+            probe(target, cache, batch, answer, [(collector, answer.lookahead_valid)], clock)
+    return cache, first_logits, collectors, probes
