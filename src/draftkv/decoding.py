@@ -164,6 +164,49 @@ def first_stop(text: str, searched: int, stops: tuple[str, ...]) -> int | None:
     return min(hits) if hits else None
 
 
+class RowOutput:
+    """One row's tokens and text as they come: its stop rules, and what it has streamed."""
+
+    def __init__(self, tokenizer, max_new_tokens: int, eos: set[int], stops: tuple[str, ...]) -> None:
+        self.max_new_tokens, self.eos, self.stops = max_new_tokens, eos, stops
+        self.token_ids: list[int] = []
+        self.text = IncrementalText(tokenizer) if tokenizer is not None else None
+        self.shown = ""  # the text so far, cut at a stop string
+        self.streamed = 0
+        self.finish: FinishReason | None = "length" if max_new_tokens == 0 else None
+
+    def take(self, token: int) -> None:
+        """The row's next token: kept, or the end of the row (EOS, a stop string, its length)."""
+        if token in self.eos:
+            self.end("stop")
+            return
+        self.token_ids.append(token)
+        if self.text is not None:
+            searched = len(self.shown)
+            self.shown = self.text.add(token)
+            if (at := first_stop(self.shown, searched, self.stops)) is not None:
+                self.shown, self.finish = self.shown[:at], "stop"
+                return
+        if len(self.token_ids) >= self.max_new_tokens:
+            self.end("length")
+
+    def end(self, reason: FinishReason) -> None:
+        """Finish the row: its text gets what was still pending (an unfinished character), unless a
+        stop string in it ends the text earlier."""
+        self.finish = reason
+        if self.text is not None:
+            full = self.text.finish()
+            at = first_stop(full, len(self.shown), self.stops)
+            self.shown = full[:at] if at is not None else full
+
+    def new_text(self) -> str:
+        """Text not streamed yet and settled: a partial character or the start of a stop string waits."""
+        safe = len(self.shown) if self.finish else len(self.shown) - _held_back(self.shown, self.stops)
+        piece = self.shown[self.streamed: safe] if safe > self.streamed else ""
+        self.streamed = max(self.streamed, safe)
+        return piece
+
+
 def decode(
     model: torch.nn.Module,
     cache: DynamicCache,
@@ -191,70 +234,35 @@ def decode(
     client went away or ran out of time). `step`: the decode step (default: an EagerStep).
     """
     batch = first_logits.shape[0]
-    device = first_logits.device
     row_eos = eos_token_ids if isinstance(eos_token_ids, list) else [eos_token_ids] * batch
-    stops = stops or [() for _ in range(batch)]
-    generators = make_generators(samplings, device)
-    token_ids: list[list[int]] = [[] for _ in range(batch)]
-    texts = [IncrementalText(tokenizer) if tokenizer is not None else None for _ in range(batch)]
-    shown = ["" for _ in range(batch)]  # the text so far, cut at a stop string
-    streamed = [0] * batch
-    finish: list[FinishReason | None] = ["length" if limit == 0 else None for limit in max_new_tokens]
+    rows = [RowOutput(tokenizer, limit, eos, row_stops)
+            for limit, eos, row_stops in zip(max_new_tokens, row_eos, stops or [()] * batch, strict=True)]
+    generators = make_generators(samplings, first_logits.device)
     logits = first_logits
     positions = positions.clone().view(batch, 1)
     step = step or EagerStep(model, cache, attention_mask, max(max_new_tokens, default=0))
     first_token_at = 0.0
     steps = 0
-
     for index in range(max(max_new_tokens)):
         next_tokens = pick_tokens(logits, samplings, generators)
         if index == 0:
             first_token_at = time.perf_counter()
-        for row, token in enumerate(next_tokens):
-            if finish[row] is not None:
+        for number, (row, token) in enumerate(zip(rows, next_tokens, strict=True)):
+            if row.finish is not None:
                 continue
-            if cancelled is not None and cancelled(row):
-                finish[row] = "cancelled"
-                shown[row] = finish_text(texts[row], shown[row], stops[row])
+            if cancelled is not None and cancelled(number):
+                row.end("cancelled")
                 continue
-            cut = False  # a stop string ended the text at this token
-            if token in row_eos[row]:
-                finish[row] = "stop"
-            else:
-                token_ids[row].append(token)
-                if texts[row] is not None:
-                    searched = len(shown[row])
-                    shown[row] = texts[row].add(token)
-                    if (at := first_stop(shown[row], searched, stops[row])) is not None:
-                        shown[row], finish[row], cut = shown[row][:at], "stop", True
-                if finish[row] is None and len(token_ids[row]) >= max_new_tokens[row]:
-                    finish[row] = "length"
-            if finish[row] is not None and not cut:
-                shown[row] = finish_text(texts[row], shown[row], stops[row])
-            if on_text is not None:
-                # Hold back a partial character or the start of a stop string until it is settled.
-                safe = len(shown[row]) if finish[row] else len(shown[row]) - _held_back(shown[row], stops[row])
-                if safe > streamed[row]:
-                    on_text(row, shown[row][streamed[row]: safe])
-                    streamed[row] = safe
-        if all(reason is not None for reason in finish):
+            row.take(token)
+            if on_text is not None and (piece := row.new_text()):
+                on_text(number, piece)
+        if all(row.finish is not None for row in rows):
             break
         # Finished rows are fed a token too (the batch moves together); their output is ignored.
-        logits = step(torch.tensor(next_tokens, device=device).view(batch, 1), positions)
+        logits = step(torch.tensor(next_tokens, device=first_logits.device).view(batch, 1), positions)
         positions += 1
         steps += 1
         if after_step is not None:
             after_step(cache)
-
-    rows = [Decoded(ids, text, reason or "length") for ids, text, reason in zip(token_ids, shown, finish, strict=True)]
-    return DecodeOutput(rows=rows, first_token_at=first_token_at, steps=steps)
-
-
-def finish_text(text: IncrementalText | None, shown: str, stops: tuple[str, ...]) -> str:
-    """A finished row's text: with what was still pending (an unfinished character), unless a stop
-    string in it ends the text earlier."""
-    if text is None:
-        return shown
-    full = text.finish()
-    at = first_stop(full, len(shown), stops)
-    return full[:at] if at is not None else full
+    decoded = [Decoded(row.token_ids, row.shown, row.finish or "length") for row in rows]
+    return DecodeOutput(rows=decoded, first_token_at=first_token_at, steps=steps)
