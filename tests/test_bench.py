@@ -27,7 +27,7 @@ def pair():
 @pytest.fixture(scope="module")
 def swept(pair, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    rows = bench.run_bench(pair, out, lengths=[500, 900], methods=[*METHODS, ("specpc", {"budget": 128})],
+    rows = bench.run_bench(pair, out, lengths=[500, 900], methods=[*METHODS, ("specpc", {"budget": 128, "start_layer": 8})],
                            new_tokens=4, repeats=2)
     markdown, summary = bench.report(out, {"note": "test"})
     return out, rows, markdown, summary
@@ -67,7 +67,7 @@ def test_ratios_to_dense_are_one_for_dense_and_follow_the_budgets(swept):
 def test_a_failing_configuration_is_reported_and_the_sweep_goes_on(swept):
     _, rows, markdown, summary = swept
     failed = [c for c in summary if c["errors"]]
-    assert [c["label"] for c in failed] == ["specpc(budget=128)"] * 2
+    assert [c["label"] for c in failed] == ["specpc(budget=128,start_layer=8)"] * 2
     assert "start_layer" in failed[0]["errors"][0]
     assert "error: " in markdown.read_text()
     assert {c["method"] for c in summary if c["repeats"] == 2} == {"dense", "snapkv", "speckv", "specpc"}
@@ -88,7 +88,7 @@ def test_a_second_run_resumes_and_measures_nothing(swept, pair, monkeypatch):
 
     monkeypatch.setattr(bench, "measure", forbidden)
     monkeypatch.setattr(bench, "generate_batch", forbidden)  # not even the warm-up
-    again = bench.run_bench(pair, out, lengths=[500, 900], methods=[*METHODS, ("specpc", {"budget": 128})],
+    again = bench.run_bench(pair, out, lengths=[500, 900], methods=[*METHODS, ("specpc", {"budget": 128, "start_layer": 8})],
                             new_tokens=4, repeats=2)
     assert len(again) == len(rows)
 

@@ -240,7 +240,7 @@ def test_bad_configs(method, params, error, message):
 
 def test_start_layer_beyond_the_draft(qwen_pair):
     with pytest.raises(ConfigError, match="start_layer is 8 but the draft has 2 layers"):
-        generate(qwen_pair, CONTEXT, QUESTION, method="specpc", budget=120)
+        generate(qwen_pair, CONTEXT, QUESTION, method="specpc", budget=120, start_layer=8)
 
 
 def test_kernel_or_neighbourhood_larger_than_the_prompt(qwen_pair):
@@ -296,3 +296,22 @@ def test_speckv_refuses_a_draft_with_another_tokenizer():
     with pytest.raises(TokenizerMismatchError, match="same tokenizer"):
         generate(pair, CONTEXT, QUESTION, method="speckv-pc", budget=48, prompt_budget=120)
     assert generate(pair, CONTEXT, QUESTION, method="snapkv", budget=64).stats.compressed  # needs no draft
+
+
+@pytest.mark.parametrize(("layers", "expected"), [(2, 0), (9, 3)])
+def test_specpc_scores_from_a_third_of_the_way_down_any_draft(layers, expected):
+    """The paper's first scoring layer is 8 of 24: by default a draft of any depth starts a third of the way down."""
+    from tiny import make_model, make_tokenizer
+
+    from draftkv.models import pair_from_models
+
+    tokenizer = make_tokenizer()
+    pair = pair_from_models(make_model("qwen2", layers=3, seed=0), tokenizer,
+                            make_model("qwen2", layers=layers, hidden=32, seed=1), tokenizer)
+    params = {"budget": 120, "window": 16, "kernel": 7, "neighbourhood": 8}
+
+    def kept(**extra) -> list[int]:
+        return compress_prompt(pair, CONTEXT, QUESTION, method="specpc", **params, **extra).kept_positions
+
+    assert kept() == kept(start_layer=expected)
+    assert kept() != kept(start_layer=layers - 1)  # the layer matters here, so the default was really applied

@@ -78,8 +78,8 @@ def test_a_method_the_draft_cannot_serve_fails_with_its_reason(qwen_pair):
     from draftkv.methods import get_method
 
     request = Request(context=long_context(100), question="what?")
-    # SpecPC's default start layer is past the tiny draft's 2 layers.
-    specpc = get_method("specpc", budget=60, window=16, kernel=7, neighbourhood=8)
+    # A start layer past the tiny draft's 2 layers.
+    specpc = get_method("specpc", budget=60, window=16, kernel=7, neighbourhood=8, start_layer=8)
     with pytest.raises(ConfigError, match="start_layer is 8 but the draft has 2 layers"):
         run(qwen_pair, [request], ["speckv", "specprefill", specpc])
 

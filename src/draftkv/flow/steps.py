@@ -19,6 +19,7 @@ from ..cache import drop_last, gathered_copy
 from ..decoding import decode
 from ..errors import ConfigError, PromptError
 from ..methods import KVScoring, PseudoAnswer
+from ..methods.base import first_scoring_layer
 from ..types import Sampling
 from .batch import DraftView, PaddedBatch, left_padded, lookahead_view
 from .plan import DraftNeed
@@ -158,11 +159,12 @@ def run_draft(model: torch.nn.Module, batch: PaddedBatch, needs: list[DraftNeed]
     collectors = []
     for need in needs:
         scoring = need.scoring
-        if scoring is not None and scoring.start_layer >= layers:
-            raise ConfigError(f"start_layer is {scoring.start_layer} but the draft has {layers} layers; "
-                              f"give a start_layer below {layers}")
+        start_layer = first_scoring_layer(scoring.start_layer, layers) if scoring is not None else 0
+        if start_layer >= layers:
+            raise ConfigError(f"start_layer is {start_layer} but the draft has {layers} layers; "
+                              f"give a start_layer below {layers}, or none for a third of the draft's layers")
         collectors.append(None if scoring is None else PromptCollector(
-            batch.width, scoring.window, scoring.start_layer, scoring.weighted, scoring.head_reduction,
+            batch.width, scoring.window, start_layer, scoring.weighted, scoring.head_reduction,
             scoring.layer_reduction))
     active = [c for c in collectors if c is not None]
     # When the lookahead scores the prompt, each lookahead token must be fed too: one step more.

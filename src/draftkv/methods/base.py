@@ -147,11 +147,17 @@ class DraftScoring:
     """What the draft pass captures for the prompt stage (see attention.PromptCollector)."""
 
     window: int  # last prompt queries that score the prompt
-    start_layer: int = 0
+    start_layer: int | None = 0  # None: a third of the draft's layers (the paper's 8 of 24)
     weighted: bool = False  # window queries weighted linearly from 0 (oldest) to 1 (newest)
     head_reduction: str = "max"  # over heads and queries
     layer_reduction: str = "max"
     step_reduction: str = "max"  # over the prefill and each lookahead token
+
+
+def first_scoring_layer(start_layer: int | None, num_layers: int) -> int:
+    """The first draft layer whose attention counts: the one given, or a third of the way down (the
+    paper's 8 of 24), so a draft of any depth works."""
+    return num_layers // 3 if start_layer is None else start_layer
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """SpecKV-PC: the cascade. One draft pass gives both the prompt scores and the lookahead answer.
 
 The prompt is compressed with SpecPC to `prompt_budget` tokens (paper: 2048, kernel and
-neighbourhood 32, layers >= 8), then the target's KV cache is compressed with SpecKV to `budget`
+neighbourhood 32, draft layers from 8 of 24: a third of the draft's depth), then the target's KV cache is compressed with SpecKV to `budget`
 entries per layer and head, using the same draft tokens as its lookahead probe.
 """
 
@@ -27,7 +27,8 @@ class SpecKVPC(SpecKV):
     prompt_window: int = param(64, "SpecPC window: last prompt tokens always kept")
     prompt_kernel: int = param(31, "SpecPC odd pooling kernel (paper: 32)")
     neighbourhood: int = param(32, "SpecPC neighbourhood around each selected position")
-    start_layer: int = param(8, "first draft layer whose attention counts for SpecPC")
+    start_layer: int | None = param(None, "first draft layer whose attention counts for SpecPC; None = a third "
+                                          "of the draft's layers (the paper's 8 of 24)")
     positions: str = param("renumbered", "positions of kept prompt tokens: renumbered or original")
 
     def __post_init__(self) -> None:

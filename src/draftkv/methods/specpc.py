@@ -1,7 +1,8 @@
 """SpecPC: the draft's attention tells which prompt tokens the target needs; drop the rest.
 
 1. The draft reads the prompt and generates `lookahead` tokens (default 1). For every draft layer
-   from `start_layer` on, the last `window` prompt queries (weighted linearly from 0 for the oldest
+   from `start_layer` on (by default a third of the draft's depth: the paper's 8 of 24, so that a
+   draft of any depth works), the last `window` prompt queries (weighted linearly from 0 for the oldest
    to 1 for the newest) and each lookahead token score every prompt token.
 2. Reduce to one score per token: over heads and queries, then layers, then steps (max by default).
 3. Smooth with a `kernel`-wide pool, zero-padded so the length stays n.
@@ -65,7 +66,8 @@ class SpecPC(PromptMethod):
     summary: ClassVar[str] = "Prompt compression by the draft's attention (window queries + lookahead)."
 
     lookahead: int = param(1, "draft lookahead tokens whose attention also scores the prompt")
-    start_layer: int = param(8, "first draft layer whose attention counts")
+    start_layer: int | None = param(None, "first draft layer whose attention counts; None = a third of the "
+                                          "draft's layers (the paper's 8 of 24)")
     weighted: bool = param(True, "weight window queries linearly from 0 (oldest) to 1 (newest)")
     head_reduction: str = param("max", "over heads and queries: max or mean")
     layer_reduction: str = param("max", "over layers: max or mean")
@@ -78,7 +80,8 @@ class SpecPC(PromptMethod):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("lookahead", self.lookahead, 0)
-        check_int("start_layer", self.start_layer, 0)
+        if self.start_layer is not None:
+            check_int("start_layer", self.start_layer, 0)
         check_int("neighbourhood", self.neighbourhood, 1)
         check_int("sink", self.sink, 0)
         check_kernel(self.kernel)
