@@ -465,3 +465,47 @@ def test_embedded_draft_answers_and_pairs_with_target():
     assert "Paris" in answer
 
     check_tokenizers(AutoTokenizer.from_pretrained(ensure_embedded(DEFAULT_TARGET)), tokenizer)
+
+
+REFUSED = {  # family: (config overrides for a tiny model, words the refusal must say)
+    "deepseek_v3": ({"num_hidden_layers": 2, "hidden_size": 64, "kv_lora_rank": 16, "q_lora_rank": 16}, "latent"),
+    "qwen3_next": ({"num_hidden_layers": 4, "hidden_size": 64}, "LinearAttentionLayer"),
+    "falcon_h1": ({"num_hidden_layers": 2, "hidden_size": 64}, "state-space"),
+    "jamba": ({"num_hidden_layers": 4, "hidden_size": 64}, "linear-attention"),
+    "mamba": ({"num_hidden_layers": 2, "hidden_size": 64}, "state-space"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(REFUSED))
+def test_a_family_whose_cache_cannot_be_dropped_per_head_is_refused_before_its_weights_load(family, tmp_path):
+    from transformers import AutoConfig
+
+    from draftkv.errors import UnsupportedModelError
+
+    overrides, words = REFUSED[family]
+    AutoConfig.for_model(family, **overrides).save_pretrained(tmp_path)  # a config and no weights at all
+    with pytest.raises(UnsupportedModelError) as refused:
+        load_model(str(tmp_path))
+    assert type(refused.value) is UnsupportedModelError  # not the missing weights: they were never looked for
+    message = str(refused.value)
+    assert f"{family} is not supported" in message and words in message and "Gemma 2/3" in message
+
+
+def test_a_supported_family_passes_the_check():
+    from transformers import AutoConfig
+
+    from draftkv.models import check_family
+
+    for family in ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "gpt_oss", "cohere2", "phi3"):
+        check_family(AutoConfig.for_model(family))
+
+
+def test_models_given_as_objects_are_checked_too(tokenizer):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from draftkv.errors import UnsupportedModelError
+
+    mamba = AutoModelForCausalLM.from_config(AutoConfig.for_model("mamba", num_hidden_layers=1, hidden_size=32,
+                                                                  vocab_size=len(tokenizer)))
+    with pytest.raises(UnsupportedModelError, match="mamba is not supported"):
+        pair_from_models(mamba, tokenizer)

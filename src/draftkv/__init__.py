@@ -17,6 +17,7 @@ from .errors import (
     PromptError,
     TokenizerMismatchError,
     UnknownMethodError,
+    UnsupportedModelError,
 )
 from .methods import METHODS, Method, get_method
 from .models import (
@@ -53,6 +54,7 @@ __all__ = [
     "Stats",
     "TokenizerMismatchError",
     "UnknownMethodError",
+    "UnsupportedModelError",
     "compress_batch",
     "compress_context",
     "compress_prompt",

@@ -36,3 +36,8 @@ class ModelLoadError(DraftKVError, ValueError):
 
 class EmbeddedModelError(ModelLoadError):
     """An embedded model whose part packages are missing, corrupt or do not match their checksum."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """A model family whose cache cannot be compressed per head (latent attention, linear-attention or
+    state-space layers)."""

@@ -15,6 +15,7 @@ from draftkv.models.embedded import (
 from draftkv.models.loading import (
     LoadedModel,
     ModelPair,
+    check_family,
     check_tokenizers,
     load_model,
     load_pair,
@@ -31,6 +32,7 @@ __all__ = [
     "LoadedModel",
     "ModelPair",
     "cache_dir",
+    "check_family",
     "check_tokenizers",
     "convert_gguf",
     "embedded_status",

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from draftkv.errors import ConfigError, ModelLoadError, TokenizerMismatchError
+from draftkv.errors import ConfigError, ModelLoadError, TokenizerMismatchError, UnsupportedModelError
 from draftkv.models.embedded import (
     DEFAULT_DRAFT,
     DEFAULT_TARGET,
@@ -93,9 +93,44 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | 
     raise ConfigError(f"Unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
 
 
-def _load_folder(source: str | Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+SUPPORTED_FAMILIES = ("Llama", "Qwen2/2.5", "Qwen3", "Mistral", "Gemma 2/3", "Phi-3", "OLMo 2", "Granite", "SmolLM3",
+                      "Cohere 2", "GPT-OSS")
 
+
+def check_family(config: Any) -> None:
+    """Refuse, from the config alone, a model whose cache cannot be dropped per head: every layer must
+    hold per-head keys and values of full or sliding-window attention."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    config = config.get_text_config()
+    family = getattr(config, "model_type", type(config).__name__)
+    why = None
+    if getattr(config, "kv_lora_rank", None) is not None:
+        why = ("its attention is multi-head latent attention (MLA): the cache holds one compressed latent per "
+               "token shared by all heads, not per-head keys and values")
+    else:
+        try:
+            layers = DynamicCache(config=config).layers
+        except Exception as error:  # a config transformers cannot build a cache for
+            raise UnsupportedModelError(f"{family} is not supported: transformers cannot build its cache "
+                                        f"({type(error).__name__}: {error})") from error
+        others = sorted({type(layer).__name__ for layer in layers
+                         if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer)})
+        if others:
+            why = (f"some of its layers keep a state that is not per-head keys and values ({', '.join(others)}: "
+                   "linear-attention or state-space layers)")
+    if why is not None:
+        raise UnsupportedModelError(
+            f"{family} is not supported: {why}, so its cache cannot be compressed per head. draftkv compresses "
+            f"models whose layers are full or sliding-window attention: {', '.join(SUPPORTED_FAMILIES)}, and the "
+            "other such families transformers ships")
+
+
+def _load_folder(source: str | Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    check_family(AutoConfig.from_pretrained(source))  # before any weight is read
     with transformers_bars_off():
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -130,6 +165,8 @@ def load_model(
 
     try:
         model, tokenizer = _load_folder(folder, device, dtype)
+    except UnsupportedModelError:
+        raise
     except Exception as error:
         if source != "hub":
             raise ModelLoadError(
@@ -230,6 +267,8 @@ def pair_from_models(
     *, allow_tokenizer_mismatch: bool = False,
 ) -> ModelPair:
     """A pair from transformers objects the caller already has; the draft defaults to the target's tokenizer."""
+    for model in filter(None, (target_model, draft_model)):
+        check_family(model.config)
     target = LoadedModel(_model_name(target_model), target_model, target_tokenizer, "objects")
     draft = None
     if draft_model is not None:
