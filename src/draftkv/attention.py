@@ -1,28 +1,28 @@
 """Window-query attention capture through transformers' public AttentionInterface.
 
-We register one attention function, "draftkv", that always computes the attention output with
-the stock SDPA kernel and, only while a collector is active, also hands the layer's window
-queries and keys to that collector. `capture(model, collector)` switches a model to it for one
-call and switches it back afterwards; nothing global stays changed but the registered name.
+For each attention implementation a model uses (sdpa, eager, flex, a kernel from the hub) we register
+"draftkv_<it>": it hands the layer's queries and keys to the active collectors, which score with the
+model's own logits rule (its scaling and softcapping), and then computes the attention output with
+that same implementation, so the model runs exactly as it would. `capture(model, collector)` switches
+a model to it for one call and back afterwards; nothing global stays changed but the registered names.
 """
 
 from __future__ import annotations
 
 import contextvars
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface, DynamicCache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .cache import RAGGED_LAYERS
 from .scoring import Reduction, reduced_count, window_scores
-
-ATTENTION_NAME = "draftkv"
 
 _active_ragged: contextvars.ContextVar[DynamicCache | None] = contextvars.ContextVar("draftkv_ragged", default=None)
 _active_collectors: contextvars.ContextVar[tuple[WindowCollector | PromptCollector, ...]] = contextvars.ContextVar(
@@ -118,14 +118,15 @@ class WindowCollector:
         key: torch.Tensor,
         attention_mask: torch.Tensor | None,
         scaling: float | None,
+        softcap: float | None = None,
     ) -> None:
         if self.num_queries == 0:
             return
         with self.timer.measure(query.device):
-            self._observe(layer_idx, query, key, attention_mask, scaling)
+            self._observe(layer_idx, query, key, attention_mask, scaling, softcap)
 
     def _observe(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor,
-                 attention_mask: torch.Tensor | None, scaling: float | None) -> None:
+                 attention_mask: torch.Tensor | None, scaling: float | None, softcap: float | None) -> None:
         slot, query_valid = self.slot, self.query_valid
         num_queries = min(self.num_queries, query.shape[2])
         if slot is not None and query_valid is not None:
@@ -136,7 +137,7 @@ class WindowCollector:
             allowed = rows if rows.dtype == torch.bool else rows > torch.finfo(rows.dtype).min / 2
         scores = window_scores(
             query[:, :, -num_queries:], key, prefix_length=slot.columns(self.prefix_length) if slot else self.prefix_length,
-            scaling=scaling, allowed=allowed, query_weight=query_valid, reduction=self.reduction,
+            scaling=scaling, allowed=allowed, query_weight=query_valid, reduction=self.reduction, softcap=softcap,
         )
         valid = query_valid.sum(dim=1).view(-1, 1, 1) if query_valid is not None else num_queries
         count = reduced_count(query.shape[1], key.shape[1], valid)
@@ -198,14 +199,14 @@ class PromptCollector:
             self._layers = {}
 
     def observe(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor,
-                attention_mask: torch.Tensor | None, scaling: float | None) -> None:
+                attention_mask: torch.Tensor | None, scaling: float | None, softcap: float | None = None) -> None:
         if layer_idx < self.start_layer:
             return
         with self.timer.measure(query.device):
-            self._observe(layer_idx, query, key, attention_mask, scaling)
+            self._observe(layer_idx, query, key, attention_mask, scaling, softcap)
 
     def _observe(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor,
-                 attention_mask: torch.Tensor | None, scaling: float | None) -> None:
+                 attention_mask: torch.Tensor | None, scaling: float | None, softcap: float | None) -> None:
         prefill = not self.steps
         num_queries = min(self.window, query.shape[2]) if prefill else query.shape[2]
         weight = None
@@ -217,7 +218,8 @@ class PromptCollector:
             allowed = rows if rows.dtype == torch.bool else rows > torch.finfo(rows.dtype).min / 2
         scores = window_scores(query[:, :, -num_queries:], key,
                                prefix_length=self.slot.columns(self.prompt_width) if self.slot else self.prompt_width,
-                               scaling=scaling, allowed=allowed, query_weight=weight, reduction=self.head_reduction)
+                               scaling=scaling, allowed=allowed, query_weight=weight, reduction=self.head_reduction,
+                               softcap=softcap)
         if self.head_reduction == "max":
             scores = scores.amax(dim=1)
         else:
@@ -241,18 +243,44 @@ class PromptCollector:
 Collector = WindowCollector | PromptCollector
 
 
-def _draftkv_attention(module, query, key, value, attention_mask, **kwargs):
-    ragged = _active_ragged.get()
-    if ragged is not None and isinstance(layer := ragged.layers[module.layer_idx], RAGGED_LAYERS):
-        # A ragged layer: each KV head has its own real entries, so it brings its own mask.
-        attention_mask = layer.mask(query.shape[2], query.shape[1] // key.shape[1])
-    for collector in _active_collectors.get():
-        collector.observe(module.layer_idx, query, key, attention_mask, kwargs.get("scaling"))
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+_WRAPPED = "draftkv_"  # our attention implementations: "draftkv_" + the model's own
 
 
-AttentionInterface.register(ATTENTION_NAME, _draftkv_attention)
-AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+def _own_attention(module: torch.nn.Module, implementation: str) -> Callable:
+    """The model's own attention function: a registered kernel, or its modeling file's eager one."""
+    if implementation != "eager" and implementation in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[implementation]
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+def _capturing(implementation: str) -> Callable:
+    """An attention function that scores for the active collectors, then runs the model's own."""
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        ragged = _active_ragged.get()
+        if ragged is not None and isinstance(layer := ragged.layers[module.layer_idx], RAGGED_LAYERS):
+            # A ragged layer: each KV head has its own real entries, so it brings its own mask.
+            attention_mask = layer.mask(query.shape[2], query.shape[1] // key.shape[1])
+            if attention_mask is not None and implementation != "sdpa":  # eager adds its mask to the logits
+                attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device) \
+                    .masked_fill_(~attention_mask, torch.finfo(query.dtype).min)
+        for collector in _active_collectors.get():
+            collector.observe(module.layer_idx, query, key, attention_mask, kwargs.get("scaling"),
+                              softcap=kwargs.get("softcap"))
+        return _own_attention(module, implementation)(module, query, key, value, attention_mask, **kwargs)
+
+    return attention
+
+
+def wrapped_implementation(model: torch.nn.Module) -> tuple[str, str]:
+    """The model's attention implementation now, and ours that wraps it (registered on first use)."""
+    previous = model.config._attn_implementation or "eager"
+    own = previous.removeprefix(_WRAPPED)
+    name = _WRAPPED + own
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, _capturing(own))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS.get(own, sdpa_mask))
+    return previous, name
 
 
 @contextmanager
@@ -262,8 +290,8 @@ def capture(model: torch.nn.Module, *collectors: Collector | None) -> Iterator[N
     if not active:
         yield
         return
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTENTION_NAME)
+    previous, wrapped = wrapped_implementation(model)
+    model.set_attn_implementation(wrapped)
     token = _active_collectors.set(active)
     def start_calls(*_: object) -> None:  # a pre-hook must return None, or it replaces the inputs
         for collector in active:
@@ -284,8 +312,8 @@ def ragged_attention(model: torch.nn.Module, cache: DynamicCache) -> Iterator[No
     if not any(isinstance(layer, RAGGED_LAYERS) for layer in cache.layers):
         yield
         return
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTENTION_NAME)
+    previous, wrapped = wrapped_implementation(model)
+    model.set_attn_implementation(wrapped)
     token = _active_ragged.set(cache)
     try:
         yield

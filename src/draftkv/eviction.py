@@ -34,10 +34,10 @@ class DecodeEviction:
         """Every decoding step is scored the same way: nothing to reset."""
 
     def observe(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor,
-                attention_mask: torch.Tensor | None, scaling: float | None) -> None:
+                attention_mask: torch.Tensor | None, scaling: float | None, softcap: float | None = None) -> None:
         if self.window == 0 or query.shape[2] != 1:
             return  # StreamingLLM needs no scores; only single new tokens are decoding steps
-        scores = window_scores(query, key, prefix_length=key.shape[2], scaling=scaling,
+        scores = window_scores(query, key, prefix_length=key.shape[2], scaling=scaling, softcap=softcap,
                                reduction="mean" if self.summed else "max")
         steps = self.history.setdefault(layer_idx, [])
         if self.summed and steps:  # a running sum, one column longer each step

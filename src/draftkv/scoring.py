@@ -38,6 +38,7 @@ def window_scores(
     allowed: torch.Tensor | None = None,
     query_weight: torch.Tensor | None = None,
     reduction: Reduction = "max",
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Reduce the window queries' attention over the first `prefix_length` keys.
 
@@ -45,7 +46,8 @@ def window_scores(
     queries attend to (after RoPE). The last query sits at key position k - 1.
     allowed: boolean [B, 1 or H_q, q, k] (True = may attend); None means causal, with query i at
     key position k - q + i. query_weight: [B, q] weights (bool or float) on each query's
-    probabilities; a weight of 0 (an invalid query) contributes nothing.
+    probabilities; a weight of 0 (an invalid query) contributes nothing. The logits follow the model's
+    own rule: its `scaling`, then its `softcap` (Gemma 2: softcap * tanh(logits / softcap)).
 
     Returns [B, H_kv, prefix_length] float32: the max (or the sum, for "mean") over the query
     heads of each KV group and over the (weighted) queries. Sums are turned into means by the caller,
@@ -72,6 +74,8 @@ def window_scores(
             last = min(first + key_chunk, visible)
             torch.matmul(q, keys32[:, :, first:last].transpose(-1, -2), out=logits[..., first:last])
         logits = logits.view(batch, num_kv_heads, group, size, visible)
+        if softcap:
+            logits.div_(softcap).tanh_().mul_(softcap)
         if allowed is None:
             # Only the chunk's own last `size` keys can lie after one of its queries.
             future = torch.ones(size, size, dtype=torch.bool, device=query.device).triu(1)
