@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny import make_tokenizer
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from draftkv.attention import WindowCollector, capture
+from draftkv.cache import compressed_layers
 
 TOKENIZER = make_tokenizer()
 # Per family, what makes its attention its own (sliding windows shorter than the prompt).
@@ -52,7 +53,8 @@ IMPLEMENTATIONS = [(family, "eager") for family in FAMILIES] + [
 def test_captured_window_probabilities_are_the_models_own_attention(family, implementation):
     """Per layer, the window queries' captured scores equal the model's own eager attention weights
     (output_attentions): max over the query heads of each KV group and the window queries. With sinks
-    (GPT-OSS) the sink's share is left out and the rest renormalised over the real keys."""
+    (GPT-OSS) the sink's share is left out and the rest renormalised over the real keys. Sliding-window
+    layers keep their window, so they are not scored."""
     n, window = 40, 8
     ids = torch.randint(3, len(TOKENIZER), (1, n), generator=torch.Generator().manual_seed(1))
     reference = tiny_model(family, "eager")
@@ -68,8 +70,10 @@ def test_captured_window_probabilities_are_the_models_own_attention(family, impl
     assert torch.equal(captured, plain)  # the model ran its own attention, exactly
     assert model.config._attn_implementation == implementation  # and was switched back
     scores = collector.layer_scores()
-    assert len(scores) == len(attentions) == 4
-    for layer, (got, weights) in enumerate(zip(scores, attentions, strict=True)):
+    full = compressed_layers(DynamicCache(config=model.config))  # sliding windows are not scored
+    assert len(scores) == len(full) and len(attentions) == 4
+    for layer, got in zip(full, scores, strict=True):
+        weights = attentions[layer]
         rows = weights[:, :, -window:].float()
         rows = rows / rows.sum(dim=-1, keepdim=True)  # no-op but for sinks
         expected = rows[..., : n - window].reshape(1, 2, 2, window, n - window).amax(dim=(2, 3))

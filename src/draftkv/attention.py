@@ -119,8 +119,9 @@ class WindowCollector:
         attention_mask: torch.Tensor | None,
         scaling: float | None,
         softcap: float | None = None,
+        sliding: bool = False,
     ) -> None:
-        if self.num_queries == 0:
+        if self.num_queries == 0 or sliding:  # a sliding window keeps its window: scoring it is wasted
             return
         with self.timer.measure(query.device):
             self._observe(layer_idx, query, key, attention_mask, scaling, softcap)
@@ -155,7 +156,8 @@ class WindowCollector:
             self._counts[layer_idx] = self._counts[layer_idx] + count
 
     def layer_scores(self) -> list[torch.Tensor]:
-        """Per layer [B, H_kv, prefix_length] float32 scores, in layer order (not yet pooled)."""
+        """Per scored layer (full attention: sliding windows are not scored) [B, H_kv, prefix_length]
+        float32 scores, in layer order (not yet pooled)."""
         layers = sorted(self._scores)
         if self.reduction == "max":
             return [self._scores[i] for i in layers]
@@ -199,7 +201,8 @@ class PromptCollector:
             self._layers = {}
 
     def observe(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor,
-                attention_mask: torch.Tensor | None, scaling: float | None, softcap: float | None = None) -> None:
+                attention_mask: torch.Tensor | None, scaling: float | None, softcap: float | None = None,
+                sliding: bool = False) -> None:
         if layer_idx < self.start_layer:
             return
         with self.timer.measure(query.device):
@@ -266,7 +269,7 @@ def _capturing(implementation: str) -> Callable:
                     .masked_fill_(~attention_mask, torch.finfo(query.dtype).min)
         for collector in _active_collectors.get():
             collector.observe(module.layer_idx, query, key, attention_mask, kwargs.get("scaling"),
-                              softcap=kwargs.get("softcap"))
+                              softcap=kwargs.get("softcap"), sliding=bool(kwargs.get("sliding_window")))
         return _own_attention(module, implementation)(module, query, key, value, attention_mask, **kwargs)
 
     return attention

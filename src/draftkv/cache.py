@@ -18,6 +18,9 @@ per-head mask (attention.ragged_attention).
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -196,19 +199,63 @@ def reserve(cache: DynamicCache, room: int) -> None:
 LAYOUTS = {"padded": PaddedLayer, "per-head": PerHeadLayer}
 
 
+def compressed_layers(cache: DynamicCache) -> list[int]:
+    """The layers a KV budget applies to: full attention. A sliding-window layer already holds at most
+    its window, so it keeps its window."""
+    return [index for index, layer in enumerate(cache.layers) if not getattr(layer, "is_sliding", False)]
+
+
+def has_sliding_layers(config) -> bool:
+    """Whether a model of this config caches any layer as a sliding window."""
+    return any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=config.get_text_config()).layers)
+
+
+def copy_layer(layer: DynamicLayer) -> DynamicLayer:
+    """A copy of a layer with its own tensors, of the same kind and state (a sliding window's count too)."""
+    if isinstance(layer, PaddedLayer):
+        return PaddedLayer(layer.keys, layer.values, layer.valid)
+    if isinstance(layer, SlotLayer):
+        return SlotLayer(layer.keys, layer.values)
+    copied = copy.copy(layer)
+    if layer.is_initialized:
+        copied.keys, copied.values = layer.keys.clone(), layer.values.clone()
+    return copied
+
+
+def clone_cache(cache: DynamicCache) -> DynamicCache:
+    """A copy of the whole cache (dense's own, while other consumers still read the prefill's)."""
+    return _with_layers([copy_layer(layer) for layer in cache.layers])
+
+
+def _with_layers(layers: list[DynamicLayer]) -> DynamicCache:
+    cache = DynamicCache()
+    cache.layers = layers
+    return cache
+
+
+def _uncompressed_copies(cache: DynamicCache) -> list[DynamicLayer | None]:
+    """Copies of the layers a budget does not apply to (sliding windows); None where one does."""
+    compressed = set(compressed_layers(cache))
+    return [None if at in compressed else copy_layer(layer) for at, layer in enumerate(cache.layers)]
+
+
+def _gathered(layer: DynamicLayer, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    index = kept.to(layer.keys.device)[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
+    return layer.keys.gather(2, index), layer.values.gather(2, index)
+
+
 def ragged_cache(cache: DynamicCache, index: list[torch.Tensor], valid: list[torch.Tensor],
                  layout: str = "padded") -> DynamicCache:
-    """A ragged cache of the entries at `index[l]` ([B, H_kv, K_l]) where `valid[l]` is True."""
-    layers = []
-    for layer, layer_index, layer_valid in zip(cache.layers, index, valid, strict=True):
-        gather = layer_index.to(layer.keys.device)[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
+    """A ragged cache of the entries at `index[l]` ([B, H_kv, K_l]) where `valid[l]` is True, for each
+    compressed layer l; the other layers are copied as they are."""
+    layers = _uncompressed_copies(cache)
+    for at, layer_index, layer_valid in zip(compressed_layers(cache), index, valid, strict=True):
+        keys, values = _gathered(cache.layers[at], layer_index)
         # A layer with no empty slot (PyramidKV's, one row at a time) has nothing to store per head:
         # padded, it holds the same bytes without a per-head copy each step (H100: 24 vs 37 ms per token).
         kind = PaddedLayer if bool(layer_valid.all()) else LAYOUTS[layout]
-        layers.append(kind(layer.keys.gather(2, gather), layer.values.gather(2, gather), layer_valid.to(layer.keys.device)))
-    ragged = DynamicCache()
-    ragged.layers = layers
-    return ragged
+        layers[at] = kind(keys, values, layer_valid.to(keys.device))
+    return _with_layers(layers)
 
 
 def kv_bytes(cache: DynamicCache) -> int:
@@ -222,37 +269,70 @@ def kv_bytes(cache: DynamicCache) -> int:
     return total
 
 
+def layer_entry_bytes(layer: DynamicLayer) -> int:
+    """Bytes of one position's keys and values in one layer, over its KV heads (batch row 1)."""
+    _, heads, _, head_dim = layer.keys.shape
+    return heads * head_dim * (layer.keys.element_size() + layer.values.element_size())
+
+
 def bytes_per_entry(cache: DynamicCache) -> int:
-    """Bytes of one position's keys and values over all layers and KV heads (batch row 1)."""
-    total = 0
+    """Bytes of one position's keys and values over the compressed layers and their KV heads (batch row 1)."""
+    return sum(layer_entry_bytes(cache.layers[at]) for at in compressed_layers(cache))
+
+
+def sliding_bytes(cache: DynamicCache, prompt_length: int) -> int:
+    """Bytes the sliding-window layers hold after reading a prompt of `prompt_length` tokens: each its
+    window (the last window - 1 entries) or the whole prompt when shorter."""
+    return sum(min(prompt_length, layer.sliding_window - 1) * layer_entry_bytes(layer)
+               for layer in cache.layers if getattr(layer, "is_sliding", False))
+
+
+def checkpoint(cache: DynamicCache) -> Callable[[], None]:
+    """A way back to the cache as it is now (before a probe, or a question and its answer), copying
+    nothing: a layer's tensors are kept by reference (updates make new ones or write past the filled
+    slots), which also brings back what a sliding window has let go of."""
+    layers = list(cache.layers)  # decoding may put slot layers in their place
+    states = []
     for layer in cache.layers:
-        _, heads, _, head_dim = layer.keys.shape
-        total += heads * head_dim * (layer.keys.element_size() + layer.values.element_size())
-    return total
+        if isinstance(layer, PerHeadLayer):
+            states.append([[len(keys) for keys in row] for row in layer.head_keys])
+        elif isinstance(layer, SlotLayer):
+            states.append(layer.filled)
+        else:
+            states.append((layer.keys, layer.values, getattr(layer, "cumulative_length", None)))
 
+    def restore() -> None:
+        cache.layers[:] = layers
+        for layer, state in zip(layers, states, strict=True):
+            if isinstance(layer, PerHeadLayer):
+                for row_keys, row_values, lengths in zip(layer.head_keys, layer.head_values, state, strict=True):
+                    for head, length in enumerate(lengths):
+                        row_keys[head], row_values[head] = row_keys[head][:length], row_values[head][:length]
+            elif isinstance(layer, SlotLayer):
+                layer.filled = state
+                layer._show()
+            else:
+                layer.keys, layer.values, cumulative = state
+                if cumulative is not None:
+                    layer.cumulative_length = cumulative
 
-def drop_last(cache: DynamicCache, count: int) -> None:
-    """Drop the last `count` entries of every layer and head (a probe, or a question and its answer)."""
-    if count > 0:
-        for layer in cache.layers:
-            layer.crop(-count)
+    return restore
 
 
 def gather_positions(cache: DynamicCache, kept_per_layer: list[torch.Tensor]) -> None:
-    """Keep, in every layer, the entries at `kept_per_layer[l]` ([B, H_kv, K] indices), in place."""
-    for layer, kept in zip(cache.layers, kept_per_layer, strict=True):
+    """Keep, in every compressed layer, the entries at `kept_per_layer[l]` ([B, H_kv, K] indices), in place."""
+    for at, kept in zip(compressed_layers(cache), kept_per_layer, strict=True):
+        layer = cache.layers[at]
         if isinstance(layer, SlotLayer):
             layer.keep(kept)
-            continue
-        index = kept.to(layer.keys.device)[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
-        layer.keys = layer.keys.gather(2, index)
-        layer.values = layer.values.gather(2, index)
+        else:
+            layer.keys, layer.values = _gathered(layer, kept)
 
 
 def gathered_copy(cache: DynamicCache, kept_per_layer: list[torch.Tensor]) -> DynamicCache:
-    """A new cache holding only the entries at `kept_per_layer` ([B, H_kv, K] per layer); `cache` is kept."""
-    layers = []
-    for layer, kept in zip(cache.layers, kept_per_layer, strict=True):
-        index = kept.to(layer.keys.device)[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
-        layers.append((layer.keys.gather(2, index), layer.values.gather(2, index)))
-    return DynamicCache(layers)
+    """A new cache holding only the entries at `kept_per_layer` ([B, H_kv, K] per compressed layer), the
+    other layers copied as they are; `cache` is kept."""
+    layers = _uncompressed_copies(cache)
+    for at, kept in zip(compressed_layers(cache), kept_per_layer, strict=True):
+        layers[at] = SlotLayer(*_gathered(cache.layers[at], kept))
+    return _with_layers(layers)

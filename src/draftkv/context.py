@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .attention import ragged_attention
-from .cache import drop_last
+from .cache import checkpoint
 from .decoding import decode
 from .errors import ConfigError, PromptError
 from .flow import Prepared
@@ -63,12 +63,12 @@ class CompressedContext:
             raise PromptError("the question is empty")
         model, tokenizer = self.pair.target.model, self.pair.tokenizer
         cache = self.prepared.cache
-        physical = cache.get_seq_length()
         start = self.prepared.batch.next_positions[0]
         tail = self.tail + (answer_prefix if not answer_prefix or self.tail.endswith("\n") else "\n" + answer_prefix)
         ids = tokenizer(question + tail, add_special_tokens=False)["input_ids"]
         check_context(model, "target", start + len(ids), max_new_tokens)
         started = time.perf_counter()
+        restore = checkpoint(cache)
         try:
             with ragged_attention(model, cache):
                 out = model(input_ids=torch.tensor([ids], device=model.device),
@@ -81,8 +81,7 @@ class CompressedContext:
                                  samplings=[Sampling(temperature, top_p, top_k, seed)], eos_token_ids=eos_ids(model, tokenizer),
                                  tokenizer=tokenizer, stops=[tuple(s for s in stop if s)], on_text=stream)
         finally:
-            # the question and its answer go again: the next question starts clean
-            drop_last(cache, cache.get_seq_length() - physical)
+            restore()  # the question and its answer go again: the next question starts clean
         finished = time.perf_counter()
         row = decoded.rows[0]
         # What the compression kept (self.stats), with this question's tokens and times.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from .cache import gather_positions
+from .cache import compressed_layers, gather_positions
 from .methods import Method
 from .scoring import window_scores
 
@@ -34,8 +34,9 @@ class DecodeEviction:
         """Every decoding step is scored the same way: nothing to reset."""
 
     def observe(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor,
-                attention_mask: torch.Tensor | None, scaling: float | None, softcap: float | None = None) -> None:
-        if self.window == 0 or query.shape[2] != 1:
+                attention_mask: torch.Tensor | None, scaling: float | None, softcap: float | None = None,
+                sliding: bool = False) -> None:
+        if self.window == 0 or query.shape[2] != 1 or sliding:
             return  # StreamingLLM needs no scores; only single new tokens are decoding steps
         scores = window_scores(query, key, prefix_length=key.shape[2], scaling=scaling, softcap=softcap,
                                reduction="mean" if self.summed else "max")
@@ -56,12 +57,15 @@ class DecodeEviction:
 
     def after_step(self, cache: DynamicCache) -> None:
         self.steps += 1
-        length = cache.get_seq_length()
+        layers = compressed_layers(cache)  # a sliding window already keeps only its window
+        if not layers:
+            return
+        length = cache.layers[layers[0]].get_seq_length()
         if self.steps % self.method.evict_every or length <= self.budget:
             return
-        heads = cache.layers[0].keys.shape[1]
+        heads = cache.layers[layers[0]].keys.shape[1]
         index = []
-        for layer in range(len(cache.layers)):
+        for layer in layers:
             scores = self.layer_scores(layer, length)[0].expand(heads, -1)[:, : length - self.window]
             kept = self.method.keep_positions([scores.float()], length, self.budget)[0][None]  # [1, H_kv, budget]
             index.append(kept)

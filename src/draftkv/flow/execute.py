@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from ..cache import bytes_per_entry, kv_bytes
+from ..cache import bytes_per_entry, clone_cache, kv_bytes
 from ..decoding import TextCallback
 from ..errors import ConfigError, TokenizerMismatchError
 from ..methods import Method, get_method
@@ -204,8 +204,7 @@ def read_target(pair: ModelPair, consumers: list[Consumer], views: list[DraftVie
             own_cache, mask, kept_rows = kv_stage(consumer.method, cache, batch, scores, consumer.budgets.kv, copy=copy)
             own.add("compression", own.now() - selecting)
         else:  # dense: the full cache (a copy of it while others still need it)
-            own_cache = DynamicCache([(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]) \
-                if copy else cache
+            own_cache = clone_cache(cache) if copy else cache
             mask, kept_rows = batch.attention_mask, [None] * len(batch.lengths)
         yield index, {"cache": own_cache, "first_logits": first_logits, "attention_mask": mask,
                       "kept_rows": kept_rows, "layer_scores": scores, "entry_bytes": entry_bytes,

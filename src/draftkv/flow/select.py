@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from ..cache import gather_positions, gathered_copy, ragged_cache
+from ..cache import clone_cache, compressed_layers, gather_positions, gathered_copy, ragged_cache
 from ..methods import Method
 from ..prompt import EncodedPrompt, encode_prompt, kept_text, user_turn
 from ..types import Request
@@ -109,11 +109,19 @@ def row_mask(valid: list[torch.Tensor]) -> tuple[bool, torch.Tensor | None]:
 def kv_stage(method: Method, cache: DynamicCache, batch: PaddedBatch, scores: list[torch.Tensor] | None,
              budgets: list[int | None], *, copy: bool) -> tuple[DynamicCache, torch.Tensor | None,
                                                                 list[list[torch.Tensor] | None]]:
-    """Station 2: keep each layer's and head's entries; in place, or into a new cache when `copy`
-    (so several methods can start from one prefill). Returns the cache, its row mask, the kept rows."""
+    """Station 2: keep each compressed layer's and head's entries (full-attention layers: a sliding
+    window keeps its window); in place, or into a new cache when `copy` (so several methods can start
+    from one prefill). Returns the cache, its row mask, the kept rows.
+
+    scores: per compressed layer [B, H_kv, N - window] (see cache.compressed_layers)."""
+    layers = compressed_layers(cache)
+    if not layers:  # every layer is a sliding window: nothing to drop beyond what they let go of
+        return (clone_cache(cache) if copy else cache), batch.attention_mask, [None] * len(batch.lengths)
     if scores is None:  # the method decides by position alone
-        layer = cache.layers[0].keys
-        scores = [torch.zeros(layer.shape[0], layer.shape[1], batch.width, device=layer.device)] * len(cache.layers)
+        keys = cache.layers[layers[0]].keys
+        scores = [torch.zeros(keys.shape[0], keys.shape[1], batch.width, device=keys.device)] * len(layers)
+    if len(scores) != len(layers):
+        raise RuntimeError(f"scores for {len(scores)} layers, but the cache compresses {len(layers)}")
     index, valid, kept_rows = select_kv(method, scores, batch, budgets)
     uniform, attention_mask = row_mask(valid)
     if not uniform:  # layers or heads keep different numbers of entries: a ragged cache, masked per head
@@ -123,6 +131,5 @@ def kv_stage(method: Method, cache: DynamicCache, batch: PaddedBatch, scores: li
     else:
         gather_positions(cache, index)
     if attention_mask is not None:
-        attention_mask = attention_mask.to(cache.layers[0].keys.device if cache.layers[0].keys is not None
-                                           else batch.input_ids.device)
+        attention_mask = attention_mask.to(batch.input_ids.device)
     return cache, attention_mask, kept_rows

@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from ..attention import Collector, PromptCollector, RowSlot, WindowCollector, capture
-from ..cache import drop_last, gathered_copy
+from ..cache import checkpoint, clone_cache, gathered_copy
 from ..decoding import decode
 from ..errors import ConfigError, PromptError
 from ..methods import KVScoring, PseudoAnswer
@@ -257,10 +257,11 @@ def probe(model: torch.nn.Module, cache: DynamicCache, batch: PaddedBatch, guess
     positions = torch.tensor(batch.next_positions, device=device)[:, None] + torch.arange(width, device=device)
     collectors = [collector for collector, _ in scorers]
     started, before = clock.start("probe"), sum(c.seconds for c in collectors)
+    restore = checkpoint(cache)
     with capture(model, *collectors):
         model(input_ids=guess.lookahead_ids, attention_mask=mask, position_ids=positions,
               cache=cache, use_cache=True, logits_to_keep=1)
-    drop_last(cache, width)
+    restore()
     scoring = sum(c.seconds for c in collectors) - before
     clock.add("probe", clock.now() - started - scoring)
     clock.add("scoring", scoring)
@@ -278,7 +279,7 @@ def pseudo_answer(model: torch.nn.Module, cache: DynamicCache, first_logits: tor
         _, mask = row_mask(valid)  # stage one (SnapKV) is uniform per row
         mask = mask.to(first_logits.device) if mask is not None else None
     else:
-        copy = DynamicCache([(layer.keys.clone(), layer.values.clone()) for layer in cache.layers])
+        copy = clone_cache(cache)
         mask = batch.attention_mask
     decoded = decode(model, copy, first_logits, positions=torch.tensor(batch.next_positions, device=first_logits.device),
                      attention_mask=mask, max_new_tokens=[guess.tokens if b is not None and b < n else 0
