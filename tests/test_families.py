@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import make_tokenizer
+from tiny import long_context, make_tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
+from draftkv import METHODS as METHODS_REGISTRY
 from draftkv.attention import WindowCollector, capture
 from draftkv.cache import compressed_layers
+from draftkv.context import compress_context
+from draftkv.flow import finish, prepare
+from draftkv.methods import budget_kinds, budget_params, get_method
+from draftkv.models import pair_from_models
+from draftkv.pipeline import generate, generate_batch
+from draftkv.prompt import encode_prompt
+from draftkv.types import Request
 
 TOKENIZER = make_tokenizer()
 # Per family, what makes its attention its own (sliding windows shorter than the prompt).
@@ -18,9 +26,11 @@ FAMILIES = {
                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
     "qwen2": {},
     "qwen3": {},  # QK-norm
-    "mistral": {"sliding_window": 16},
+    "mistral": {"sliding_window": 16},  # every layer a sliding window
+    "mistral-full": {"sliding_window": None},
     "gemma2": {"sliding_window": 16, "attn_logit_softcapping": 5.0, "query_pre_attn_scalar": 24},
-    "gemma3_text": {"sliding_window": 16, "query_pre_attn_scalar": 24},
+    "gemma3_text": {"sliding_window": 16, "query_pre_attn_scalar": 24,
+                    "layer_types": ["sliding_attention", "full_attention"] * 2},
     "phi3": {},
     "olmo2": {},
     "granite": {"attention_multiplier": 0.3},
@@ -30,13 +40,13 @@ FAMILIES = {
 }
 
 
-def tiny_model(family: str, implementation: str) -> torch.nn.Module:
+def tiny_model(family: str, implementation: str | None, seed: int = 0) -> torch.nn.Module:
     config = AutoConfig.for_model(
-        family, vocab_size=len(TOKENIZER), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        family.split("-")[0], vocab_size=len(TOKENIZER), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
         initializer_range=0.2, tie_word_embeddings=True, eos_token_id=TOKENIZER.eos_token_id,
         pad_token_id=TOKENIZER.pad_token_id, bos_token_id=None, **FAMILIES[family])
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation)
     with torch.no_grad():  # sinks start at zero: make them matter
         for name, parameter in model.named_parameters():
@@ -78,3 +88,93 @@ def test_captured_window_probabilities_are_the_models_own_attention(family, impl
         rows = rows / rows.sum(dim=-1, keepdim=True)  # no-op but for sinks
         expected = rows[..., : n - window].reshape(1, 2, 2, window, n - window).amax(dim=(2, 3))
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6, msg=f"{family} layer {layer}")
+
+
+# ---- every method on every family (tiny random pairs: a 4-layer target and a 4-layer draft) ----
+
+KV_BUDGET, PROMPT_BUDGET, NEW_TOKENS = 48, 120, 6
+METHODS = list(METHODS_REGISTRY)
+CONTEXT = long_context(230, seed=41)
+QUESTION = "what is the magic number?"
+
+
+def tiny_pair(family: str):
+    target, draft = tiny_model(family, None, seed=0), tiny_model(family, None, seed=1)
+    return pair_from_models(target, TOKENIZER, draft, TOKENIZER)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_pair(request):
+    return request.param, tiny_pair(request.param)
+
+
+def budgets(method: str, kv: int = KV_BUDGET, prompt: int = PROMPT_BUDGET) -> dict:
+    takes_kv, takes_prompt = budget_kinds(method)
+    return budget_params(method, kv if takes_kv else None, prompt if takes_prompt else None)
+
+
+def test_dense_is_the_models_own_greedy_generate(family_pair):
+    family, pair = family_pair
+    result = generate(pair, CONTEXT, QUESTION, method="dense", max_new_tokens=NEW_TOKENS)
+    ids = torch.tensor([encode_prompt(TOKENIZER, Request(context=CONTEXT, question=QUESTION)).ids])
+    with torch.inference_mode():
+        out = pair.target.model.generate(input_ids=ids, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                         eos_token_id=TOKENIZER.eos_token_id, pad_token_id=TOKENIZER.pad_token_id)
+    expected = out[0, ids.shape[1]:].tolist()
+    if TOKENIZER.eos_token_id in expected:
+        expected = expected[: expected.index(TOKENIZER.eos_token_id)]
+    assert result.token_ids == expected, family
+
+
+def test_a_budget_past_the_prompt_is_dense(family_pair):
+    family, pair = family_pair
+    dense = generate(pair, CONTEXT, QUESTION, method="dense", max_new_tokens=NEW_TOKENS).token_ids
+    for method in METHODS:
+        whole = generate(pair, CONTEXT, QUESTION, method=method, max_new_tokens=NEW_TOKENS,
+                         **budgets(method, 10_000, 10_000))
+        assert whole.token_ids == dense, (family, method)
+
+
+def test_every_method_keeps_its_budget_in_full_layers_and_the_window_in_sliding_ones(family_pair):
+    family, pair = family_pair
+    request = Request(context=CONTEXT, question=QUESTION, max_new_tokens=NEW_TOKENS)
+    for method in METHODS:
+        prepared = prepare(pair, [request], [get_method(method, **budgets(method))])[0]
+        read = prepared.batch.lengths[0]  # what the target read (station 1's budget for prompt methods)
+        assert read == (PROMPT_BUDGET if prepared.method.compresses_prompt else len(prepared.prompts[0].ids))
+        for layer in prepared.cache.layers:
+            if getattr(layer, "is_sliding", False):
+                assert layer.keys.shape[2] == min(read, layer.sliding_window - 1), (family, method)
+            elif not prepared.method.compresses_kv:
+                assert layer.keys.shape[2] == read, (family, method)
+        if prepared.method.compresses_kv and compressed_layers(prepared.cache):
+            full = [prepared.cache.layers[at] for at in compressed_layers(prepared.cache)]
+            real = sum(int(layer.valid.sum()) if hasattr(layer, "valid") else layer.keys.shape[2] * layer.keys.shape[1]
+                       for layer in full)
+            heads = sum(layer.keys.shape[1] if layer.keys is not None else len(layer.head_keys[0]) for layer in full)
+            assert real == KV_BUDGET * heads, (family, method)  # exactly the budget, on average over heads and layers
+        result = finish(pair, prepared)[0]
+        assert result.stats.kv_bytes <= result.stats.kv_bytes_dense and result.stats.new_tokens >= 1
+
+
+def test_a_two_row_batch_equals_one_by_one(family_pair):
+    family, pair = family_pair
+    requests = [Request(context=CONTEXT, question=QUESTION, max_new_tokens=NEW_TOKENS),
+                Request(context=long_context(150, seed=42), question="when is the launch?", max_new_tokens=NEW_TOKENS)]
+    for method in ("dense", "snapkv", "speckv", "specpc"):
+        together = generate_batch(pair, requests, method, **budgets(method))
+        for request, result in zip(requests, together, strict=True):
+            alone = generate_batch(pair, [request], method, **budgets(method))[0]
+            assert result.token_ids == alone.token_ids, (family, method)
+
+
+def test_query_agnostic_mode_and_decode_time_eviction_run(family_pair):
+    family, pair = family_pair
+    compressed = compress_context(pair, CONTEXT, method="snapkv", budget=KV_BUDGET)
+    first = compressed.ask(QUESTION, max_new_tokens=NEW_TOKENS)
+    assert compressed.ask(QUESTION, max_new_tokens=NEW_TOKENS).token_ids == first.token_ids  # rolled back cleanly
+    evicting = generate_batch(pair, [Request(context=CONTEXT, question=QUESTION, max_new_tokens=12, ignore_eos=True)],
+                              "snapkv", budget=KV_BUDGET, evict_every=4)[0]
+    assert evicting.stats.new_tokens == 12
+    if compressed_layers(prepare(pair, [Request(context=CONTEXT, question=QUESTION)], ["dense"])[0].cache):
+        assert "decode-time eviction ran" in evicting.stats.note, family

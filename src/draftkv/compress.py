@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .cache import has_sliding_layers
 from .errors import ConfigError
 from .methods import METHODS, Method, get_method
 from .pipeline import compress_batch
@@ -68,6 +69,9 @@ def compress_prompts(pair: ModelPair, requests: list[Request], method: str | Met
     chosen = get_method(method, **method_params)
     if not chosen.compresses_prompt:
         raise ConfigError(f"method {chosen.name!r} does not compress prompts; use one of: {', '.join(prompt_methods())}")
+    if len(requests) > 1 and pair.draft is not None and has_sliding_layers(pair.draft.model.config):
+        # A sliding window's left padding would differ from the full layers': one request at a time.
+        return [compress_prompts(pair, [request], chosen)[0] for request in requests]
     stage = compress_batch(pair, requests, chosen)
     results = []
     for row, prompt in enumerate(stage.prompts):

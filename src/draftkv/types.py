@@ -66,11 +66,13 @@ class Stats:
     method: str
     prompt_tokens: int
     kept_prompt_tokens: int
-    kv_entries: int  # KV entries per layer and KV head right after compression (the mean, for ragged caches)
-    kv_bytes_dense: int  # the full prompt cache
-    kv_bytes: int  # the entries the target decoded from, right after compression
+    kv_entries: int  # per full-attention layer and KV head, right after compression (the mean, for ragged caches)
+    kv_bytes_dense: int  # the full prompt cache, every layer (a sliding-window layer holds at most its window)
+    kv_bytes: int  # the entries the target decoded from, right after compression, every layer
     compressed: bool
     kv_bytes_stored: int = 0  # what the (batch's) cache tensors really hold: kv_bytes plus layout padding
+    kv_entries_sliding: int = 0  # per sliding-window layer and KV head: its window (or the prompt, if shorter)
+    kv_bytes_sliding: int = 0  # what the sliding-window layers hold (part of kv_bytes); 0 without such layers
     lookahead_tokens: int = 0
     new_tokens: int = 0
     time_to_first_token: float = 0.0

@@ -22,7 +22,14 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from ..cache import bytes_per_entry, clone_cache, kv_bytes
+from ..cache import (
+    bytes_per_entry,
+    clone_cache,
+    compressed_layers,
+    has_sliding_layers,
+    kv_bytes,
+    layer_entry_bytes,
+)
 from ..decoding import TextCallback
 from ..errors import ConfigError, TokenizerMismatchError
 from ..methods import Method, get_method
@@ -67,12 +74,15 @@ def run_each(pair: ModelPair, requests: list[Request], methods: list[str | Metho
     """`run`, yielding (method index, its results) as each method finishes. Each is decoded before the
     next is compressed, so at most one copy of the full cache exists beside it."""
     chosen = [get_method(m) for m in methods]
-    alone = [i for i, m in enumerate(chosen) if m.evicts_during_decode and len(requests) > 1]
+    # A batch of sliding-window models runs one request at a time: a window's left padding would differ
+    # from the full layers'. With decode-time eviction each row would evict different entries.
+    sliding = any(has_sliding_layers(loaded.model.config) for loaded in filter(None, (pair.target, pair.draft)))
+    alone = [i for i, m in enumerate(chosen) if len(requests) > 1 and (sliding or m.evicts_during_decode)]
     together = [i for i in range(len(chosen)) if i not in alone]
     if together:
         for index, prepared in prepare_each(pair, requests, [chosen[i] for i in together], observer=observer):
             yield together[index], finish(pair, prepared, on_text, cancelled)
-    for i in alone:  # each row would evict different entries: one request at a time
+    for i in alone:
         yield i, [run(pair, [request], [chosen[i]], observer=observer,
                       on_text=(lambda _r, text, row=row: on_text(row, text)) if on_text else None,
                       cancelled=(lambda _r, row=row: cancelled(row)) if cancelled else None)[0][0]
@@ -195,11 +205,13 @@ def read_target(pair: ModelPair, consumers: list[Consumer], views: list[DraftVie
     which takes the cache itself)."""
     cache, first_logits, collectors, guesses = score_prompt(pair, consumers, views, batch, max_new_tokens, clock)
     entry_bytes = bytes_per_entry(cache)
+    windows = [(layer.sliding_window, layer_entry_bytes(layer)) for layer in cache.layers
+               if getattr(layer, "is_sliding", False)]
     last = len(consumers) - 1
     for index, (consumer, collector, own) in enumerate(zip(consumers, collectors, own_clocks, strict=True)):
         scores = collector.layer_scores() if collector is not None else None
         copy = index < last
-        if compresses_kv(consumer, batch):
+        if compresses_kv(consumer, batch, pair.target.model):
             selecting = own.start("compression")
             own_cache, mask, kept_rows = kv_stage(consumer.method, cache, batch, scores, consumer.budgets.kv, copy=copy)
             own.add("compression", own.now() - selecting)
@@ -207,13 +219,15 @@ def read_target(pair: ModelPair, consumers: list[Consumer], views: list[DraftVie
             own_cache = clone_cache(cache) if copy else cache
             mask, kept_rows = batch.attention_mask, [None] * len(batch.lengths)
         yield index, {"cache": own_cache, "first_logits": first_logits, "attention_mask": mask,
-                      "kept_rows": kept_rows, "layer_scores": scores, "entry_bytes": entry_bytes,
+                      "kept_rows": kept_rows, "layer_scores": scores, "entry_bytes": entry_bytes, "sliding_windows": windows,
                       "stored_bytes": kv_bytes(own_cache), "guess": guesses[index]}
 
 
-def compresses_kv(consumer: Consumer, batch: PaddedBatch) -> bool:
-    """Station 2 drops entries of some row of what the target read."""
-    return any(b is not None and b < n for b, n in zip(consumer.budgets.kv, batch.lengths, strict=True))
+def compresses_kv(consumer: Consumer, batch: PaddedBatch, model: torch.nn.Module) -> bool:
+    """Station 2 drops entries of some row of what the target read (in its full-attention layers: a
+    model whose every layer is a sliding window has nothing for a KV budget to drop)."""
+    return any(b is not None and b < n for b, n in zip(consumer.budgets.kv, batch.lengths, strict=True)) \
+        and bool(compressed_layers(DynamicCache(config=model.config.get_text_config())))
 
 
 def score_prompt(pair: ModelPair, consumers: list[Consumer], views: list[DraftView | None], batch: PaddedBatch,
@@ -223,7 +237,7 @@ def score_prompt(pair: ModelPair, consumers: list[Consumer], views: list[DraftVi
     and each target guess (LAQ++'s pseudo-answer). Returns the cache, the last position's logits, each
     consumer's collector and the guess that probed for it."""
     target, tokenizer = pair.target.model, pair.tokenizer
-    compressing = [compresses_kv(c, batch) for c in consumers]
+    compressing = [compresses_kv(c, batch, target) for c in consumers]
     collectors = [kv_collector(c.method.kv_scoring(), batch) if on else None
                   for c, on in zip(consumers, compressing, strict=True)]
     guesses = [c.method.guess(max_new_tokens) if on else None for c, on in zip(consumers, compressing, strict=True)]

@@ -40,7 +40,8 @@ class Prepared:
     attention_mask: torch.Tensor | None = None  # [B, physical cache length]; None when no row is padded
     kept_rows: list[list[torch.Tensor] | None] | None = None  # per row, per layer [H_kv, kept] station-1 positions
     layer_scores: list[torch.Tensor] | None = None  # per layer [B, H_kv, N - window] window importance
-    entry_bytes: int = 0
+    entry_bytes: int = 0  # one position's keys and values over the compressed (full-attention) layers
+    sliding_windows: list[tuple[int, int]] | None = None  # per sliding-window layer: its window, bytes per entry
     stored_bytes: int = 0  # what the batch's cache tensors hold right after compression, padding included
     shared_prefill: bool = False  # the target prefill served other consumers too
     guess: DraftView | None = None  # the guessed answer that probed the cache: the draft's, or the target's own
@@ -104,16 +105,22 @@ def row_stats(prepared: Prepared, row: int, new_tokens: int, first_token_at: flo
     entries = round(real / slots) if real is not None else stage_length
     budget = prepared.kv_budgets[row]
     prompt_budget = prepared.method.prompt_tokens(n)
+    windows = prepared.sliding_windows or []
+    sliding_entries = max((min(stage_length, window - 1) for window, _ in windows), default=0)
+    sliding = sum(min(stage_length, window - 1) * entry for window, entry in windows)
+    sliding_dense = sum(min(n, window - 1) * entry for window, entry in windows)
     notes = []
     if prompt_budget is not None and kept_tokens is None:
         notes.append(f"prompt budget {prompt_budget} >= prompt length {n}: the whole prompt was kept")
-    if budget is not None and kept_kv is None:
+    if budget is not None and kept_kv is None and prepared.entry_bytes == 0:
+        notes.append("every layer is a sliding window, which keeps its window: no KV budget applies")
+    elif budget is not None and kept_kv is None:
         notes.append(f"budget {budget} >= prompt length {stage_length}: ran dense")
     stats = Stats(
         method=prepared.method.name, prompt_tokens=n, kept_prompt_tokens=stage_length, kv_entries=entries,
-        kv_bytes_dense=n * prepared.entry_bytes,
-        kv_bytes=real * prepared.entry_bytes // slots if real is not None else entries * prepared.entry_bytes,
-        kv_bytes_stored=prepared.stored_bytes,
+        kv_bytes_dense=n * prepared.entry_bytes + sliding_dense,
+        kv_bytes=(real * prepared.entry_bytes // slots if real is not None else entries * prepared.entry_bytes) + sliding,
+        kv_bytes_stored=prepared.stored_bytes, kv_entries_sliding=sliding_entries, kv_bytes_sliding=sliding,
         compressed=kept_tokens is not None or kept_kv is not None or prepared.kept.kept_texts[row] is not None,
         lookahead_tokens=prepared.draft.lengths[row] if prepared.draft is not None else 0,
         new_tokens=new_tokens, time_to_first_token=first_token_at - prepared.started,
