@@ -178,3 +178,10 @@ def test_query_agnostic_mode_and_decode_time_eviction_run(family_pair):
     assert evicting.stats.new_tokens == 12
     if compressed_layers(prepare(pair, [Request(context=CONTEXT, question=QUESTION)], ["dense"])[0].cache):
         assert "decode-time eviction ran" in evicting.stats.note, family
+
+
+def test_a_draft_of_another_family_with_the_same_tokenizer_works():
+    pair = pair_from_models(tiny_model("llama", None, seed=0), TOKENIZER, tiny_model("qwen3", None, seed=1), TOKENIZER)
+    for method in ("speckv", "specpc", "speckv-pc"):
+        result = generate(pair, CONTEXT, QUESTION, method=method, max_new_tokens=NEW_TOKENS, **budgets(method))
+        assert result.stats.compressed and result.stats.lookahead_tokens >= 1, method
