@@ -50,6 +50,25 @@ class RowSlot:
         return max(width - self.pad, 0)
 
 
+def allowed_rows(attention_mask, query_length: int, num_queries: int, key_length: int) -> torch.Tensor | None:
+    """Which keys the last `num_queries` of `query_length` queries may attend to, [B, 1 or H, q, k] bool,
+    from the mask the model built: additive or boolean (eager, sdpa), or flex attention's BlockMask,
+    whose rule is evaluated on just these rows. None: plain causal."""
+    if attention_mask is None:
+        return None
+    if isinstance(attention_mask, torch.Tensor):
+        rows = attention_mask[:, :, -num_queries:, :key_length]
+        return rows if rows.dtype == torch.bool else rows > torch.finfo(rows.dtype).min / 2
+    device = attention_mask.kv_num_blocks.device
+    queries = torch.arange(query_length - num_queries, query_length, device=device)[:, None]
+    keys = torch.arange(key_length, device=device)[None, :]
+    batch = attention_mask.kv_num_blocks.shape[0]
+    zero = torch.zeros((), dtype=torch.long, device=device)
+    rows = [attention_mask.mask_mod(torch.full((), b, device=device), zero, queries, keys).expand(num_queries, key_length)
+            for b in range(batch)]
+    return torch.stack(rows)[:, None]
+
+
 class Timer:
     """Seconds spent scoring. On a GPU, CUDA events time the kernels without stalling the queue that
     a synchronisation per layer would; they are read (one wait) only when `seconds` is asked for."""
@@ -132,10 +151,7 @@ class WindowCollector:
         num_queries = min(self.num_queries, query.shape[2])
         if slot is not None and query_valid is not None:
             query_valid = query_valid[slot.row: slot.row + 1]
-        allowed = None
-        if attention_mask is not None:
-            rows = attention_mask[:, :, -num_queries:, : key.shape[2]]
-            allowed = rows if rows.dtype == torch.bool else rows > torch.finfo(rows.dtype).min / 2
+        allowed = allowed_rows(attention_mask, query.shape[2], num_queries, key.shape[2])
         scores = window_scores(
             query[:, :, -num_queries:], key, prefix_length=slot.columns(self.prefix_length) if slot else self.prefix_length,
             scaling=scaling, allowed=allowed, query_weight=query_valid, reduction=self.reduction, softcap=softcap,
@@ -215,10 +231,7 @@ class PromptCollector:
         weight = None
         if prefill and self.weighted:
             weight = torch.linspace(0, 1, num_queries, device=query.device).expand(query.shape[0], -1)
-        allowed = None
-        if attention_mask is not None:
-            rows = attention_mask[:, :, -num_queries:, : key.shape[2]]
-            allowed = rows if rows.dtype == torch.bool else rows > torch.finfo(rows.dtype).min / 2
+        allowed = allowed_rows(attention_mask, query.shape[2], num_queries, key.shape[2])
         scores = window_scores(query[:, :, -num_queries:], key,
                                prefix_length=self.slot.columns(self.prompt_width) if self.slot else self.prompt_width,
                                scaling=scaling, allowed=allowed, query_weight=weight, reduction=self.head_reduction,
