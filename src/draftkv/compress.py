@@ -15,7 +15,7 @@ import torch
 from .cache import has_sliding_layers
 from .errors import ConfigError
 from .methods import METHODS, Method, get_method
-from .pipeline import compress_batch
+from .pipeline import check_pair, compress_batch
 from .prompt import kept_text
 from .types import Request
 
@@ -66,6 +66,7 @@ def compress_prompt(pair: ModelPair, context: str = "", question: str = "", *, m
 def compress_prompts(pair: ModelPair, requests: list[Request], method: str | Method = "specpc",
                      **method_params) -> list[CompressedPrompt]:
     """`compress_prompt` for a batch of requests (one draft pass for all of them)."""
+    check_pair(pair)
     chosen = get_method(method, **method_params)
     if not chosen.compresses_prompt:
         raise ConfigError(f"method {chosen.name!r} does not compress prompts; use one of: {', '.join(prompt_methods())}")

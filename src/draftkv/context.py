@@ -24,9 +24,9 @@ from .flow import Prepared
 from .flow.results import row_stats
 from .flow.steps import check_context, eos_ids
 from .methods import Method
-from .pipeline import prepare_batch
+from .pipeline import check_pair, prepare_batch
 from .prompt import EncodedPrompt, user_turn
-from .types import Request, Result, Sampling, Stats
+from .types import Request, Result, Sampling, Stats, check_text
 
 if TYPE_CHECKING:
     from .models import ModelPair
@@ -59,6 +59,7 @@ class CompressedContext:
     def ask(self, question: str, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
             top_k: int = 0, seed: int | None = None, stop: tuple[str, ...] | list[str] = (),
             on_text: Callable[[str], None] | None = None, answer_prefix: str = "") -> Result:
+        check_text("question", question)
         if not question.strip():
             raise PromptError("the question is empty")
         model, tokenizer = self.pair.target.model, self.pair.tokenizer
@@ -101,6 +102,8 @@ class CompressedContext:
 def compress_context(pair: ModelPair, context: str, *, method: str | Method = "snapkv", system: str | None = None,
                      chat_template: bool = True, max_new_tokens: int = 128, **method_params) -> CompressedContext:
     """Compress `context` before any question is known (the window holds the end of the context)."""
+    check_pair(pair)
+    check_text("context", context)
     if pair.tokenizer_mismatch is not None:
         raise ConfigError("query-agnostic compression needs a draft with the target's tokenizer")
     if not context.strip():

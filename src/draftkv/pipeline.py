@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .decoding import TextCallback
+from .errors import ConfigError
 from .flow import Prepared, prepare, run
 from .methods import Method, get_method
 from .prompt import EncodedPrompt
@@ -13,6 +14,15 @@ from .types import Request, Result, Sampling
 
 if TYPE_CHECKING:
     from .models import ModelPair
+
+
+def check_pair(pair: object) -> None:
+    """The first argument is a pair of models, not something else by mistake."""
+    from .models import ModelPair
+
+    if not isinstance(pair, ModelPair):
+        raise ConfigError(f"pair must be a draftkv.ModelPair (from draftkv.load_pair or pair_from_models), "
+                          f"got {type(pair).__name__} {pair!r:.60}")
 
 
 def generate_batch(pair: ModelPair, requests: list[Request], method: str | Method = "dense",
@@ -24,6 +34,9 @@ def generate_batch(pair: ModelPair, requests: list[Request], method: str | Metho
     `on_text(row, text)` streams each row's new text; a row whose `cancelled(row)` turns true stops
     decoding at its next token.
     """
+    check_pair(pair)
+    if not isinstance(requests, list | tuple) or not all(isinstance(r, Request) for r in requests):
+        raise ConfigError(f"requests must be a list of draftkv.Request, got {requests!r:.80}")
     if not requests:
         return []
     return run(pair, requests, [get_method(method, **method_params)], on_text=on_text, cancelled=cancelled)[0]
@@ -48,8 +61,9 @@ def generate(pair: ModelPair, context: str = "", question: str = "", *, method: 
              messages: list[dict[str, str]] | None = None, chat_template: bool = True,
              on_text: Callable[[str], None] | None = None, **method_params) -> Result:
     """Answer one request; `method_params` are the method's own parameters (budget, window, ...)."""
+    check_pair(pair)
     request = Request(context=context, question=question, messages=messages, system=system,
                       max_new_tokens=max_new_tokens, sampling=Sampling(temperature, top_p, top_k, seed),
-                      stop=tuple(stop), chat_template=chat_template)
+                      stop=stop, chat_template=chat_template)
     stream = (lambda _row, text: on_text(text)) if on_text is not None else None
     return generate_batch(pair, [request], method, on_text=stream, **method_params)[0]

@@ -9,6 +9,34 @@ import torch
 
 from .errors import ConfigError
 
+ROLES = ("system", "user", "assistant", "tool")  # what chat templates take (the server maps developer to system)
+
+
+def is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_text(name: str, value: object) -> None:
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string, got {type(value).__name__} {value!r:.60}")
+
+
+def check_messages(messages: object) -> None:
+    """Chat messages: a non-empty list of {"role": system, user or assistant, "content": text}."""
+    if not isinstance(messages, list | tuple) or not messages:
+        raise ConfigError(f"messages must be a non-empty list of {{'role': ..., 'content': ...}} dicts, "
+                          f"got {type(messages).__name__} {messages!r:.60}")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or set(message) - {"role", "content"} or "role" not in message:
+            raise ConfigError(f"messages[{index}] must be a dict with 'role' and 'content', got {message!r:.80}")
+        if message["role"] not in ROLES:
+            raise ConfigError(f"messages[{index}] has role {message['role']!r}; allowed: {', '.join(ROLES)}")
+        check_text(f"messages[{index}]['content']", message.get("content", ""))
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -20,12 +48,14 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise ConfigError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0 (0 means no top-k cut), got {self.top_k}")
+        if not is_number(self.temperature) or not self.temperature >= 0:
+            raise ConfigError(f"temperature must be a number >= 0 (0 means greedy), got {self.temperature!r}")
+        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not is_int(self.top_k) or self.top_k < 0:
+            raise ConfigError(f"top_k must be an int >= 0 (0 means no top-k cut), got {self.top_k!r}")
+        if self.seed is not None and not is_int(self.seed):
+            raise ConfigError(f"seed must be an int or None, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
@@ -52,10 +82,23 @@ class Request:
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks); stop strings still apply
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        for name in ("context", "question", "answer_prefix"):
+            check_text(name, getattr(self, name))
+        if self.system is not None:
+            check_text("system", self.system)
+        if self.messages is not None:
+            check_messages(self.messages)
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.sampling, Sampling):
+            raise ConfigError(f"sampling must be a draftkv.Sampling, got {type(self.sampling).__name__}")
+        for name in ("chat_template", "ignore_eos"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
+        if not isinstance(self.stop, list | tuple) or not all(isinstance(s, str) for s in self.stop):
+            raise ConfigError(f"stop must be a string or a list of strings, got {self.stop!r}")
         self.stop = tuple(s for s in self.stop if s)
 
 
