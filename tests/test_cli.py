@@ -137,3 +137,69 @@ def test_query_agnostic_answers_several_questions(folders):
     assert [a["token_ids"] for a in answers] == [shared.ask(q, max_new_tokens=8).token_ids for q in
                                                  (QUESTION, "who is on monday?")]
     assert "query-agnostic" in answers[0]["stats"]["note"]
+
+
+def no_models(monkeypatch):
+    """Fail the test if a model is loaded: these checks need none."""
+    import draftkv.cli as cli
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a model was loaded before a check that needs none")
+
+    monkeypatch.setattr(cli, "load_pair", refuse)
+
+
+BAD_EVAL = [  # arguments of `draftkv eval ruler`, words the error must say
+    (["--length", ","], "--length names nothing"),
+    (["--length", "2048", "--samples", "0"], "--samples must be at least 1"),
+    (["--length", "2048", "--tasks", ""], "--tasks names nothing"),
+    (["--length", "2048", "--tasks", "nope"], "unknown RULER task(s) nope"),
+    (["--length", "2048", "--methods", ""], "--methods names nothing"),
+    (["--length", "2048", "--budgets", "a"], "--budgets a comma-separated list of ints"),
+]
+
+
+@pytest.mark.parametrize(("args", "words"), BAD_EVAL, ids=[w for _, w in BAD_EVAL])
+def test_eval_arguments_are_checked_before_any_model_loads(monkeypatch, tmp_path, args, words):
+    no_models(monkeypatch)
+    result = runner.invoke(app, ["eval", "ruler", *args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and words in result.output, result.output
+
+
+def test_an_output_folder_that_cannot_be_written_is_named_before_any_model_loads(monkeypatch, tmp_path):
+    no_models(monkeypatch)
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    result = runner.invoke(app, ["eval", "ruler", "--length", "2048", "--out", str(blocked / "results")])
+    assert result.exit_code == 2 and "cannot be written to" in result.output, result.output
+
+
+BAD_GENERATE = [
+    (["-q", QUESTION, "--max-new-tokens", "0"], "max_new_tokens must be an int >= 1"),
+    (["-q", QUESTION, "--temperature", "-1"], "temperature must be a number >= 0"),
+    (["-q", QUESTION, "--top-p", "2"], "top_p must be a number in (0, 1]"),
+    (["--ask", ""], "an --ask question is empty"),
+    (["--context", " "], "the prompt is empty"),
+]
+
+
+@pytest.mark.parametrize(("args", "words"), BAD_GENERATE, ids=[w for _, w in BAD_GENERATE])
+def test_generate_arguments_are_checked_before_any_model_loads(monkeypatch, folders, args, words):
+    no_models(monkeypatch)
+    result = runner.invoke(app, ["generate", "--target", folders["target"], "--context", "alpha bravo", *args])
+    assert result.exit_code == 2 and words in result.output, result.output
+
+
+def test_eval_loads_a_draft_only_for_methods_that_use_it(monkeypatch, tmp_path):
+    import draftkv.cli as cli
+
+    asked = []
+
+    def record(target, draft, **_kwargs):
+        asked.append(draft)
+        raise cli.ConfigError("stop here")
+
+    monkeypatch.setattr(cli, "load_pair", record)
+    for methods, draft in (("keep-last,dense,snapkv", None), ("keep-last,speckv", "qwen2.5-coder-0.5b-instruct")):
+        runner.invoke(app, ["eval", "ruler", "--length", "2048", "--methods", methods, "--out", str(tmp_path)])
+        assert asked[-1] == draft

@@ -162,3 +162,10 @@ def test_query_agnostic_runs(qwen_pair, samples, tmp_path):
         sample.question, answer_prefix=sample.answer_prefix, max_new_tokens=sample.max_new_tokens)
     assert rows[1]["prediction"] == expected.text
     assert json.loads((tmp_path / "config.json").read_text())["query_agnostic"] is True
+
+
+def test_results_that_cannot_be_written_give_a_clean_error(qwen_pair, samples, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    with pytest.raises(ConfigError, match="cannot write the results to .* the same command resumes"):
+        runner.run(qwen_pair, samples[:1], SETTINGS[:1], blocked / "results", {})

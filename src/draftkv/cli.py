@@ -16,11 +16,12 @@ from rich.table import Table
 from . import __version__
 from .compress import compress_prompt
 from .context import compress_context
-from .errors import ConfigError, DraftKVError
+from .errors import ConfigError, DraftKVError, PromptError
 from .eval import agreement, longbench, report, ruler, runner
 from .methods import METHODS, Method, help_of, method_with_budgets
 from .models import DEFAULT_DRAFT, DEFAULT_TARGET, cache_dir, embedded_status, load_pair
 from .pipeline import generate as run_generate
+from .types import Request, Sampling
 
 app = typer.Typer(
     help="Draft-based approximate inference for long-context LLMs (SpecKV, SnapKV, ...).",
@@ -157,6 +158,13 @@ def generate(
         chosen = method_from_options(method, param, budget=budget, prompt_budget=prompt_budget, window=window,
                                      kernel=kernel, pooling=pooling, reduction=reduction, lookahead=lookahead)
         text = read_context(context, context_file)
+        # Every check that needs no model, before one loads: sampling values, the request, the questions.
+        Request(context=text, question=question, system=system, max_new_tokens=max_new_tokens,
+                sampling=Sampling(temperature, top_p, top_k, seed), stop=tuple(stop or ()))
+        if ask and not all(q.strip() for q in ask):
+            raise PromptError("an --ask question is empty: give each --ask a question")
+        if not ask and not text.strip() and not question.strip():
+            raise PromptError("the prompt is empty: give a context, a question or both")
         needs_draft = chosen.uses_draft(max_new_tokens)
         with err.status("loading models (the first time converts the embedded pair: a few minutes)"):
             pair = load_pair(target, draft if needs_draft else None, device=device, dtype=dtype,
@@ -411,11 +419,37 @@ eval_app = typer.Typer(help="Evaluate methods: RULER generated here, and reports
 app.add_typer(eval_app, name="eval")
 
 
-def _split(text: str, kind=str) -> list:
+def _split(text: str, kind=str, option: str = "") -> list:
+    """A comma-separated option's values; an option that names none is an error, not an empty run."""
     try:
-        return [kind(part.strip()) for part in text.split(",") if part.strip()]
+        values = [kind(part.strip()) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ConfigError(f"expected a comma-separated list of {kind.__name__}s, got {text!r}") from None
+        raise ConfigError(f"{option or 'expected'} a comma-separated list of {kind.__name__}s, got {text!r}") from None
+    if not values:
+        raise ConfigError(f"{option} names nothing (got {text!r}): give one or more comma-separated values")
+    return values
+
+
+def _at_least_one(option: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ConfigError(f"{option} must be at least 1, got {value}")
+
+
+def _writable(folder: Path, option: str = "--out") -> None:
+    """The output folder exists (it is created) and takes files: checked before any model loads."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".draftkv-write-check"
+        probe.write_text("", encoding="utf-8")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"{option} {folder} cannot be written to ({error.strerror or error}); "
+                          "give a folder you can write") from None
+
+
+def _needs_draft(runs: list, max_new_tokens: int = 128) -> bool:
+    """Whether any setting asks the draft for something (a draft is loaded only then)."""
+    return any(setting.make().uses_draft(max_new_tokens) for setting in runs)
 
 
 @eval_app.command("ruler")
@@ -441,14 +475,20 @@ def eval_ruler(
 ) -> None:
     """Generate RULER at the given lengths with the target's tokenizer and score every method on it."""
     try:
-        lengths = _split(length, int)
-        chosen_tasks = list(ruler.TASKS) if tasks == "all" else _split(tasks)
+        lengths = _split(length, int, "--length")
+        _at_least_one("--samples", samples)
+        chosen_tasks = list(ruler.TASKS) if tasks == "all" else _split(tasks, str, "--tasks")
         unknown = sorted(set(chosen_tasks) - set(ruler.TASKS))
         if unknown:
             raise ConfigError(f"unknown RULER task(s) {', '.join(unknown)}; tasks: {', '.join(ruler.TASKS)}")
-        runs = runner.settings(_split(methods), _split(budgets, int), _split(prompt_budgets, int))
+        runs = runner.settings(_split(methods, str, "--methods"), _split(budgets, int, "--budgets"),
+                               _split(prompt_budgets, int, "--prompt-budgets"))
+        if dump is None:
+            for n in lengths:
+                _writable(out or Path(f"results/ruler-{n}" + ("-agnostic" if query_agnostic else "")))
         with err.status("loading models"):
-            pair = load_pair(target, draft if dump is None else None, device=device, dtype=dtype)
+            pair = load_pair(target, draft if dump is None and _needs_draft(runs) else None, device=device,
+                             dtype=dtype)
         for n in lengths:
             per_task = []
             for task in chosen_tasks:
@@ -496,12 +536,15 @@ def eval_longbench(
 ) -> None:
     """Score methods on LongBench tasks read from local files."""
     try:
-        runs = runner.settings(_split(methods), _split(budgets, int), _split(prompt_budgets, int))
-        chosen_tasks = _split(tasks)
+        runs = runner.settings(_split(methods, str, "--methods"), _split(budgets, int, "--budgets"),
+                               _split(prompt_budgets, int, "--prompt-budgets"))
+        chosen_tasks = _split(tasks, str, "--tasks")
+        _at_least_one("--samples", samples)
         for task in chosen_tasks:
             longbench.read_task(data_dir, task)  # fails fast on a missing or malformed file
+        _writable(out)
         with err.status("loading models"):
-            pair = load_pair(target, draft, device=device, dtype=dtype)
+            pair = load_pair(target, draft if _needs_draft(runs) else None, device=device, dtype=dtype)
         items = [s for task in chosen_tasks for s in longbench.samples(data_dir, task, pair.tokenizer, limit=samples,
                                                                        max_length=max_length)]
         config = {"benchmark": "longbench", "tasks": chosen_tasks, "samples": samples, "max_length": max_length,
@@ -545,11 +588,18 @@ def analyze_agreement(
 ) -> None:
     """Oracle (the target's own answer) vs SpecKV (draft lookahead) vs SnapKV (window) importance, per layer."""
     try:
+        chosen_tasks = _split(tasks, str, "--tasks")
+        _at_least_one("--samples", samples)
+        _at_least_one("--length", length)
+        unknown = sorted(set(chosen_tasks) - set(ruler.TASKS))
+        if unknown:
+            raise ConfigError(f"unknown RULER task(s) {', '.join(unknown)}; tasks: {', '.join(ruler.TASKS)}")
+        folder = out or Path(f"results/agreement-{length}")
+        _writable(folder)
         with err.status("loading models"):
             pair = load_pair(target, draft, device=device, dtype=dtype)
-        generated = [s for task in _split(tasks) for s in ruler.generate(
+        generated = [s for task in chosen_tasks for s in ruler.generate(
             task, length, pair.tokenizer, samples=samples, seed=seed, essays=str(essays) if essays else None)]
-        folder = out or Path(f"results/agreement-{length}")
         with err.status(f"scoring {len(generated)} samples"):
             summary = agreement.run_agreement(pair, generated, folder, budget=budget)
     except DraftKVError as error:

@@ -92,6 +92,15 @@ def run(pair: ModelPair, samples: Iterable[Sample], runs: list[Setting], out: Pa
     runs give). With `query_agnostic`, the context is compressed before the question is known and the
     question is asked afterwards. A row's `seconds` is the wall time since the sample's previous row
     (its first row carries the shared stages)."""
+    try:
+        return _run(pair, samples, runs, out, config, share, query_agnostic)
+    except OSError as error:  # a folder that turned read-only, a full disk: what is written stays
+        raise ConfigError(f"cannot write the results to {out} ({error.strerror or error}); the rows already "
+                          "written are kept, and the same command resumes after them") from None
+
+
+def _run(pair: ModelPair, samples: Iterable[Sample], runs: list[Setting], out: Path, config: dict,
+         share: bool, query_agnostic: bool) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({**config, "share": share, "query_agnostic": query_agnostic},
                                                 indent=1, sort_keys=True), encoding="utf-8")
