@@ -194,6 +194,12 @@ def post(live: Live, path: str, body) -> httpx.Response:
     ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
      "unsupported_content", "text parts"),
     ({"model": MODEL, "messages": MESSAGES, "max_tokens": 5000}, 400, "context_length_exceeded", "context"),
+    # Strict types: no bool taken as a number, no string as a bool; the field named as written.
+    ({"model": MODEL, "messages": MESSAGES, "method": "snapkv", "budget": True}, 400, "invalid_value", "budget:"),
+    ({"model": MODEL, "messages": MESSAGES, "stream": "yes"}, 400, "invalid_value", "stream:"),
+    ({"model": MODEL, "messages": MESSAGES, "max_tokens": "8"}, 400, "invalid_value", "max_tokens:"),
+    ({"model": MODEL, "messages": MESSAGES, "temperature": True}, 400, "invalid_value", "temperature:"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400, "invalid_value", "messages[0].content:"),
 ])
 def test_bad_input_gets_the_openai_error_shape_and_the_server_keeps_serving(live, body, status, code, words):
     response = post(live, "/chat/completions", body)
@@ -202,6 +208,25 @@ def test_bad_input_gets_the_openai_error_shape_and_the_server_keeps_serving(live
     assert error["code"] == code and words in error["message"], error
     assert set(error) == {"message", "type", "param", "code"}
     assert httpx.get(f"http://127.0.0.1:{live.port}/health").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"model": MODEL, "messages": MESSAGES, "method": "snapkv", "budget": True}, "budget"),
+    ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    ({"model": MODEL, "messages": MESSAGES, "stop": [1]}, "stop"),
+])
+def test_the_param_of_an_error_is_the_field_as_written(live, body, param):
+    error = post(live, "/chat/completions", body).json()["error"]
+    assert error["param"] == param, error
+
+
+@pytest.mark.parametrize(("verb", "path", "status"), [("get", "/v1/nothing", 404), ("post", "/v2/chat", 404),
+                                                      ("get", "/v1/chat/completions", 405)])
+def test_unknown_routes_answer_in_the_openai_error_shape(live, verb, path, status):
+    response = getattr(httpx, verb)(f"http://127.0.0.1:{live.port}{path}", timeout=30)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and path in error["message"], error
 
 
 def test_openai_client_raises_the_matching_errors(live):

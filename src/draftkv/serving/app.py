@@ -24,6 +24,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import DraftKVError, UnknownMethodError
 from ..methods import Method, method_with_budgets
@@ -478,6 +479,15 @@ def create_app(pair: ModelPair, settings: ServeSettings | None = None) -> FastAP
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, error: RequestValidationError) -> JSONResponse:
         return error_response(ServeError(400, str(error), code="invalid_request"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        """Unknown routes and methods answer in OpenAI's error shape too."""
+        message = {404: f"no route {request.method} {request.url.path}; routes: POST /v1/chat/completions, "
+                        "POST /v1/completions, GET /v1/models, GET /health, GET /metrics",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(error.status_code, str(error.detail))
+        return error_response(ServeError(error.status_code, message, code="not_found" if error.status_code == 404
+                                         else "method_not_allowed" if error.status_code == 405 else None))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: Request) -> Any:

@@ -42,14 +42,20 @@ class ServeError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
+# Strict types: JSON true is not the number 1, and "yes" is not true.
+STRICT = ConfigDict(extra="allow", strict=True)
+
+
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
 
 
 class Common(BaseModel):
     """The fields chat and completion requests share."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -87,7 +93,7 @@ class Common(BaseModel):
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
@@ -135,7 +141,7 @@ def parse(model: type[Common], raw: bytes) -> Common:
         request = model.model_validate(body)
     except ValidationError as error:
         first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
+        where = field_path(first["loc"])
         missing = first["type"] == "missing"
         raise ServeError(400, f"{where}: {'field required' if missing else first['msg']}",
                          param=where, code="missing_field" if missing else "invalid_value") from None
@@ -143,6 +149,19 @@ def parse(model: type[Common], raw: bytes) -> Common:
         raise ServeError(400, "n must be 1: draftkv returns one choice per request", param="n",
                          code="unsupported_parameter")
     return request
+
+
+def field_path(location: tuple) -> str:
+    """The field as the user wrote it ("messages[0].role", "budget"), without pydantic's type tags
+    ("budget.int", "stop.list[str]")."""
+    names = {name for model in (ChatRequest, CompletionRequest, Message, StreamOptions) for name in model.model_fields}
+    path = ""
+    for part in location:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in names:
+            path += f".{part}" if path else part
+    return path or ".".join(map(str, location))
 
 
 def new_id(prefix: str) -> str:
