@@ -203,15 +203,17 @@ def read_target(pair: ModelPair, consumers: list[Consumer], views: list[DraftVie
     """One target prefill of `batch` for the consumers that read it, scored for each of them; then
     station 2 per consumer (yielded one at a time, each on its own copy of the cache but the last,
     which takes the cache itself)."""
-    cache, first_logits, collectors, guesses = score_prompt(pair, consumers, views, batch, max_new_tokens, clock)
+    cache, first_logits, compressing, collectors, guesses = score_prompt(pair, consumers, views, batch,
+                                                                         max_new_tokens, clock)
     entry_bytes = bytes_per_entry(cache)
     windows = [(layer.sliding_window, layer_entry_bytes(layer)) for layer in cache.layers
                if getattr(layer, "is_sliding", False)]
     last = len(consumers) - 1
-    for index, (consumer, collector, own) in enumerate(zip(consumers, collectors, own_clocks, strict=True)):
+    for index, (consumer, compresses, collector, own) in enumerate(zip(consumers, compressing, collectors, own_clocks,
+                                                                      strict=True)):
         scores = collector.layer_scores() if collector is not None else None
         copy = index < last
-        if compresses_kv(consumer, batch, pair.target.model):
+        if compresses:
             selecting = own.start("compression")
             own_cache, mask, kept_rows = kv_stage(consumer.method, cache, batch, scores, consumer.budgets.kv, copy=copy)
             own.add("compression", own.now() - selecting)
@@ -223,21 +225,19 @@ def read_target(pair: ModelPair, consumers: list[Consumer], views: list[DraftVie
                       "stored_bytes": kv_bytes(own_cache), "guess": guesses[index]}
 
 
-def compresses_kv(consumer: Consumer, batch: PaddedBatch, model: torch.nn.Module) -> bool:
-    """Station 2 drops entries of some row of what the target read (in its full-attention layers: a
-    model whose every layer is a sliding window has nothing for a KV budget to drop)."""
-    return any(b is not None and b < n for b, n in zip(consumer.budgets.kv, batch.lengths, strict=True)) \
-        and bool(compressed_layers(DynamicCache(config=model.config.get_text_config())))
-
-
 def score_prompt(pair: ModelPair, consumers: list[Consumer], views: list[DraftView | None], batch: PaddedBatch,
-                 max_new_tokens: int, clock: Clock) -> tuple[DynamicCache, torch.Tensor, list, list]:
+                 max_new_tokens: int, clock: Clock) -> tuple[DynamicCache, torch.Tensor, list, list, list]:
     """The target prefill with every consumer's collectors, then the guesses that probe the full cache:
     the draft's lookahead once, as long as the longest view (each collector counts its own tokens),
-    and each target guess (LAQ++'s pseudo-answer). Returns the cache, the last position's logits, each
-    consumer's collector and the guess that probed for it."""
+    and each target guess (LAQ++'s pseudo-answer). Returns the cache, the last position's logits, and
+    per consumer whether station 2 drops entries, its collector and the guess that probed for it."""
     target, tokenizer = pair.target.model, pair.tokenizer
-    compressing = [compresses_kv(c, batch, target) for c in consumers]
+    # Station 2 drops entries of a row when its budget is below what the target read, in the full-attention
+    # layers: a model whose every layer is a sliding window has nothing for a KV budget to drop.
+    has_full_layers = bool(compressed_layers(DynamicCache(config=target.config.get_text_config())))
+    compressing = [has_full_layers and any(b is not None and b < n for b, n in zip(c.budgets.kv, batch.lengths,
+                                                                                   strict=True))
+                   for c in consumers]
     collectors = [kv_collector(c.method.kv_scoring(), batch) if on else None
                   for c, on in zip(consumers, compressing, strict=True)]
     guesses = [c.method.guess(max_new_tokens) if on else None for c, on in zip(consumers, compressing, strict=True)]
@@ -263,4 +263,4 @@ def score_prompt(pair: ModelPair, consumers: list[Consumer], views: list[DraftVi
             consumer.budgets.kv, eos_ids(target, tokenizer), pad_token(tokenizer), clock)
         if answer.lookahead_ids.shape[1] > 0:
             probe(target, cache, batch, answer, [(collector, answer.lookahead_valid)], clock)
-    return cache, first_logits, collectors, probes
+    return cache, first_logits, compressing, collectors, probes
