@@ -10,9 +10,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from draftkv import METHODS as METHODS_REGISTRY
 from draftkv.attention import WindowCollector, capture
-from draftkv.cache import compressed_layers
+from draftkv.cache import compressed_layers, has_sliding_layers
 from draftkv.context import compress_context
-from draftkv.flow import finish, prepare
+from draftkv.flow import finish, prepare, run
 from draftkv.methods import budget_kinds, budget_params, get_method
 from draftkv.models import pair_from_models
 from draftkv.pipeline import generate, generate_batch
@@ -170,6 +170,21 @@ def test_a_two_row_batch_equals_one_by_one(family_pair):
         for request, result in zip(requests, together, strict=True):
             alone = generate_batch(pair, [request], method, **budgets(method))[0]
             assert result.token_ids == alone.token_ids, (family, method)
+
+
+def test_every_method_decoded_together_equals_each_decoded_alone(family_pair):
+    """The runner's batched settings: every method's cache of one request in one decode (sliding-window
+    models decode each alone) gives each method's own tokens."""
+    family, pair = family_pair
+    request = Request(context=CONTEXT, question=QUESTION, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    methods = [get_method(m, **budgets(m)) for m in METHODS]
+    together = [r[0] for r in run(pair, [request], methods, decode_together=True)]
+    alone = [r[0] for r in run(pair, [request], methods)]
+    for method, joined, own in zip(METHODS, together, alone, strict=True):
+        assert joined.token_ids == own.token_ids, (family, method)
+        assert joined.stats.kv_entries == own.stats.kv_entries
+    sliding = has_sliding_layers(pair.target.model.config)
+    assert any("decoded in one batch" in r.stats.note for r in together) != sliding, family
 
 
 def test_query_agnostic_mode_and_decode_time_eviction_run(family_pair):

@@ -116,6 +116,11 @@ def test_eval_ruler_command(tmp_path):
     assert dump.exit_code == 0 and len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2
     again = cli.invoke(app, ["eval", "report", str(tmp_path / "out")])
     assert again.exit_code == 0 and "| snapkv (kv 64) |" in again.stdout
+    unbatched = cli.invoke(app, [*base[:-1], str(tmp_path / "unbatched"), "--no-batch-settings"])
+    assert unbatched.exit_code == 0, unbatched.output
+    assert json.loads((tmp_path / "unbatched" / "config.json").read_text())["batch_settings"] is False
+    assert [r["prediction"] for r in runner.read_rows(tmp_path / "unbatched" / "results.jsonl")] == \
+        [r["prediction"] for r in runner.read_rows(tmp_path / "out" / "results.jsonl")]
     bad = cli.invoke(app, [*base[:-2], "--tasks", "niah_single_9"])
     assert bad.exit_code == 2 and "unknown RULER task" in bad.stderr
 
@@ -124,9 +129,17 @@ def test_shared_and_separate_runs_write_the_same_rows(qwen_pair, samples, tmp_pa
     settings = SETTINGS + runner.settings(["specprefill", "lingua"], [48], [128])
     shared = runner.read_rows(runner.run(qwen_pair, samples, settings, tmp_path / "shared", {}, share=True))
     separate = runner.read_rows(runner.run(qwen_pair, samples, settings, tmp_path / "separate", {}, share=False))
-    assert sorted((r["key"], r["prediction"], r["score"]) for r in shared) == \
-        sorted((r["key"], r["prediction"], r["score"]) for r in separate)
+    unbatched = runner.read_rows(runner.run(qwen_pair, samples, settings, tmp_path / "unbatched", {},
+                                            batch_settings=False))
+    for rows in (separate, unbatched):
+        assert sorted((r["key"], r["prediction"], r["score"]) for r in shared) == \
+            sorted((r["key"], r["prediction"], r["score"]) for r in rows)
     assert any("shared prefill" in r["stats"]["note"] for r in shared)
+    assert any("decoded in one batch" in r["stats"]["note"] for r in shared)
+    assert not any("decoded in one batch" in r["stats"]["note"] for r in separate + unbatched)
+    flags = {name: json.loads((tmp_path / name / "config.json").read_text())["batch_settings"]
+             for name in ("shared", "separate", "unbatched")}
+    assert flags == {"shared": True, "separate": False, "unbatched": False}
 
 
 def test_eval_longbench_command(tmp_path):

@@ -6,12 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_same_result
+from hypothesis import given
+from hypothesis import strategies as st
 from tiny import long_context
 
 from draftkv.errors import ConfigError
 from draftkv.flow import run
+from draftkv.flow.results import decode_groups
 from draftkv.pipeline import generate_batch
-from draftkv.types import Request
+from draftkv.types import Request, Sampling
 
 METHODS = [
     ("dense", {}), ("snapkv", {"budget": 48, "window": 8}), ("speckv", {"budget": 48, "window": 8}),
@@ -97,3 +100,53 @@ def test_prompt_methods_read_their_own_prompt_and_kv_methods_share_one(qwen_pair
     assert ["shared prefill" in r.stats.note for r in results] == [True, True, False, False]
     for method, together in zip(chosen, results, strict=True):
         assert_same_result(together, generate_batch(qwen_pair, [request], method)[0])
+
+
+def test_caches_decoded_together_keep_each_rows_own_tokens_stops_and_sampling(pair):
+    """Two requests of different lengths (a padded batch), each with its own length, stop string and
+    sampling, through methods of every cache layout decoded as one batch: each row as decoded alone."""
+    from draftkv.methods import get_method
+
+    requests = [Request(context=long_context(260, seed=41), question="what is the magic number?", max_new_tokens=9,
+                        ignore_eos=True, sampling=Sampling(temperature=0.8, top_p=0.9, seed=5)),
+                Request(context=long_context(140, seed=42), question="when is the launch?", max_new_tokens=5,
+                        ignore_eos=True, stop=("e",))]
+    methods = [get_method(name, **params) for name, params in [*METHODS, *DRAFT_USERS]]
+    methods.append(get_method("snapkv", budget=48, window=8, evict_every=2))  # decodes alone
+    together = run(pair, requests, methods, decode_together=True)
+    for method, rows in zip(methods, together, strict=True):
+        for row, alone in zip(rows, run(pair, requests, [method])[0], strict=True):
+            assert_same_result(row, alone)
+            assert row.text == alone.text and row.finish_reason == alone.finish_reason, method.name
+    assert "decoded in one batch" in together[0][0].stats.note
+    assert "decoded in one batch" not in together[-1][0].stats.note
+
+
+def test_methods_decoded_together_cannot_stream(qwen_pair):
+    with pytest.raises(ConfigError, match="decoded together"):
+        run(qwen_pair, [Request(context="a b c", question="q")], ["dense", "snapkv"], decode_together=True,
+            on_text=lambda row, text: None)
+
+
+def least_cost(widths: list[int], entry_bytes: int, weight_bytes: int) -> int:
+    """Brute force over every partition of the rows into groups."""
+    def partitions(items):
+        if not items:
+            yield []
+            return
+        first, rest = items[0], items[1:]
+        for smaller in partitions(rest):
+            yield [[first], *smaller]
+            for at in range(len(smaller)):
+                yield [*smaller[:at], [first, *smaller[at]], *smaller[at + 1:]]
+    return min(sum(weight_bytes + len(g) * max(widths[i] for i in g) * entry_bytes for g in p)
+               for p in partitions(list(range(len(widths)))))
+
+
+@given(widths=st.lists(st.integers(1, 5000), min_size=1, max_size=6), entry_bytes=st.integers(1, 100),
+       weight_bytes=st.integers(0, 10**6))
+def test_decode_groups_split_the_rows_where_it_reads_least(widths, entry_bytes, weight_bytes):
+    groups = decode_groups(widths, entry_bytes, weight_bytes)
+    assert sorted(i for g in groups for i in g) == list(range(len(widths)))
+    cost = sum(weight_bytes + len(g) * max(widths[i] for i in g) * entry_bytes for g in groups)
+    assert cost == least_cost(widths, entry_bytes, weight_bytes)

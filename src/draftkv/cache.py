@@ -22,6 +22,7 @@ import copy
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -255,6 +256,38 @@ def ragged_cache(cache: DynamicCache, index: list[torch.Tensor], valid: list[tor
         # padded, it holds the same bytes without a per-head copy each step (H100: 24 vs 37 ms per token).
         kind = PaddedLayer if bool(layer_valid.all()) else LAYOUTS[layout]
         layers[at] = kind(keys, values, layer_valid.to(keys.device))
+    return _with_layers(layers)
+
+
+def layer_entries(layer: DynamicLayer, attention_mask: torch.Tensor | None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A full-attention layer's keys, values [B, H_kv, K, d] and which slots hold a real entry
+    [B, H_kv, K]: a ragged layer's own, or a uniform layer's row mask ([B, K], None: all real)."""
+    if isinstance(layer, PerHeadLayer):
+        keys, values = layer._padded()
+        return keys, values, layer.valid
+    if isinstance(layer, PaddedLayer):
+        return layer.keys, layer.values, layer.valid
+    batch, heads, length = layer.keys.shape[:3]
+    if attention_mask is None:
+        valid = torch.ones(batch, heads, length, dtype=torch.bool, device=layer.keys.device)
+    else:
+        valid = attention_mask.bool()[:, None, :].expand(batch, heads, length)
+    return layer.keys, layer.values, valid
+
+
+def stacked_cache(caches: list[DynamicCache], attention_masks: list[torch.Tensor | None]) -> DynamicCache:
+    """One cache holding every cache's rows in turn (full-attention layers only): per layer, each row's
+    entries left-padded to the widest and masked per head, so each row decodes over its own entries,
+    at its own positions, exactly as it would alone up to float arithmetic over the padding."""
+    layers = []
+    for at in range(len(caches[0].layers)):
+        parts = [layer_entries(cache.layers[at], mask) for cache, mask in zip(caches, attention_masks, strict=True)]
+        width = max(keys.shape[2] for keys, _, _ in parts)
+        keys = torch.cat([F.pad(keys, (0, 0, width - keys.shape[2], 0)) for keys, _, _ in parts])
+        values = torch.cat([F.pad(values, (0, 0, width - values.shape[2], 0)) for _, values, _ in parts])
+        valid = torch.cat([F.pad(valid, (width - valid.shape[2], 0), value=False) for _, _, valid in parts])
+        layers.append(PaddedLayer(keys, values, valid))
     return _with_layers(layers)
 
 

@@ -413,6 +413,8 @@ EvalMethods = Annotated[str, typer.Option(help="Comma-separated methods.")]
 KVBudgets = Annotated[str, typer.Option(help="KV budgets (KV methods, and speckv-pc's KV stage).")]
 PromptBudgets = Annotated[str, typer.Option(help="Prompt budgets (prompt methods, and speckv-pc's prompt stage).")]
 Share = Annotated[bool, typer.Option(help="Run dense and KV methods of a sample from one shared prefill (exact).")]
+BatchSettings = Annotated[bool, typer.Option(help="Decode every setting of a sample as one batch of their caches "
+                                             "(with --share; batched float arithmetic can flip a rare greedy tie).")]
 QueryAgnostic = Annotated[bool, typer.Option(help="Compress the context before the question is known, then ask it.")]
 
 eval_app = typer.Typer(help="Evaluate methods: RULER generated here, and reports of finished runs.", no_args_is_help=True)
@@ -467,6 +469,7 @@ def eval_ruler(
     hotpotqa: Annotated[Path | None, typer.Option(help="A local HotpotQA JSON file, for qa_2.")] = None,
     dump: Annotated[Path | None, typer.Option(help="Only write the generated samples to this JSONL file.")] = None,
     share: Share = True,
+    batch_settings: BatchSettings = True,
     query_agnostic: QueryAgnostic = False,
     target: Target = DEFAULT_TARGET,
     draft: Draft = DEFAULT_DRAFT,
@@ -509,7 +512,8 @@ def eval_ruler(
             folder = out or Path(f"results/ruler-{n}" + ("-agnostic" if query_agnostic else ""))
             config = {"benchmark": "ruler", "length": n, "samples": samples, "tasks": chosen_tasks, "seed": seed,
                       "settings": [s.label for s in runs], "target": target, "draft": draft}
-            runner.run(pair, generated, runs, folder, config, share=share, query_agnostic=query_agnostic)
+            runner.run(pair, generated, runs, folder, config, share=share, query_agnostic=query_agnostic,
+                       batch_settings=batch_settings)
             summary, _, plot = report.report(folder)
             typer.echo(summary.read_text(encoding="utf-8"))
             err.print(f"results in {folder} (summary.md, summary.csv, {plot.name})", markup=False, highlight=False)
@@ -528,6 +532,7 @@ def eval_longbench(
     max_length: Annotated[int, typer.Option(help="Prompts longer than this are cut in the middle.")] = 8192,
     out: Annotated[Path, typer.Option(help="Results folder.")] = Path("results/longbench"),
     share: Share = True,
+    batch_settings: BatchSettings = True,
     query_agnostic: QueryAgnostic = False,
     target: Target = DEFAULT_TARGET,
     draft: Draft = DEFAULT_DRAFT,
@@ -549,7 +554,8 @@ def eval_longbench(
                                                                        max_length=max_length)]
         config = {"benchmark": "longbench", "tasks": chosen_tasks, "samples": samples, "max_length": max_length,
                   "settings": [s.label for s in runs], "target": target, "draft": draft}
-        runner.run(pair, items, runs, out, config, share=share, query_agnostic=query_agnostic)
+        runner.run(pair, items, runs, out, config, share=share, query_agnostic=query_agnostic,
+                   batch_settings=batch_settings)
         summary, _, plot = report.report(out)
     except DraftKVError as error:
         raise fail(error) from None

@@ -84,7 +84,7 @@ def key(sample_id: str, setting: Setting) -> str:
 
 
 def run(pair: ModelPair, samples: Iterable[Sample], runs: list[Setting], out: Path, config: dict,
-        share: bool = True, query_agnostic: bool = False) -> Path:
+        share: bool = True, query_agnostic: bool = False, batch_settings: bool = True) -> Path:
     """Run every setting on every sample, appending to `out/results.jsonl`; returns its path.
 
     With `share`, every setting of a sample runs through the executor together: one draft pass for
@@ -93,17 +93,18 @@ def run(pair: ModelPair, samples: Iterable[Sample], runs: list[Setting], out: Pa
     question is asked afterwards. A row's `seconds` is the wall time since the sample's previous row
     (its first row carries the shared stages)."""
     try:
-        return _run(pair, samples, runs, out, config, share, query_agnostic)
+        return _run(pair, samples, runs, out, config, share, query_agnostic, batch_settings)
     except OSError as error:  # a folder that turned read-only, a full disk: what is written stays
         raise ConfigError(f"cannot write the results to {out} ({error.strerror or error}); the rows already "
                           "written are kept, and the same command resumes after them") from None
 
 
 def _run(pair: ModelPair, samples: Iterable[Sample], runs: list[Setting], out: Path, config: dict,
-         share: bool, query_agnostic: bool) -> Path:
+         share: bool, query_agnostic: bool, batch_settings: bool) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({**config, "share": share, "query_agnostic": query_agnostic},
-                                                indent=1, sort_keys=True), encoding="utf-8")
+    config = {**config, "share": share, "query_agnostic": query_agnostic,
+              "batch_settings": share and batch_settings and not query_agnostic}
+    (out / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True), encoding="utf-8")
     path = out / "results.jsonl"
     drop_torn_tail(path)
     done = {row["key"] for row in read_rows(path)}
@@ -114,7 +115,8 @@ def _run(pair: ModelPair, samples: Iterable[Sample], runs: list[Setting], out: P
         for sample, missing in todo:
             progress.update(task, description=f"{sample.task} ({len(missing)} settings)")
             last = time.perf_counter()
-            for setting, result in sample_results(pair, sample, missing, share, query_agnostic):
+            for setting, result in sample_results(pair, sample, missing, share, query_agnostic,
+                                                  config["batch_settings"]):
                 now = time.perf_counter()
                 append_row(handle, row(sample, setting, result, now - last))
                 last = now
@@ -123,7 +125,7 @@ def _run(pair: ModelPair, samples: Iterable[Sample], runs: list[Setting], out: P
 
 
 def sample_results(pair: ModelPair, sample: Sample, settings: list[Setting], share: bool,
-                   query_agnostic: bool) -> Iterator[tuple[Setting, Result]]:
+                   query_agnostic: bool, batch_settings: bool = False) -> Iterator[tuple[Setting, Result]]:
     """Each setting's result on one sample, as each finishes."""
     methods = [s.make() for s in settings]
     if query_agnostic:
@@ -134,7 +136,8 @@ def sample_results(pair: ModelPair, sample: Sample, settings: list[Setting], sha
         return
     groups = [list(range(len(settings)))] if share else [[i] for i in range(len(settings))]
     for group in groups:
-        for index, results in run_each(pair, [sample.request()], [methods[i] for i in group]):
+        for index, results in run_each(pair, [sample.request()], [methods[i] for i in group],
+                                       decode_together=batch_settings and len(group) > 1):
             yield settings[group[index]], results[0]
 
 

@@ -37,7 +37,7 @@ from ..prompt import EncodedPrompt, encode_prompts
 from ..types import Request, Result
 from .batch import DraftView, PaddedBatch, pad_prompts, pad_token
 from .plan import Consumer
-from .results import Prepared, finish
+from .results import Prepared, finish, finish_together
 from .select import KeptPrompt, keep_prompt, kv_stage
 from .steps import (
     Clock,
@@ -56,13 +56,15 @@ if TYPE_CHECKING:
 
 
 def run(pair: ModelPair, requests: list[Request], methods: list[str | Method], *, observer: Observer | None = None,
-        on_text: TextCallback | None = None, cancelled: Callable[[int], bool] | None = None) -> list[list[Result]]:
+        on_text: TextCallback | None = None, cancelled: Callable[[int], bool] | None = None,
+        decode_together: bool = False) -> list[list[Result]]:
     """Every method's results for the batch (per method, per request): exactly what each would give alone.
 
     `on_text(row, text)` streams each row's new text, and a row whose `cancelled(row)` turns true stops
-    at its next token."""
+    at its next token. `decode_together`: see run_each."""
     results: list[list[Result]] = [[] for _ in methods]
-    for index, finished in run_each(pair, requests, methods, observer=observer, on_text=on_text, cancelled=cancelled):
+    for index, finished in run_each(pair, requests, methods, observer=observer, on_text=on_text, cancelled=cancelled,
+                                    decode_together=decode_together):
         results[index] = finished
     return results
 
@@ -70,16 +72,26 @@ def run(pair: ModelPair, requests: list[Request], methods: list[str | Method], *
 @torch.inference_mode()
 def run_each(pair: ModelPair, requests: list[Request], methods: list[str | Method], *,
              observer: Observer | None = None, on_text: TextCallback | None = None,
-             cancelled: Callable[[int], bool] | None = None) -> Iterator[tuple[int, list[Result]]]:
+             cancelled: Callable[[int], bool] | None = None,
+             decode_together: bool = False) -> Iterator[tuple[int, list[Result]]]:
     """`run`, yielding (method index, its results) as each method finishes. Each is decoded before the
-    next is compressed, so at most one copy of the full cache exists beside it."""
+    next is compressed, so at most one copy of the full cache exists beside it.
+
+    `decode_together`: every method's cache is kept until all are compressed, and they decode as one
+    batch (results.finish_together): the weights are read once per step for all of them. No streaming."""
+    if decode_together and (on_text is not None or cancelled is not None):
+        raise ConfigError("methods decoded together cannot stream text or be cancelled one by one")
     chosen = [get_method(m) for m in methods]
     # A batch of sliding-window models runs one request at a time: a window's left padding would differ
     # from the full layers'. With decode-time eviction each row would evict different entries.
     sliding = any(has_sliding_layers(loaded.model.config) for loaded in filter(None, (pair.target, pair.draft)))
     alone = [i for i, m in enumerate(chosen) if len(requests) > 1 and (sliding or m.evicts_during_decode)]
     together = [i for i in range(len(chosen)) if i not in alone]
-    if together:
+    if together and decode_together:
+        ready = dict(prepare_each(pair, requests, [chosen[i] for i in together], observer=observer))
+        for index, finished in enumerate(finish_together(pair, [ready[i] for i in range(len(together))])):
+            yield together[index], finished
+    elif together:
         for index, prepared in prepare_each(pair, requests, [chosen[i] for i in together], observer=observer):
             yield together[index], finish(pair, prepared, on_text, cancelled)
     for i in alone:

@@ -10,7 +10,8 @@ import torch
 from transformers import DynamicCache
 
 from ..attention import capture, ragged_attention
-from ..decoding import TextCallback, decode
+from ..cache import stacked_cache
+from ..decoding import Decoded, TextCallback, decode
 from ..eviction import DecodeEviction
 from ..methods import Method
 from ..prompt import EncodedPrompt
@@ -76,18 +77,95 @@ def finish(pair: ModelPair, prepared: Prepared, on_text: TextCallback | None = N
         )
     finished = clock.now()
     clock.add("decode", finished - max(decoding, output.first_token_at))
-    memory = peak_memory(target.device)
+    notes = [f"decode-time eviction ran {eviction.evictions} times"] if eviction is not None else []
+    return results_of(prepared, output.rows, output.first_token_at, finished, peak_memory(target.device), notes)
+
+
+def results_of(prepared: Prepared, rows: list[Decoded], first_token_at: float, finished: float, memory: int | None,
+               notes: list[str]) -> list[Result]:
+    """The results of a prepared batch's decoded rows."""
     results = []
-    for row, decoded in enumerate(output.rows):
-        stats, kept_tokens, kept_kv = row_stats(prepared, row, len(decoded.token_ids), output.first_token_at,
-                                                finished, memory)
-        notes = [stats.note]
-        if eviction is not None:
-            notes.append(f"decode-time eviction ran {eviction.evictions} times")
-        if prepared.shared_prefill:
-            notes.append("shared prefill")
-        stats.note = "; ".join(filter(None, notes))
+    for row, decoded in enumerate(rows):
+        stats, kept_tokens, kept_kv = row_stats(prepared, row, len(decoded.token_ids), first_token_at, finished, memory)
+        stats.note = "; ".join(filter(None, [stats.note, *notes, "shared prefill" if prepared.shared_prefill else ""]))
         results.append(Result(decoded.text, decoded.token_ids, decoded.finish_reason, stats, kept_kv, kept_tokens))
+    return results
+
+
+def decodes_together(prepared: Prepared) -> bool:
+    """Whether a prepared batch can join others in one decode: no decode-time eviction, and no
+    sliding-window layer (a window's cache cannot be padded to another's)."""
+    return not (prepared.method.evicts_during_decode and prepared.kept_rows[0] is not None) and not any(
+        getattr(layer, "is_sliding", False) for layer in prepared.cache.layers)
+
+
+def decode_groups(widths: list[int], entry_bytes: int, weight_bytes: int) -> list[list[int]]:
+    """Which rows decode together. Each group's step reads the weights once and every row's cache padded
+    to the group's widest; rows sorted by width are split where that costs least in bytes read per step."""
+    order = sorted(range(len(widths)), key=lambda row: widths[row])
+    best = [0] + [None] * len(order)  # best[i]: least cost of the first i rows in order
+    cut = [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        for start in range(end):
+            cost = best[start] + weight_bytes + (end - start) * widths[order[end - 1]] * entry_bytes
+            if best[end] is None or cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups, end = [], len(order)
+    while end:
+        groups.insert(0, order[cut[end]: end])
+        end = cut[end]
+    return groups
+
+
+def finish_together(pair: ModelPair, batches: list[Prepared]) -> list[list[Result]]:
+    """Decode several prepared batches of the same requests (several settings of one sample) as one
+    batch of their caches: each row keeps its own compressed cache, positions and stop rule, and the
+    target's weights are read once per step for all. Those that cannot join (`decodes_together`)
+    decode alone. Greedy tokens equal separate decodes up to float arithmetic over the padding."""
+    results: list[list[Result] | None] = [None] * len(batches)
+    joining = [i for i, prepared in enumerate(batches) if decodes_together(prepared)]
+    for i in set(range(len(batches))) - set(joining):
+        results[i] = finish(pair, batches[i])
+    if not joining:
+        return results
+    weight_bytes = sum(p.numel() * p.element_size() for p in pair.target.model.parameters())
+    widths = [sum(layer.get_seq_length() for layer in batches[i].cache.layers) for i in joining]
+    entry_bytes = max(batches[i].entry_bytes for i in joining) // max(len(batches[joining[0]].cache.layers), 1)
+    for group in decode_groups(widths, entry_bytes, weight_bytes):
+        members = [batches[joining[i]] for i in group]
+        for i, finished in zip(group, _decode_group(pair, members), strict=True):
+            results[joining[i]] = finished
+    return results
+
+
+def _decode_group(pair: ModelPair, batches: list[Prepared]) -> list[list[Result]]:
+    target = pair.target.model
+    clock = Clock(target.device, batches[0].clock.observer)
+    started = clock.start("decode")
+    cache = stacked_cache([p.cache for p in batches], [p.attention_mask for p in batches])
+    for prepared in batches:
+        prepared.cache = None  # the stacked copy replaces it
+    requests = [request for prepared in batches for request in prepared.requests]
+    eos = eos_ids(target, pair.tokenizer)
+    with ragged_attention(target, cache):
+        output = decode(
+            target, cache, torch.cat([p.first_logits for p in batches]),
+            positions=torch.tensor([pos for p in batches for pos in p.batch.next_positions], device=target.device),
+            attention_mask=None, max_new_tokens=[r.max_new_tokens for r in requests],
+            samplings=[r.sampling for r in requests], eos_token_ids=[set() if r.ignore_eos else eos for r in requests],
+            tokenizer=pair.tokenizer, stops=[r.stop for r in requests],
+        )
+    finished = clock.now()
+    clock.add("decode", finished - max(started, output.first_token_at))
+    memory = peak_memory(target.device)
+    results, first = [], 0
+    for prepared in batches:
+        prepared.clock.stages["decode"] = prepared.clock.stages.get("decode", 0.0) + clock.stages["decode"]
+        rows = output.rows[first: first + len(prepared.requests)]
+        first += len(prepared.requests)
+        results.append(results_of(prepared, rows, output.first_token_at, finished, memory,
+                                  [f"decoded in one batch with {len(batches) - 1} other settings"]
+                                  if len(batches) > 1 else []))
     return results
 
 
