@@ -180,6 +180,7 @@ BAD_GENERATE = [
     (["-q", QUESTION, "--top-p", "2"], "top_p must be a number in (0, 1]"),
     (["--ask", ""], "an --ask question is empty"),
     (["--context", " "], "the prompt is empty"),
+    (["-q", QUESTION, "--decode", "graph"], "decode backend 'graph' is not one of auto,"),
 ]
 
 

@@ -17,12 +17,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend
 from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .cache import RAGGED_LAYERS
 from .scoring import Reduction, reduced_count, window_scores
+
+# cuDNN attention (PyTorch's first choice on Hopper GPUs) builds an execution plan for every new
+# shape, and every decode step brings a new key length: on an H100, steps at a key length not seen
+# before took ~120 ms instead of ~20 (results/bench-gpu/README.md). The other kernels need no plans.
+DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 _active_ragged: contextvars.ContextVar[DynamicCache | None] = contextvars.ContextVar("draftkv_ragged", default=None)
 _active_collectors: contextvars.ContextVar[tuple[WindowCollector | PromptCollector, ...]] = contextvars.ContextVar(

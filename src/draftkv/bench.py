@@ -184,7 +184,8 @@ def memory_probe(spec: dict) -> dict:
 
     from .models import load_pair
 
-    pair = load_pair(spec["target"], spec["draft"], device=spec.get("device"), dtype=spec.get("dtype"))
+    pair = load_pair(spec["target"], spec["draft"], device=spec.get("device"), dtype=spec.get("dtype"),
+                     decode=spec.get("decode", "auto"))
     requests = bench_requests(pair.tokenizer, spec["length"], spec["batch"], spec["new_tokens"])
     method = get_method(spec["method"], **spec["params"])
     # Weights loaded from safetensors are mapped lazily: touch every one, so that the pages the run

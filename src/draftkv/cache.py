@@ -184,7 +184,57 @@ class PerHeadLayer(DynamicLayer):
                    for k, v in zip(row_k, row_v, strict=True))
 
 
-RAGGED_LAYERS = (PaddedLayer, PerHeadLayer)
+class FixedSlotLayer(DynamicLayer):
+    """A layer of fixed shape for the static decode step: keys and values [B, H_kv, C, d] over all C
+    slots, real entries marked in `valid` [B, H_kv, C], and each new token written at slot
+    `base + step` of every row, where `step` is a device tensor shared by the layers. Shapes and
+    addresses never change, so a step can be captured once and replayed (a CUDA graph)."""
+
+    full = False
+
+    def __init__(self, capacity: int, keys: torch.Tensor, values: torch.Tensor, step: torch.Tensor) -> None:
+        super().__init__()
+        batch, heads, _, head_dim = keys.shape
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self.keys = keys.new_zeros(batch, heads, capacity, head_dim)
+        self.values = values.new_zeros(batch, heads, capacity, values.shape[-1])
+        self.valid = torch.zeros(batch, heads, capacity, dtype=torch.bool, device=keys.device)
+        self.step, self.base = step, 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    def load(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
+        """Put a request's entries in the first slots (in place) and free the rest."""
+        length = keys.shape[2]
+        self.keys[:, :, :length].copy_(keys)
+        self.values[:, :, :length].copy_(values)
+        self.valid.zero_()
+        self.valid[:, :, :length].copy_(valid)
+        self.base = length
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        at = self.step + self.base
+        self.keys.index_copy_(2, at, key_states)
+        self.values.index_copy_(2, at, value_states)
+        self.valid.index_fill_(2, at, True)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.capacity
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.capacity, 0
+
+    def mask(self, num_queries: int, group: int) -> torch.Tensor:
+        return ragged_mask(self.valid, num_queries, group)
+
+    def storage_bytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+
+RAGGED_LAYERS = (PaddedLayer, PerHeadLayer, FixedSlotLayer)  # layers that bring their own per-head mask
 
 
 def reserve(cache: DynamicCache, room: int) -> None:

@@ -16,6 +16,7 @@ from rich.table import Table
 from . import __version__
 from .compress import compress_prompt
 from .context import compress_context
+from .decoding import check_backend
 from .errors import ConfigError, DraftKVError, PromptError
 from .eval import agreement, longbench, report, ruler, runner
 from .methods import METHODS, Method, help_of, method_with_budgets
@@ -98,6 +99,15 @@ Target = Annotated[str, typer.Option(help="Target: embedded name, local folder, 
 Draft = Annotated[str, typer.Option(help="Draft model (same forms as --target).")]
 Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")]
 Dtype = Annotated[str | None, typer.Option(help="float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on CUDA).")]
+def _backend(value: str) -> str:
+    try:
+        return check_backend(value)
+    except ConfigError as error:
+        raise typer.BadParameter(str(error)) from None
+
+
+DecodeBackend = Annotated[str, typer.Option("--decode", callback=_backend, help="Decode step: auto (static on CUDA, eager elsewhere), eager, "
+                                                             "or static (fixed shapes; a CUDA graph on CUDA).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 
 
@@ -147,6 +157,7 @@ def generate(
     draft: Draft = DEFAULT_DRAFT,
     device: Device = None,
     dtype: Dtype = None,
+    decode: DecodeBackend = "auto",
     as_json: AsJson = False,
     stream: Annotated[bool, typer.Option(help="Print the answer as it is generated.")] = False,
     ask: Annotated[list[str] | None, typer.Option(
@@ -168,7 +179,7 @@ def generate(
         needs_draft = chosen.uses_draft(max_new_tokens)
         with err.status("loading models (the first time converts the embedded pair: a few minutes)"):
             pair = load_pair(target, draft if needs_draft else None, device=device, dtype=dtype,
-                             allow_tokenizer_mismatch=crosses_as_text(chosen, max_new_tokens))
+                             allow_tokenizer_mismatch=crosses_as_text(chosen, max_new_tokens), decode=decode)
         if ask:
             answer_each(pair, text, ask, chosen, system, chat_template, max_new_tokens, as_json)
             return
@@ -227,6 +238,7 @@ def compress(
     draft: Draft = DEFAULT_DRAFT,
     device: Device = None,
     dtype: Dtype = None,
+    decode: DecodeBackend = "auto",
     ids: Annotated[bool, typer.Option("--ids", help="Print the kept token ids (of the templated prompt) instead of text.")] = False,
     as_json: AsJson = False,
 ) -> None:
@@ -236,7 +248,7 @@ def compress(
         text = read_context(context, context_file)
         with err.status("loading models"):
             pair = load_pair(target, draft, device=device, dtype=dtype,
-                             allow_tokenizer_mismatch=crosses_as_text(chosen, 128))
+                             allow_tokenizer_mismatch=crosses_as_text(chosen, 128), decode=decode)
         with err.status(f"compressing with {chosen.name}"):
             compressed = compress_prompt(pair, text, question, method=chosen, system=system,
                                          chat_template=chat_template)
@@ -299,6 +311,7 @@ def bench(
     draft: Draft = DEFAULT_DRAFT,
     device: Device = None,
     dtype: Dtype = None,
+    decode: DecodeBackend = "auto",
 ) -> None:
     """Latency, throughput and memory of each method against dense, over context lengths."""
     from . import bench as benchmark
@@ -309,10 +322,10 @@ def bench(
         if not length_list or min(length_list) < 1 or not batch_list or min(batch_list) < 1:
             raise ConfigError(f"lengths and batch sizes must be positive integers, got {lengths!r} and {batch_sizes!r}")
         with err.status("loading models"):
-            pair = load_pair(target, draft, device=device, dtype=dtype)
-        spec = {"target": target, "draft": draft, "device": device, "dtype": dtype} if memory else None
+            pair = load_pair(target, draft, device=device, dtype=dtype, decode=decode)
+        spec = {"target": target, "draft": draft, "device": device, "dtype": dtype, "decode": decode} if memory else None
         config = {"lengths": length_list, "methods": chosen, "new_tokens": new_tokens, "repeats": repeats,
-                  "batch_sizes": batch_list, "target": target, "draft": draft,
+                  "batch_sizes": batch_list, "target": target, "draft": draft, "decode": decode,
                   "device": str(pair.target.model.device), "dtype": str(pair.target.model.dtype),
                   "environment": benchmark.measurement_environment()}
         benchmark.run_bench(pair, out, lengths=length_list, methods=chosen, batch_sizes=batch_list,
@@ -366,6 +379,8 @@ def serve(
     draft: Annotated[str, _env("DRAFT", "Draft model, or 'none' for draft-free methods only (local mode).")] = DEFAULT_DRAFT,
     device: Annotated[str | None, _env("DEVICE", "cpu, cuda, cuda:1 ... (default: cuda if available).")] = None,
     dtype: Annotated[str | None, _env("DTYPE", "float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on CUDA).")] = None,
+    decode: Annotated[str, _env("DECODE", "Decode step: auto (static on CUDA, eager elsewhere), eager or static.",
+                                callback=_backend)] = "auto",
 ) -> None:
     """Serve the OpenAI API: locally (draft and target here), or as a compressing proxy (--upstream)."""
     import logging
@@ -393,9 +408,10 @@ def serve(
         with err.status("loading models"):
             if upstream:  # only the draft runs here; it stands in for the target's tokenizer and limits
                 loaded = load_model(draft, device=device, dtype=dtype)
-                pair = ModelPair(loaded, loaded)
+                pair = ModelPair(loaded, loaded, decode=decode)
             else:
-                pair = load_pair(target, None if draft.lower() == "none" else draft, device=device, dtype=dtype)
+                pair = load_pair(target, None if draft.lower() == "none" else draft, device=device, dtype=dtype,
+                                 decode=decode)
         application = create_app(pair, settings)
     except (DraftKVError, ServeError) as error:
         raise fail(error if isinstance(error, DraftKVError) else ConfigError(error.message)) from None
@@ -475,6 +491,7 @@ def eval_ruler(
     draft: Draft = DEFAULT_DRAFT,
     device: Device = None,
     dtype: Dtype = None,
+    decode: DecodeBackend = "auto",
 ) -> None:
     """Generate RULER at the given lengths with the target's tokenizer and score every method on it."""
     try:
@@ -491,7 +508,7 @@ def eval_ruler(
                 _writable(out or Path(f"results/ruler-{n}" + ("-agnostic" if query_agnostic else "")))
         with err.status("loading models"):
             pair = load_pair(target, draft if dump is None and _needs_draft(runs) else None, device=device,
-                             dtype=dtype)
+                             dtype=dtype, decode=decode)
         for n in lengths:
             per_task = []
             for task in chosen_tasks:
@@ -538,6 +555,7 @@ def eval_longbench(
     draft: Draft = DEFAULT_DRAFT,
     device: Device = None,
     dtype: Dtype = None,
+    decode: DecodeBackend = "auto",
 ) -> None:
     """Score methods on LongBench tasks read from local files."""
     try:
@@ -549,7 +567,7 @@ def eval_longbench(
             longbench.read_task(data_dir, task)  # fails fast on a missing or malformed file
         _writable(out)
         with err.status("loading models"):
-            pair = load_pair(target, draft if _needs_draft(runs) else None, device=device, dtype=dtype)
+            pair = load_pair(target, draft if _needs_draft(runs) else None, device=device, dtype=dtype, decode=decode)
         items = [s for task in chosen_tasks for s in longbench.samples(data_dir, task, pair.tokenizer, limit=samples,
                                                                        max_length=max_length)]
         config = {"benchmark": "longbench", "tasks": chosen_tasks, "samples": samples, "max_length": max_length,
@@ -591,6 +609,7 @@ def analyze_agreement(
     draft: Draft = DEFAULT_DRAFT,
     device: Device = None,
     dtype: Dtype = None,
+    decode: DecodeBackend = "auto",
 ) -> None:
     """Oracle (the target's own answer) vs SpecKV (draft lookahead) vs SnapKV (window) importance, per layer."""
     try:
@@ -603,7 +622,7 @@ def analyze_agreement(
         folder = out or Path(f"results/agreement-{length}")
         _writable(folder)
         with err.status("loading models"):
-            pair = load_pair(target, draft, device=device, dtype=dtype)
+            pair = load_pair(target, draft, device=device, dtype=dtype, decode=decode)
         generated = [s for task in chosen_tasks for s in ruler.generate(
             task, length, pair.tokenizer, samples=samples, seed=seed, essays=str(essays) if essays else None)]
         with err.status(f"scoring {len(generated)} samples"):

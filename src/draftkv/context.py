@@ -80,7 +80,8 @@ class CompressedContext:
                 decoded = decode(model, cache, out.logits[:, -1], positions=torch.tensor([start + len(ids)], device=model.device),
                                  attention_mask=None, max_new_tokens=[max_new_tokens],
                                  samplings=[Sampling(temperature, top_p, top_k, seed)], eos_token_ids=eos_ids(model, tokenizer),
-                                 tokenizer=tokenizer, stops=[tuple(s for s in stop if s)], on_text=stream)
+                                 tokenizer=tokenizer, stops=[tuple(s for s in stop if s)], on_text=stream,
+                                 backend=self.pair.decode)
         finally:
             restore()  # the question and its answer go again: the next question starts clean
         finished = time.perf_counter()

@@ -17,18 +17,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 from transformers import DynamicCache
 
+from .attention import DECODE_ATTENTION
 from .cache import reserve
+from .errors import ConfigError
+from .static import StaticStep, supports_static
 from .types import FinishReason, Sampling
 
 TextCallback = Callable[[int, str], None]  # (row in the batch, new text)
-
-# cuDNN attention (PyTorch's first choice on Hopper GPUs) builds an execution plan for every new
-# shape, and every decode step brings a new key length: on an H100, steps at a key length not seen
-# before took ~120 ms instead of ~20 (results/bench-gpu/README.md). The other kernels need no plans.
-DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -157,6 +155,32 @@ class EagerStep:
         return out.logits[:, -1]
 
 
+DECODE_BACKENDS = ("auto", "eager", "static")
+
+
+def check_backend(backend: str) -> str:
+    if backend not in DECODE_BACKENDS:
+        raise ConfigError(f"decode backend {backend!r} is not one of {', '.join(DECODE_BACKENDS)}")
+    return backend
+
+
+def make_step(backend: str, model: torch.nn.Module, cache: DynamicCache | None, attention_mask: torch.Tensor | None,
+              steps: int, evicting: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The decode step of a backend: "eager", "static" (fixed shapes, a CUDA graph on CUDA: see
+    draftkv.static), or "auto" (static on CUDA, eager elsewhere). A decode the static step cannot
+    take (a sliding window, decode-time eviction, flex attention) takes the eager step."""
+    if steps > 0 and not evicting and takes_static(backend, model, cache):
+        return StaticStep(model, cache, attention_mask, steps)
+    return EagerStep(model, cache, attention_mask, steps)
+
+
+def takes_static(backend: str, model: torch.nn.Module, cache: DynamicCache | None) -> bool:
+    """Whether a decode over `cache` takes the static step (which leaves the cache as it was)."""
+    if check_backend(backend) == "auto":
+        backend = "static" if model.device.type == "cuda" else "eager"
+    return backend == "static" and supports_static(model, cache) is None
+
+
 def first_stop(text: str, searched: int, stops: tuple[str, ...]) -> int | None:
     """Where the earliest stop string starts in `text`, looking only where a new one can be: from
     `searched` (the length already searched) less the longest stop's length."""
@@ -223,6 +247,7 @@ def decode(
     after_step: Callable[[DynamicCache], None] | None = None,
     cancelled: Callable[[int], bool] | None = None,
     step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    backend: str = "eager",
 ) -> DecodeOutput:
     """Generate from `first_logits` [B, V] (the prefill's last position) and a filled `cache`.
 
@@ -231,7 +256,7 @@ def decode(
     Without a tokenizer, text is left empty (the draft's lookahead only needs ids). `after_step` sees
     the cache after every forward pass (decode-time eviction cuts it there). A row for which
     `cancelled(row)` turns true stops at the next token with finish reason "cancelled" (a server's
-    client went away or ran out of time). `step`: the decode step (default: an EagerStep).
+    client went away or ran out of time). `step`: the decode step (default: `backend`'s, see make_step).
     """
     batch = first_logits.shape[0]
     row_eos = eos_token_ids if isinstance(eos_token_ids, list) else [eos_token_ids] * batch
@@ -240,7 +265,8 @@ def decode(
     generators = make_generators(samplings, first_logits.device)
     logits = first_logits
     positions = positions.clone().view(batch, 1)
-    step = step or EagerStep(model, cache, attention_mask, max(max_new_tokens, default=0))
+    step = step or make_step(backend, model, cache, attention_mask, max(max_new_tokens, default=0),
+                             evicting=after_step is not None)
     first_token_at = 0.0
     steps = 0
     for index in range(max(max_new_tokens)):

@@ -204,7 +204,7 @@ def draft_pass(pair: ModelPair, requests: list[Request], prompts: list[EncodedPr
     for row, prompt in enumerate(draft_prompts):
         check_context(pair.draft.model, "draft", len(prompt.ids), max(consumers[i].need.lookahead[row] for i in users))
     drafted = run_draft(pair.draft.model, draft_batch, [consumers[i].need for i in users],
-                        eos_ids(pair.draft.model, draft_tokenizer), pad_token(draft_tokenizer), clock)
+                        eos_ids(pair.draft.model, draft_tokenizer), pad_token(draft_tokenizer), clock, pair.decode)
     for i, view in zip(users, drafted, strict=True):
         views[i] = view
     return draft_prompts, views
@@ -272,7 +272,7 @@ def score_prompt(pair: ModelPair, consumers: list[Consumer], views: list[DraftVi
             continue
         probes[index] = answer = pseudo_answer(
             target, cache, first_logits, batch, guess, stage_one.layer_scores() if stage_one is not None else None,
-            consumer.budgets.kv, eos_ids(target, tokenizer), pad_token(tokenizer), clock)
+            consumer.budgets.kv, eos_ids(target, tokenizer), pad_token(tokenizer), clock, pair.decode)
         if answer.lookahead_ids.shape[1] > 0:
             probe(target, cache, batch, answer, [(collector, answer.lookahead_valid)], clock)
     return cache, first_logits, compressing, collectors, probes

@@ -16,7 +16,7 @@ from transformers import DynamicCache
 
 from ..attention import Collector, PromptCollector, RowSlot, WindowCollector, capture
 from ..cache import checkpoint, clone_cache, gathered_copy
-from ..decoding import decode
+from ..decoding import decode, takes_static
 from ..errors import ConfigError, PromptError
 from ..methods import KVScoring, PseudoAnswer
 from ..methods.base import first_scoring_layer
@@ -147,7 +147,7 @@ def prefill(model: torch.nn.Module, batch: PaddedBatch, cache: DynamicCache | No
 
 
 def run_draft(model: torch.nn.Module, batch: PaddedBatch, needs: list[DraftNeed], eos: set[int], pad_id: int,
-              clock: Clock) -> list[DraftView]:
+              clock: Clock, backend: str = "eager") -> list[DraftView]:
     """One draft prefill + greedy lookahead (its own cache is discarded afterwards) serving every need.
 
     The lookahead runs as long as the longest need asks, and each need gets the first tokens of it
@@ -194,6 +194,8 @@ def run_draft(model: torch.nn.Module, batch: PaddedBatch, needs: list[DraftNeed]
             model, cache, last_logits, positions=torch.tensor(batch.next_positions, device=device),
             attention_mask=batch.attention_mask, max_new_tokens=steps,
             samplings=[Sampling()] * len(steps), eos_token_ids=eos,
+            # Collectors read every step's queries in Python: a replayed graph would skip them.
+            backend="eager" if active else backend,
         )
     del cache
     clock.add("draft_lookahead", clock.now() - prefilled - (scoring_seconds() - prefill_scoring))
@@ -269,7 +271,7 @@ def probe(model: torch.nn.Module, cache: DynamicCache, batch: PaddedBatch, guess
 
 def pseudo_answer(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.Tensor, batch: PaddedBatch,
                   guess: PseudoAnswer, stage_one_scores: list[torch.Tensor] | None, budgets: list[int | None],
-                  eos: set[int], pad_id: int, clock: Clock) -> DraftView:
+                  eos: set[int], pad_id: int, clock: Clock, backend: str = "eager") -> DraftView:
     """The target's own guess of the answer, for the rows it compresses: greedy tokens from a copy of its
     cache, compressed by the guess's stage one (LAQ++) or whole (an oracle)."""
     started = clock.start("pseudo_answer")
@@ -278,13 +280,13 @@ def pseudo_answer(model: torch.nn.Module, cache: DynamicCache, first_logits: tor
         copy = gathered_copy(cache, index)
         _, mask = row_mask(valid)  # stage one (SnapKV) is uniform per row
         mask = mask.to(first_logits.device) if mask is not None else None
-    else:
-        copy = clone_cache(cache)
+    else:  # the static step reads the cache into its own slots and leaves it as it was: no copy needed
+        copy = cache if takes_static(backend, model, cache) else clone_cache(cache)
         mask = batch.attention_mask
     decoded = decode(model, copy, first_logits, positions=torch.tensor(batch.next_positions, device=first_logits.device),
                      attention_mask=mask, max_new_tokens=[guess.tokens if b is not None and b < n else 0
                                                           for b, n in zip(budgets, batch.lengths, strict=True)],
-                     samplings=[Sampling()] * len(budgets), eos_token_ids=eos)
+                     samplings=[Sampling()] * len(budgets), eos_token_ids=eos, backend=backend)
     clock.add("pseudo_answer", clock.now() - started)
     return lookahead_view([row.token_ids for row in decoded.rows], pad_id, first_logits.device)
 

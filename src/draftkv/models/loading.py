@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from draftkv.decoding import check_backend
 from draftkv.errors import ConfigError, ModelLoadError, TokenizerMismatchError, UnsupportedModelError
 from draftkv.models.embedded import (
     DEFAULT_DRAFT,
@@ -60,6 +61,8 @@ class ModelPair:
     # Why the draft's tokenizer differs from the target's, when it does and that was allowed: prompt
     # methods then cross at the text level, and methods that pass token ids refuse to run.
     tokenizer_mismatch: str | None = None
+    # The decode step: "auto" (static with a CUDA graph on CUDA, eager elsewhere), "eager" or "static".
+    decode: str = "auto"
 
     @property
     def tokenizer(self) -> Any:
@@ -232,15 +235,18 @@ def load_pair(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     allow_tokenizer_mismatch: bool = False,
+    decode: str = "auto",
 ) -> ModelPair:
     """Load a target and (unless `draft` is None, for draft-free methods) a draft, and check they pair.
 
     A draft with another tokenizer is refused, unless `allow_tokenizer_mismatch`: then prompt methods
-    work at the text level, and methods that pass token ids (SpecKV) refuse to run.
+    work at the text level, and methods that pass token ids (SpecKV) refuse to run. `decode`: the
+    decode step, "auto" (static with a CUDA graph on CUDA, eager elsewhere), "eager" or "static".
     """
+    check_backend(decode)
     target_model = load_model(target, device=device, dtype=dtype)
     draft_model = load_model(draft, device=device, dtype=dtype) if draft is not None else None
-    return _paired(target_model, draft_model, allow_tokenizer_mismatch)
+    return replace(_paired(target_model, draft_model, allow_tokenizer_mismatch), decode=decode)
 
 
 def _paired(target: LoadedModel, draft: LoadedModel | None, allow_mismatch: bool) -> ModelPair:
@@ -264,9 +270,10 @@ def _model_name(model: Any) -> str:
 
 def pair_from_models(
     target_model: Any, target_tokenizer: Any, draft_model: Any = None, draft_tokenizer: Any = None,
-    *, allow_tokenizer_mismatch: bool = False,
+    *, allow_tokenizer_mismatch: bool = False, decode: str = "auto",
 ) -> ModelPair:
     """A pair from transformers objects the caller already has; the draft defaults to the target's tokenizer."""
+    check_backend(decode)
     for model in filter(None, (target_model, draft_model)):
         check_family(model.config)
     target = LoadedModel(_model_name(target_model), target_model, target_tokenizer, "objects")
@@ -274,4 +281,4 @@ def pair_from_models(
     if draft_model is not None:
         draft_tokenizer = target_tokenizer if draft_tokenizer is None else draft_tokenizer
         draft = LoadedModel(_model_name(draft_model), draft_model, draft_tokenizer, "objects")
-    return _paired(target, draft, allow_tokenizer_mismatch)
+    return replace(_paired(target, draft, allow_tokenizer_mismatch), decode=decode)
