@@ -13,7 +13,7 @@ from tiny import long_context
 import draftkv
 from draftkv import decoding, static
 from draftkv.errors import ConfigError
-from draftkv.flow import run
+from draftkv.flow import prepare, run
 from draftkv.methods import budget_kinds, budget_params, get_method
 from draftkv.types import Request, Sampling
 
@@ -74,7 +74,7 @@ def test_the_static_step_writes_in_place_and_leaves_the_request_cache_as_it_was(
     step = static.StaticStep(qwen_pair.target.model, prepared.cache, prepared.attention_mask, steps=4)
     layer = step.cache.layers[0]
     addresses = (layer.keys.data_ptr(), layer.valid.data_ptr())
-    assert layer.capacity % static.BUCKET == 0 and layer.capacity >= prepared.cache.layers[0].keys.shape[2] + 4
+    assert layer.capacity == prepared.cache.layers[0].keys.shape[2] + 4
     position = torch.tensor([[prepared.batch.next_positions[0]]])
     real = int(layer.valid.sum())
     for offset in range(3):
@@ -103,3 +103,32 @@ def test_a_sliding_window_model_or_decode_time_eviction_takes_the_eager_step(mon
 def test_an_unknown_decode_backend_is_refused():
     with pytest.raises(ConfigError, match="eager, static"):
         decoding.check_backend("graph")
+
+
+def test_the_draft_beside_the_target_gives_the_same_results(pair, monkeypatch):
+    """On CUDA the draft's pass runs in a thread on its own stream while the target prefills; forced on
+    a CPU (a thread, no streams) it must change nothing: the probe waits for the lookahead."""
+    import threading
+
+    from draftkv.flow import execute, finish, prepare_each
+
+    methods = [method("speckv"), method("ada-speckv"), method("snapkv"), method("dense")]
+    alone = [r for _, r in sorted(run_each_sequential(pair, methods))]
+    threads, real = [], execute.draft_pass
+    monkeypatch.setattr(execute, "draft_pass", lambda *a: threads.append(threading.current_thread().name) or real(*a))
+    beside = [finish(pair, prepared) for _, prepared in sorted(prepare_each(pair, REQUESTS, methods, beside=True),
+                                                                key=lambda item: item[0])]
+    assert len(threads) == 1 and threads[0].startswith("draftkv-draft")
+    prepare(pair, REQUESTS, [method("specpc")], beside=True)  # station 1 needs the draft: no thread
+    assert len(threads) == 2 and threads[1] == threading.current_thread().name
+    for a, b in zip(alone, beside, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert x.token_ids == y.token_ids and x.stats.lookahead_tokens == y.stats.lookahead_tokens
+            assert x.kept_positions is None or all(torch.equal(p, q) for p, q in zip(x.kept_positions, y.kept_positions,
+                                                                                      strict=True))
+
+
+def run_each_sequential(pair, methods):
+    from draftkv.flow import finish, prepare_each
+
+    return [(index, finish(pair, prepared)) for index, prepared in prepare_each(pair, REQUESTS, methods, beside=False)]

@@ -275,10 +275,10 @@ def copy_layer(layer: DynamicLayer) -> DynamicLayer:
 
 def clone_cache(cache: DynamicCache) -> DynamicCache:
     """A copy of the whole cache (dense's own, while other consumers still read the prefill's)."""
-    return _with_layers([copy_layer(layer) for layer in cache.layers])
+    return cache_of_layers([copy_layer(layer) for layer in cache.layers])
 
 
-def _with_layers(layers: list[DynamicLayer]) -> DynamicCache:
+def cache_of_layers(layers: list[DynamicLayer]) -> DynamicCache:
     cache = DynamicCache()
     cache.layers = layers
     return cache
@@ -306,7 +306,7 @@ def ragged_cache(cache: DynamicCache, index: list[torch.Tensor], valid: list[tor
         # padded, it holds the same bytes without a per-head copy each step (H100: 24 vs 37 ms per token).
         kind = PaddedLayer if bool(layer_valid.all()) else LAYOUTS[layout]
         layers[at] = kind(keys, values, layer_valid.to(keys.device))
-    return _with_layers(layers)
+    return cache_of_layers(layers)
 
 
 def layer_entries(layer: DynamicLayer, attention_mask: torch.Tensor | None,
@@ -338,7 +338,7 @@ def stacked_cache(caches: list[DynamicCache], attention_masks: list[torch.Tensor
         values = torch.cat([F.pad(values, (0, 0, width - values.shape[2], 0)) for _, values, _ in parts])
         valid = torch.cat([F.pad(valid, (width - valid.shape[2], 0), value=False) for _, _, valid in parts])
         layers.append(PaddedLayer(keys, values, valid))
-    return _with_layers(layers)
+    return cache_of_layers(layers)
 
 
 def kv_bytes(cache: DynamicCache) -> int:
@@ -418,4 +418,4 @@ def gathered_copy(cache: DynamicCache, kept_per_layer: list[torch.Tensor]) -> Dy
     layers = _uncompressed_copies(cache)
     for at, kept in zip(compressed_layers(cache), kept_per_layer, strict=True):
         layers[at] = SlotLayer(*_gathered(cache.layers[at], kept))
-    return _with_layers(layers)
+    return cache_of_layers(layers)

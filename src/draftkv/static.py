@@ -3,30 +3,25 @@ CUDA graph instead of launching each kernel from Python.
 
 Each layer's kept entries are copied into preallocated slots (`cache.FixedSlotLayer`) with room for
 every new token; a per-head mask of the same width marks the filled slots and is updated in place,
-and the slot of the next token, the token ids and the positions are device tensors. The widths are
-rounded up to a bucket, so requests of similar sizes share one capture: on CUDA the step is captured
-once per model, batch size and bucket, and later requests load their entries into its buffers. On
-other devices the same step runs uncaptured and gives the eager step's tokens.
+and the slot of the next token, the token ids and the positions are device tensors. On CUDA the first
+step is captured as a graph and every step replays it. A capture lives as long as its decode: kept
+for later requests, its cache-sized buffers would hold memory that the next request's prefill needs.
+On other devices the same step runs uncaptured and gives the eager step's tokens.
 """
 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
 
 import torch
 from torch.nn.attention import sdpa_kernel
 from transformers import DynamicCache
 
 from .attention import DECODE_ATTENTION, ragged_attention
-from .cache import FixedSlotLayer, PerHeadLayer, _with_layers, layer_entries
+from .cache import FixedSlotLayer, PerHeadLayer, cache_of_layers, layer_entries
 
-BUCKET = 256  # slots: a request's cache width plus its new tokens, rounded up to a multiple of this
 STATIC_IMPLEMENTATIONS = ("sdpa", "eager")  # those whose mask the layers can replace (flex takes a BlockMask)
-
-
-def bucket(width: int) -> int:
-    return -(-width // BUCKET) * BUCKET
+_warmed: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # models whose kernels ran once before a capture
 
 
 def supports_static(model: torch.nn.Module, cache: DynamicCache | None) -> str | None:
@@ -43,27 +38,6 @@ def supports_static(model: torch.nn.Module, cache: DynamicCache | None) -> str |
     return None
 
 
-@dataclass
-class _Buffers:
-    """One capture's fixed tensors: the cache's slots, the step's inputs and its output."""
-
-    cache: DynamicCache
-    step: torch.Tensor  # [1] long: new tokens written so far
-    tokens: torch.Tensor  # [B, 1]
-    positions: torch.Tensor  # [B, 1]
-    logits: torch.Tensor | None = None  # [B, V], written by every step
-    graph: torch.cuda.CUDAGraph | None = None
-
-
-# Per model, its one capture (the latest shape): a new shape frees the old before it takes memory.
-_captures: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, _Buffers]] = weakref.WeakKeyDictionary()
-
-
-def release(model: torch.nn.Module) -> None:
-    """Free a model's captured step and its buffers."""
-    _captures.pop(model, None)
-
-
 class StaticStep:
     """One decoding step of fixed shape (see the module's docstring); the same call as `EagerStep`.
 
@@ -74,71 +48,58 @@ class StaticStep:
                  steps: int, graphs: bool | None = None) -> None:
         self.model = model
         self.graphs = model.device.type == "cuda" if graphs is None else graphs
-        entries = [layer_entries(layer, attention_mask if not isinstance(layer, PerHeadLayer) else None)
-                   for layer in cache.layers]
-        keys = entries[0][0]
-        shape = (keys.shape[0], keys.dtype, tuple(bucket(k.shape[2] + steps) for k, _, _ in entries),
-                 tuple((k.shape[1], k.shape[3], v.shape[3]) for k, v, _ in entries))
-        held = _captures.get(model)
-        if held is not None and held[0] == shape and self.graphs:
-            self.buffers = held[1]
-        else:
-            release(model)  # before the new buffers take memory
-            self.buffers = self._buffers(shape, entries)
-            if self.graphs:
-                _captures[model] = (shape, self.buffers)
-        for layer, (layer_keys, layer_values, valid) in zip(self.buffers.cache.layers, entries, strict=True):
-            layer.load(layer_keys, layer_values, valid)
-        self.buffers.step.zero_()
-        self.cache = self.buffers.cache
-
-    @staticmethod
-    def _buffers(shape: tuple, entries: list) -> _Buffers:
-        batch, _, capacities, _ = shape
-        device = entries[0][0].device
-        step = torch.zeros(1, dtype=torch.long, device=device)
-        layers = [FixedSlotLayer(capacity, keys, values, step)
-                  for capacity, (keys, values, _) in zip(capacities, entries, strict=True)]
-        return _Buffers(_with_layers(layers), step, torch.zeros(batch, 1, dtype=torch.long, device=device),
-                        torch.zeros(batch, 1, dtype=torch.long, device=device))
+        self.step = torch.zeros(1, dtype=torch.long, device=model.device)  # new tokens written so far
+        layers = []
+        for layer in cache.layers:
+            keys, values, valid = layer_entries(layer, attention_mask if not isinstance(layer, PerHeadLayer) else None)
+            fixed = FixedSlotLayer(keys.shape[2] + steps, keys, values, self.step)
+            fixed.load(keys, values, valid)
+            layers.append(fixed)
+        self.cache = cache_of_layers(layers)
+        batch = layers[0].keys.shape[0]
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
+        self.logits: torch.Tensor | None = None  # [B, V], written by every step
+        self.graph: torch.cuda.CUDAGraph | None = None
 
     def _forward(self) -> None:
-        buffers = self.buffers
-        with sdpa_kernel(DECODE_ATTENTION), ragged_attention(self.model, buffers.cache):
-            out = self.model(input_ids=buffers.tokens, position_ids=buffers.positions, cache=buffers.cache,
-                             use_cache=True, logits_to_keep=1)
-        if buffers.logits is None:
-            buffers.logits = torch.empty_like(out.logits[:, -1])
-        buffers.logits.copy_(out.logits[:, -1])
-        buffers.step.add_(1)
+        with sdpa_kernel(DECODE_ATTENTION), ragged_attention(self.model, self.cache):
+            out = self.model(input_ids=self.tokens, position_ids=self.positions, cache=self.cache, use_cache=True,
+                             logits_to_keep=1)
+        if self.logits is None:
+            self.logits = torch.empty_like(out.logits[:, -1])
+        self.logits.copy_(out.logits[:, -1])
+        self.step.add_(1)
 
     def _capture(self) -> None:
-        """Warm up on a side stream (as CUDA graphs ask), put the state back, then capture one step."""
-        buffers = self.buffers
-        saved = [layer.valid.clone() for layer in buffers.cache.layers]
-        side = torch.cuda.Stream(device=self.model.device)
-        side.wait_stream(torch.cuda.current_stream(self.model.device))
-        with torch.cuda.stream(side):
+        """Capture one step as a CUDA graph. A model's first capture is preceded by one step on a side
+        stream (lazy kernel set-up must not happen during a capture), whose writes are then undone."""
+        device = self.model.device
+        if self.model not in _warmed:
+            saved = [layer.valid.clone() for layer in self.cache.layers]
+            side = torch.cuda.Stream(device=device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                self._forward()
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.step.zero_()
+            for layer, valid in zip(self.cache.layers, saved, strict=True):
+                layer.valid.copy_(valid)
+            _warmed.add(self.model)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: the draft may decode in another thread while the target prefills (execute.py)
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self._forward()
-        torch.cuda.current_stream(self.model.device).wait_stream(side)
-        buffers.step.zero_()
-        for layer, valid in zip(buffers.cache.layers, saved, strict=True):
-            layer.valid.copy_(valid)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._forward()
-        buffers.graph = graph
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] after `tokens` [B, 1] at `positions` [B, 1]."""
-        buffers = self.buffers
-        buffers.tokens.copy_(tokens)
-        buffers.positions.copy_(positions)
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
         if not self.graphs:
             self._forward()
         else:
-            if buffers.graph is None:
+            if self.graph is None:
                 self._capture()
-            buffers.graph.replay()
-        return buffers.logits.clone()
+            self.graph.replay()
+        return self.logits.clone()

@@ -16,6 +16,8 @@ eval runner, the agreement analysis, the benchmark and the server use the same f
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import torch
@@ -104,10 +106,11 @@ def run_each(pair: ModelPair, requests: list[Request], methods: list[str | Metho
 @torch.inference_mode()
 def prepare(pair: ModelPair, requests: list[Request], methods: list[str | Method], *,
             prompts: list[EncodedPrompt] | None = None, observer: Observer | None = None,
-            read: bool = True) -> list[Prepared]:
+            read: bool = True, beside: bool | None = None) -> list[Prepared]:
     """Every consumer's prepared batch, in the order of `methods` (see prepare_each)."""
     prepared: list[Prepared | None] = [None] * len(methods)
-    for index, ready in prepare_each(pair, requests, methods, prompts=prompts, observer=observer, read=read):
+    for index, ready in prepare_each(pair, requests, methods, prompts=prompts, observer=observer, read=read,
+                                     beside=beside):
         prepared[index] = ready
     return prepared
 
@@ -115,10 +118,12 @@ def prepare(pair: ModelPair, requests: list[Request], methods: list[str | Method
 @torch.inference_mode()
 def prepare_each(pair: ModelPair, requests: list[Request], methods: list[str | Method], *,
                  prompts: list[EncodedPrompt] | None = None, observer: Observer | None = None,
-                 read: bool = True) -> Iterator[tuple[int, Prepared]]:
+                 read: bool = True, beside: bool | None = None) -> Iterator[tuple[int, Prepared]]:
     """The flow up to decoding. Yields (consumer index, its prepared batch) as each is ready; with
     `read=False` it stops after station 1 (no target work: prompt compression alone).
-    `prompts`: the requests already encoded (query-agnostic mode encodes only the context)."""
+    `prompts`: the requests already encoded (query-agnostic mode encodes only the context).
+    `beside`: run the draft beside the target's prefill when nothing before the probe needs it
+    (default: on CUDA)."""
     target = pair.target.model
     device = target.device
     if device.type == "cuda":
@@ -135,17 +140,24 @@ def prepare_each(pair: ModelPair, requests: list[Request], methods: list[str | M
     clock.add("tokenize", clock.now() - started)
 
     draft_clock = Clock(device, observer)
-    draft_prompts, views = draft_pass(pair, requests, prompts, batch, consumers, draft_clock)
+    # When only KV methods use the draft, the target's prefill does not wait for it: on CUDA the draft
+    # runs beside it, on its own stream (only the probe waits for the lookahead). On a CPU both would
+    # share the cores, so the order stays sequential.
+    beside = device.type == "cuda" if beside is None else beside
+    drafted = Beside(lambda: draft_pass(pair, requests, prompts, batch, consumers, draft_clock), device,
+                     beside and any(c.need.needed for c in consumers)
+                     and all(c.reads_whole_prompt for c in consumers if c.need.needed))
+    draft_prompts, views = drafted.result() if not drafted.running else (prompts, None)
 
     own_clocks = [Clock(device, observer) for _ in consumers]
     kept = [station_one(pair, requests, prompts, draft_prompts, batch, consumer, view, own)
-            for consumer, view, own in zip(consumers, views, own_clocks, strict=True)]
+            for consumer, view, own in zip(consumers, views or [None] * len(consumers), own_clocks, strict=True)]
 
     def prepared(index: int, shared: dict[str, float], **target_side) -> Prepared:
         consumer = consumers[index]
         stages = {**clock.stages, **shared, **own_clocks[index].stages}
-        return Prepared(consumer.method, requests, prompts, kept[index], consumer.budgets.kv, views[index],
-                        Clock(device, observer, stages), started, **target_side)
+        return Prepared(consumer.method, requests, prompts, kept[index], consumer.budgets.kv,
+                        drafted.result()[1][index], Clock(device, observer, stages), started, **target_side)
 
     if not read:
         for index in range(len(consumers)):
@@ -158,11 +170,44 @@ def prepare_each(pair: ModelPair, requests: list[Request], methods: list[str | M
         group_clock = Clock(device, observer)
         uses_draft = any(consumers[i].need.needed for i in group)
         shared = draft_clock.stages if uses_draft else {}
-        for index, target_side in read_target(pair, [consumers[i] for i in group], [views[i] for i in group],
+        for index, target_side in read_target(pair, [consumers[i] for i in group],
+                                              lambda group=group: [drafted.result()[1][i] for i in group],
                                               kept[group[0]].batch, max(r.max_new_tokens for r in requests),
                                               group_clock, [own_clocks[i] for i in group]):
             yield group[index], prepared(group[index], {**shared, **group_clock.stages}, **target_side,
                                          shared_prefill=len(group) > 1)
+
+
+class Beside:
+    """`work()` run now, or (when `beside`) in a thread on its own CUDA stream while the caller goes on;
+    `result()` waits for it, and orders the caller's stream after the work's."""
+
+    def __init__(self, work: Callable, device: torch.device, beside: bool) -> None:
+        self.running = beside
+        if not beside:
+            self._result = work()
+            return
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._stream = stream
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(device))  # its inputs are ready
+
+        def run():
+            with torch.inference_mode(), torch.cuda.stream(stream) if stream is not None else nullcontext():
+                return work()
+
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draftkv-draft")
+        self._future = pool.submit(run)
+        pool.shutdown(wait=False)  # its one thread ends with the work
+        self._device = device
+
+    def result(self):
+        if self.running:
+            self._result = self._future.result()
+            if self._stream is not None:
+                torch.cuda.current_stream(self._device).wait_stream(self._stream)
+            self.running = False
+        return self._result
 
 
 def station_one(pair: ModelPair, requests: list[Request], prompts: list[EncodedPrompt],
@@ -210,11 +255,13 @@ def draft_pass(pair: ModelPair, requests: list[Request], prompts: list[EncodedPr
     return draft_prompts, views
 
 
-def read_target(pair: ModelPair, consumers: list[Consumer], views: list[DraftView | None], batch: PaddedBatch,
-                max_new_tokens: int, clock: Clock, own_clocks: list[Clock]) -> Iterator[tuple[int, dict]]:
+def read_target(pair: ModelPair, consumers: list[Consumer], views: Callable[[], list[DraftView | None]],
+                batch: PaddedBatch, max_new_tokens: int, clock: Clock, own_clocks: list[Clock],
+                ) -> Iterator[tuple[int, dict]]:
     """One target prefill of `batch` for the consumers that read it, scored for each of them; then
     station 2 per consumer (yielded one at a time, each on its own copy of the cache but the last,
-    which takes the cache itself)."""
+    which takes the cache itself). `views()`: the consumers' draft views, asked for after the prefill
+    (the draft may still be running beside it)."""
     cache, first_logits, compressing, collectors, guesses = score_prompt(pair, consumers, views, batch,
                                                                          max_new_tokens, clock)
     entry_bytes = bytes_per_entry(cache)
@@ -237,8 +284,9 @@ def read_target(pair: ModelPair, consumers: list[Consumer], views: list[DraftVie
                       "stored_bytes": kv_bytes(own_cache), "guess": guesses[index]}
 
 
-def score_prompt(pair: ModelPair, consumers: list[Consumer], views: list[DraftView | None], batch: PaddedBatch,
-                 max_new_tokens: int, clock: Clock) -> tuple[DynamicCache, torch.Tensor, list, list, list]:
+def score_prompt(pair: ModelPair, consumers: list[Consumer], views: Callable[[], list[DraftView | None]],
+                 batch: PaddedBatch, max_new_tokens: int, clock: Clock,
+                 ) -> tuple[DynamicCache, torch.Tensor, list, list, list]:
     """The target prefill with every consumer's collectors, then the guesses that probe the full cache:
     the draft's lookahead once, as long as the longest view (each collector counts its own tokens),
     and each target guess (LAQ++'s pseudo-answer). Returns the cache, the last position's logits, and
@@ -256,6 +304,7 @@ def score_prompt(pair: ModelPair, consumers: list[Consumer], views: list[DraftVi
     stage_ones = [kv_collector(g.stage_one.kv_scoring(), batch) if g is not None and g.stage_one is not None else None
                   for g in guesses]
     cache, first_logits = target_prefill(target, batch, [*collectors, *stage_ones], clock)
+    views = views()
 
     probes = [view if collector is not None and guess is None and view is not None
               and view.lookahead_ids.shape[1] > 0 else None
