@@ -108,3 +108,42 @@ def test_cuda_scoring_is_timed_by_events(pairs):
     for method in ("snapkv", "h2o"):
         timings = run(pairs["cuda"], method).stats.timings
         assert timings["scoring"] > 0 and timings["target_prefill"] > 0, timings
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_the_captured_static_step_gives_the_eager_steps_tokens(pairs, method):
+    import dataclasses
+
+    from draftkv import decoding
+
+    cuda = pairs["cuda"]
+    params = budgets(method)
+    eager = draftkv.generate(dataclasses.replace(cuda, decode="eager"), CONTEXT, QUESTION, method=method,
+                             max_new_tokens=12, **params)
+    steps = []
+    real = decoding.StaticStep
+
+    def spy(*args, **kwargs):
+        steps.append(real(*args, **kwargs))
+        return steps[-1]
+
+    decoding.StaticStep = spy
+    try:
+        fixed = draftkv.generate(dataclasses.replace(cuda, decode="static"), CONTEXT, QUESTION, method=method,
+                                 max_new_tokens=12, **params)
+    finally:
+        decoding.StaticStep = real
+    assert fixed.token_ids == eager.token_ids, method
+    assert steps and all(step.graph is not None for step in steps)  # captured and replayed
+
+
+def test_the_draft_beside_the_target_on_its_own_stream(pairs):
+    from draftkv.flow import finish, prepare
+
+    cuda = pairs["cuda"]
+    request = draftkv.Request(context=CONTEXT, question=QUESTION, max_new_tokens=12)
+    methods = [draftkv.get_method(m, **budgets(m)) for m in ("speckv", "ada-speckv", "snapkv", "dense")]
+    alone = [finish(cuda, p)[0] for p in prepare(cuda, [request], methods, beside=False)]
+    beside = [finish(cuda, p)[0] for p in prepare(cuda, [request], methods, beside=True)]
+    for a, b in zip(alone, beside, strict=True):
+        assert_same_result(b, a)
