@@ -41,8 +41,19 @@ class CompressedPrompt:
     def ratio(self) -> float:
         return self.kept_tokens / self.prompt_tokens
 
+    @property
+    def origin_tokens(self) -> int:
+        """LLMLingua's name for the prompt's tokens."""
+        return self.prompt_tokens
+
+    @property
+    def compressed_tokens(self) -> int:
+        """LLMLingua's name for the kept tokens."""
+        return self.kept_tokens
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "kept_tokens": self.kept_tokens, "ratio": self.ratio}
+        return {**asdict(self), "kept_tokens": self.kept_tokens, "ratio": self.ratio,
+                "origin_tokens": self.origin_tokens, "compressed_tokens": self.compressed_tokens}
 
     def summary(self) -> str:
         return (f"[{self.method}] kept {self.kept_tokens} of {self.prompt_tokens} prompt tokens ({self.ratio:.1%}) "

@@ -124,8 +124,18 @@ class Stats:
     peak_memory_bytes: int | None = None
     note: str = ""
 
+    @property
+    def origin_tokens(self) -> int:
+        """LLMLingua's name for the prompt's tokens."""
+        return self.prompt_tokens
+
+    @property
+    def compressed_tokens(self) -> int:
+        """LLMLingua's name for the prompt tokens the target read."""
+        return self.kept_prompt_tokens
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "origin_tokens": self.origin_tokens, "compressed_tokens": self.compressed_tokens}
 
     def summary(self) -> str:
         """One line for people: prompt, kept, KV bytes and time per stage."""
