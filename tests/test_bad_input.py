@@ -28,6 +28,12 @@ CASES = [  # (keyword arguments of generate beside the pair, error, words the me
     ({"messages": [{"role": "user", "content": 3}]}, ConfigError, "messages[0]['content'] must be a string"),
     ({"context": "", "question": ""}, PromptError, "the prompt is empty"),
     ({"context": "x", "question": "q", "method": "nope"}, ConfigError, "unknown method 'nope'"),
+    ({"context": "x", "question": "q", "method": "snapkv", "compression_ratio": 1}, ConfigError,
+     "compression_ratio must be a number in [0, 1)"),
+    ({"context": "x", "question": "q", "method": "snapkv", "compression_ratio": 0.5, "budget": 8}, ConfigError,
+     "not both"),
+    ({"context": "x", "question": "q", "method": "dense", "compression_ratio": 0.5}, ConfigError,
+     "compresses nothing"),
 ]
 
 

@@ -181,6 +181,7 @@ BAD_GENERATE = [
     (["--ask", ""], "an --ask question is empty"),
     (["--context", " "], "the prompt is empty"),
     (["-q", QUESTION, "--decode", "graph"], "decode backend 'graph' is not one of auto,"),
+    (["-q", QUESTION, "--method", "snapkv", "--compression-ratio", "1.5"], "compression_ratio must be a number"),
 ]
 
 

@@ -51,6 +51,17 @@ def test_ratio_budget_is_a_ceiling(ratio, n):
     assert budget >= ratio * n - 1e-6 and budget - 1 < ratio * n
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.floats(min_value=0.0, max_value=0.999), st.integers(1, 100_000),
+       st.sampled_from(["snapkv", "speckv", "pyramidkv", "specpc", "keep-last", "speckv-pc"]))
+def test_compression_ratio_is_the_share_removed(ratio, n, name):
+    """kvpress's compression_ratio r keeps what budget 1 - r keeps: at least (1 - r) of the prompt."""
+    method = get_method(name, compression_ratio=ratio)
+    assert method.budget == pytest.approx(1 - ratio)
+    kept = resolve_budget(method.budget, n)
+    assert kept >= (1 - ratio) * n - 1e-6 and kept - 1 < (1 - ratio) * n + 1e-6
+
+
 def test_registry_has_the_foundation_methods():
     assert {"dense", "snapkv", "speckv"} <= set(METHODS)
     assert isinstance(get_method("SpecKV", budget=128), SpecKV)

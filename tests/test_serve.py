@@ -135,6 +135,8 @@ def test_per_request_methods_and_budgets(live, pair):
     for method, body, check in [
         ("speckv", {"budget": 48}, lambda stats: stats["kv_entries"] == 48),
         ("snapkv", {"budget": 24, "window": 8}, lambda stats: stats["kv_entries"] == 24),
+        ("snapkv", {"compression_ratio": 0.75, "window": 8},  # kvpress's name: a quarter kept
+         lambda stats: stats["kv_entries"] == -(-stats["prompt_tokens"] // 4)),
         ("specpc", {"prompt_budget": 96, "window": 16, "start_layer": 0}, lambda stats: stats["kept_prompt_tokens"] == 96),
         ("speckv-pc", {"budget": 48, "prompt_budget": 128, "start_layer": 0}, lambda stats: stats["kv_entries"] == 48
          and stats["kept_prompt_tokens"] == 128),
@@ -187,6 +189,10 @@ def post(live: Live, path: str, body) -> httpx.Response:
     ({"model": MODEL, "messages": MESSAGES, "method": "snapkv", "budget": 1.5}, 400, "invalid_parameter", "budget"),
     ({"model": MODEL, "messages": MESSAGES, "method": "snapkv", "prompt_budget": 64}, 400, "invalid_parameter",
      "prompt_budget"),
+    ({"model": MODEL, "messages": MESSAGES, "method": "snapkv", "compression_ratio": 1.0}, 400, "invalid_value",
+     "compression_ratio"),
+    ({"model": MODEL, "messages": MESSAGES, "method": "snapkv", "compression_ratio": 0.5, "budget": 64}, 400,
+     "invalid_parameter", "not both"),
     ({"model": MODEL, "messages": MESSAGES, "n": 2}, 400, "unsupported_parameter", "n must be 1"),
     ({"model": MODEL, "messages": MESSAGES, "logprobs": True}, 400, "unsupported_parameter", "logprobs"),
     ({"model": MODEL, "messages": MESSAGES, "temperature": 5}, 400, "invalid_value", "temperature"),

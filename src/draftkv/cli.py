@@ -89,6 +89,8 @@ ContextFile = Annotated[Path | None, typer.Option(help="Read the context from th
 BudgetOption = Annotated[str | None, typer.Option(
     help="KV entries (KV methods) or prompt tokens (prompt methods) kept, e.g. 256, or a ratio of the prompt, e.g. 0.25.")]
 PromptBudget = Annotated[str | None, typer.Option(help="Prompt tokens kept: a prompt method's budget, or speckv-pc's prompt stage.")]
+CompressionRatio = Annotated[float | None, typer.Option(
+    help="kvpress's name for a budget: the share removed, in [0, 1) (0.75 keeps a quarter); instead of --budget.")]
 Window = Annotated[int | None, typer.Option(help="Last prompt tokens always kept (default: the method's).")]
 Kernel = Annotated[int | None, typer.Option(help="Odd pooling kernel (default: the method's).")]
 Lookahead = Annotated[int | None, typer.Option(help="Draft lookahead tokens (default: the method's).")]
@@ -99,6 +101,8 @@ Target = Annotated[str, typer.Option(help="Target: embedded name, local folder, 
 Draft = Annotated[str, typer.Option(help="Draft model (same forms as --target).")]
 Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")]
 Dtype = Annotated[str | None, typer.Option(help="float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on CUDA).")]
+
+
 def _backend(value: str) -> str:
     try:
         return check_backend(value)
@@ -139,6 +143,7 @@ def generate(
     method: Annotated[str, typer.Option("--method", "-m", help=f"One of: {', '.join(METHODS)}.")] = "speckv",
     budget: BudgetOption = None,
     prompt_budget: PromptBudget = None,
+    compression_ratio: CompressionRatio = None,
     window: Window = None,
     kernel: Kernel = None,
     pooling: Annotated[str | None, typer.Option(help="max or avg (default: the method's).")] = None,
@@ -167,7 +172,8 @@ def generate(
     """Answer a question about a long context with a compressed prompt and/or KV cache."""
     try:
         chosen = method_from_options(method, param, budget=budget, prompt_budget=prompt_budget, window=window,
-                                     kernel=kernel, pooling=pooling, reduction=reduction, lookahead=lookahead)
+                                     kernel=kernel, pooling=pooling, reduction=reduction, lookahead=lookahead,
+                                     compression_ratio=compression_ratio)
         text = read_context(context, context_file)
         # Every check that needs no model, before one loads: sampling values, the request, the questions.
         Request(context=text, question=question, system=system, max_new_tokens=max_new_tokens,
@@ -228,6 +234,7 @@ def compress(
     context_file: ContextFile = None,
     method: Annotated[str, typer.Option("--method", "-m", help="A prompt method: specpc, specprefill, lingua, keep-last, keep-ends, speckv-pc.")] = "specpc",
     budget: BudgetOption = None,
+    compression_ratio: CompressionRatio = None,
     window: Window = None,
     kernel: Kernel = None,
     lookahead: Lookahead = None,
@@ -244,7 +251,8 @@ def compress(
 ) -> None:
     """Compress a prompt without generating: print the kept text (or token ids) for any other engine."""
     try:
-        chosen = method_from_options(method, param, budget=budget, window=window, kernel=kernel, lookahead=lookahead)
+        chosen = method_from_options(method, param, budget=budget, window=window, kernel=kernel, lookahead=lookahead,
+                                     compression_ratio=compression_ratio)
         text = read_context(context, context_file)
         with err.status("loading models"):
             pair = load_pair(target, draft, device=device, dtype=dtype,

@@ -46,6 +46,8 @@ def get_method(method: str | Method, **params: Any) -> Method:
             raise UnknownMethodError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
         given = {}
     allowed = [f.name for f in dataclasses.fields(method_class)]
+    if "compression_ratio" in params:
+        params = compression_as_budget(method_class.name, allowed, params)
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise ConfigError(
@@ -53,6 +55,20 @@ def get_method(method: str | Method, **params: Any) -> Method:
             f"its parameters are: {', '.join(allowed) or 'none'}"
         )
     return method_class(**{**given, **params})
+
+
+def compression_as_budget(name: str, allowed: list[str], params: dict[str, Any]) -> dict[str, Any]:
+    """kvpress's `compression_ratio` (the share removed) as this project's `budget` (the share kept)."""
+    params = dict(params)
+    ratio = params.pop("compression_ratio")
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio < 1:
+        raise ConfigError(f"compression_ratio must be a number in [0, 1) (the share removed, as in kvpress), "
+                          f"got {ratio!r}")
+    if "budget" not in allowed:
+        raise ConfigError(f"method {name!r} compresses nothing, so it takes no compression_ratio")
+    if params.get("budget") is not None:
+        raise ConfigError("give budget (the share or number kept) or compression_ratio (the share removed), not both")
+    return {**params, "budget": 1.0 - float(ratio)}
 
 
 def budget_kinds(method: str) -> tuple[bool, bool]:

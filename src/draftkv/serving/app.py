@@ -176,9 +176,10 @@ class Server:
         """The request's method: its own name and parameters, else the server's defaults."""
         name = name or self.settings.method
         params = dict(self.settings.params) if name == self.settings.method else {}
-        if "budget" in given or "prompt_budget" in given:  # the request's budgets replace the server's
+        if given.keys() & {"budget", "prompt_budget", "compression_ratio"}:  # the request's budgets replace the server's
             params.pop("budget", None)
             params.pop("prompt_budget", None)
+            params.pop("compression_ratio", None)
         params.update(given)
         try:
             return method_with_budgets(name, **params)
@@ -189,7 +190,7 @@ class Server:
 
     def draft_request(self, parsed: Common) -> tuple[DraftRequest, Method]:
         given = parsed.method_params()
-        given.update({name: getattr(parsed, name) for name in ("budget", "prompt_budget")
+        given.update({name: getattr(parsed, name) for name in ("budget", "prompt_budget", "compression_ratio")
                       if getattr(parsed, name) is not None})
         method = self.method_for(parsed.method, given)
         if self.settings.proxy:

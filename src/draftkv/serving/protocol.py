@@ -2,7 +2,8 @@
 
 Requests are validated here, so a bad one is answered with a 4xx and a message that names the field,
 before any work is queued. Fields that are not OpenAI's are draftkv's: `method`, `budget`,
-`prompt_budget` and any parameter of the chosen method (`window`, `kernel`, ...).
+`prompt_budget`, `compression_ratio` (kvpress's name: the share removed, 1 - budget) and any parameter
+of the chosen method (`window`, `kernel`, ...).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "functions": (None, []), "function_call": (None, "none"), "best_of": (None, 1), "echo": (None, False),
     "suffix": (None, ""), "response_format": (None, {"type": "text"}),
 }
-DRAFTKV_FIELDS = {"method", "budget", "prompt_budget"}
+DRAFTKV_FIELDS = {"method", "budget", "prompt_budget", "compression_ratio"}
 
 
 class ServeError(Exception):
@@ -70,6 +71,7 @@ class Common(BaseModel):
     method: str | None = None
     budget: int | float | None = Field(None, gt=0)
     prompt_budget: int | float | None = Field(None, gt=0)
+    compression_ratio: float | None = Field(None, ge=0, lt=1)  # kvpress's: the share removed
 
     def method_params(self) -> dict[str, Any]:
         """The chosen method's own parameters: every field that is neither OpenAI's nor a budget."""
