@@ -346,6 +346,26 @@ def bench(
               highlight=False)
 
 
+@app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                          "help_option_names": []})
+def lm_eval_command(ctx: typer.Context) -> None:
+    """Run lm-evaluation-harness with the `draftkv` model registered: every argument goes to lm-eval
+    (`draftkv lm-eval --model draftkv --model_args method=speckv,budget=256 --tasks ...`)."""
+    import sys
+
+    try:
+        from lm_eval.__main__ import cli_evaluate
+
+        from . import lm_eval  # noqa: F401  (registers the model)
+    except ImportError as error:
+        raise fail(ConfigError(f"lm-eval is not installed ({error}); pip install 'draftkv[lm-eval]'")) from None
+    sys.argv = ["lm-eval", *ctx.args]
+    try:
+        cli_evaluate()
+    except DraftKVError as error:
+        raise fail(error) from None
+
+
 def parse_bytes(text: str) -> int:
     """'8GiB', '512MiB', '2GB' or a plain number of bytes."""
     units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,

@@ -59,14 +59,14 @@ if TYPE_CHECKING:
 
 def run(pair: ModelPair, requests: list[Request], methods: list[str | Method], *, observer: Observer | None = None,
         on_text: TextCallback | None = None, cancelled: Callable[[int], bool] | None = None,
-        decode_together: bool = False) -> list[list[Result]]:
+        decode_together: bool = False, prompts: list[EncodedPrompt] | None = None) -> list[list[Result]]:
     """Every method's results for the batch (per method, per request): exactly what each would give alone.
 
     `on_text(row, text)` streams each row's new text, and a row whose `cancelled(row)` turns true stops
-    at its next token. `decode_together`: see run_each."""
+    at its next token. `decode_together`: see run_each. `prompts`: the requests already encoded."""
     results: list[list[Result]] = [[] for _ in methods]
     for index, finished in run_each(pair, requests, methods, observer=observer, on_text=on_text, cancelled=cancelled,
-                                    decode_together=decode_together):
+                                    decode_together=decode_together, prompts=prompts):
         results[index] = finished
     return results
 
@@ -74,8 +74,8 @@ def run(pair: ModelPair, requests: list[Request], methods: list[str | Method], *
 @torch.inference_mode()
 def run_each(pair: ModelPair, requests: list[Request], methods: list[str | Method], *,
              observer: Observer | None = None, on_text: TextCallback | None = None,
-             cancelled: Callable[[int], bool] | None = None,
-             decode_together: bool = False) -> Iterator[tuple[int, list[Result]]]:
+             cancelled: Callable[[int], bool] | None = None, decode_together: bool = False,
+             prompts: list[EncodedPrompt] | None = None) -> Iterator[tuple[int, list[Result]]]:
     """`run`, yielding (method index, its results) as each method finishes. Each is decoded before the
     next is compressed, so at most one copy of the full cache exists beside it.
 
@@ -90,16 +90,18 @@ def run_each(pair: ModelPair, requests: list[Request], methods: list[str | Metho
     alone = [i for i, m in enumerate(chosen) if len(requests) > 1 and (sliding or m.evicts_during_decode)]
     together = [i for i in range(len(chosen)) if i not in alone]
     if together and decode_together:
-        ready = dict(prepare_each(pair, requests, [chosen[i] for i in together], observer=observer))
+        ready = dict(prepare_each(pair, requests, [chosen[i] for i in together], observer=observer, prompts=prompts))
         for index, finished in enumerate(finish_together(pair, [ready[i] for i in range(len(together))])):
             yield together[index], finished
     elif together:
-        for index, prepared in prepare_each(pair, requests, [chosen[i] for i in together], observer=observer):
+        for index, prepared in prepare_each(pair, requests, [chosen[i] for i in together], observer=observer,
+                                            prompts=prompts):
             yield together[index], finish(pair, prepared, on_text, cancelled)
     for i in alone:
         yield i, [run(pair, [request], [chosen[i]], observer=observer,
                       on_text=(lambda _r, text, row=row: on_text(row, text)) if on_text else None,
-                      cancelled=(lambda _r, row=row: cancelled(row)) if cancelled else None)[0][0]
+                      cancelled=(lambda _r, row=row: cancelled(row)) if cancelled else None,
+                      prompts=[prompts[row]] if prompts is not None else None)[0][0]
                   for row, request in enumerate(requests)]
 
 

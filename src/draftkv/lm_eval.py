@@ -1,0 +1,165 @@
+"""draftkv as an lm-evaluation-harness model, registered as `draftkv` (needs `draftkv[lm-eval]`).
+
+    draftkv lm-eval --model draftkv --model_args method=speckv,budget=256 --tasks TASK ...
+    lm_eval.simple_evaluate(model=draftkv.lm_eval.DraftKVLM(method="speckv", budget=256), tasks=[...])
+
+Every request goes through the executor, so every answer and every score is the compressed one:
+`generate_until` runs the requests as batches (stop strings honoured); `loglikelihood` prefills and
+compresses each context once, then reads each continuation at its true positions over that cache
+(draftkv.likelihood); `loglikelihood_rolling` does the same for each of lm-eval's windows, whose
+context (the tokens before it, up to `max_length`) is what the method compresses.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any
+
+import torch
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
+
+from .errors import ConfigError
+from .flow import run
+from .likelihood import score_continuations
+from .methods import get_method
+from .models import DEFAULT_DRAFT, DEFAULT_TARGET, ModelPair, load_pair
+from .prompt import EncodedPrompt
+from .types import Request, Sampling
+
+
+@register_model("draftkv")
+class DraftKVLM(LM):
+    """An lm-eval model whose every request runs with one draftkv method.
+
+    `target`, `draft`: as for `draftkv.load_pair` (default the embedded pair; the draft is loaded only
+    for methods that use it), or `pair`: a loaded ModelPair. `method` and any of its parameters
+    (`budget`, `prompt_budget`, `compression_ratio`, `window`, ...). `batch_size`: requests generated
+    together. `max_length`: the longest input (default the target's context)."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, draft: str | None = DEFAULT_DRAFT, method: str = "dense",
+                 device: str | None = None, dtype: str | None = None, decode: str = "auto",
+                 batch_size: int | str = 1, max_length: int | None = None, max_gen_toks: int = 256,
+                 pair: ModelPair | None = None, **params: Any) -> None:
+        super().__init__()
+        params.pop("max_batch_size", None)  # lm-eval's own batching knobs; a batch here is `batch_size`
+        self.method = get_method(method, **params)  # a bad name or value fails before any model loads
+        self.batch_size = 1 if batch_size in (None, "auto") else int(str(batch_size).split(":")[0])
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {batch_size!r}")
+        if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval passes cuda:0 unless told otherwise (its own HF model falls back the same way)
+            logging.getLogger(__name__).warning("CUDA is not available: running on the CPU")
+            device = None
+        if pair is None:
+            uses_draft = draft is not None and str(draft).lower() != "none" and self.method.uses_draft(max_gen_toks)
+            pair = load_pair(target, draft if uses_draft else None, device=device, dtype=dtype, decode=decode)
+        self.pair = pair
+        self.tokenizer = pair.tokenizer
+        limit = getattr(pair.target.model.config.get_text_config(), "max_position_embeddings", None)
+        self.max_length = int(max_length or limit or 32768)
+        self.max_gen_toks = int(max_gen_toks)
+        self._device = pair.target.model.device
+
+    # ---- tokens ----
+
+    @property
+    def prefix_token_id(self) -> int:
+        """What an empty context conditions on (lm-eval's convention: BOS, else EOS)."""
+        token = self.tokenizer.bos_token_id
+        return token if token is not None else self.tokenizer.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def context_and_continuation(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """lm-eval's split: trailing spaces of the context go to the continuation, and the continuation's
+        tokens are those of context + continuation past the context's (so a merged token counts once)."""
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        if not context:
+            return [self.prefix_token_id], self.encode(continuation)
+        whole, context_ids = self.encode(context + continuation), self.encode(context)
+        return context_ids, whole[len(context_ids):]
+
+    # ---- lm-eval's three requests ----
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        pairs = [self.context_and_continuation(*request.args) for request in requests]
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)  # one compressed context, many continuations
+        for index, (context, _) in enumerate(pairs):
+            groups[tuple(context)].append(index)
+        with tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood") as bar:
+            for context, members in groups.items():
+                continuations = [pairs[i][1] for i in members]
+                room = self.max_length - max(len(c) for c in continuations)
+                scored, _ = score_continuations(self.pair, list(context)[-max(room, 1):], continuations, self.method)
+                for index, score in zip(members, scored, strict=True):
+                    results[index] = (score.total, score.is_greedy)
+                    self.cache_hook.add_partial("loglikelihood", requests[index].args, results[index])
+                bar.update(len(members))
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        results = []
+        for request in tqdm(requests, disable=disable_tqdm, desc="loglikelihood_rolling"):
+            windows = [make_disjoint_window(window) for window in get_rolling_token_windows(
+                token_list=self.encode(request.args[0]), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1)]
+            total = sum(score_continuations(self.pair, context, [continuation], self.method)[0][0].total
+                        for context, continuation in windows)
+            results.append(total)
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+        return results
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        results: list[str | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = defaultdict(list)  # requests that share their generation settings
+        for index, request in enumerate(requests):
+            groups[repr(sorted(request.args[1].items()))].append(index)
+        with tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until") as bar:
+            for members in groups.values():
+                for start in range(0, len(members), self.batch_size):
+                    batch = members[start: start + self.batch_size]
+                    texts = self._generate([requests[i].args for i in batch])
+                    for index, text in zip(batch, texts, strict=True):
+                        results[index] = text
+                        self.cache_hook.add_partial("generate_until", requests[index].args, text)
+                    bar.update(len(batch))
+        return results
+
+    def _generate(self, items: list[tuple[str, dict]]) -> list[str]:
+        options = dict(items[0][1])
+        until = options.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        max_new = int(options.pop("max_gen_toks", self.max_gen_toks))
+        sampled = options.pop("do_sample", False) or options.get("temperature", 0.0) > 0
+        sampling = Sampling(temperature=float(options.get("temperature", 1.0)) if sampled else 0.0,
+                            top_p=float(options.get("top_p") or 1.0), top_k=int(options.get("top_k") or 0),
+                            seed=options.get("seed"))
+        requests, prompts = [], []
+        for context, _ in items:
+            ids = self.encode(context)[-(self.max_length - max_new):] or [self.prefix_token_id]
+            prompts.append(EncodedPrompt(ids, len(ids)))
+            requests.append(Request(context=context or " ", chat_template=False, max_new_tokens=max_new,
+                                    sampling=sampling, stop=tuple(until)))
+        return [result.text for result in run(self.pair, requests, [self.method], prompts=prompts)[0]]
+
+    # ---- chat templates, as lm-eval asks for them ----
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.pair.target.name.replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return getattr(self.tokenizer, "chat_template", None) if chat_template else None
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=not add_generation_prompt)

@@ -1,0 +1,124 @@
+"""draftkv as an lm-evaluation-harness model: both routes (Python and `draftkv lm-eval`) on a tiny local
+task, and scores that are the compressed cache's, not the uncompressed model's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import long_context
+from typer.testing import CliRunner
+
+lm_eval = pytest.importorskip("lm_eval")
+
+from lm_eval.api.instance import Instance  # noqa: E402
+
+from draftkv.cli import app  # noqa: E402
+from draftkv.errors import ConfigError  # noqa: E402
+from draftkv.lm_eval import DraftKVLM  # noqa: E402
+
+ROOT = Path(__file__).parent.parent
+TASKS = ["draftkv_tiny_gen", "draftkv_tiny_mc"]
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    monkeypatch.chdir(ROOT)  # the tasks name their data file from the repository root
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def requests(kind: str, args: list[tuple]) -> list[Instance]:
+    return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+
+
+def test_simple_evaluate_runs_generation_and_loglikelihood_tasks(qwen_pair, offline):
+    from lm_eval.tasks import TaskManager
+
+    model = DraftKVLM(pair=qwen_pair, method="snapkv", budget=48, window=8, batch_size=2)
+    results = lm_eval.simple_evaluate(model=model, tasks=TASKS, task_manager=TaskManager(include_path="tests/lm_eval_tasks"),
+                                      limit=3, log_samples=True)
+    assert 0 <= results["results"]["draftkv_tiny_gen"]["exact_match,none"] <= 1
+    assert 0 <= results["results"]["draftkv_tiny_mc"]["acc,none"] <= 1
+    generated = results["samples"]["draftkv_tiny_gen"]
+    assert len(generated) == 3 and all(isinstance(s["resps"][0][0], str) for s in generated)
+    choices = results["samples"]["draftkv_tiny_mc"][0]["resps"]
+    assert len(choices) == 3 and all(isinstance(r[0][0], float) and r[0][0] < 0 for r in choices)
+
+
+def test_the_lm_eval_command_registers_the_model_and_writes_results(qwen_pair, offline, tmp_path):
+    for role, loaded in (("target", qwen_pair.target),):
+        loaded.model.save_pretrained(tmp_path / role)
+        loaded.tokenizer.save_pretrained(tmp_path / role)
+    result = CliRunner().invoke(app, ["lm-eval", "--model", "draftkv", "--model_args",
+                                      f"target={tmp_path / 'target'},method=streamingllm,budget=48",
+                                      "--tasks", ",".join(TASKS), "--include_path", "tests/lm_eval_tasks",
+                                      "--limit", "2", "--output_path", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    written = list((tmp_path / "out").rglob("results_*.json"))
+    assert written, result.output
+    data = json.loads(written[0].read_text())
+    assert set(TASKS) <= set(data["results"])
+
+
+def test_a_bad_method_argument_fails_before_any_model_loads():
+    with pytest.raises(ConfigError, match="unknown method"):
+        DraftKVLM(target="/nowhere", method="nope")
+    with pytest.raises(ConfigError, match="compression_ratio"):
+        DraftKVLM(target="/nowhere", method="snapkv", compression_ratio=2)
+
+
+def test_scores_are_the_compressed_caches(qwen_pair):
+    """Dense scores what one pass of the model over context + continuation scores; a budget at least
+    the context is dense's score exactly; a small budget scores something else."""
+    context = long_context(250, seed=7) + " The magic number is"
+    choices = [" 4821.", " 17.", " seven hundred."]
+    args = [(context, c) for c in choices]
+    dense = DraftKVLM(pair=qwen_pair, method="dense").loglikelihood(requests("loglikelihood", args))
+    whole = DraftKVLM(pair=qwen_pair, method="snapkv", budget=10_000).loglikelihood(requests("loglikelihood", args))
+    small = DraftKVLM(pair=qwen_pair, method="snapkv", budget=24, window=8).loglikelihood(
+        requests("loglikelihood", args))
+    assert whole == dense
+    assert any(abs(a[0] - b[0]) > 1e-4 for a, b in zip(small, dense, strict=True))
+    model, tokenizer = qwen_pair.target.model, qwen_pair.tokenizer
+    for (logprob, _), continuation in zip(dense, choices, strict=True):
+        context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+        one_pass = sum(logits[i - 1, ids[i]].item() for i in range(len(context_ids), len(ids)))
+        assert logprob == pytest.approx(one_pass, abs=1e-3)
+
+
+def test_rolling_windows_compress_their_context(qwen_pair):
+    text = long_context(300, seed=9)
+    dense = DraftKVLM(pair=qwen_pair, method="dense", max_length=128)
+    small = DraftKVLM(pair=qwen_pair, method="snapkv", budget=24, window=8, max_length=128)
+    whole = DraftKVLM(pair=qwen_pair, method="dense")
+    [rolled] = dense.loglikelihood_rolling(requests("loglikelihood_rolling", [(text,)]))
+    [compressed] = small.loglikelihood_rolling(requests("loglikelihood_rolling", [(text,)]))
+    [one] = whole.loglikelihood_rolling(requests("loglikelihood_rolling", [(text,)]))
+    assert rolled < 0 and compressed < 0 and one < 0
+    assert abs(rolled - compressed) > 1e-3  # later windows read a compressed context
+
+
+def test_generate_until_is_the_executors_answer_with_stop_strings(qwen_pair):
+    import draftkv
+
+    context = long_context(200, seed=3) + "\nQuestion: what comes next?\nAnswer:"
+    model = DraftKVLM(pair=qwen_pair, method="speckv", budget=48, window=8, batch_size=2)
+    texts = model.generate_until(requests("generate_until", [(context, {"until": ["e"], "max_gen_toks": 12}),
+                                                             (context[:400], {"until": ["e"], "max_gen_toks": 12})]))
+    expected = draftkv.generate(qwen_pair, context, "", method="speckv", budget=48, window=8, max_new_tokens=12,
+                                chat_template=False, stop=["e"])
+    assert texts[0] == expected.text and "e" not in texts[0]
+
+
+def test_the_chat_template_is_the_tokenizers(qwen_pair):
+    model = DraftKVLM(pair=qwen_pair, method="dense")
+    history = [{"role": "user", "content": "hi"}]
+    assert model.apply_chat_template(history) == qwen_pair.tokenizer.apply_chat_template(
+        history, tokenize=False, add_generation_prompt=True)
+    assert model.tokenizer_name and model.chat_template(True) == qwen_pair.tokenizer.chat_template
