@@ -151,6 +151,62 @@ def test_per_request_methods_and_budgets(live, pair):
         assert reply.choices[0].message.content == expected.text, method
 
 
+def test_completion_logprobs_and_echo_are_the_dense_prompts_and_the_compressed_answers(live, pair):
+    """echo + logprobs: the prompt's tokens scored by the dense model, the new tokens' from the compressed
+    cache; a prompt of token ids is read as it is."""
+    from draftkv.likelihood import score_continuations
+
+    prompt = long_context(300, seed=5) + " The magic number is"
+    ids = pair.tokenizer(prompt)["input_ids"]
+    for body_prompt in (prompt, [ids]):
+        reply = live.client().completions.create(model=MODEL, prompt=body_prompt, max_tokens=4, logprobs=2, echo=True,
+                                                 temperature=0, extra_body={"method": "snapkv", "budget": 32,
+                                                                            "window": 8})
+        choice = reply.choices[0]
+        assert choice.text.startswith(prompt)
+        logprobs = choice.logprobs
+        assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+        dense = score_continuations(pair, ids[:1], [ids[1:]], "dense")[0][0]
+        assert logprobs.token_logprobs[1:len(ids)] == pytest.approx(dense.logprobs, abs=1e-4)
+        expected = generate_batch(pair, [Request(prompt_ids=ids, max_new_tokens=4, logprobs=2)], "snapkv", budget=32,
+                                  window=8)[0]
+        generated = logprobs.token_logprobs[len(ids):]
+        assert generated == pytest.approx([t.logprob for t in expected.logprobs][:len(generated)], abs=1e-5)
+        assert all(max(top.values()) >= value for top, value in zip(logprobs.top_logprobs[1:], logprobs.token_logprobs[1:],
+                                                                     strict=True))
+        assert logprobs.text_offset[1] == len(logprobs.tokens[0])
+
+
+def test_chat_logprobs_in_openais_shape(live, pair):
+    reply = live.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5, logprobs=True,
+                                                  top_logprobs=3, extra_body={"method": "speckv", "budget": 24,
+                                                                              "window": 8})
+    content = reply.choices[0].logprobs.content
+    expected = draftkv.generate(pair, messages=MESSAGES, max_new_tokens=5, method="speckv", budget=24, window=8)
+    assert "".join(entry.token for entry in content) == expected.text
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].logprob >= entry.logprob
+        assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
+
+
+def test_lm_evals_local_completions_scores_through_the_server(live, pair, tmp_path, monkeypatch):
+    lm_eval = pytest.importorskip("lm_eval")
+    from pathlib import Path
+
+    from lm_eval.tasks import TaskManager
+
+    pair.tokenizer.save_pretrained(tmp_path / "tokenizer")
+    monkeypatch.chdir(Path(__file__).parent.parent)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    results = lm_eval.simple_evaluate(
+        model="local-completions", tasks=["draftkv_tiny_gen", "draftkv_tiny_mc"], limit=2,
+        model_args={"base_url": live.url + "/completions", "model": MODEL, "tokenizer_backend": "huggingface",
+                    "tokenizer": str(tmp_path / "tokenizer"), "num_concurrent": 1, "max_retries": 1},
+        task_manager=TaskManager(include_path="tests/lm_eval_tasks"))
+    assert 0 <= results["results"]["draftkv_tiny_mc"]["acc,none"] <= 1
+    assert 0 <= results["results"]["draftkv_tiny_gen"]["exact_match,none"] <= 1
+
+
 def test_server_wide_default_method_and_its_parameters(pair):
     server = serve(pair, method="snapkv", params={"budget": 20, "window": 8})
     try:
@@ -194,7 +250,12 @@ def post(live: Live, path: str, body) -> httpx.Response:
     ({"model": MODEL, "messages": MESSAGES, "method": "snapkv", "compression_ratio": 0.5, "budget": 64}, 400,
      "invalid_parameter", "not both"),
     ({"model": MODEL, "messages": MESSAGES, "n": 2}, 400, "unsupported_parameter", "n must be 1"),
-    ({"model": MODEL, "messages": MESSAGES, "logprobs": True}, 400, "unsupported_parameter", "logprobs"),
+    ({"model": MODEL, "messages": MESSAGES, "logprobs": True, "stream": True}, 400, "unsupported_parameter",
+     "whole responses only"),
+    ({"model": MODEL, "messages": MESSAGES, "top_logprobs": 2}, 400, "invalid_value", "needs logprobs"),
+    ({"model": MODEL, "messages": MESSAGES, "logprobs": True, "top_logprobs": 50}, 400, "invalid_value",
+     "top_logprobs"),
+    ({"model": MODEL, "messages": MESSAGES, "tools": [{"type": "function"}]}, 400, "unsupported_parameter", "tools"),
     ({"model": MODEL, "messages": MESSAGES, "temperature": 5}, 400, "invalid_value", "temperature"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "  "}]}, 400, "invalid_prompt", "empty"),
     ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,

@@ -24,7 +24,7 @@ from .attention import DECODE_ATTENTION
 from .cache import reserve
 from .errors import ConfigError
 from .static import StaticStep, supports_static
-from .types import FinishReason, Sampling
+from .types import FinishReason, Sampling, TokenLogprob
 
 TextCallback = Callable[[int, str], None]  # (row in the batch, new text)
 
@@ -34,6 +34,7 @@ class Decoded:
     token_ids: list[int]
     text: str
     finish_reason: FinishReason
+    logprobs: list[TokenLogprob] | None = None  # per token, for a row that asked
 
 
 @dataclass
@@ -65,6 +66,19 @@ def pick_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: lis
         probs = torch.softmax(scores, dim=-1)
         tokens.append(int(torch.multinomial(probs, 1, generator=generator)))
     return tokens
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], wanted: list[int | None]) -> list[TokenLogprob | None]:
+    """Each asking row's picked token with its log-probability under the model (before any temperature)
+    and its `wanted[row]` likeliest tokens."""
+    scored: list[TokenLogprob | None] = [None] * len(tokens)
+    rows = [row for row, top in enumerate(wanted) if top is not None]
+    log_probs = torch.log_softmax(logits[rows].float(), dim=-1)
+    for index, row in enumerate(rows):
+        top = torch.topk(log_probs[index], wanted[row]) if wanted[row] else None
+        scored[row] = TokenLogprob(tokens[row], float(log_probs[index, tokens[row]]),
+                                   list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top else [])
+    return scored
 
 
 def make_generators(samplings: list[Sampling], device: torch.device) -> list[torch.Generator | None]:
@@ -191,20 +205,24 @@ def first_stop(text: str, searched: int, stops: tuple[str, ...]) -> int | None:
 class RowOutput:
     """One row's tokens and text as they come: its stop rules, and what it has streamed."""
 
-    def __init__(self, tokenizer, max_new_tokens: int, eos: set[int], stops: tuple[str, ...]) -> None:
+    def __init__(self, tokenizer, max_new_tokens: int, eos: set[int], stops: tuple[str, ...],
+                 logprobs: bool = False) -> None:
         self.max_new_tokens, self.eos, self.stops = max_new_tokens, eos, stops
         self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = [] if logprobs else None
         self.text = IncrementalText(tokenizer) if tokenizer is not None else None
         self.shown = ""  # the text so far, cut at a stop string
         self.streamed = 0
         self.finish: FinishReason | None = "length" if max_new_tokens == 0 else None
 
-    def take(self, token: int) -> None:
+    def take(self, token: int, logprob: TokenLogprob | None = None) -> None:
         """The row's next token: kept, or the end of the row (EOS, a stop string, its length)."""
         if token in self.eos:
             self.end("stop")
             return
         self.token_ids.append(token)
+        if self.logprobs is not None and logprob is not None:
+            self.logprobs.append(logprob)
         if self.text is not None:
             searched = len(self.shown)
             self.shown = self.text.add(token)
@@ -248,6 +266,7 @@ def decode(
     cancelled: Callable[[int], bool] | None = None,
     step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     backend: str = "eager",
+    logprobs: list[int | None] | None = None,
 ) -> DecodeOutput:
     """Generate from `first_logits` [B, V] (the prefill's last position) and a filled `cache`.
 
@@ -257,11 +276,14 @@ def decode(
     the cache after every forward pass (decode-time eviction cuts it there). A row for which
     `cancelled(row)` turns true stops at the next token with finish reason "cancelled" (a server's
     client went away or ran out of time). `step`: the decode step (default: `backend`'s, see make_step).
+    `logprobs[row]`: report that row's tokens' log-probabilities with this many likeliest (None: not).
     """
     batch = first_logits.shape[0]
     row_eos = eos_token_ids if isinstance(eos_token_ids, list) else [eos_token_ids] * batch
-    rows = [RowOutput(tokenizer, limit, eos, row_stops)
-            for limit, eos, row_stops in zip(max_new_tokens, row_eos, stops or [()] * batch, strict=True)]
+    wanted = logprobs if logprobs is not None and any(k is not None for k in logprobs) else None
+    rows = [RowOutput(tokenizer, limit, eos, row_stops, logprobs=wanted is not None and wanted[row] is not None)
+            for row, (limit, eos, row_stops) in enumerate(zip(max_new_tokens, row_eos, stops or [()] * batch,
+                                                              strict=True))]
     generators = make_generators(samplings, first_logits.device)
     logits = first_logits
     positions = positions.clone().view(batch, 1)
@@ -273,13 +295,14 @@ def decode(
         next_tokens = pick_tokens(logits, samplings, generators)
         if index == 0:
             first_token_at = time.perf_counter()
+        scored = token_logprobs(logits, next_tokens, wanted) if wanted is not None else [None] * batch
         for number, (row, token) in enumerate(zip(rows, next_tokens, strict=True)):
             if row.finish is not None:
                 continue
             if cancelled is not None and cancelled(number):
                 row.end("cancelled")
                 continue
-            row.take(token)
+            row.take(token, scored[number])
             if on_text is not None and (piece := row.new_text()):
                 on_text(number, piece)
         if all(row.finish is not None for row in rows):
@@ -290,5 +313,5 @@ def decode(
         steps += 1
         if after_step is not None:
             after_step(cache)
-    decoded = [Decoded(row.token_ids, row.shown, row.finish or "length") for row in rows]
+    decoded = [Decoded(row.token_ids, row.shown, row.finish or "length", row.logprobs) for row in rows]
     return DecodeOutput(rows=decoded, first_token_at=first_token_at, steps=steps)

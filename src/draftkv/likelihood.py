@@ -34,6 +34,7 @@ class Scored:
 
     logprobs: list[float]  # log p(token | context, earlier continuation tokens), per token
     greedy: list[bool]  # whether each token is the argmax there
+    top: list[list[tuple[int, float]]] | None = None  # per token, the likeliest (token id, log p) there
 
     @property
     def total(self) -> float:
@@ -46,10 +47,11 @@ class Scored:
 
 @torch.inference_mode()
 def score_continuations(pair: ModelPair, context_ids: list[int], continuations: list[list[int]],
-                        method: str | Method = "dense") -> tuple[list[Scored], Stats]:
+                        method: str | Method = "dense", top: int = 0) -> tuple[list[Scored], Stats]:
     """Each continuation's token log-probabilities after `context_ids`, whose cache `method` compressed
-    (its draft, if any, guesses an answer as long as the longest continuation). Returns the scores and
-    the compression's stats (what was kept of the context)."""
+    (its draft, if any, guesses an answer as long as the longest continuation), with the `top`
+    likeliest tokens at each position when `top` > 0. Returns the scores and the compression's stats
+    (what was kept of the context)."""
     if not context_ids:
         raise ValueError("the context needs at least one token (lm-eval passes its prefix token)")
     longest = max((len(c) for c in continuations), default=1)
@@ -65,7 +67,7 @@ def score_continuations(pair: ModelPair, context_ids: list[int], continuations: 
                 logits = _continuation_logits(model, cache, prepared.first_logits[0], continuation, start)
             finally:
                 restore()  # the next continuation reads the same compressed context
-            scored.append(_scored(logits, continuation))
+            scored.append(_scored(logits, continuation, top))
     stats, _, _ = row_stats(prepared, 0, 0, prepared.started, prepared.started, None)
     return scored, stats
 
@@ -87,12 +89,17 @@ def _continuation_logits(model: torch.nn.Module, cache, first_logits: torch.Tens
     return logits
 
 
-def _scored(logits: list[torch.Tensor], continuation: list[int]) -> Scored:
-    logprobs, greedy, at = [], [], 0
+def _scored(logits: list[torch.Tensor], continuation: list[int], top: int) -> Scored:
+    logprobs, greedy, likeliest, at = [], [], [], 0
     for block in logits:
         tokens = torch.tensor(continuation[at: at + block.shape[0]], device=block.device)
+        normaliser = torch.logsumexp(block, dim=-1)
         chosen = block.gather(-1, tokens[:, None])[:, 0]
-        logprobs += (chosen - torch.logsumexp(block, dim=-1)).tolist()
+        logprobs += (chosen - normaliser).tolist()
         greedy += (block.argmax(dim=-1) == tokens).tolist()
+        if top:
+            values, indices = torch.topk(block, top, dim=-1)
+            likeliest += [list(zip(i, v, strict=True))
+                          for i, v in zip(indices.tolist(), (values - normaliser[:, None]).tolist(), strict=True)]
         at += block.shape[0]
-    return Scored(logprobs, greedy)
+    return Scored(logprobs, greedy, likeliest if top else None)

@@ -54,7 +54,12 @@ def encode_prompt(tokenizer, request: Request) -> EncodedPrompt:
 
 
 def encode_prompts(tokenizer, requests: list[Request]) -> list[EncodedPrompt]:
-    """`encode_prompt` for a batch, in one tokenizer call: a fast tokenizer encodes the texts on all cores."""
+    """`encode_prompt` for a batch, in one tokenizer call: a fast tokenizer encodes the texts on all cores.
+    A request's `prompt_ids` are its prompt as they are."""
+    if any(request.prompt_ids is not None for request in requests):
+        texts = [r for r in requests if r.prompt_ids is None]
+        encoded = iter(encode_prompts(tokenizer, texts) if texts else [])
+        return [next(encoded) if r.prompt_ids is None else from_ids(tokenizer, list(r.prompt_ids)) for r in requests]
     rendered = [_render(tokenizer, request) for request in requests]
     encoded: list[dict] = [{} for _ in requests]
     for add_special_tokens in (False, True):
@@ -65,6 +70,13 @@ def encode_prompts(tokenizer, requests: list[Request]) -> list[EncodedPrompt]:
             for index, row in enumerate(rows):
                 encoded[row] = {key: values[index] for key, values in batch.items()}
     return [_encoded_prompt(tokenizer, *r, e) for r, e in zip(rendered, encoded, strict=True)]
+
+
+def from_ids(tokenizer, ids: list[int]) -> EncodedPrompt:
+    """A prompt given as token ids: no question is marked (it all is context), the text is their decoding."""
+    if max(ids) >= len(tokenizer):
+        raise PromptError(f"prompt_ids holds token id {max(ids)}, past the tokenizer's {len(tokenizer)} tokens")
+    return EncodedPrompt(ids, len(ids), tokenizer.decode(ids))
 
 
 def _render(tokenizer, request: Request) -> tuple[str, bool, str, str]:

@@ -80,6 +80,8 @@ class Request:
     chat_template: bool = True
     answer_prefix: str = ""  # the start of the answer, which the model continues (after the chat template)
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks); stop strings still apply
+    prompt_ids: list[int] | None = None  # the prompt as the target's token ids, read as they are (no template)
+    logprobs: int | None = None  # report each new token's log-probability and this many likeliest (0: none)
 
     def __post_init__(self) -> None:
         for name in ("context", "question", "answer_prefix"):
@@ -95,11 +97,26 @@ class Request:
         for name in ("chat_template", "ignore_eos"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.prompt_ids is not None and (not isinstance(self.prompt_ids, list | tuple) or not self.prompt_ids
+                                            or not all(is_int(t) and t >= 0 for t in self.prompt_ids)):
+            raise ConfigError(f"prompt_ids must be a non-empty list of token ids (ints >= 0), got {self.prompt_ids!r:.60}")
+        if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
+            raise ConfigError(f"logprobs must be None or an int from 0 to 20 (the likeliest tokens to list), "
+                              f"got {self.logprobs!r}")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         if not isinstance(self.stop, list | tuple) or not all(isinstance(s, str) for s in self.stop):
             raise ConfigError(f"stop must be a string or a list of strings, got {self.stop!r}")
         self.stop = tuple(s for s in self.stop if s)
+
+
+@dataclass
+class TokenLogprob:
+    """One token's log-probability under the model, and the likeliest tokens at its position."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, log-probability), likeliest first
 
 
 @dataclass
@@ -172,3 +189,4 @@ class Result:
     stats: Stats
     kept_positions: list[torch.Tensor] | None = None
     kept_tokens: torch.Tensor | None = None
+    logprobs: list[TokenLogprob] | None = None  # per new token, when the request asked (from the compressed cache)

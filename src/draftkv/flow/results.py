@@ -74,7 +74,7 @@ def finish(pair: ModelPair, prepared: Prepared, on_text: TextCallback | None = N
             eos_token_ids=[set() if r.ignore_eos else eos_ids(target, pair.tokenizer) for r in requests],
             tokenizer=pair.tokenizer, stops=[r.stop for r in requests], on_text=on_text,
             after_step=eviction.after_step if eviction is not None else None, cancelled=cancelled,
-            backend=pair.decode,
+            backend=pair.decode, logprobs=[r.logprobs for r in requests],
         )
     finished = clock.now()
     clock.add("decode", finished - max(decoding, output.first_token_at))
@@ -89,7 +89,8 @@ def results_of(prepared: Prepared, rows: list[Decoded], first_token_at: float, f
     for row, decoded in enumerate(rows):
         stats, kept_tokens, kept_kv = row_stats(prepared, row, len(decoded.token_ids), first_token_at, finished, memory)
         stats.note = "; ".join(filter(None, [stats.note, *notes, "shared prefill" if prepared.shared_prefill else ""]))
-        results.append(Result(decoded.text, decoded.token_ids, decoded.finish_reason, stats, kept_kv, kept_tokens))
+        results.append(Result(decoded.text, decoded.token_ids, decoded.finish_reason, stats, kept_kv, kept_tokens,
+                              decoded.logprobs))
     return results
 
 
@@ -155,6 +156,7 @@ def _decode_group(pair: ModelPair, batches: list[Prepared]) -> list[list[Result]
             attention_mask=None, max_new_tokens=[r.max_new_tokens for r in requests],
             samplings=[r.sampling for r in requests], eos_token_ids=[set() if r.ignore_eos else eos for r in requests],
             tokenizer=pair.tokenizer, stops=[r.stop for r in requests], backend=pair.decode,
+            logprobs=[r.logprobs for r in requests],
         )
     finished = clock.now()
     clock.add("decode", finished - max(started, output.first_token_at))

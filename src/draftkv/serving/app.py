@@ -29,13 +29,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import DraftKVError, UnknownMethodError
 from ..methods import Method, method_with_budgets
 from ..types import Request as DraftRequest
-from ..types import Result, Sampling
+from ..types import Result, Sampling, TokenLogprob
 from . import protocol
 from .engine import Job, Scheduler, check_proxy_method, run_local, run_proxy
 from .protocol import ChatRequest, Common, CompletionRequest, ServeError, sse
 
 if TYPE_CHECKING:
     from ..compress import CompressedPrompt
+    from ..likelihood import Scored
     from ..models import ModelPair
 
 log = logging.getLogger("draftkv.serve")
@@ -146,6 +147,52 @@ def usage(result: Result) -> dict:
             "total_tokens": stats.prompt_tokens + stats.new_tokens, "kept_prompt_tokens": stats.kept_prompt_tokens}
 
 
+def shown_logprobs(tokenizer, result: Result) -> list[TokenLogprob]:
+    """The generated tokens' log-probabilities, up to the text shown (a stop string's tokens are cut with it)."""
+    shown, length = [], 0
+    for entry in result.logprobs or []:
+        if length >= len(result.text):
+            break
+        shown.append(entry)
+        length = len(tokenizer.decode(result.token_ids[: len(shown)], skip_special_tokens=True,
+                                      clean_up_tokenization_spaces=False))
+    return shown
+
+
+def completion_logprobs(tokenizer, result: Result, prompt: tuple[list[int], Scored] | None, top: int) -> dict:
+    """OpenAI's completion logprobs: every token's text, log-probability, likeliest alternatives (the chosen
+    one among them) and text offset; with echo, the prompt's tokens first (the first has none)."""
+    entries: list[tuple[int, float | None, list[tuple[int, float]] | None]] = []
+    if prompt is not None:
+        ids, scored = prompt
+        entries.append((ids[0], None, None))
+        entries += list(zip(ids[1:], scored.logprobs, scored.top or [[] for _ in ids[1:]], strict=True))
+    entries += [(t.token_id, t.logprob, t.top) for t in shown_logprobs(tokenizer, result)]
+    tokens, token_logprobs, top_logprobs, offsets, length = [], [], [], [], 0
+    for token, logprob, likeliest in entries:
+        piece = tokenizer.decode([token], clean_up_tokenization_spaces=False)
+        tokens.append(piece)
+        token_logprobs.append(logprob)
+        offsets.append(length)
+        length += len(piece)
+        if likeliest is None:
+            top_logprobs.append(None)
+        else:
+            alternatives = {tokenizer.decode([i], clean_up_tokenization_spaces=False): v for i, v in likeliest[:top]}
+            top_logprobs.append({**alternatives, piece: logprob})
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer, result: Result) -> dict:
+    """OpenAI's chat logprobs: per generated token, its text, bytes, log-probability and alternatives."""
+    def entry(token: int, logprob: float) -> dict:
+        text = tokenizer.decode([token], clean_up_tokenization_spaces=False)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, v) for i, v in t.top]}
+                        for t in shown_logprobs(tokenizer, result)]}
+
+
 def draftkv_stats(method: Method, result: Result) -> dict:
     stats = result.stats
     return {"method": method.name, "params": method.params(), "prompt_tokens": stats.prompt_tokens,
@@ -197,13 +244,23 @@ class Server:
             check_proxy_method(method)
         temperature = parsed.temperature if parsed.temperature is not None else self.settings.temperature
         sampling = Sampling(temperature, parsed.top_p or 1.0, parsed.top_k or 0, parsed.seed)
+        logprobs = None if self.settings.proxy else parsed.wanted_logprobs()  # upstream's own, in proxy mode
+        if parsed.stream and logprobs is not None:
+            raise ServeError(400, "logprobs are returned with whole responses only: leave out stream or logprobs",
+                             param="logprobs", code="unsupported_parameter")
         if isinstance(parsed, ChatRequest):
             max_new = parsed.max_completion_tokens or parsed.max_tokens or self.settings.max_tokens
             request = DraftRequest(messages=parsed.chat(), max_new_tokens=max_new, sampling=sampling,
-                                   stop=parsed.stops())
+                                   stop=parsed.stops(), logprobs=logprobs)
         else:
             assert isinstance(parsed, CompletionRequest)
-            request = DraftRequest(context=parsed.text(), chat_template=False, sampling=sampling, stop=parsed.stops(),
+            if parsed.echo and parsed.stream:
+                raise ServeError(400, "echo is returned with whole responses only: leave out stream or echo",
+                                 param="echo", code="unsupported_parameter")
+            prompt = parsed.one()
+            request = DraftRequest(context=prompt if isinstance(prompt, str) else "",
+                                   prompt_ids=prompt if isinstance(prompt, list) else None, chat_template=False,
+                                   sampling=sampling, stop=parsed.stops(), logprobs=logprobs,
                                    max_new_tokens=parsed.max_tokens or self.settings.max_tokens)
         return request, method
 
@@ -251,6 +308,9 @@ class Server:
         trace.method = method.name
         chat = isinstance(parsed, ChatRequest)
         job = self.submit(request, method)
+        echo = not chat and parsed.echo
+        if echo and request.logprobs is not None:
+            job.prompt_logprobs = request.logprobs
         await self.admitted(job, http, trace)
         reply = Reply(chat, protocol.new_id("chatcmpl" if chat else "cmpl"), protocol.now(), self.model_name)
         if not parsed.stream:
@@ -258,8 +318,14 @@ class Server:
                 pass
             result = event[1]
             self.account(trace, result)
-            return JSONResponse({**reply.whole(result.text, result.finish_reason), "usage": usage(result),
-                                 "draftkv": draftkv_stats(method, result)})
+            tokenizer = self.pair.tokenizer
+            prompt_text = (request.context or tokenizer.decode(request.prompt_ids)) if echo else ""
+            logprobs = None
+            if request.logprobs is not None:
+                logprobs = (chat_logprobs(tokenizer, result) if chat
+                            else completion_logprobs(tokenizer, result, job.prompt_scores, request.logprobs))
+            return JSONResponse({**reply.whole(prompt_text + result.text, result.finish_reason, logprobs),
+                                 "usage": usage(result), "draftkv": draftkv_stats(method, result)})
 
         async def stream() -> AsyncIterator[str]:
             ended = False
@@ -429,12 +495,13 @@ class Reply:
     def head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def whole(self, text: str, finish_reason: str) -> dict:
+    def whole(self, text: str, finish_reason: str, logprobs: dict | None = None) -> dict:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
+                      "logprobs": logprobs}
             return {**self.head("chat.completion"), "choices": [choice]}
         return {**self.head("text_completion"),
-                "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
+                "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}]}
 
     def chunk(self, delta: str | dict | None, finish_reason: str | None = None) -> dict:
         if self.chat:

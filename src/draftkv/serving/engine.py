@@ -23,6 +23,7 @@ import torch
 from ..compress import compress_prompts
 from ..errors import DraftKVError
 from ..flow.plan import Consumer
+from ..likelihood import Scored, score_continuations
 from ..methods import Method
 from ..pipeline import generate_batch
 from ..prompt import encode_prompt
@@ -48,6 +49,8 @@ class Job:
     cancelled: bool = False
     prompt_tokens: int = 0
     memory: int = 0  # estimated bytes while it runs
+    prompt_logprobs: int | None = None  # echo with logprobs: score the prompt's own tokens (this many likeliest)
+    prompt_scores: tuple[list[int], Scored] | None = None  # the prompt's ids and their scores, set before "done"
 
     def emit(self, kind: str, value: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
@@ -233,11 +236,19 @@ def run_batch(work: Callable[[list[Job]], list[Any]], batch: list[Job]) -> None:
 
 
 def run_local(pair: ModelPair, batch: list[Job]) -> None:
-    """Local mode: the target answers the batch, streaming each row's text to its job."""
+    """Local mode: the target answers the batch, streaming each row's text to its job. A job that echoes
+    its prompt with logprobs gets the prompt's own token scores: the dense model's, one more pass over it."""
     def work(jobs: list[Job]) -> list[Any]:
-        return generate_batch(pair, [job.request for job in jobs], jobs[0].method,
-                              on_text=lambda row, text: jobs[row].emit("text", text),
-                              cancelled=lambda row: jobs[row].stopped)
+        results = generate_batch(pair, [job.request for job in jobs], jobs[0].method,
+                                 on_text=lambda row, text: jobs[row].emit("text", text),
+                                 cancelled=lambda row: jobs[row].stopped)
+        for job in jobs:
+            if job.prompt_logprobs is not None:
+                ids = encode_prompt(pair.tokenizer, job.request).ids
+                scored = (score_continuations(pair, ids[:1], [ids[1:]], "dense", top=job.prompt_logprobs)[0][0]
+                          if len(ids) > 1 else Scored([], [], []))
+                job.prompt_scores = (ids, scored)
+        return results
 
     run_batch(work, batch)
 

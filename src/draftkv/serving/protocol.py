@@ -21,8 +21,8 @@ IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "
 # OpenAI features that are not supported: accepted only at their neutral value.
 NEUTRAL: dict[str, tuple[Any, ...]] = {
     "frequency_penalty": (0, 0.0, None), "presence_penalty": (0, 0.0, None), "logit_bias": (None, {}),
-    "logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
-    "functions": (None, []), "function_call": (None, "none"), "best_of": (None, 1), "echo": (None, False),
+    "tools": (None, []), "tool_choice": (None, "none"),
+    "functions": (None, []), "function_call": (None, "none"), "best_of": (None, 1),
     "suffix": (None, ""), "response_format": (None, {"type": "text"}),
 }
 DRAFTKV_FIELDS = {"method", "budget", "prompt_budget", "compression_ratio"}
@@ -115,20 +115,38 @@ class Message(BaseModel):
 class ChatRequest(Common):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
     def chat(self) -> list[dict[str, str]]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
+    def wanted_logprobs(self) -> int | None:
+        """How many likeliest tokens each reported token lists (None: no log-probabilities)."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ServeError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(Common):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
 
-    def text(self) -> str:
+    def one(self) -> str | list[int]:
+        """The request's one prompt: text, or token ids."""
         if isinstance(self.prompt, str):
             return self.prompt
+        if self.prompt and all(isinstance(token, int) for token in self.prompt):
+            return list(self.prompt)
         if len(self.prompt) != 1:
             raise ServeError(400, f"give one prompt per request (got a list of {len(self.prompt)})", param="prompt")
+        if isinstance(self.prompt[0], list) and not self.prompt[0]:
+            raise ServeError(400, "the prompt holds no token ids", param="prompt", code="invalid_prompt")
         return self.prompt[0]
+
+    def wanted_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 def parse(model: type[Common], raw: bytes) -> Common:
