@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--file", default="proxy.json", help="the result file's name in --out")
     args = parser.parse_args()
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
@@ -66,7 +67,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "proxy.json").write_text(json.dumps(rows, indent=1) + "\n")
+        (args.out / args.file).write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

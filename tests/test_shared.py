@@ -150,3 +150,27 @@ def test_decode_groups_split_the_rows_where_it_reads_least(widths, entry_bytes, 
     assert sorted(i for g in groups for i in g) == list(range(len(widths)))
     cost = sum(weight_bytes + len(g) * max(widths[i] for i in g) * entry_bytes for g in groups)
     assert cost == least_cost(widths, entry_bytes, weight_bytes)
+
+
+@pytest.mark.parametrize("backend", ["eager", "static"])
+def test_finished_rows_leave_the_batch_and_the_others_keep_their_tokens(pair, backend):
+    """Once half the rows are done, the decode goes on with the running rows alone (smaller steps), and
+    every row still gets the tokens it gets alone; ragged caches included."""
+    import dataclasses
+
+    from draftkv.methods import get_method
+
+    chosen = dataclasses.replace(pair, decode=backend)
+    requests = [Request(context=long_context(120 + 20 * i, seed=i), question="what?", max_new_tokens=n,
+                        ignore_eos=True) for i, n in enumerate([2, 3, 2, 12])]
+    for method in (get_method("dense"), get_method("ada-snapkv", budget=48, window=8)):
+        batch_sizes = []
+        hook = pair.target.model.register_forward_pre_hook(
+            lambda _m, _a, kwargs, sizes=batch_sizes: sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+        try:
+            together = run(chosen, requests, [method])[0]
+        finally:
+            hook.remove()
+        assert batch_sizes[-1] == 1 and 4 in batch_sizes  # decode steps: all four rows, then the last alone
+        for request, result in zip(requests, together, strict=True):
+            assert result.token_ids == run(chosen, [request], [method])[0][0].token_ids, method.name

@@ -328,6 +328,12 @@ def capture(model: torch.nn.Module, *collectors: Collector | None) -> Iterator[N
         model.set_attn_implementation(previous)
 
 
+def follow_ragged(old: DynamicCache, new: DynamicCache) -> None:
+    """The decode goes on over `new` (the rows of `old` still running): its layers bring the masks now."""
+    if _active_ragged.get() is old:
+        _active_ragged.set(new)
+
+
 @contextmanager
 def ragged_attention(model: torch.nn.Module, cache: DynamicCache) -> Iterator[None]:
     """Decode over a ragged cache: its layers' per-head masks replace the model's (none needed then)."""

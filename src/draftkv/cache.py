@@ -326,6 +326,34 @@ def layer_entries(layer: DynamicLayer, attention_mask: torch.Tensor | None,
     return layer.keys, layer.values, valid
 
 
+def rows_of(layer: DynamicLayer, rows: torch.Tensor, room: int) -> DynamicLayer:
+    """A copy of a layer holding only the batch rows `rows`, with room for `room` more entries."""
+    if isinstance(layer, PerHeadLayer):
+        chosen = rows.tolist()
+        copied = copy.copy(layer)
+        copied.head_keys = [layer.head_keys[b] for b in chosen]
+        copied.head_values = [layer.head_values[b] for b in chosen]
+        copied.valid = layer.valid[rows]
+        return copied
+    if isinstance(layer, PaddedLayer):
+        return PaddedLayer(layer.keys[rows], layer.values[rows], layer.valid[rows], room)
+    if isinstance(layer, FixedSlotLayer):
+        filled = layer.base + int(layer.step)
+        return PaddedLayer(layer.keys[rows, :, :filled], layer.values[rows, :, :filled], layer.valid[rows, :, :filled],
+                           room)
+    if isinstance(layer, SlotLayer):
+        return SlotLayer(layer.keys[rows], layer.values[rows], room)
+    copied = copy.copy(layer)  # a transformers layer (a sliding window): its counters hold for every row
+    if layer.is_initialized:
+        copied.keys, copied.values = layer.keys[rows], layer.values[rows]
+    return copied
+
+
+def select_rows(cache: DynamicCache, rows: torch.Tensor, room: int) -> DynamicCache:
+    """A new cache of the batch rows `rows` (the others are dropped: finished rows of a decode)."""
+    return cache_of_layers([rows_of(layer, rows, room) for layer in cache.layers])
+
+
 def stacked_cache(caches: list[DynamicCache], attention_masks: list[torch.Tensor | None]) -> DynamicCache:
     """One cache holding every cache's rows in turn (full-attention layers only): per layer, each row's
     entries left-padded to the widest and masked per head, so each row decodes over its own entries,

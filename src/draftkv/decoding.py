@@ -20,8 +20,8 @@ import torch
 from torch.nn.attention import sdpa_kernel
 from transformers import DynamicCache
 
-from .attention import DECODE_ATTENTION
-from .cache import reserve
+from .attention import DECODE_ATTENTION, follow_ragged
+from .cache import reserve, select_rows
 from .errors import ConfigError
 from .static import StaticStep, supports_static
 from .types import FinishReason, Sampling, TokenLogprob
@@ -150,7 +150,7 @@ class EagerStep:
 
     def __init__(self, model: torch.nn.Module, cache: DynamicCache | None, attention_mask: torch.Tensor | None,
                  steps: int) -> None:
-        self.model, self.cache = model, cache
+        self.model, self.cache, self.steps = model, cache, steps
         if cache is not None:
             reserve(cache, steps)
         self.mask, self.length = None, 0
@@ -158,6 +158,17 @@ class EagerStep:
             self.length = attention_mask.shape[1]
             self.mask = attention_mask.new_ones(attention_mask.shape[0], self.length + steps)
             self.mask[:, : self.length] = attention_mask
+
+    def select(self, rows: list[int], taken: int) -> EagerStep:
+        """The same step for the batch rows `rows` alone, after `taken` steps (finished rows dropped)."""
+        index = torch.tensor(rows, device=self.model.device)
+        chosen = EagerStep.__new__(EagerStep)
+        chosen.model, chosen.steps, chosen.length = self.model, self.steps, self.length  # steps: of the whole decode
+        chosen.cache = select_rows(self.cache, index, self.steps - taken) if self.cache is not None else None
+        chosen.mask = self.mask[index] if self.mask is not None else None
+        if self.cache is not None:
+            follow_ragged(self.cache, chosen.cache)
+        return chosen
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] after `tokens` [B, 1] at `positions` [B, 1]."""
@@ -267,6 +278,7 @@ def decode(
     step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     backend: str = "eager",
     logprobs: list[int | None] | None = None,
+    compact: bool = True,
 ) -> DecodeOutput:
     """Generate from `first_logits` [B, V] (the prefill's last position) and a filled `cache`.
 
@@ -277,6 +289,8 @@ def decode(
     `cancelled(row)` turns true stops at the next token with finish reason "cancelled" (a server's
     client went away or ran out of time). `step`: the decode step (default: `backend`'s, see make_step).
     `logprobs[row]`: report that row's tokens' log-probabilities with this many likeliest (None: not).
+    `compact`: once half the rows are finished, go on with the others alone (not while collectors read
+    every row's queries each step).
     """
     batch = first_logits.shape[0]
     row_eos = eos_token_ids if isinstance(eos_token_ids, list) else [eos_token_ids] * batch
@@ -291,24 +305,33 @@ def decode(
                              evicting=after_step is not None)
     first_token_at = 0.0
     steps = 0
+    live = list(range(batch))  # the original row of each row the step still runs
     for index in range(max(max_new_tokens)):
-        next_tokens = pick_tokens(logits, samplings, generators)
+        next_tokens = pick_tokens(logits, [samplings[r] for r in live], [generators[r] for r in live])
         if index == 0:
             first_token_at = time.perf_counter()
-        scored = token_logprobs(logits, next_tokens, wanted) if wanted is not None else [None] * batch
-        for number, (row, token) in enumerate(zip(rows, next_tokens, strict=True)):
+        scored = token_logprobs(logits, next_tokens, [wanted[r] for r in live]) if wanted else [None] * len(live)
+        for number, token, logprob in zip(live, next_tokens, scored, strict=True):
+            row = rows[number]
             if row.finish is not None:
                 continue
             if cancelled is not None and cancelled(number):
                 row.end("cancelled")
                 continue
-            row.take(token, scored[number])
+            row.take(token, logprob)
             if on_text is not None and (piece := row.new_text()):
                 on_text(number, piece)
-        if all(row.finish is not None for row in rows):
+        running = [at for at, number in enumerate(live) if rows[number].finish is None]
+        if not running:
             break
-        # Finished rows are fed a token too (the batch moves together); their output is ignored.
-        logits = step(torch.tensor(next_tokens, device=first_logits.device).view(batch, 1), positions)
+        # Finished rows are fed a token too while they are few; once half the rows are done, the step
+        # goes on with the running rows alone (decode-time eviction keeps its batch whole).
+        if compact and len(running) <= len(live) // 2 and after_step is None and hasattr(step, "select"):
+            step = step.select(running, steps)
+            live = [live[at] for at in running]
+            positions = positions[running]
+            next_tokens = [next_tokens[at] for at in running]
+        logits = step(torch.tensor(next_tokens, device=first_logits.device).view(len(live), 1), positions)
         positions += 1
         steps += 1
         if after_step is not None:

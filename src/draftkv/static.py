@@ -18,7 +18,7 @@ from torch.nn.attention import sdpa_kernel
 from transformers import DynamicCache
 
 from .attention import DECODE_ATTENTION, ragged_attention
-from .cache import FixedSlotLayer, PerHeadLayer, cache_of_layers, layer_entries
+from .cache import FixedSlotLayer, PerHeadLayer, cache_of_layers, layer_entries, select_rows
 
 STATIC_IMPLEMENTATIONS = ("sdpa", "eager")  # those whose mask the layers can replace (flex takes a BlockMask)
 _warmed: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # models whose kernels ran once before a capture
@@ -46,7 +46,7 @@ class StaticStep:
 
     def __init__(self, model: torch.nn.Module, cache: DynamicCache, attention_mask: torch.Tensor | None,
                  steps: int, graphs: bool | None = None) -> None:
-        self.model = model
+        self.model, self.steps = model, steps
         self.graphs = model.device.type == "cuda" if graphs is None else graphs
         self.step = torch.zeros(1, dtype=torch.long, device=model.device)  # new tokens written so far
         layers = []
@@ -61,6 +61,14 @@ class StaticStep:
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
         self.logits: torch.Tensor | None = None  # [B, V], written by every step
         self.graph: torch.cuda.CUDAGraph | None = None
+
+    def select(self, rows: list[int], taken: int) -> StaticStep:
+        """A new static step for the batch rows `rows` alone, after `taken` steps (finished rows dropped)."""
+        index = torch.tensor(rows, device=self.model.device)
+        remaining = self.steps - taken
+        chosen = StaticStep(self.model, select_rows(self.cache, index, remaining), None, remaining, self.graphs)
+        chosen.steps = self.steps  # of the whole decode, as `taken` counts
+        return chosen
 
     def _forward(self) -> None:
         with sdpa_kernel(DECODE_ATTENTION), ragged_attention(self.model, self.cache):

@@ -194,8 +194,9 @@ def run_draft(model: torch.nn.Module, batch: PaddedBatch, needs: list[DraftNeed]
             model, cache, last_logits, positions=torch.tensor(batch.next_positions, device=device),
             attention_mask=batch.attention_mask, max_new_tokens=steps,
             samplings=[Sampling()] * len(steps), eos_token_ids=eos,
-            # Collectors read every step's queries in Python: a replayed graph would skip them.
-            backend="eager" if active else backend,
+            # Collectors read every step's queries in Python: a replayed graph would skip them, and they
+            # keep every row's scores, so the batch stays whole.
+            backend="eager" if active else backend, compact=not active,
         )
     del cache
     clock.add("draft_lookahead", clock.now() - prefilled - (scoring_seconds() - prefill_scoring))
