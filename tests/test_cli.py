@@ -205,3 +205,18 @@ def test_eval_loads_a_draft_only_for_methods_that_use_it(monkeypatch, tmp_path):
     for methods, draft in (("keep-last,dense,snapkv", None), ("keep-last,speckv", "qwen2.5-coder-0.5b-instruct")):
         runner.invoke(app, ["eval", "ruler", "--length", "2048", "--methods", methods, "--out", str(tmp_path)])
         assert asked[-1] == draft
+
+
+def test_a_prompt_past_the_context_is_refused_before_any_weight_is_read(monkeypatch, folders, tmp_path):
+    """A check that needs only the tokenizer (and the config) runs before the weights load."""
+    import transformers
+
+    def no_weights(*_args, **_kwargs):
+        raise AssertionError("weights were read before a check that needs only the tokenizer")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    huge = tmp_path / "huge.txt"
+    huge.write_text(long_context(9000), encoding="utf-8")
+    result = runner.invoke(app, ["generate", "--target", folders["target"], "--draft", folders["draft"],
+                                 "--context-file", str(huge), "-q", QUESTION, "--method", "dense"])
+    assert result.exit_code == 2 and "context limit of 4096 tokens" in " ".join(result.output.split()), result.output

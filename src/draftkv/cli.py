@@ -19,9 +19,11 @@ from .context import compress_context
 from .decoding import check_backend
 from .errors import ConfigError, DraftKVError, PromptError
 from .eval import agreement, longbench, report, ruler, runner
+from .flow.steps import check_fits
 from .methods import METHODS, Method, help_of, method_with_budgets
 from .models import DEFAULT_DRAFT, DEFAULT_TARGET, cache_dir, embedded_status, load_pair
 from .pipeline import generate as run_generate
+from .prompt import encode_prompt
 from .types import Request, Sampling
 
 app = typer.Typer(
@@ -183,9 +185,13 @@ def generate(
         if not ask and not text.strip() and not question.strip():
             raise PromptError("the prompt is empty: give a context, a question or both")
         needs_draft = chosen.uses_draft(max_new_tokens)
+        request = Request(context=text, question="" if ask else question, system=system,
+                          max_new_tokens=max_new_tokens, chat_template=chat_template)
         with err.status("loading models (the first time converts the embedded pair: a few minutes)"):
             pair = load_pair(target, draft if needs_draft else None, device=device, dtype=dtype,
-                             allow_tokenizer_mismatch=crosses_as_text(chosen, max_new_tokens), decode=decode)
+                             allow_tokenizer_mismatch=crosses_as_text(chosen, max_new_tokens), decode=decode,
+                             before_weights=lambda tokenizer, config: check_fits(
+                                 config, "target", len(encode_prompt(tokenizer, request).ids), max_new_tokens))
         if ask:
             answer_each(pair, text, ask, chosen, system, chat_template, max_new_tokens, as_json)
             return

@@ -72,7 +72,12 @@ def eos_ids(model: torch.nn.Module, tokenizer) -> set[int]:
 
 
 def check_context(model: torch.nn.Module, role: str, prompt_length: int, extra_tokens: int) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
+    check_fits(model.config, role, prompt_length, extra_tokens)
+
+
+def check_fits(config, role: str, prompt_length: int, extra_tokens: int) -> None:
+    """The prompt and the tokens asked for fit the model's context (from its config alone)."""
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
     if limit is not None and prompt_length + extra_tokens > limit:
         raise PromptError(
             f"the prompt has {prompt_length} tokens and {extra_tokens} more are asked for, past the {role}'s "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,13 @@ from typing import Any
 import torch
 
 from draftkv.decoding import check_backend
-from draftkv.errors import ConfigError, ModelLoadError, TokenizerMismatchError, UnsupportedModelError
+from draftkv.errors import (
+    ConfigError,
+    DraftKVError,
+    ModelLoadError,
+    TokenizerMismatchError,
+    UnsupportedModelError,
+)
 from draftkv.models.embedded import (
     DEFAULT_DRAFT,
     DEFAULT_TARGET,
@@ -130,13 +137,20 @@ def check_family(config: Any) -> None:
             "other such families transformers ships")
 
 
-def _load_folder(source: str | Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+BeforeWeights = Callable[[Any, Any], None]  # (tokenizer, config): a check that needs no weights
+
+
+def _load_folder(source: str | Path, device: torch.device, dtype: torch.dtype,
+                 before_weights: BeforeWeights | None = None) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    check_family(AutoConfig.from_pretrained(source))  # before any weight is read
+    config = AutoConfig.from_pretrained(source)
+    check_family(config)  # before any weight is read
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if before_weights is not None:
+        before_weights(tokenizer, config)
     with transformers_bars_off():
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
-    tokenizer = AutoTokenizer.from_pretrained(source)
     model.to(device)
     model.eval()
     model.requires_grad_(False)
@@ -144,9 +158,11 @@ def _load_folder(source: str | Path, device: torch.device, dtype: torch.dtype) -
 
 
 def load_model(
-    spec: str, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+    spec: str, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+    before_weights: BeforeWeights | None = None,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer from an embedded name, a local folder or .gguf file, or a hub id."""
+    """Load a causal LM and its tokenizer from an embedded name, a local folder or .gguf file, or a hub id.
+    `before_weights(tokenizer, config)` runs before any weight is read (a check that needs no model)."""
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     start = time.perf_counter()
@@ -167,8 +183,8 @@ def load_model(
         source, folder = "hub", spec
 
     try:
-        model, tokenizer = _load_folder(folder, device, dtype)
-    except UnsupportedModelError:
+        model, tokenizer = _load_folder(folder, device, dtype, before_weights)
+    except DraftKVError:  # an unsupported family, or the caller's own check: as they are
         raise
     except Exception as error:
         if source != "hub":
@@ -236,15 +252,17 @@ def load_pair(
     dtype: str | torch.dtype | None = None,
     allow_tokenizer_mismatch: bool = False,
     decode: str = "auto",
+    before_weights: BeforeWeights | None = None,
 ) -> ModelPair:
     """Load a target and (unless `draft` is None, for draft-free methods) a draft, and check they pair.
 
     A draft with another tokenizer is refused, unless `allow_tokenizer_mismatch`: then prompt methods
     work at the text level, and methods that pass token ids (SpecKV) refuse to run. `decode`: the
     decode step, "auto" (static with a CUDA graph on CUDA, eager elsewhere), "eager" or "static".
+    `before_weights(tokenizer, config)`: a check on the target that needs no weights, run before any load.
     """
     check_backend(decode)
-    target_model = load_model(target, device=device, dtype=dtype)
+    target_model = load_model(target, device=device, dtype=dtype, before_weights=before_weights)
     draft_model = load_model(draft, device=device, dtype=dtype) if draft is not None else None
     return replace(_paired(target_model, draft_model, allow_tokenizer_mismatch), decode=decode)
 
