@@ -220,3 +220,13 @@ def test_a_prompt_past_the_context_is_refused_before_any_weight_is_read(monkeypa
     result = runner.invoke(app, ["generate", "--target", folders["target"], "--draft", folders["draft"],
                                  "--context-file", str(huge), "-q", QUESTION, "--method", "dense"])
     assert result.exit_code == 2 and "context limit of 4096 tokens" in " ".join(result.output.split()), result.output
+
+
+def test_an_eval_length_past_the_context_is_refused_before_any_weight_is_read(monkeypatch, folders, tmp_path):
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *_a, **_k: (_ for _ in ()).throw(AssertionError("weights were read")))
+    result = runner.invoke(app, ["eval", "ruler", "--target", folders["target"], "--draft", folders["draft"],
+                                 "--length", "8192", "--tasks", "vt", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "context limit of 4096 tokens" in " ".join(result.output.split()), result.output

@@ -541,8 +541,10 @@ def eval_ruler(
             for n in lengths:
                 _writable(out or Path(f"results/ruler-{n}" + ("-agnostic" if query_agnostic else "")))
         with err.status("loading models"):
+            longest_answer = max(ruler.TASKS[task][0] for task in chosen_tasks)
             pair = load_pair(target, draft if dump is None and _needs_draft(runs) else None, device=device,
-                             dtype=dtype, decode=decode)
+                             dtype=dtype, decode=decode, before_weights=lambda _tokenizer, config: [
+                                 check_fits(config, "target", n, longest_answer) for n in lengths])
         for n in lengths:
             per_task = []
             for task in chosen_tasks:
