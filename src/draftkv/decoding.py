@@ -190,12 +190,14 @@ def check_backend(backend: str) -> str:
 
 
 def make_step(backend: str, model: torch.nn.Module, cache: DynamicCache | None, attention_mask: torch.Tensor | None,
-              steps: int, evicting: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+              steps: int, evicting: bool = False, consume: bool = False,
+              ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The decode step of a backend: "eager", "static" (fixed shapes, a CUDA graph on CUDA: see
     draftkv.static), or "auto" (static on CUDA, eager elsewhere). A decode the static step cannot
-    take (a sliding window, decode-time eviction, flex attention) takes the eager step."""
+    take (a sliding window, decode-time eviction, flex attention) takes the eager step. `consume`: the
+    static step may let go of `cache` while copying it (the caller needs it no more)."""
     if steps > 0 and not evicting and takes_static(backend, model, cache):
-        return StaticStep(model, cache, attention_mask, steps)
+        return StaticStep(model, cache, attention_mask, steps, consume=consume)
     return EagerStep(model, cache, attention_mask, steps)
 
 
@@ -279,6 +281,7 @@ def decode(
     backend: str = "eager",
     logprobs: list[int | None] | None = None,
     compact: bool = True,
+    consume: bool = False,
 ) -> DecodeOutput:
     """Generate from `first_logits` [B, V] (the prefill's last position) and a filled `cache`.
 
@@ -290,7 +293,8 @@ def decode(
     client went away or ran out of time). `step`: the decode step (default: `backend`'s, see make_step).
     `logprobs[row]`: report that row's tokens' log-probabilities with this many likeliest (None: not).
     `compact`: once half the rows are finished, go on with the others alone (not while collectors read
-    every row's queries each step).
+    every row's queries each step). `consume`: the cache is not needed afterwards (the static step may
+    let go of it as it copies it).
     """
     batch = first_logits.shape[0]
     row_eos = eos_token_ids if isinstance(eos_token_ids, list) else [eos_token_ids] * batch
@@ -302,7 +306,7 @@ def decode(
     logits = first_logits
     positions = positions.clone().view(batch, 1)
     step = step or make_step(backend, model, cache, attention_mask, max(max_new_tokens, default=0),
-                             evicting=after_step is not None)
+                             evicting=after_step is not None, consume=consume)
     first_token_at = 0.0
     steps = 0
     live = list(range(batch))  # the original row of each row the step still runs

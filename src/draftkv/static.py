@@ -16,6 +16,7 @@ import weakref
 import torch
 from torch.nn.attention import sdpa_kernel
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from .attention import DECODE_ATTENTION, ragged_attention
 from .cache import FixedSlotLayer, PerHeadLayer, cache_of_layers, layer_entries, select_rows
@@ -42,19 +43,23 @@ class StaticStep:
     """One decoding step of fixed shape (see the module's docstring); the same call as `EagerStep`.
 
     `graphs`: capture and replay a CUDA graph (default: on CUDA). The request's cache is read once,
-    into the step's own slots, and is left as it was."""
+    into the step's own slots, and is left as it was; with `consume`, each of its layers is let go of
+    as soon as it is copied, so the copy never doubles the cache's memory."""
 
     def __init__(self, model: torch.nn.Module, cache: DynamicCache, attention_mask: torch.Tensor | None,
-                 steps: int, graphs: bool | None = None) -> None:
+                 steps: int, graphs: bool | None = None, consume: bool = False) -> None:
         self.model, self.steps = model, steps
         self.graphs = model.device.type == "cuda" if graphs is None else graphs
         self.step = torch.zeros(1, dtype=torch.long, device=model.device)  # new tokens written so far
         layers = []
-        for layer in cache.layers:
+        for at, layer in enumerate(cache.layers):
             keys, values, valid = layer_entries(layer, attention_mask if not isinstance(layer, PerHeadLayer) else None)
             fixed = FixedSlotLayer(keys.shape[2] + steps, keys, values, self.step)
             fixed.load(keys, values, valid)
             layers.append(fixed)
+            if consume:
+                del keys, values, valid
+                cache.layers[at] = DynamicLayer()
         self.cache = cache_of_layers(layers)
         batch = layers[0].keys.shape[0]
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=model.device)

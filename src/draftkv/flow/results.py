@@ -74,7 +74,7 @@ def finish(pair: ModelPair, prepared: Prepared, on_text: TextCallback | None = N
             eos_token_ids=[set() if r.ignore_eos else eos_ids(target, pair.tokenizer) for r in requests],
             tokenizer=pair.tokenizer, stops=[r.stop for r in requests], on_text=on_text,
             after_step=eviction.after_step if eviction is not None else None, cancelled=cancelled,
-            backend=pair.decode, logprobs=[r.logprobs for r in requests],
+            backend=pair.decode, logprobs=[r.logprobs for r in requests], consume=True,
         )
     finished = clock.now()
     clock.add("decode", finished - max(decoding, output.first_token_at))
@@ -156,7 +156,7 @@ def _decode_group(pair: ModelPair, batches: list[Prepared]) -> list[list[Result]
             attention_mask=None, max_new_tokens=[r.max_new_tokens for r in requests],
             samplings=[r.sampling for r in requests], eos_token_ids=[set() if r.ignore_eos else eos for r in requests],
             tokenizer=pair.tokenizer, stops=[r.stop for r in requests], backend=pair.decode,
-            logprobs=[r.logprobs for r in requests],
+            logprobs=[r.logprobs for r in requests], consume=True,
         )
     finished = clock.now()
     clock.add("decode", finished - max(started, output.first_token_at))
