@@ -182,3 +182,32 @@ def test_results_that_cannot_be_written_give_a_clean_error(qwen_pair, samples, t
     blocked.write_text("not a folder")
     with pytest.raises(ConfigError, match="cannot write the results to .* the same command resumes"):
         runner.run(qwen_pair, samples[:1], SETTINGS[:1], blocked / "results", {})
+
+
+def test_the_cross_length_report_averages_margins_and_verdicts(tmp_path):
+    """`draftkv eval report A B`: per setting and length its average with n, its share of dense, the
+    SpecKV - SnapKV margin at equal budget and a verdict on its trend."""
+    scores = {  # length -> method -> the scores of two samples of one task
+        2048: {"dense": [100, 80], "snapkv": [40, 20], "speckv": [80, 60]},
+        4096: {"dense": [100, 60], "snapkv": [20, 0], "speckv": [80, 40]},
+    }
+    folders = []
+    for length, methods in scores.items():
+        folder = tmp_path / f"ruler-{length}"
+        folder.mkdir()
+        with open(folder / "results.jsonl", "w") as handle:
+            for method, values in methods.items():
+                for sample, value in enumerate(values):
+                    handle.write(json.dumps({"key": f"{sample}|{method}", "sample": str(sample), "task": "vt",
+                                             "length": length, "method": method,
+                                             "budget": None if method == "dense" else 128, "prompt_budget": None,
+                                             "score": value}) + "\n")
+        folders.append(folder)
+    result = CliRunner().invoke(app, ["eval", "report", *map(str, folders), "--out", str(tmp_path / "by-length")])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "by-length" / "report.md").read_text()
+    assert "| speckv (kv 128) | 70.0 (n=2) | 60.0 (n=2) | 78% | 75% |" in text
+    assert "| speckv - snapkv at KV 128 | +40.0 | +50.0 |" in text
+    assert "the lead grows with length" in text
+    assert (tmp_path / "by-length" / "accuracy_by_length.png").read_bytes()[:4] == b"\x89PNG"
+    assert "2048,vt,speckv,128,,70.00,2" in (tmp_path / "by-length" / "report.csv").read_text()

@@ -618,14 +618,25 @@ def eval_longbench(
 
 
 @eval_app.command("report")
-def eval_report(folder: Annotated[Path, typer.Argument(help="A results folder with results.jsonl.")]) -> None:
-    """Tables (markdown, CSV) and an accuracy-against-budget plot from a results folder."""
+def eval_report(
+    folders: Annotated[list[Path], typer.Argument(help="Results folders with results.jsonl (several: across lengths).")],
+    out: Annotated[Path, typer.Option(help="Where the cross-length report of several folders goes.")] = Path(
+        "results/ruler-by-length"),
+) -> None:
+    """One folder: tables (markdown, CSV) and an accuracy-against-budget plot in it. Several (runs at
+    different lengths): the cross-length report in --out (averages, shares of dense, margins, verdicts)."""
     try:
-        summary, csv_path, plot = report.report(folder)
+        if len(folders) == 1:
+            summary, csv_path, plot = report.report(folders[0])
+            written = f"{summary}, {csv_path}, {plot}"
+        else:
+            _writable(out)
+            summary, plot = report.by_length(folders, out)
+            written = f"{summary}, {plot}"
     except DraftKVError as error:
         raise fail(error) from None
     typer.echo(summary.read_text(encoding="utf-8"))
-    err.print(f"wrote {summary}, {csv_path}, {plot}", markup=False, highlight=False)
+    err.print(f"wrote {written}", markup=False, highlight=False)
 
 
 analyze_app = typer.Typer(help="Analyses of how the draft's view agrees with the target's.", no_args_is_help=True)

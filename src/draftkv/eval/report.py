@@ -85,3 +85,122 @@ def plot(table: dict, found: list[tuple], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+# ---- several run folders: accuracy against length ----
+
+PAIRS = [("speckv", "snapkv", "budget"), ("specpc", "specprefill", "prompt_budget")]  # the paper's comparisons
+
+
+def by_length(folders: list[Path], out: Path) -> tuple[Path, Path]:
+    """The cross-length report of several run folders (one length each, or several): per setting its
+    average at each length with n and its share of dense's, the SpecKV - SnapKV and SpecPC - SpecPrefill
+    margins against length at equal budgets, per-task tables, a plot per absolute budget and a verdict
+    on each comparison. Writes report.md, report.csv and accuracy_by_length.png in `out`."""
+    rows = [row for folder in folders for row in read_rows(folder / "results.jsonl")]
+    if not rows:
+        raise ConfigError(f"no finished results in {', '.join(map(str, folders))}")
+    scores: dict[tuple, list[float]] = defaultdict(list)
+    for row in rows:
+        setting = (row["method"], row["budget"], row["prompt_budget"])
+        scores[(row["length"], "average", setting)].append(row["score"])
+        scores[(row["length"], row["task"], setting)].append(row["score"])
+    table = {key: (sum(values) / len(values), len(values)) for key, values in scores.items()}
+    lengths = sorted({length for length, _, _ in table})
+    tasks = sorted({task for _, task, _ in table if task != "average"})
+    _, settings, _ = summarize(rows)
+
+    def mean(length: int, setting: tuple, task: str = "average") -> float | None:
+        return table[(length, task, setting)][0] if (length, task, setting) in table else None
+
+    def cell(length: int, setting: tuple, task: str = "average") -> str:
+        return f"{table[(length, task, setting)][0]:.1f} (n={table[(length, task, setting)][1]})" \
+            if (length, task, setting) in table else "-"
+
+    dense = ("dense", None, None)
+    lines = ["## Average score by length", "",
+             "| setting | " + " | ".join(f"{n:,}" for n in lengths) + " | " +
+             " | ".join(f"of dense at {n:,}" for n in lengths) + " |",
+             "|---|" + "---|" * (2 * len(lengths))]
+    for setting in settings:
+        shares = [f"{mean(n, setting) / mean(n, dense):.0%}" if mean(n, setting) is not None and mean(n, dense)
+                  else "-" for n in lengths]
+        lines.append(f"| {label(setting)} | " + " | ".join(cell(n, setting) for n in lengths) + " | "
+                     + " | ".join(shares) + " |")
+    verdicts, margins = [], []
+    for better, baseline, kind in PAIRS:
+        budgets = sorted({s[1] if kind == "budget" else s[2] for s in settings if s[0] == better} - {None})
+        for budget in budgets:
+            ours = (better, budget, None) if kind == "budget" else (better, None, budget)
+            theirs = (baseline, budget, None) if kind == "budget" else (baseline, None, budget)
+            points = [(n, mean(n, ours) - mean(n, theirs)) for n in lengths
+                      if mean(n, ours) is not None and mean(n, theirs) is not None]
+            if not points:
+                continue
+            margins.append((f"{better} - {baseline} at {'KV' if kind == 'budget' else 'prompt'} {budget}", points))
+            verdicts.append(verdict(better, baseline, kind, budget, points))
+    lines += ["", "## Margins against length", "", "| comparison | " + " | ".join(f"{n:,}" for n in lengths) + " |",
+              "|---|" + "---|" * len(lengths)]
+    for name, points in margins:
+        found = dict(points)
+        lines.append(f"| {name} | " + " | ".join(f"{found[n]:+.1f}" if n in found else "-" for n in lengths) + " |")
+    lines += ["", "## Verdicts, as far as these lengths go", "", *[f"- {v}" for v in verdicts]]
+    for task in tasks:
+        lines += ["", f"## {task}", "", "| setting | " + " | ".join(f"{n:,}" for n in lengths) + " |",
+                  "|---|" + "---|" * len(lengths)]
+        lines += [f"| {label(s)} | " + " | ".join(cell(n, s, task) for n in lengths) + " |" for s in settings]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with open(out / "report.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["length", "task", "method", "kv_budget", "prompt_budget", "score", "samples"])
+        for (length, task, setting), (value, count) in sorted(table.items(), key=lambda item: str(item[0])):
+            writer.writerow([length, task, *setting, f"{value:.2f}", count])
+    plot_by_length(table, settings, lengths, out / "accuracy_by_length.png")
+    return out / "report.md", out / "accuracy_by_length.png"
+
+
+def verdict(better: str, baseline: str, kind: str, budget: int, points: list[tuple[int, float]]) -> str:
+    """Whether `better`'s lead over `baseline` holds, grows or shrinks from the shortest length to the longest."""
+    what = f"{better} over {baseline} at {'a KV budget' if kind == 'budget' else 'a prompt budget'} of {budget}"
+    listed = ", ".join(f"{margin:+.1f} at {n:,}" for n, margin in points)
+    if len(points) < 2:
+        return f"{what}: {listed}; one length, no trend yet"
+    first, last = points[0][1], points[-1][1]
+    if last <= 0:
+        trend = "the lead is gone at the longest length" if first > 0 else "no lead at these lengths"
+    elif last > first + 2:
+        trend = "the lead grows with length"
+    elif last < first - 2:
+        trend = "the lead shrinks with length"
+    else:
+        trend = "the lead holds (within 2 points)"
+    return f"{what}: {listed}; {trend}"
+
+
+def plot_by_length(table: dict, settings: list[tuple], lengths: list[int], path: Path) -> None:
+    """Average score against length, one panel per absolute budget, one line per method (dense in each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(s[1], s[2]) for s in settings if s[0] != "dense"},
+                    key=lambda b: (b[0] is None, b[0] or 0, b[1] or 0))
+    figure, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.5 * max(len(panels), 1), 4), squeeze=False)
+    styles = line_styles(sorted({s[0] for s in settings}))
+    for axis, budgets in zip(axes[0], panels, strict=False):
+        for setting in [("dense", None, None), *[s for s in settings if (s[1], s[2]) == budgets]]:
+            points = [(n, table[(n, "average", setting)][0]) for n in lengths if (n, "average", setting) in table]
+            if points:
+                axis.plot([p[0] for p in points], [p[1] for p in points], label=setting[0], **styles[setting[0]])
+        kv, prompt = budgets
+        axis.set_title(" + ".join(filter(None, [f"KV {kv}" if kv else "", f"prompt {prompt}" if prompt else ""])))
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(lengths, [f"{n // 1024}k" for n in lengths])
+        axis.set_xlabel("prompt length (tokens)")
+        axis.set_ylabel("average score")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
