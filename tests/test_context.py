@@ -61,3 +61,18 @@ def test_both_ragged_layouts_answer_alike(qwen_pair):
         shared = compress_context(qwen_pair, CONTEXT, method="ada-snapkv", budget=64, window=8, layout=layout)
         answers[layout] = [shared.ask(q, max_new_tokens=8).token_ids for q in QUESTIONS]
     assert answers["padded"] == answers["per-head"]
+
+
+def test_a_result_names_the_guess_that_probed_its_cache(qwen_pair):
+    """Query-agnostic SpecKV: the draft guesses an answer from the context alone; the result carries its
+    text (the eval runner writes it into each row). SnapKV guesses nothing."""
+    from tiny import long_context
+
+    import draftkv
+
+    compressed = draftkv.compress_context(qwen_pair, long_context(200), method="speckv", budget=48, window=8,
+                                          max_new_tokens=8)
+    guess = compressed.ask("what?", max_new_tokens=4).guess
+    assert isinstance(guess, str) and guess
+    plain = draftkv.generate(qwen_pair, long_context(200), "what?", method="snapkv", budget=48, max_new_tokens=4)
+    assert plain.guess is None

@@ -21,7 +21,7 @@ from .cache import checkpoint
 from .decoding import decode
 from .errors import ConfigError, PromptError
 from .flow import Prepared
-from .flow.results import row_stats
+from .flow.results import guessed, row_stats
 from .flow.steps import check_context, eos_ids
 from .methods import Method
 from .pipeline import check_pair, prepare_batch
@@ -96,7 +96,7 @@ class CompressedContext:
             note="; ".join(filter(None, [self.stats.note, "query-agnostic: the context was compressed before the "
                                                           "question was known"])),
         )
-        return Result(row.text, row.token_ids, row.finish_reason, stats)
+        return Result(row.text, row.token_ids, row.finish_reason, stats, guess=guessed(self.pair, self.prepared, 0))
 
 
 @torch.inference_mode()

@@ -190,3 +190,4 @@ class Result:
     kept_positions: list[torch.Tensor] | None = None
     kept_tokens: torch.Tensor | None = None
     logprobs: list[TokenLogprob] | None = None  # per new token, when the request asked (from the compressed cache)
+    guess: str | None = None  # the answer guessed before compression that probed the cache (draft or LAQ++)

@@ -146,6 +146,6 @@ def row(sample: Sample, setting: Setting, result, seconds: float) -> dict:
         "key": key(sample.id, setting), "sample": sample.id, "task": sample.task, "length": sample.length,
         "method": setting.method, "budget": setting.budget, "prompt_budget": setting.prompt_budget,
         "prediction": result.text, "answers": sample.answers, "metric": sample.metric,
-        "score": score(sample, result.text), "seconds": seconds,
+        "score": score(sample, result.text), "seconds": seconds, "guess": result.guess,
         "stats": result.stats.to_dict(),
     }

@@ -79,18 +79,26 @@ def finish(pair: ModelPair, prepared: Prepared, on_text: TextCallback | None = N
     finished = clock.now()
     clock.add("decode", finished - max(decoding, output.first_token_at))
     notes = [f"decode-time eviction ran {eviction.evictions} times"] if eviction is not None else []
-    return results_of(prepared, output.rows, output.first_token_at, finished, peak_memory(target.device), notes)
+    return results_of(pair, prepared, output.rows, output.first_token_at, finished, peak_memory(target.device), notes)
 
 
-def results_of(prepared: Prepared, rows: list[Decoded], first_token_at: float, finished: float, memory: int | None,
-               notes: list[str]) -> list[Result]:
+def guessed(pair: ModelPair, prepared: Prepared, row: int) -> str | None:
+    """The text of the guessed answer that probed a row's cache, if one did."""
+    guess = prepared.guess
+    if guess is None or not guess.lengths[row]:
+        return None
+    return pair.tokenizer.decode(guess.lookahead_ids[row][guess.lookahead_valid[row]].tolist(), skip_special_tokens=True)
+
+
+def results_of(pair: ModelPair, prepared: Prepared, rows: list[Decoded], first_token_at: float, finished: float,
+               memory: int | None, notes: list[str]) -> list[Result]:
     """The results of a prepared batch's decoded rows."""
     results = []
     for row, decoded in enumerate(rows):
         stats, kept_tokens, kept_kv = row_stats(prepared, row, len(decoded.token_ids), first_token_at, finished, memory)
         stats.note = "; ".join(filter(None, [stats.note, *notes, "shared prefill" if prepared.shared_prefill else ""]))
         results.append(Result(decoded.text, decoded.token_ids, decoded.finish_reason, stats, kept_kv, kept_tokens,
-                              decoded.logprobs))
+                              decoded.logprobs, guessed(pair, prepared, row)))
     return results
 
 
@@ -166,7 +174,7 @@ def _decode_group(pair: ModelPair, batches: list[Prepared]) -> list[list[Result]
         prepared.clock.stages["decode"] = prepared.clock.stages.get("decode", 0.0) + clock.stages["decode"]
         rows = output.rows[first: first + len(prepared.requests)]
         first += len(prepared.requests)
-        results.append(results_of(prepared, rows, output.first_token_at, finished, memory,
+        results.append(results_of(pair, prepared, rows, output.first_token_at, finished, memory,
                                   [f"decoded in one batch with {len(batches) - 1} other settings"]
                                   if len(batches) > 1 else []))
     return results
