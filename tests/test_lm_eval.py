@@ -122,3 +122,10 @@ def test_the_chat_template_is_the_tokenizers(qwen_pair):
     assert model.apply_chat_template(history) == qwen_pair.tokenizer.apply_chat_template(
         history, tokenize=False, add_generation_prompt=True)
     assert model.tokenizer_name and model.chat_template(True) == qwen_pair.tokenizer.chat_template
+
+
+def test_lm_evals_own_models_stay_available_beside_ours():
+    from lm_eval.api.registry import get_model
+
+    assert get_model("draftkv") is DraftKVLM
+    assert get_model("local-completions").__name__ == "LocalCompletionsAPI"

@@ -365,11 +365,13 @@ def lm_eval_command(ctx: typer.Context) -> None:
         from . import lm_eval  # noqa: F401  (registers the model)
     except ImportError as error:
         raise fail(ConfigError(f"lm-eval is not installed ({error}); pip install 'draftkv[lm-eval]'")) from None
-    sys.argv = ["lm-eval", *ctx.args]
+    argv, sys.argv = sys.argv, ["lm-eval", *ctx.args]  # lm-eval's parser reads sys.argv
     try:
         cli_evaluate()
     except DraftKVError as error:
         raise fail(error) from None
+    finally:
+        sys.argv = argv
 
 
 def parse_bytes(text: str) -> int:

@@ -16,6 +16,7 @@ import logging
 from collections import defaultdict
 from typing import Any
 
+import lm_eval.models  # noqa: F401  (lm-eval's own models, registered before ours: it lists them lazily only while none is)
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
