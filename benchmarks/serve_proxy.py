@@ -27,19 +27,21 @@ from draftkv.synthetic import LAUNCH_QUESTION, notes_context
 
 def timed(client: openai.OpenAI, model: str, content: str, max_tokens: int) -> dict:
     started = time.perf_counter()
-    first, parts, usage = None, [], None
+    first, parts, usage, proxy = None, [], None, {}
     for chunk in client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
                                                 max_tokens=max_tokens, stream=True,
                                                 stream_options={"include_usage": True}):
         if chunk.usage is not None:
             usage = chunk.usage
+            proxy = (chunk.model_extra or {}).get("draftkv") or {}  # the proxy's own part, beside the usage
         if chunk.choices and chunk.choices[0].delta.content:
             first = first or time.perf_counter() - started
             parts.append(chunk.choices[0].delta.content)
     text = "".join(parts)
     return {"ttft_s": first, "total_s": time.perf_counter() - started, "answer": text,
             "correct": bool(re.search(r"14(th)?\s+(of\s+)?October|October\s+14", text, re.IGNORECASE)),
-            "prompt_tokens": usage.prompt_tokens, "kept_prompt_tokens": usage.model_extra.get("kept_prompt_tokens")}
+            "prompt_tokens": usage.prompt_tokens, "kept_prompt_tokens": usage.model_extra.get("kept_prompt_tokens"),
+            "proxy_timings": proxy.get("timings")}
 
 
 def main() -> None:
