@@ -112,7 +112,10 @@ def test_eval_ruler_command(tmp_path):
     assert "skipping qa_1" in result.stderr and "| dense |" in result.stdout
     assert len(runner.read_rows(tmp_path / "out" / "results.jsonl")) == 4
     assert (tmp_path / "out" / "accuracy.png").exists()
-    dump = cli.invoke(app, [*base[:-2], "--dump", str(tmp_path / "samples.jsonl")])
+    two_lengths = [("400,440" if arg == "400" else arg) for arg in base[:-2]]
+    dump = cli.invoke(app, [*two_lengths, "--dump", str(tmp_path / "samples.jsonl")])
+    assert dump.exit_code == 0 and len((tmp_path / "samples.jsonl").read_text().splitlines()) == 4
+    dump = cli.invoke(app, [*base[:-2], "--dump", str(tmp_path / "samples.jsonl")])  # replaces, never appends
     assert dump.exit_code == 0 and len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2
     again = cli.invoke(app, ["eval", "report", str(tmp_path / "out")])
     assert again.exit_code == 0 and "| snapkv (kv 64) |" in again.stdout

@@ -547,6 +547,7 @@ def eval_ruler(
             pair = load_pair(target, draft if dump is None and _needs_draft(runs) else None, device=device,
                              dtype=dtype, decode=decode, before_weights=lambda _tokenizer, config: [
                                  check_fits(config, "target", n, longest_answer) for n in lengths])
+        dumped = []
         for n in lengths:
             per_task = []
             for task in chosen_tasks:
@@ -560,9 +561,8 @@ def eval_ruler(
             # sample 0 of every task, then sample 1 of every task...: a run cut short stays balanced
             generated = [s for batch in itertools.zip_longest(*per_task) for s in batch if s is not None]
             if dump is not None:
-                with open(dump, "a", encoding="utf-8") as handle:
-                    handle.writelines(json.dumps(sample.to_dict()) + "\n" for sample in generated)
-                err.print(f"wrote {len(generated)} samples of length {n} to {dump}", markup=False, highlight=False)
+                dumped.extend(generated)
+                err.print(f"generated {len(generated)} samples of length {n}", markup=False, highlight=False)
                 continue
             folder = out or Path(f"results/ruler-{n}" + ("-agnostic" if query_agnostic else ""))
             config = {"benchmark": "ruler", "length": n, "samples": samples, "tasks": chosen_tasks, "seed": seed,
@@ -572,6 +572,10 @@ def eval_ruler(
             summary, _, plot = report.report(folder)
             typer.echo(summary.read_text(encoding="utf-8"))
             err.print(f"results in {folder} (summary.md, summary.csv, {plot.name})", markup=False, highlight=False)
+        if dump is not None:  # the file holds this command's samples only, written once they all exist
+            dump.parent.mkdir(parents=True, exist_ok=True)
+            dump.write_text("".join(json.dumps(sample.to_dict()) + "\n" for sample in dumped), encoding="utf-8")
+            err.print(f"wrote {len(dumped)} samples to {dump}", markup=False, highlight=False)
     except DraftKVError as error:
         raise fail(error) from None
 
