@@ -53,7 +53,7 @@ def test_the_lm_eval_command_registers_the_model_and_writes_results(qwen_pair, o
         loaded.model.save_pretrained(tmp_path / role)
         loaded.tokenizer.save_pretrained(tmp_path / role)
     result = CliRunner().invoke(app, ["lm-eval", "--model", "draftkv", "--model_args",
-                                      f"target={tmp_path / 'target'},method=streamingllm,budget=48",
+                                      f"pretrained={tmp_path / 'target'},method=streamingllm,budget=48",
                                       "--tasks", ",".join(TASKS), "--include_path", "tests/lm_eval_tasks",
                                       "--limit", "2", "--output_path", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
@@ -61,6 +61,7 @@ def test_the_lm_eval_command_registers_the_model_and_writes_results(qwen_pair, o
     assert written, result.output
     data = json.loads(written[0].read_text())
     assert set(TASKS) <= set(data["results"])
+    assert written[0].parent.name.endswith("target")  # lm-eval names the folder after `pretrained`
 
 
 def test_a_bad_method_argument_fails_before_any_model_loads():
@@ -68,6 +69,8 @@ def test_a_bad_method_argument_fails_before_any_model_loads():
         DraftKVLM(target="/nowhere", method="nope")
     with pytest.raises(ConfigError, match="compression_ratio"):
         DraftKVLM(target="/nowhere", method="snapkv", compression_ratio=2)
+    with pytest.raises(ConfigError, match="two targets"):
+        DraftKVLM(target="/nowhere", pretrained="/elsewhere")
 
 
 def test_scores_are_the_compressed_caches(qwen_pair):

@@ -36,16 +36,22 @@ from .types import Request, Sampling
 class DraftKVLM(LM):
     """An lm-eval model whose every request runs with one draftkv method.
 
-    `target`, `draft`: as for `draftkv.load_pair` (default the embedded pair; the draft is loaded only
-    for methods that use it), or `pair`: a loaded ModelPair. `method` and any of its parameters
+    `target` (or `pretrained`, lm-eval's usual name, which also names its output folder), `draft`: as
+    for `draftkv.load_pair` (default the embedded pair; the draft is loaded only for methods that use
+    it), or `pair`: a loaded ModelPair. `method` and any of its parameters
     (`budget`, `prompt_budget`, `compression_ratio`, `window`, ...). `batch_size`: requests generated
     together. `max_length`: the longest input (default the target's context)."""
 
     def __init__(self, target: str = DEFAULT_TARGET, draft: str | None = DEFAULT_DRAFT, method: str = "dense",
                  device: str | None = None, dtype: str | None = None, decode: str = "auto",
                  batch_size: int | str = 1, max_length: int | None = None, max_gen_toks: int = 256,
-                 pair: ModelPair | None = None, **params: Any) -> None:
+                 pair: ModelPair | None = None, pretrained: str | None = None, **params: Any) -> None:
         super().__init__()
+        if pretrained is not None:
+            if target not in (DEFAULT_TARGET, pretrained):
+                raise ConfigError(f"two targets: target={target!r} and pretrained={pretrained!r}; give one "
+                                  "(pretrained is lm-eval's name for it)")
+            target = pretrained
         params.pop("max_batch_size", None)  # lm-eval's own batching knobs; a batch here is `batch_size`
         self.method = get_method(method, **params)  # a bad name or value fails before any model loads
         self.batch_size = 1 if batch_size in (None, "auto") else int(str(batch_size).split(":")[0])
