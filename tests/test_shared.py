@@ -50,6 +50,23 @@ def test_shared_equals_separate(pair):
         assert "shared prefill" in together.stats.note
 
 
+def test_settings_that_score_alike_share_one_scoring_of_the_prefill(pair, monkeypatch):
+    """Two budgets of one method score the prompt once through the prefill; each then keeps what its own
+    budget and its own probe (a shorter lookahead here) give, exactly as alone."""
+    from draftkv.flow import execute
+    from draftkv.methods import get_method
+
+    made, real = [], execute.kv_collector
+    monkeypatch.setattr(execute, "kv_collector", lambda scoring, batch: made.append(scoring) or real(scoring, batch))
+    request = Request(context=long_context(260, seed=43), question="what is the magic number?", max_new_tokens=8)
+    methods = [get_method("h2o", budget=40, window=8), get_method("h2o", budget=56, window=8),
+               get_method("speckv", budget=40, window=8), get_method("speckv", budget=56, window=8, lookahead=3)]
+    shared = [r[0] for r in run(pair, [request], methods)]
+    assert len(made) == len(set(made)) == 2  # all prompt queries (H2O), the window (SpecKV)
+    for method, together in zip(methods, shared, strict=True):
+        assert_same_result(together, generate_batch(pair, [request], method)[0])
+
+
 DRAFT_USERS = [
     ("speckv", {"budget": 48, "window": 8}), ("speckv", {"budget": 48, "window": 8, "lookahead": 3}),
     ("specpc", {"budget": 120, "start_layer": 0}), ("specpc", {"budget": 120, "lookahead": 4, "start_layer": 1}),

@@ -177,6 +177,14 @@ class WindowCollector:
             self._scores[layer_idx] = self._scores[layer_idx] + scores
             self._counts[layer_idx] = self._counts[layer_idx] + count
 
+    def copy(self) -> WindowCollector:
+        """A collector that goes on from this one's scores: later calls add to the copy alone (scores
+        are never changed in place, so the two share what they hold now)."""
+        twin = WindowCollector(self.prefix_length, self.reduction)
+        twin.num_queries, twin.query_valid, twin.slot = self.num_queries, self.query_valid, self.slot
+        twin._scores, twin._counts = dict(self._scores), dict(self._counts)
+        return twin
+
     def layer_scores(self) -> list[torch.Tensor]:
         """Per scored layer (full attention: sliding windows are not scored) [B, H_kv, prefix_length]
         float32 scores, in layer order (not yet pooled)."""

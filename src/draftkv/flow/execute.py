@@ -300,12 +300,15 @@ def score_prompt(pair: ModelPair, consumers: list[Consumer], views: Callable[[],
     compressing = [has_full_layers and any(b is not None and b < n for b, n in zip(c.budgets.kv, batch.lengths,
                                                                                    strict=True))
                    for c in consumers]
-    collectors = [kv_collector(c.method.kv_scoring(), batch) if on else None
-                  for c, on in zip(consumers, compressing, strict=True)]
+    scorings = [c.method.kv_scoring() if on else None for c, on in zip(consumers, compressing, strict=True)]
     guesses = [c.method.guess(max_new_tokens) if on else None for c, on in zip(consumers, compressing, strict=True)]
-    stage_ones = [kv_collector(g.stage_one.kv_scoring(), batch) if g is not None and g.stage_one is not None else None
-                  for g in guesses]
-    cache, first_logits = target_prefill(target, batch, [*collectors, *stage_ones], clock)
+    stage_scorings = [g.stage_one.kv_scoring() if g is not None and g.stage_one is not None else None for g in guesses]
+    # Consumers that score the prompt alike (one method at two budgets, LAQ++'s stage one and SnapKV) share
+    # one collector through the prefill; each then goes on with its own copy for its own probe.
+    prefill_collectors = {s: kv_collector(s, batch) for s in dict.fromkeys([*scorings, *stage_scorings]) if s is not None}
+    cache, first_logits = target_prefill(target, batch, list(prefill_collectors.values()), clock)
+    collectors = [prefill_collectors[s].copy() if s is not None else None for s in scorings]
+    stage_ones = [prefill_collectors[s] if s is not None else None for s in stage_scorings]
     views = views()
 
     probes = [view if collector is not None and guess is None and view is not None
