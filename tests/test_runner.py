@@ -117,6 +117,9 @@ def test_eval_ruler_command(tmp_path):
     assert dump.exit_code == 0 and len((tmp_path / "samples.jsonl").read_text().splitlines()) == 4
     dump = cli.invoke(app, [*base[:-2], "--dump", str(tmp_path / "samples.jsonl")])  # replaces, never appends
     assert dump.exit_code == 0 and len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2
+    (tmp_path / "a-file").write_text("")
+    refused = cli.invoke(app, [*base[:-2], "--dump", str(tmp_path / "a-file" / "samples.jsonl")])
+    assert refused.exit_code != 0 and "--dump" in refused.output and "Traceback" not in refused.output
     again = cli.invoke(app, ["eval", "report", str(tmp_path / "out")])
     assert again.exit_code == 0 and "| snapkv (kv 64) |" in again.stdout
     unbatched = cli.invoke(app, [*base[:-1], str(tmp_path / "unbatched"), "--no-batch-settings"])

@@ -542,6 +542,8 @@ def eval_ruler(
         if dump is None:
             for n in lengths:
                 _writable(out or Path(f"results/ruler-{n}" + ("-agnostic" if query_agnostic else "")))
+        else:
+            _writable(dump.parent, "--dump")
         with err.status("loading models"):
             longest_answer = max(ruler.TASKS[task][0] for task in chosen_tasks)
             pair = load_pair(target, draft if dump is None and _needs_draft(runs) else None, device=device,
@@ -573,7 +575,6 @@ def eval_ruler(
             typer.echo(summary.read_text(encoding="utf-8"))
             err.print(f"results in {folder} (summary.md, summary.csv, {plot.name})", markup=False, highlight=False)
         if dump is not None:  # the file holds this command's samples only, written once they all exist
-            dump.parent.mkdir(parents=True, exist_ok=True)
             dump.write_text("".join(json.dumps(sample.to_dict()) + "\n" for sample in dumped), encoding="utf-8")
             err.print(f"wrote {len(dumped)} samples to {dump}", markup=False, highlight=False)
     except DraftKVError as error:
