@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from tiny import make_tokenizer
@@ -30,6 +31,21 @@ def test_settings_give_each_method_its_budgets():
     assert runner.Setting("specpc", None, 128).params == {"budget": 128}
     with pytest.raises(ConfigError, match="unknown method"):
         runner.settings(["nope"], [1], [1])
+
+
+def test_a_method_named_with_its_budget_runs_at_that_budget_only():
+    runs = runner.settings(["snapkv", "specpc", "speckv-pc@256/1024", "h2o@64", "lingua@512"], [128, 256], [512, 1024])
+    assert [s.label for s in runs] == [
+        "snapkv kv=128", "snapkv kv=256", "specpc prompt=512", "specpc prompt=1024",
+        "speckv-pc kv=256 prompt=1024", "h2o kv=64", "lingua prompt=512"]
+    assert runs[4].params == {"budget": 256, "prompt_budget": 1024}
+    for bad, message in [("speckv-pc@256", "speckv-pc@KV/PROMPT"), ("snapkv@1/2", "snapkv@KV"),
+                         ("specpc@x", "specpc@PROMPT"), ("h2o@0", "positive"), ("dense@128", "takes no budget"),
+                         ("speckv-pc@1024/256", "above the prompt budget"), ("nope@1", "unknown method")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            runner.settings([bad], [128], [512])
+    with pytest.raises(ConfigError, match="named twice: snapkv kv=128"):
+        runner.settings(["snapkv", "snapkv@128"], [128], [512])
 
 
 def count_calls(monkeypatch) -> list:
@@ -132,7 +148,7 @@ def test_eval_ruler_command(tmp_path):
 
 
 def test_shared_and_separate_runs_write_the_same_rows(qwen_pair, samples, tmp_path):
-    settings = SETTINGS + runner.settings(["specprefill", "lingua"], [48], [128])
+    settings = SETTINGS + runner.settings(["specprefill", "lingua", "speckv-pc@48/128"], [48], [128])
     shared = runner.read_rows(runner.run(qwen_pair, samples, settings, tmp_path / "shared", {}, share=True))
     separate = runner.read_rows(runner.run(qwen_pair, samples, settings, tmp_path / "separate", {}, share=False))
     unbatched = runner.read_rows(runner.run(qwen_pair, samples, settings, tmp_path / "unbatched", {},

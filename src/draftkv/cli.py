@@ -461,7 +461,8 @@ def _size(num_bytes: int) -> str:
     return f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.0f} MiB"
 
 
-EvalMethods = Annotated[str, typer.Option(help="Comma-separated methods.")]
+EvalMethods = Annotated[str, typer.Option(help="Comma-separated methods; name@BUDGET (speckv-pc@KV/PROMPT) runs "
+                                                "one method at that budget only, not at --budgets/--prompt-budgets.")]
 KVBudgets = Annotated[str, typer.Option(help="KV budgets (KV methods, and speckv-pc's KV stage).")]
 PromptBudgets = Annotated[str, typer.Option(help="Prompt budgets (prompt methods, and speckv-pc's prompt stage).")]
 Share = Annotated[bool, typer.Option(help="Run dense and KV methods of a sample from one shared prefill (exact).")]

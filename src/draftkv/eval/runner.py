@@ -62,9 +62,14 @@ class Setting:
 
 
 def settings(methods: list[str], budgets: list[int], prompt_budgets: list[int]) -> list[Setting]:
-    """Each method with the budgets that apply to it: KV budgets, prompt budgets, or both."""
+    """Each method with the budgets that apply to it: KV budgets, prompt budgets, or both.
+
+    A method written `name@BUDGET` (`speckv-pc@KV/PROMPT`) runs at that budget only, not at the lists'."""
     result = []
     for name in methods:
+        if "@" in name:
+            result.append(_pinned(name))
+            continue
         takes_kv, takes_prompt = budget_kinds(name)  # fails fast on an unknown name
         if takes_kv and takes_prompt:
             result += [Setting(name, b, p) for p in prompt_budgets for b in budgets if b <= p]
@@ -76,7 +81,32 @@ def settings(methods: list[str], budgets: list[int], prompt_budgets: list[int]) 
             result.append(Setting(name))
     if not result:
         raise ConfigError("nothing to run: give methods and the budgets that apply to them")
+    if len(set(result)) < len(result):
+        repeated = sorted({s.label for s in result if result.count(s) > 1})
+        raise ConfigError(f"setting(s) named twice: {', '.join(repeated)}; name each method and budget once")
     return result
+
+
+def _pinned(text: str) -> Setting:
+    """`name@BUDGET` (a KV or a prompt method) or `name@KV/PROMPT` (speckv-pc) as one setting."""
+    name, _, given = text.partition("@")
+    takes_kv, takes_prompt = budget_kinds(name)
+    wanted = ("KV/PROMPT" if takes_kv and takes_prompt else "KV" if takes_kv else "PROMPT" if takes_prompt else "")
+    if not wanted:
+        raise ConfigError(f"{text!r}: method {name!r} takes no budget, so write it without '@'")
+    try:
+        values = [int(part) for part in given.split("/")]
+    except ValueError:
+        values = []
+    if len(values) != wanted.count("/") + 1 or min(values) < 1:
+        raise ConfigError(f"{text!r}: write {name}@{wanted} with positive whole numbers, e.g. "
+                          f"{name}@{'256/1024' if '/' in wanted else 256}")
+    if takes_kv and takes_prompt:
+        if values[0] > values[1]:
+            raise ConfigError(f"{text!r}: the KV budget {values[0]} is above the prompt budget {values[1]}; "
+                              "the KV stage keeps entries of the kept prompt, so give KV <= PROMPT")
+        return Setting(name, values[0], values[1])
+    return Setting(name, values[0]) if takes_kv else Setting(name, None, values[0])
 
 
 def key(sample_id: str, setting: Setting) -> str:
