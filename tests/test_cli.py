@@ -232,3 +232,19 @@ def test_an_eval_length_past_the_context_is_refused_before_any_weight_is_read(mo
     result = runner.invoke(app, ["eval", "ruler", "--target", folders["target"], "--draft", folders["draft"],
                                  "--length", "8192", "--tasks", "vt", "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "context limit of 4096 tokens" in " ".join(result.output.split()), result.output
+
+
+def test_dumping_ruler_samples_reads_the_tokenizer_only(monkeypatch, folders, tmp_path):
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *_a, **_k: (_ for _ in ()).throw(AssertionError("weights were read")))
+    dump = tmp_path / "samples.jsonl"
+    base = ["eval", "ruler", "--target", folders["target"], "--tasks", "vt,niah_single_1", "--samples", "2"]
+    result = runner.invoke(app, [*base, "--length", "600", "--dump", str(dump)])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in dump.read_text().splitlines()]
+    assert [row["task"] for row in rows] == ["vt", "niah_single_1", "vt", "niah_single_1"]
+    too_long = runner.invoke(app, [*base, "--length", "8192", "--dump", str(dump)])
+    assert too_long.exit_code == 2 and "context limit of 4096 tokens" in " ".join(too_long.output.split())
+    assert len(dump.read_text().splitlines()) == 4  # the refused command left the file as it was

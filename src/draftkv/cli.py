@@ -21,7 +21,7 @@ from .errors import ConfigError, DraftKVError, PromptError
 from .eval import agreement, longbench, report, ruler, runner
 from .flow.steps import check_fits
 from .methods import METHODS, Method, help_of, method_with_budgets
-from .models import DEFAULT_DRAFT, DEFAULT_TARGET, cache_dir, embedded_status, load_pair
+from .models import DEFAULT_DRAFT, DEFAULT_TARGET, cache_dir, embedded_status, load_pair, load_tokenizer
 from .pipeline import generate as run_generate
 from .prompt import encode_prompt
 from .types import Request, Sampling
@@ -545,17 +545,26 @@ def eval_ruler(
                 _writable(out or Path(f"results/ruler-{n}" + ("-agnostic" if query_agnostic else "")))
         else:
             _writable(dump.parent, "--dump")
-        with err.status("loading models"):
-            longest_answer = max(ruler.TASKS[task][0] for task in chosen_tasks)
-            pair = load_pair(target, draft if dump is None and _needs_draft(runs) else None, device=device,
-                             dtype=dtype, decode=decode, before_weights=lambda _tokenizer, config: [
-                                 check_fits(config, "target", n, longest_answer) for n in lengths])
+        longest_answer = max(ruler.TASKS[task][0] for task in chosen_tasks)
+
+        def fits(_tokenizer: Any, config: Any) -> None:
+            for n in lengths:
+                check_fits(config, "target", n, longest_answer)
+
+        if dump is not None:  # the samples need the target's tokenizer only
+            with err.status("loading the tokenizer"):
+                tokenizer = load_tokenizer(target, before_weights=fits)
+        else:
+            with err.status("loading models"):
+                pair = load_pair(target, draft if _needs_draft(runs) else None, device=device, dtype=dtype,
+                                 decode=decode, before_weights=fits)
+            tokenizer = pair.tokenizer
         dumped = []
         for n in lengths:
             per_task = []
             for task in chosen_tasks:
                 try:
-                    per_task.append(ruler.generate(task, n, pair.tokenizer, samples=samples, seed=seed,
+                    per_task.append(ruler.generate(task, n, tokenizer, samples=samples, seed=seed,
                                                 essays=str(essays) if essays else None,
                                                 squad=str(squad) if squad else None,
                                                 hotpotqa=str(hotpotqa) if hotpotqa else None))

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -166,39 +167,59 @@ def load_model(
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     start = time.perf_counter()
+    source, folder = _locate(spec)
+    with _load_errors(spec, source, folder):
+        model, tokenizer = _load_folder(folder, device, dtype, before_weights)
+    if source in ("embedded", "gguf"):
+        _add_end_tokens(model, tokenizer)
+    return LoadedModel(spec, model, tokenizer, source, time.perf_counter() - start)
+
+
+def load_tokenizer(spec: str, *, before_weights: BeforeWeights | None = None) -> Any:
+    """The tokenizer of a model `load_model` takes, without its weights (work that only tokenizes);
+    `before_weights(tokenizer, config)` runs on it as it would before a load."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    source, folder = _locate(spec)
+    with _load_errors(spec, source, folder):
+        config = AutoConfig.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        if before_weights is not None:
+            before_weights(tokenizer, config)
+    return tokenizer
+
+
+def _locate(spec: str) -> tuple[str, str | Path]:
+    """Where a model spec's files are: (source kind, folder or hub id)."""
     path = Path(spec).expanduser()
     if spec in EMBEDDED_MODELS:
-        source, folder = "embedded", ensure_embedded(spec)
-    elif path.is_dir():
+        return "embedded", ensure_embedded(spec)
+    if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelLoadError(
-                f"Folder {path} has no config.json, so it is not a Hugging Face model folder"
-            )
-        source, folder = "folder", path
-    elif path.is_file():
-        source, folder = "gguf", ensure_gguf(path)
-    elif spec.endswith(".gguf"):
+            raise ModelLoadError(f"Folder {path} has no config.json, so it is not a Hugging Face model folder")
+        return "folder", path
+    if path.is_file():
+        return "gguf", ensure_gguf(path)
+    if spec.endswith(".gguf"):
         raise ModelLoadError(f"GGUF file {path} does not exist")
-    else:
-        source, folder = "hub", spec
+    return "hub", spec
 
+
+@contextmanager
+def _load_errors(spec: str, source: str, folder: str | Path) -> Iterator[None]:
+    """A failed load as a ModelLoadError that says where draftkv looked; our own errors pass as they are."""
     try:
-        model, tokenizer = _load_folder(folder, device, dtype, before_weights)
-    except DraftKVError:  # an unsupported family, or the caller's own check: as they are
+        yield
+    except DraftKVError:  # an unsupported family, or the caller's own check
         raise
     except Exception as error:
         if source != "hub":
-            raise ModelLoadError(
-                f"Cannot load the model in {folder}: {type(error).__name__}: {error}"
-            ) from error
+            raise ModelLoadError(f"Cannot load the model in {folder}: {type(error).__name__}: {error}") from error
         raise ModelLoadError(
             f"Cannot load {spec!r}: it is not an embedded model ({', '.join(EMBEDDED_MODELS)}), "
             f"not a local folder or .gguf file, and not a hub model in the local Hugging Face cache "
             f"({type(error).__name__}: {error})"
         ) from error
-    if source in ("embedded", "gguf"):
-        _add_end_tokens(model, tokenizer)
-    return LoadedModel(spec, model, tokenizer, source, time.perf_counter() - start)
 
 
 def _add_end_tokens(model: Any, tokenizer: Any) -> None:
