@@ -208,28 +208,48 @@ def test_results_that_cannot_be_written_give_a_clean_error(qwen_pair, samples, t
 
 def test_the_cross_length_report_averages_margins_and_verdicts(tmp_path):
     """`draftkv eval report A B`: per setting and length its average with n, its share of dense, the
-    SpecKV - SnapKV margin at equal budget and a verdict on its trend."""
-    scores = {  # length -> method -> the scores of two samples of one task
-        2048: {"dense": [100, 80], "snapkv": [40, 20], "speckv": [80, 60]},
-        4096: {"dense": [100, 60], "snapkv": [20, 0], "speckv": [80, 40]},
+    SpecKV - SnapKV margin at equal budget (paired over samples, with its standard error) and a verdict
+    on its trend that calls a change only past its noise."""
+    scores = {  # length -> (method, kv budget) -> the scores of four samples of one task
+        2048: {("dense", None): [100, 80, 100, 80], ("snapkv", 128): [40, 20, 40, 20],
+               ("speckv", 128): [50, 40, 50, 40], ("snapkv", 256): [50, 40, 50, 40], ("speckv", 256): [60, 60, 60, 60]},
+        4096: {("dense", None): [100, 60, 100, 60], ("snapkv", 128): [20, 0, 20, 0],
+               ("speckv", 128): [80, 70, 80, 70], ("snapkv", 256): [40, 50, 40, 50], ("speckv", 256): [60, 60, 60, 60]},
     }
     folders = []
-    for length, methods in scores.items():
+    for length, settings in scores.items():
         folder = tmp_path / f"ruler-{length}"
         folder.mkdir()
         with open(folder / "results.jsonl", "w") as handle:
-            for method, values in methods.items():
+            for (method, budget), values in settings.items():
                 for sample, value in enumerate(values):
-                    handle.write(json.dumps({"key": f"{sample}|{method}", "sample": str(sample), "task": "vt",
-                                             "length": length, "method": method,
-                                             "budget": None if method == "dense" else 128, "prompt_budget": None,
-                                             "score": value}) + "\n")
+                    handle.write(json.dumps({"key": f"{sample}|{method}|{budget}", "sample": f"vt-{length}-{sample}",
+                                             "task": "vt", "length": length, "method": method, "budget": budget,
+                                             "prompt_budget": None, "score": value}) + "\n")
+            if length == 4096:  # a partial run: one more SnapKV sample that SpecKV has not reached
+                handle.write(json.dumps({"key": "4|snapkv|128", "sample": "vt-4096-4", "task": "vt", "length": length,
+                                         "method": "snapkv", "budget": 128, "prompt_budget": None, "score": 0}) + "\n")
         folders.append(folder)
     result = CliRunner().invoke(app, ["eval", "report", *map(str, folders), "--out", str(tmp_path / "by-length")])
     assert result.exit_code == 0, result.output
     text = (tmp_path / "by-length" / "report.md").read_text()
-    assert "| speckv (kv 128) | 70.0 (n=2) | 60.0 (n=2) | 78% | 75% |" in text
-    assert "| speckv - snapkv at KV 128 | +40.0 | +50.0 |" in text
-    assert "the lead grows with length" in text
+    assert "| speckv (kv 128) | 45.0 (n=4) | 75.0 (n=4) | 50% | 94% |" in text
+    assert "| speckv - snapkv at KV 128 | +15.0 ±2.9 (n=4) | +65.0 ±2.9 (n=4) |" in text  # the fifth sample unpaired
+    assert "of 128: +15.0 ±2.9 (n=4) at 2,048, +65.0 ±2.9 (n=4) at 4,096; the lead grows with length (+50.0" in text
+    assert "of 256: +15.0 ±2.9 (n=4) at 2,048, +15.0 ±2.9 (n=4) at 4,096; the lead holds (+0.0, within" in text
     assert (tmp_path / "by-length" / "accuracy_by_length.png").read_bytes()[:4] == b"\x89PNG"
-    assert "2048,vt,speckv,128,,70.00,2" in (tmp_path / "by-length" / "report.csv").read_text()
+    assert "2048,vt,speckv,128,,45.00,4" in (tmp_path / "by-length" / "report.csv").read_text()
+
+
+def test_a_margin_verdict_calls_a_lead_gone_or_unclear_only_against_its_noise():
+    def at(mean, error, n=10):
+        return report.Margin(mean, error, n)
+
+    gone = report.verdict("speckv", "snapkv", "budget", 256, [(2048, at(30, 4)), (8192, at(5, 4))])
+    assert gone.endswith("the lead is gone at the longest length")
+    unclear = report.verdict("specpc", "specprefill", "prompt_budget", 512, [(2048, at(3, 5)), (4096, at(6, 12))])
+    assert unclear.endswith("no clear lead at these lengths") and "at a prompt budget of 512" in unclear
+    shrinks = report.verdict("speckv", "snapkv", "budget", 128, [(2048, at(60, 3)), (4096, at(40, 3))])
+    assert "the lead shrinks with length (-20.0, beyond the noise of ±8.5)" in shrinks
+    single = report.verdict("speckv", "snapkv", "budget", 128, [(2048, at(60, None, 1)), (4096, at(40, 3))])
+    assert single.endswith("too few samples to call a trend")

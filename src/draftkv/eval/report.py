@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import math
+import statistics
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -133,17 +136,17 @@ def by_length(folders: list[Path], out: Path) -> tuple[Path, Path]:
         for budget in budgets:
             ours = (better, budget, None) if kind == "budget" else (better, None, budget)
             theirs = (baseline, budget, None) if kind == "budget" else (baseline, None, budget)
-            points = [(n, mean(n, ours) - mean(n, theirs)) for n in lengths
-                      if mean(n, ours) is not None and mean(n, theirs) is not None]
+            points = [(n, found) for n in lengths if (found := paired_margin(rows, n, ours, theirs)) is not None]
             if not points:
                 continue
             margins.append((f"{better} - {baseline} at {'KV' if kind == 'budget' else 'prompt'} {budget}", points))
             verdicts.append(verdict(better, baseline, kind, budget, points))
-    lines += ["", "## Margins against length", "", "| comparison | " + " | ".join(f"{n:,}" for n in lengths) + " |",
-              "|---|" + "---|" * len(lengths)]
+    lines += ["", "## Margins against length", "",
+              "The mean score difference over the samples both settings ran, ± its standard error, and n.", "",
+              "| comparison | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
     for name, points in margins:
         found = dict(points)
-        lines.append(f"| {name} | " + " | ".join(f"{found[n]:+.1f}" if n in found else "-" for n in lengths) + " |")
+        lines.append(f"| {name} | " + " | ".join(found[n].text if n in found else "-" for n in lengths) + " |")
     lines += ["", "## Verdicts, as far as these lengths go", "", *[f"- {v}" for v in verdicts]]
     for task in tasks:
         lines += ["", f"## {task}", "", "| setting | " + " | ".join(f"{n:,}" for n in lengths) + " |",
@@ -160,21 +163,54 @@ def by_length(folders: list[Path], out: Path) -> tuple[Path, Path]:
     return out / "report.md", out / "accuracy_by_length.png"
 
 
-def verdict(better: str, baseline: str, kind: str, budget: int, points: list[tuple[int, float]]) -> str:
-    """Whether `better`'s lead over `baseline` holds, grows or shrinks from the shortest length to the longest."""
+@dataclass(frozen=True)
+class Margin:
+    """One setting's lead over another at one length: the mean paired difference, its standard error, n."""
+
+    mean: float
+    error: float | None  # None with one sample
+    samples: int
+
+    @property
+    def text(self) -> str:
+        spread = f" ±{self.error:.1f}" if self.error is not None else ""
+        return f"{self.mean:+.1f}{spread} (n={self.samples})"
+
+
+def paired_margin(rows: list[dict], length: int, ours: tuple, theirs: tuple) -> Margin | None:
+    """`ours` minus `theirs` at `length`, over the samples both ran (a partial run compares like with like)."""
+    by_setting: dict[tuple, dict[str, float]] = {ours: {}, theirs: {}}
+    for row in rows:
+        setting = (row["method"], row["budget"], row["prompt_budget"])
+        if row["length"] == length and setting in by_setting:
+            by_setting[setting][row["sample"]] = row["score"]
+    differences = [by_setting[ours][s] - by_setting[theirs][s] for s in by_setting[ours] if s in by_setting[theirs]]
+    if not differences:
+        return None
+    error = statistics.stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else None
+    return Margin(statistics.fmean(differences), error, len(differences))
+
+
+def verdict(better: str, baseline: str, kind: str, budget: int, points: list[tuple[int, Margin]]) -> str:
+    """Whether `better`'s lead over `baseline` holds, grows or shrinks from the shortest length to the longest.
+    A change counts only past twice its standard error (about a 95% interval), so noise reads as 'holds'."""
     what = f"{better} over {baseline} at {'a KV budget' if kind == 'budget' else 'a prompt budget'} of {budget}"
-    listed = ", ".join(f"{margin:+.1f} at {n:,}" for n, margin in points)
+    listed = ", ".join(f"{margin.text} at {n:,}" for n, margin in points)
     if len(points) < 2:
         return f"{what}: {listed}; one length, no trend yet"
     first, last = points[0][1], points[-1][1]
-    if last <= 0:
-        trend = "the lead is gone at the longest length" if first > 0 else "no lead at these lengths"
-    elif last > first + 2:
-        trend = "the lead grows with length"
-    elif last < first - 2:
-        trend = "the lead shrinks with length"
+    if first.error is None or last.error is None:
+        return f"{what}: {listed}; too few samples to call a trend"
+    change, noise = last.mean - first.mean, 2 * math.hypot(first.error, last.error)
+    if last.mean <= 2 * last.error:
+        trend = ("the lead is gone at the longest length" if first.mean > 2 * first.error
+                 else "no clear lead at these lengths")
+    elif change > noise:
+        trend = f"the lead grows with length ({change:+.1f}, beyond the noise of ±{noise:.1f})"
+    elif change < -noise:
+        trend = f"the lead shrinks with length ({change:+.1f}, beyond the noise of ±{noise:.1f})"
     else:
-        trend = "the lead holds (within 2 points)"
+        trend = f"the lead holds ({change:+.1f}, within the noise of ±{noise:.1f})"
     return f"{what}: {listed}; {trend}"
 
 
