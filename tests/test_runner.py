@@ -253,3 +253,11 @@ def test_a_margin_verdict_calls_a_lead_gone_or_unclear_only_against_its_noise():
     assert "the lead shrinks with length (-20.0, beyond the noise of ±8.5)" in shrinks
     single = report.verdict("speckv", "snapkv", "budget", 128, [(2048, at(60, None, 1)), (4096, at(40, 3))])
     assert single.endswith("too few samples to call a trend")
+
+
+def test_a_second_command_into_a_folder_adds_its_settings_to_the_config(tmp_path):
+    for labels, samples in ((["dense", "snapkv kv=128"], 5), (["speckv-pc kv=256 prompt=1024", "dense"], 3)):
+        runner.run(None, [], [], tmp_path, {"settings": labels, "samples": samples})  # nothing left to run
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["settings"] == ["dense", "snapkv kv=128", "speckv-pc kv=256 prompt=1024"]
+    assert config["samples"] == 3

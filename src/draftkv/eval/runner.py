@@ -3,7 +3,8 @@
 Every finished (sample, method, budget) is one JSON line appended to `results.jsonl` and flushed to
 disk before the next starts, so a killed run loses at most the one in flight and never leaves a
 corrupt file (a torn last line is ignored on reading). A rerun of the same command skips every
-finished line. The exact config goes to `config.json`.
+finished line. The config goes to `config.json`: the last command's, with the settings of every
+command that wrote to the folder.
 """
 
 from __future__ import annotations
@@ -134,7 +135,14 @@ def _run(pair: ModelPair, samples: Iterable[Sample], runs: list[Setting], out: P
     out.mkdir(parents=True, exist_ok=True)
     config = {**config, "share": share, "query_agnostic": query_agnostic,
               "batch_settings": share and batch_settings and not query_agnostic}
-    (out / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True), encoding="utf-8")
+    config_path = out / "config.json"
+    if "settings" in config and config_path.is_file():  # a later command into the folder adds its settings
+        try:
+            earlier = json.loads(config_path.read_text(encoding="utf-8")).get("settings", [])
+        except (json.JSONDecodeError, AttributeError):
+            earlier = []
+        config["settings"] = [*earlier, *(label for label in config["settings"] if label not in earlier)]
+    config_path.write_text(json.dumps(config, indent=1, sort_keys=True), encoding="utf-8")
     path = out / "results.jsonl"
     drop_torn_tail(path)
     done = {row["key"] for row in read_rows(path)}
