@@ -7,11 +7,9 @@ KV_METHODS=dense,snapkv,speckv,ada-speckv,ada-snapkv,laq,h2o,pyramidkv,streaming
 PROMPT_METHODS=specpc,specprefill,lingua,keep-ends
 
 # RULER at 4,096 tokens: 11 tasks x 5 samples; KV methods at 128 and 256, prompt methods at 512 and 1024,
-# SpecKV-PC at (256, 1024) (its own command: the runner would otherwise pair every KV and prompt budget).
-draftkv eval ruler --length 4096 --samples 5 --methods "$KV_METHODS,$PROMPT_METHODS" --budgets 128,256 \
-  --prompt-budgets 512,1024 --out results/ruler-4096
-draftkv eval ruler --length 4096 --samples 5 --methods speckv-pc --budgets 256 --prompt-budgets 1024 \
-  --out results/ruler-4096
+# SpecKV-PC at (256, 1024) only (named with its budgets, so it joins the same shared batch).
+draftkv eval ruler --length 4096 --samples 5 --methods "$KV_METHODS,$PROMPT_METHODS,speckv-pc@256/1024" \
+  --budgets 128,256 --prompt-budgets 512,1024 --out results/ruler-4096
 # RULER at 8,192 tokens: 11 tasks x 3 samples, KV 256 and prompt 1024.
 draftkv eval ruler --length 8192 --samples 3 --methods dense,snapkv,speckv,ada-speckv,laq,specpc,specprefill,speckv-pc \
   --budgets 256 --prompt-budgets 1024 --out results/ruler-8192
@@ -21,5 +19,9 @@ draftkv eval ruler --length 4096 --samples 2 --methods dense,snapkv,speckv,ada-s
 # The agreement analysis at 4,096 and 8,192.
 draftkv analyze agreement --length 4096 --samples 10
 draftkv analyze agreement --length 8192 --samples 10
+# RULER at 2,048 at the 8k budgets too (KV 256, prompt 1024), so one absolute budget spans all three lengths
+# (the folder already holds KV 128 and prompt 512).
+draftkv eval ruler --length 2048 --samples 5 --methods dense,snapkv,speckv,ada-speckv,laq,specpc,specprefill,speckv-pc \
+  --budgets 256 --prompt-budgets 1024 --out results/ruler-2048
 # The cross-length report.
 draftkv eval report results/ruler-2048 results/ruler-4096 results/ruler-8192 --out results/ruler-by-length
