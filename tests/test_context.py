@@ -76,3 +76,18 @@ def test_a_result_names_the_guess_that_probed_its_cache(qwen_pair):
     assert isinstance(guess, str) and guess
     plain = draftkv.generate(qwen_pair, long_context(200), "what?", method="snapkv", budget=48, max_new_tokens=4)
     assert plain.guess is None
+
+
+def test_several_methods_share_one_compression_of_a_context(qwen_pair):
+    from draftkv.context import compress_context_each
+    from draftkv.methods import SnapKV, SpecKV
+
+    methods = [SnapKV(budget=48, window=8), SpecKV(budget=48, window=8), "dense"]
+    answers = {}
+    for index, compressed in compress_context_each(qwen_pair, CONTEXT, methods, max_new_tokens=8):
+        answers[index] = compressed.ask(QUESTIONS[0], max_new_tokens=8)
+        assert "shared prefill" in answers[index].stats.note
+    alone = [compress_context(qwen_pair, CONTEXT, method=m, max_new_tokens=8).ask(QUESTIONS[0], max_new_tokens=8)
+             for m in methods]
+    assert [answers[i].token_ids for i in range(3)] == [a.token_ids for a in alone]
+    assert [answers[i].stats.kv_entries for i in range(3)] == [a.stats.kv_entries for a in alone]

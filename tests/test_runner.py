@@ -188,9 +188,14 @@ def test_eval_longbench_command(tmp_path):
 def test_query_agnostic_runs(qwen_pair, samples, tmp_path):
     from draftkv.context import compress_context
 
-    runs = runner.settings(["dense", "snapkv"], [48], [])
+    runs = runner.settings(["dense", "snapkv", "speckv", "ada-speckv"], [48], [])
     rows = runner.read_rows(runner.run(qwen_pair, samples[:1], runs, tmp_path, {}, query_agnostic=True))
-    assert len(rows) == 2 and all("query-agnostic" in row["stats"]["note"] for row in rows)
+    assert len(rows) == 4 and all("query-agnostic" in row["stats"]["note"] for row in rows)
+    assert all("shared prefill" in row["stats"]["note"] for row in rows)  # one target prefill for the four
+    separate = runner.read_rows(runner.run(qwen_pair, samples[:1], runs, tmp_path / "separate", {}, share=False,
+                                           query_agnostic=True))
+    assert [r["prediction"] for r in separate] == [r["prediction"] for r in rows]
+    assert not any("shared prefill" in row["stats"]["note"] for row in separate)
     sample = samples[0]
     expected = compress_context(qwen_pair, sample.context, method="snapkv", budget=48,
                                 max_new_tokens=sample.max_new_tokens).ask(

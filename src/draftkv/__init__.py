@@ -8,7 +8,7 @@
 """
 
 from .compress import CompressedPrompt, compress_prompt
-from .context import CompressedContext, compress_context
+from .context import CompressedContext, compress_context, compress_context_each
 from .errors import (
     ConfigError,
     DraftKVError,
@@ -57,6 +57,7 @@ __all__ = [
     "UnsupportedModelError",
     "compress_batch",
     "compress_context",
+    "compress_context_each",
     "compress_prompt",
     "generate",
     "generate_batch",

@@ -10,7 +10,7 @@ the next one.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -20,11 +20,11 @@ from .attention import ragged_attention
 from .cache import checkpoint
 from .decoding import decode
 from .errors import ConfigError, PromptError
-from .flow import Prepared
+from .flow import Prepared, prepare_each
 from .flow.results import guessed, row_stats
 from .flow.steps import check_context, eos_ids
-from .methods import Method
-from .pipeline import check_pair, prepare_batch
+from .methods import Method, get_method
+from .pipeline import check_pair
 from .prompt import EncodedPrompt, user_turn
 from .types import Request, Result, Sampling, Stats, check_text
 
@@ -99,10 +99,22 @@ class CompressedContext:
         return Result(row.text, row.token_ids, row.finish_reason, stats, guess=guessed(self.pair, self.prepared, 0))
 
 
-@torch.inference_mode()
 def compress_context(pair: ModelPair, context: str, *, method: str | Method = "snapkv", system: str | None = None,
                      chat_template: bool = True, max_new_tokens: int = 128, **method_params) -> CompressedContext:
     """Compress `context` before any question is known (the window holds the end of the context)."""
+    chosen = get_method(method, **method_params)
+    return next(compress_context_each(pair, context, [chosen], system=system, chat_template=chat_template,
+                                      max_new_tokens=max_new_tokens))[1]
+
+
+@torch.inference_mode()
+def compress_context_each(pair: ModelPair, context: str, methods: list[str | Method], *, system: str | None = None,
+                          chat_template: bool = True, max_new_tokens: int = 128,
+                          ) -> Iterator[tuple[int, CompressedContext]]:
+    """`compress_context` for several methods over one context, through the executor: one draft pass and
+    one target prefill for all that read the whole context, exactly what each gives alone. Yields (method
+    index, its compressed context) as each is ready; ask one's questions before taking the next (the
+    last takes the shared cache itself)."""
     check_pair(pair)
     check_text("context", context)
     if pair.tokenizer_mismatch is not None:
@@ -114,7 +126,7 @@ def compress_context(pair: ModelPair, context: str, *, method: str | Method = "s
     ids = tokenizer(head, add_special_tokens=not (chat_template and getattr(tokenizer, "chat_template", None)))["input_ids"]
     prompt = EncodedPrompt(ids, len(ids), head, None, (0, len(head)))
     request = Request(context=context, max_new_tokens=max_new_tokens, chat_template=chat_template)
-    prepared = prepare_batch(pair, [request], method, prompts=[prompt], **method_params)
-    stats, _, _ = row_stats(prepared, 0, new_tokens=0, first_token_at=prepared.started,
-                            finished=prepared.clock.now(), memory=None)
-    return CompressedContext(pair, prepared, tail, len(ids), stats)
+    for index, prepared in prepare_each(pair, [request], methods, prompts=[prompt]):
+        stats, _, _ = row_stats(prepared, 0, new_tokens=0, first_token_at=prepared.started,
+                                finished=prepared.clock.now(), memory=None)
+        yield index, CompressedContext(pair, prepared, tail, len(ids), stats)

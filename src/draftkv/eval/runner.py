@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..context import compress_context
+from ..context import compress_context_each
 from ..errors import ConfigError
 from ..flow import run_each
 from ..jsonl import append_row, drop_torn_tail, read_rows
@@ -166,13 +166,14 @@ def sample_results(pair: ModelPair, sample: Sample, settings: list[Setting], sha
                    query_agnostic: bool, batch_settings: bool = False) -> Iterator[tuple[Setting, Result]]:
     """Each setting's result on one sample, as each finishes."""
     methods = [s.make() for s in settings]
-    if query_agnostic:
-        for setting, method in zip(settings, methods, strict=True):
-            compressed = compress_context(pair, sample.context, method=method, max_new_tokens=sample.max_new_tokens)
-            yield setting, compressed.ask(sample.question, answer_prefix=sample.answer_prefix,
-                                          max_new_tokens=sample.max_new_tokens)
-        return
     groups = [list(range(len(settings)))] if share else [[i] for i in range(len(settings))]
+    if query_agnostic:
+        for group in groups:
+            for index, compressed in compress_context_each(pair, sample.context, [methods[i] for i in group],
+                                                           max_new_tokens=sample.max_new_tokens):
+                yield settings[group[index]], compressed.ask(sample.question, answer_prefix=sample.answer_prefix,
+                                                             max_new_tokens=sample.max_new_tokens)
+        return
     for group in groups:
         for index, results in run_each(pair, [sample.request()], [methods[i] for i in group],
                                        decode_together=batch_settings and len(group) > 1):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -95,8 +95,8 @@ def results_of(pair: ModelPair, prepared: Prepared, rows: list[Decoded], first_t
     """The results of a prepared batch's decoded rows."""
     results = []
     for row, decoded in enumerate(rows):
-        stats, kept_tokens, kept_kv = row_stats(prepared, row, len(decoded.token_ids), first_token_at, finished, memory)
-        stats.note = "; ".join(filter(None, [stats.note, *notes, "shared prefill" if prepared.shared_prefill else ""]))
+        stats, kept_tokens, kept_kv = row_stats(prepared, row, len(decoded.token_ids), first_token_at, finished, memory,
+                                                notes)
         results.append(Result(decoded.text, decoded.token_ids, decoded.finish_reason, stats, kept_kv, kept_tokens,
                               decoded.logprobs, guessed(pair, prepared, row)))
     return results
@@ -181,8 +181,10 @@ def _decode_group(pair: ModelPair, batches: list[Prepared]) -> list[list[Result]
 
 
 def row_stats(prepared: Prepared, row: int, new_tokens: int, first_token_at: float, finished: float,
-              memory: int | None) -> tuple[Stats, torch.Tensor | None, list[torch.Tensor] | None]:
-    """One row's stats, its station-1 kept tokens and its kept KV positions (in original prompt positions)."""
+              memory: int | None, notes: Sequence[str] = (),
+              ) -> tuple[Stats, torch.Tensor | None, list[torch.Tensor] | None]:
+    """One row's stats, its station-1 kept tokens and its kept KV positions (in original prompt positions);
+    `notes`: the caller's own, after what the stats say themselves."""
     n = len(prepared.prompts[row].ids)
     kept_tokens, kept_kv = prepared.kept.kept_tokens[row], prepared.kept_rows[row]
     stage_length = prepared.batch.lengths[row]
@@ -198,13 +200,13 @@ def row_stats(prepared: Prepared, row: int, new_tokens: int, first_token_at: flo
     sliding_entries = max((min(stage_length, window - 1) for window, _ in windows), default=0)
     sliding = sum(min(stage_length, window - 1) * entry for window, entry in windows)
     sliding_dense = sum(min(n, window - 1) * entry for window, entry in windows)
-    notes = []
+    said = []
     if prompt_budget is not None and kept_tokens is None:
-        notes.append(f"prompt budget {prompt_budget} >= prompt length {n}: the whole prompt was kept")
+        said.append(f"prompt budget {prompt_budget} >= prompt length {n}: the whole prompt was kept")
     if budget is not None and kept_kv is None and prepared.entry_bytes == 0:
-        notes.append("every layer is a sliding window, which keeps its window: no KV budget applies")
+        said.append("every layer is a sliding window, which keeps its window: no KV budget applies")
     elif budget is not None and kept_kv is None:
-        notes.append(f"budget {budget} >= prompt length {stage_length}: ran dense")
+        said.append(f"budget {budget} >= prompt length {stage_length}: ran dense")
     stats = Stats(
         method=prepared.method.name, prompt_tokens=n, kept_prompt_tokens=stage_length, kv_entries=entries,
         kv_bytes_dense=n * prepared.entry_bytes + sliding_dense,
@@ -214,6 +216,6 @@ def row_stats(prepared: Prepared, row: int, new_tokens: int, first_token_at: flo
         lookahead_tokens=prepared.draft.lengths[row] if prepared.draft is not None else 0,
         new_tokens=new_tokens, time_to_first_token=first_token_at - prepared.started,
         total_time=finished - prepared.started, timings=dict(prepared.clock.stages), peak_memory_bytes=memory,
-        note="; ".join(notes),
+        note="; ".join([*said, *notes, *(["shared prefill"] if prepared.shared_prefill else [])]),
     )
     return stats, kept_tokens, kept_kv
