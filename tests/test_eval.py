@@ -186,11 +186,12 @@ def test_rank_correlation_and_recall():
     assert recall(a, torch.tensor([0.9, 0.1, 0.2, 0.8]), 2) == 0.5  # {3, 1} vs {0, 3}
 
 
-def test_agreement_on_a_tiny_pair(qwen_pair, tmp_path):
+def test_agreement_on_a_tiny_pair(qwen_pair, tmp_path, capsys):
     from draftkv.eval import agreement
 
     samples = ruler.generate("niah_single_1", 400, make_tokenizer(), samples=2, seed=5)
     path = agreement.run_agreement(qwen_pair, samples, tmp_path, budget=64)
+    assert "2/2 niah_single_1 | elapsed" in capsys.readouterr().err  # progress, one line per sample
     rows = [__import__("json").loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     layers = qwen_pair.target.model.config.num_hidden_layers
     assert len(rows) == 2 * layers

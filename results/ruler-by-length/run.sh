@@ -16,9 +16,10 @@ draftkv eval ruler --length 8192 --samples 3 --methods dense,snapkv,speckv,ada-s
 # Query-agnostic at 4,096: the context compressed before the question is known.
 draftkv eval ruler --length 4096 --samples 2 --methods dense,snapkv,speckv,ada-speckv --budgets 256 --query-agnostic \
   --out results/ruler-4096-agnostic
-# The agreement analysis at 4,096 and 8,192.
-draftkv analyze agreement --length 4096 --samples 10
-draftkv analyze agreement --length 8192 --samples 10
+# The agreement analysis at 4,096 and 8,192: 10 samples each (2 of each of five tasks).
+AGREEMENT_TASKS=niah_single_2,niah_multikey_1,niah_multivalue,vt,fwe
+draftkv analyze agreement --length 4096 --samples 2 --tasks "$AGREEMENT_TASKS"
+draftkv analyze agreement --length 8192 --samples 2 --tasks "$AGREEMENT_TASKS"
 # RULER at 2,048 at the 8k budgets too (KV 256, prompt 1024), so one absolute budget spans all three lengths
 # (the folder already holds KV 128 and prompt 512).
 draftkv eval ruler --length 2048 --samples 5 --methods dense,snapkv,speckv,ada-speckv,laq,specpc,specprefill,speckv-pc \

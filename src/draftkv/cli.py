@@ -689,8 +689,7 @@ def analyze_agreement(
             pair = load_pair(target, draft, device=device, dtype=dtype, decode=decode)
         generated = [s for task in chosen_tasks for s in ruler.generate(
             task, length, pair.tokenizer, samples=samples, seed=seed, essays=str(essays) if essays else None)]
-        with err.status(f"scoring {len(generated)} samples"):
-            summary = agreement.run_agreement(pair, generated, folder, budget=budget)
+        summary = agreement.run_agreement(pair, generated, folder, budget=budget)
     except DraftKVError as error:
         raise fail(error) from None
     typer.echo(summary.read_text(encoding="utf-8"))

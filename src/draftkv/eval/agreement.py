@@ -23,6 +23,7 @@ import torch
 
 from ..flow import prepare
 from ..methods import get_method
+from ..progress import progress_bar
 from ..scoring import pool_scores
 from .ruler import Sample
 
@@ -79,12 +80,14 @@ def run_agreement(pair: ModelPair, samples: list[Sample], out: Path, *, budget: 
     out.mkdir(parents=True, exist_ok=True)
     path = out / "rows.jsonl"
     done = {json.loads(line)["sample"] for line in path.read_text().splitlines() if line.strip()} if path.exists() else set()
-    with open(path, "a", encoding="utf-8") as handle:
-        for sample in samples:
-            if sample.id in done:
-                continue
+    todo = [sample for sample in samples if sample.id not in done]
+    with open(path, "a", encoding="utf-8") as handle, progress_bar() as progress:
+        task = progress.add_task(f"{len(samples) - len(todo)} done before", total=len(todo))
+        for sample in todo:
+            progress.update(task, description=sample.task)
             handle.writelines(json.dumps(row) + "\n" for row in sample_agreement(pair, sample, budget=budget))
             handle.flush()
+            progress.advance(task)
     return summarize(out)
 
 
