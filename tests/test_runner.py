@@ -242,7 +242,8 @@ def test_the_cross_length_report_averages_margins_and_verdicts(tmp_path):
     assert "| speckv - snapkv at KV 128 | +15.0 ±2.9 (n=4) | +65.0 ±2.9 (n=4) |" in text  # the fifth sample unpaired
     assert "of 128: +15.0 ±2.9 (n=4) at 2,048, +65.0 ±2.9 (n=4) at 4,096; the lead grows with length (+50.0" in text
     assert "of 256: +15.0 ±2.9 (n=4) at 2,048, +15.0 ±2.9 (n=4) at 4,096; the lead holds (+0.0, within" in text
-    assert (tmp_path / "by-length" / "accuracy_by_length.png").read_bytes()[:4] == b"\x89PNG"
+    for plot in ("accuracy_by_length.png", "margins_by_length.png"):
+        assert (tmp_path / "by-length" / plot).read_bytes()[:4] == b"\x89PNG"
     assert "2048,vt,speckv,128,,45.00,4" in (tmp_path / "by-length" / "report.csv").read_text()
 
 

@@ -648,8 +648,8 @@ def eval_report(
             written = f"{summary}, {csv_path}, {plot}"
         else:
             _writable(out)
-            summary, plot = report.by_length(folders, out)
-            written = f"{summary}, {plot}"
+            summary, *others = report.by_length(folders, out)
+            written = ", ".join(map(str, [summary, *others]))
     except DraftKVError as error:
         raise fail(error) from None
     typer.echo(summary.read_text(encoding="utf-8"))

@@ -95,11 +95,12 @@ def plot(table: dict, found: list[tuple], path: Path) -> None:
 PAIRS = [("speckv", "snapkv", "budget"), ("specpc", "specprefill", "prompt_budget")]  # the paper's comparisons
 
 
-def by_length(folders: list[Path], out: Path) -> tuple[Path, Path]:
+def by_length(folders: list[Path], out: Path) -> tuple[Path, Path, Path, Path]:
     """The cross-length report of several run folders (one length each, or several): per setting its
     average at each length with n and its share of dense's, the SpecKV - SnapKV and SpecPC - SpecPrefill
     margins against length at equal budgets, per-task tables, a plot per absolute budget and a verdict
-    on each comparison. Writes report.md, report.csv and accuracy_by_length.png in `out`."""
+    on each comparison. Writes report.md, report.csv, accuracy_by_length.png and margins_by_length.png
+    in `out`, and returns their paths."""
     rows = [row for folder in folders for row in read_rows(folder / "results.jsonl")]
     if not rows:
         raise ConfigError(f"no finished results in {', '.join(map(str, folders))}")
@@ -160,7 +161,8 @@ def by_length(folders: list[Path], out: Path) -> tuple[Path, Path]:
         for (length, task, setting), (value, count) in sorted(table.items(), key=lambda item: str(item[0])):
             writer.writerow([length, task, *setting, f"{value:.2f}", count])
     plot_by_length(table, settings, lengths, out / "accuracy_by_length.png")
-    return out / "report.md", out / "accuracy_by_length.png"
+    plot_margins(margins, lengths, out / "margins_by_length.png")
+    return out / "report.md", out / "report.csv", out / "accuracy_by_length.png", out / "margins_by_length.png"
 
 
 @dataclass(frozen=True)
@@ -237,6 +239,32 @@ def plot_by_length(table: dict, settings: list[tuple], lengths: list[int], path:
         axis.set_xlabel("prompt length (tokens)")
         axis.set_ylabel("average score")
         axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_margins(margins: list[tuple[str, list[tuple[int, Margin]]]], lengths: list[int], path: Path) -> None:
+    """Each comparison's margin against length, with bars of twice its standard error (about 95%)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    styles = line_styles([name for name, _ in margins])
+    for index, (name, points) in enumerate(margins):
+        dodge = 2 ** (0.04 * (index - (len(margins) - 1) / 2))  # side by side, so the bars do not hide each other
+        axis.errorbar([n * dodge for n, _ in points], [m.mean for _, m in points],
+                      yerr=[2 * m.error if m.error is not None else 0 for _, m in points], capsize=4, label=name,
+                      **styles[name])
+    axis.axhline(0, color="black", linewidth=0.8)
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(lengths, [f"{n // 1024}k" for n in lengths])
+    axis.set_xlabel("prompt length (tokens)")
+    axis.set_ylabel("score difference (bars: ±2 standard errors)")
+    axis.set_title("margins against length, at equal budget")
+    axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
