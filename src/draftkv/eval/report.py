@@ -234,10 +234,7 @@ def plot_by_length(table: dict, settings: list[tuple], lengths: list[int], path:
                 axis.plot([p[0] for p in points], [p[1] for p in points], label=setting[0], **styles[setting[0]])
         kv, prompt = budgets
         axis.set_title(" + ".join(filter(None, [f"KV {kv}" if kv else "", f"prompt {prompt}" if prompt else ""])))
-        axis.set_xscale("log", base=2)
-        axis.set_xticks(lengths, [f"{n // 1024}k" for n in lengths])
-        axis.set_xlabel("prompt length (tokens)")
-        axis.set_ylabel("average score")
+        length_axis(axis, lengths, "average score")
         axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -259,12 +256,17 @@ def plot_margins(margins: list[tuple[str, list[tuple[int, Margin]]]], lengths: l
                       yerr=[2 * m.error if m.error is not None else 0 for _, m in points], capsize=4, label=name,
                       **styles[name])
     axis.axhline(0, color="black", linewidth=0.8)
-    axis.set_xscale("log", base=2)
-    axis.set_xticks(lengths, [f"{n // 1024}k" for n in lengths])
-    axis.set_xlabel("prompt length (tokens)")
-    axis.set_ylabel("score difference (bars: ±2 standard errors)")
+    length_axis(axis, lengths, "score difference (bars: ±2 standard errors)")
     axis.set_title("margins against length, at equal budget")
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def length_axis(axis, lengths: list[int], ylabel: str) -> None:
+    """Prompt length on a log-2 x axis, ticked at the lengths that ran."""
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(lengths, [f"{n // 1024}k" for n in lengths])
+    axis.set_xlabel("prompt length (tokens)")
+    axis.set_ylabel(ylabel)
