@@ -540,6 +540,7 @@ def eval_ruler(
             raise ConfigError(f"unknown RULER task(s) {', '.join(unknown)}; tasks: {', '.join(ruler.TASKS)}")
         runs = runner.settings(_split(methods, str, "--methods"), _split(budgets, int, "--budgets"),
                                _split(prompt_budgets, int, "--prompt-budgets"))
+        check_backend(decode)  # checked here too: a dump loads no model that would check it
         if dump is None:
             for n in lengths:
                 _writable(out or Path(f"results/ruler-{n}" + ("-agnostic" if query_agnostic else "")))
