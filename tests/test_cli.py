@@ -169,6 +169,21 @@ def test_eval_arguments_are_checked_before_any_model_loads(monkeypatch, tmp_path
     assert result.exit_code == 2 and words in result.output, result.output
 
 
+BAD_AGREEMENT = [  # arguments of `draftkv analyze agreement`, words the error must say
+    (["--tasks", "vt,nope"], "unknown RULER task(s) nope"),
+    (["--tasks", ","], "--tasks names nothing"),
+    (["--samples", "0"], "--samples must be at least 1"),
+    (["--length", "0"], "--length must be at least 1"),
+]
+
+
+@pytest.mark.parametrize(("args", "words"), BAD_AGREEMENT, ids=[w for _, w in BAD_AGREEMENT])
+def test_agreement_arguments_are_checked_before_any_model_loads(monkeypatch, tmp_path, args, words):
+    no_models(monkeypatch)
+    result = runner.invoke(app, ["analyze", "agreement", *args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and words in result.output, result.output
+
+
 def test_an_output_folder_that_cannot_be_written_is_named_before_any_model_loads(monkeypatch, tmp_path):
     no_models(monkeypatch)
     blocked = tmp_path / "file"

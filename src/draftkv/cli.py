@@ -469,6 +469,8 @@ Share = Annotated[bool, typer.Option(help="Run dense and KV methods of a sample 
 BatchSettings = Annotated[bool, typer.Option(help="Decode every setting of a sample as one batch of their caches "
                                              "(with --share; batched float arithmetic can flip a rare greedy tie).")]
 QueryAgnostic = Annotated[bool, typer.Option(help="Compress the context before the question is known, then ask it.")]
+Seed = Annotated[int, typer.Option(help="Seed of the generated samples.")]
+Essays = Annotated[Path | None, typer.Option(help="A folder of .txt essays (default: the pinned Paul Graham essays).")]
 
 eval_app = typer.Typer(help="Evaluate methods: RULER generated here, and reports of finished runs.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
@@ -488,6 +490,15 @@ def _split(text: str, kind=str, option: str = "") -> list:
 def _at_least_one(option: str, value: int | None) -> None:
     if value is not None and value < 1:
         raise ConfigError(f"{option} must be at least 1, got {value}")
+
+
+def _ruler_tasks(tasks: str) -> list[str]:
+    """--tasks as a list ('all': every task), every name checked."""
+    chosen = list(ruler.TASKS) if tasks == "all" else _split(tasks, str, "--tasks")
+    unknown = sorted(set(chosen) - set(ruler.TASKS))
+    if unknown:
+        raise ConfigError(f"unknown RULER task(s) {', '.join(unknown)}; tasks: {', '.join(ruler.TASKS)}")
+    return chosen
 
 
 def _writable(folder: Path, option: str = "--out") -> None:
@@ -515,9 +526,9 @@ def eval_ruler(
     methods: EvalMethods = "dense,snapkv,speckv",
     budgets: KVBudgets = "256",
     prompt_budgets: PromptBudgets = "1024",
-    seed: Annotated[int, typer.Option(help="Seed of the generated samples.")] = 0,
+    seed: Seed = 0,
     out: Annotated[Path | None, typer.Option(help="Results folder (default results/ruler-LENGTH).")] = None,
-    essays: Annotated[Path | None, typer.Option(help="A folder of .txt essays (default: the pinned Paul Graham essays).")] = None,
+    essays: Essays = None,
     squad: Annotated[Path | None, typer.Option(help="A local SQuAD JSON file, for qa_1.")] = None,
     hotpotqa: Annotated[Path | None, typer.Option(help="A local HotpotQA JSON file, for qa_2.")] = None,
     dump: Annotated[Path | None, typer.Option(help="Only write the generated samples to this JSONL file.")] = None,
@@ -534,10 +545,7 @@ def eval_ruler(
     try:
         lengths = _split(length, int, "--length")
         _at_least_one("--samples", samples)
-        chosen_tasks = list(ruler.TASKS) if tasks == "all" else _split(tasks, str, "--tasks")
-        unknown = sorted(set(chosen_tasks) - set(ruler.TASKS))
-        if unknown:
-            raise ConfigError(f"unknown RULER task(s) {', '.join(unknown)}; tasks: {', '.join(ruler.TASKS)}")
+        chosen_tasks = _ruler_tasks(tasks)
         runs = runner.settings(_split(methods, str, "--methods"), _split(budgets, int, "--budgets"),
                                _split(prompt_budgets, int, "--prompt-budgets"))
         check_backend(decode)  # checked here too: a dump loads no model that would check it
@@ -665,11 +673,11 @@ app.add_typer(analyze_app, name="analyze")
 def analyze_agreement(
     length: Annotated[int, typer.Option(help="Prompt length in tokens.")] = 4096,
     samples: Annotated[int, typer.Option(help="Samples per task.")] = 10,
-    tasks: Annotated[str, typer.Option(help="Comma-separated RULER tasks.")] = "niah_single_2,niah_multikey_1,vt,fwe",
+    tasks: Annotated[str, typer.Option(help="Comma-separated RULER tasks, or 'all'.")] = "niah_single_2,niah_multikey_1,vt,fwe",
     budget: Annotated[int, typer.Option(help="KV budget whose top-C set the recall is about (C = budget - 32).")] = 128,
-    seed: Annotated[int, typer.Option(help="Seed of the generated samples.")] = 0,
+    seed: Seed = 0,
     out: Annotated[Path | None, typer.Option(help="Results folder (default results/agreement-LENGTH).")] = None,
-    essays: Annotated[Path | None, typer.Option(help="A folder of .txt essays (default: the pinned essays).")] = None,
+    essays: Essays = None,
     target: Target = DEFAULT_TARGET,
     draft: Draft = DEFAULT_DRAFT,
     device: Device = None,
@@ -678,12 +686,9 @@ def analyze_agreement(
 ) -> None:
     """Oracle (the target's own answer) vs SpecKV (draft lookahead) vs SnapKV (window) importance, per layer."""
     try:
-        chosen_tasks = _split(tasks, str, "--tasks")
+        chosen_tasks = _ruler_tasks(tasks)
         _at_least_one("--samples", samples)
         _at_least_one("--length", length)
-        unknown = sorted(set(chosen_tasks) - set(ruler.TASKS))
-        if unknown:
-            raise ConfigError(f"unknown RULER task(s) {', '.join(unknown)}; tasks: {', '.join(ruler.TASKS)}")
         folder = out or Path(f"results/agreement-{length}")
         _writable(folder)
         with err.status("loading models"):
