@@ -62,9 +62,12 @@ def count_calls(monkeypatch) -> list:
     return calls
 
 
-def test_run_resumes_and_recomputes_nothing(qwen_pair, samples, tmp_path, monkeypatch):
+def test_run_resumes_and_recomputes_nothing(qwen_pair, samples, tmp_path, monkeypatch, capsys):
     calls = count_calls(monkeypatch)
     path = runner.run(qwen_pair, samples, SETTINGS, tmp_path, {"test": True})
+    progress = capsys.readouterr().err.splitlines()  # one line a sample, when all its settings are written
+    assert [line.split(" | ")[0] for line in progress] == [
+        f"{i}/{len(samples)} samples: {sample.id} ({len(SETTINGS)} settings)" for i, sample in enumerate(samples, 1)]
     rows = runner.read_rows(path)
     assert len(rows) == len(calls) == len(samples) * len(SETTINGS)
     assert {row["key"] for row in rows} == {runner.key(s.id, setting) for s in samples for setting in SETTINGS}

@@ -148,17 +148,18 @@ def _run(pair: ModelPair, samples: Iterable[Sample], runs: list[Setting], out: P
     done = {row["key"] for row in read_rows(path)}
     todo = [(sample, [s for s in runs if key(sample.id, s) not in done]) for sample in samples]
     todo = [(sample, missing) for sample, missing in todo if missing]
+    # One step a sample: its settings finish together when they decode as one batch.
     with open(path, "a", encoding="utf-8") as handle, progress_bar() as progress:
-        task = progress.add_task(f"{len(done)} done before", total=sum(len(missing) for _, missing in todo))
+        task = progress.add_task(f"samples ({len(done)} rows done before)", total=len(todo))
         for sample, missing in todo:
-            progress.update(task, description=f"{sample.task} ({len(missing)} settings)")
+            progress.update(task, description=f"samples: {sample.id} ({len(missing)} settings)")
             last = time.perf_counter()
             for setting, result in sample_results(pair, sample, missing, share, query_agnostic,
                                                   config["batch_settings"]):
                 now = time.perf_counter()
                 append_row(handle, row(sample, setting, result, now - last))
                 last = now
-                progress.advance(task)
+            progress.advance(task)
     return path
 
 
