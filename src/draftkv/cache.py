@@ -391,13 +391,6 @@ def bytes_per_entry(cache: DynamicCache) -> int:
     return sum(layer_entry_bytes(cache.layers[at]) for at in compressed_layers(cache))
 
 
-def sliding_bytes(cache: DynamicCache, prompt_length: int) -> int:
-    """Bytes the sliding-window layers hold after reading a prompt of `prompt_length` tokens: each its
-    window (the last window - 1 entries) or the whole prompt when shorter."""
-    return sum(min(prompt_length, layer.sliding_window - 1) * layer_entry_bytes(layer)
-               for layer in cache.layers if getattr(layer, "is_sliding", False))
-
-
 def checkpoint(cache: DynamicCache) -> Callable[[], None]:
     """A way back to the cache as it is now (before a probe, or a question and its answer), copying
     nothing: a layer's tensors are kept by reference (updates make new ones or write past the filled
