@@ -170,6 +170,37 @@ def test_decode_groups_split_the_rows_where_it_reads_least(widths, entry_bytes, 
 
 
 @pytest.mark.parametrize("backend", ["eager", "static"])
+def test_padding_only_a_finished_row_needed_is_dropped_with_it(pair, backend):
+    """Settings decoded together are padded to the widest cache (dense on the long prompt). Once that row
+    and half the others are done, the running rows go on over their own width only, with their tokens."""
+    import dataclasses
+
+    from draftkv.methods import get_method
+
+    chosen = dataclasses.replace(pair, decode=backend)
+    requests = [Request(context=long_context(300, seed=7), question="what?", max_new_tokens=2, ignore_eos=True),
+                Request(context=long_context(120, seed=8), question="what?", max_new_tokens=10, ignore_eos=True)]
+    methods = [get_method("dense"), get_method("snapkv", budget=48, window=8)]
+    widths = []  # the cache's first layer, as each decode step sees it
+
+    def record(_module, _args, kwargs):
+        if kwargs["input_ids"].shape[1] == 1:
+            widths.append(kwargs["cache"].layers[0].keys.shape[2])
+
+    hook = pair.target.model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        together = run(chosen, requests, methods, decode_together=True)
+    finally:
+        hook.remove()
+    long_prompt = together[0][0].stats.prompt_tokens
+    assert max(widths) >= long_prompt  # all four rows, padded to dense's long prompt
+    assert widths[-1] < long_prompt - 100  # the two rows of the short request alone, without that padding
+    for method, rows in zip(methods, together, strict=True):
+        for row, alone in zip(rows, run(chosen, requests, [method])[0], strict=True):
+            assert row.token_ids == alone.token_ids, method.name
+
+
+@pytest.mark.parametrize("backend", ["eager", "static"])
 def test_finished_rows_leave_the_batch_and_the_others_keep_their_tokens(pair, backend):
     """Once half the rows are done, the decode goes on with the running rows alone (smaller steps), and
     every row still gets the tokens it gets alone; ragged caches included."""

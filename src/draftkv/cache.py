@@ -326,8 +326,19 @@ def layer_entries(layer: DynamicLayer, attention_mask: torch.Tensor | None,
     return layer.keys, layer.values, valid
 
 
-def rows_of(layer: DynamicLayer, rows: torch.Tensor, room: int) -> DynamicLayer:
-    """A copy of a layer holding only the batch rows `rows`, with room for `room` more entries."""
+def _without_shared_padding(keys: torch.Tensor, values: torch.Tensor,
+                            valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded entries without the leading slots that no row and head uses (the padding that a wider
+    row, now gone, needed): later steps no longer read them."""
+    used = valid.any(dim=1).any(dim=0).nonzero()
+    first = int(used[0]) if used.numel() else 0
+    return keys[:, :, first:], values[:, :, first:], valid[:, :, first:]
+
+
+def rows_of(layer: DynamicLayer, rows: torch.Tensor, room: int, trim: bool = False) -> DynamicLayer:
+    """A copy of a layer holding only the batch rows `rows`, with room for `room` more entries. `trim`:
+    a padded layer also drops the leading slots that none of these rows uses (safe only where the
+    layers bring their own masks, not under a batch-wide attention mask of the old width)."""
     if isinstance(layer, PerHeadLayer):
         chosen = rows.tolist()
         copied = copy.copy(layer)
@@ -335,12 +346,10 @@ def rows_of(layer: DynamicLayer, rows: torch.Tensor, room: int) -> DynamicLayer:
         copied.head_values = [layer.head_values[b] for b in chosen]
         copied.valid = layer.valid[rows]
         return copied
-    if isinstance(layer, PaddedLayer):
-        return PaddedLayer(layer.keys[rows], layer.values[rows], layer.valid[rows], room)
-    if isinstance(layer, FixedSlotLayer):
-        filled = layer.base + int(layer.step)
-        return PaddedLayer(layer.keys[rows, :, :filled], layer.values[rows, :, :filled], layer.valid[rows, :, :filled],
-                           room)
+    if isinstance(layer, PaddedLayer | FixedSlotLayer):
+        filled = layer.base + int(layer.step) if isinstance(layer, FixedSlotLayer) else layer.keys.shape[2]
+        entries = layer.keys[rows, :, :filled], layer.values[rows, :, :filled], layer.valid[rows, :, :filled]
+        return PaddedLayer(*(_without_shared_padding(*entries) if trim else entries), room)
     if isinstance(layer, SlotLayer):
         return SlotLayer(layer.keys[rows], layer.values[rows], room)
     copied = copy.copy(layer)  # a transformers layer (a sliding window): its counters hold for every row
@@ -349,9 +358,10 @@ def rows_of(layer: DynamicLayer, rows: torch.Tensor, room: int) -> DynamicLayer:
     return copied
 
 
-def select_rows(cache: DynamicCache, rows: torch.Tensor, room: int) -> DynamicCache:
-    """A new cache of the batch rows `rows` (the others are dropped: finished rows of a decode)."""
-    return cache_of_layers([rows_of(layer, rows, room) for layer in cache.layers])
+def select_rows(cache: DynamicCache, rows: torch.Tensor, room: int, trim: bool = False) -> DynamicCache:
+    """A new cache of the batch rows `rows` (the others are dropped: finished rows of a decode); `trim`:
+    see rows_of."""
+    return cache_of_layers([rows_of(layer, rows, room, trim) for layer in cache.layers])
 
 
 def stacked_cache(caches: list[DynamicCache], attention_masks: list[torch.Tensor | None]) -> DynamicCache:

@@ -164,7 +164,9 @@ class EagerStep:
         index = torch.tensor(rows, device=self.model.device)
         chosen = EagerStep.__new__(EagerStep)
         chosen.model, chosen.steps, chosen.length = self.model, self.steps, self.length  # steps: of the whole decode
-        chosen.cache = select_rows(self.cache, index, self.steps - taken) if self.cache is not None else None
+        # Padding no running row uses is dropped, unless a batch-wide mask of the old width still applies.
+        chosen.cache = select_rows(self.cache, index, self.steps - taken, trim=self.mask is None) \
+            if self.cache is not None else None
         chosen.mask = self.mask[index] if self.mask is not None else None
         if self.cache is not None:
             follow_ragged(self.cache, chosen.cache)

@@ -71,7 +71,7 @@ class StaticStep:
         """A new static step for the batch rows `rows` alone, after `taken` steps (finished rows dropped)."""
         index = torch.tensor(rows, device=self.model.device)
         remaining = self.steps - taken
-        chosen = StaticStep(self.model, select_rows(self.cache, index, remaining), None, remaining, self.graphs)
+        chosen = StaticStep(self.model, select_rows(self.cache, index, remaining, trim=True), None, remaining, self.graphs)
         chosen.steps = self.steps  # of the whole decode, as `taken` counts
         return chosen
 
