@@ -29,3 +29,12 @@ def test_the_eta_is_the_mean_pace_so_far_times_the_steps_left(capsys):
     # 300 s for 1 of 4 steps leaves 3 x 300 s; then 330 s for 2 leaves 2 x 165 s; 360 s for 3 leaves 120 s.
     assert [line.split(" | ")[2] for line in lines] == ["eta 0:15:00", "eta 0:05:30", "eta 0:02:00"]
     assert [line.split(" | ")[1] for line in lines] == ["elapsed 0:05:00", "elapsed 0:05:30", "elapsed 0:06:00"]
+
+
+def test_a_long_step_stays_on_one_line(capsys):
+    with progress_bar() as progress:
+        task = progress.add_task("samples", total=1)
+        progress.update(task, description="samples: " + "niah_multikey_3-4096-0-2 " * 6)
+        progress.advance(task)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].endswith("eta 0:00:00")

@@ -47,7 +47,8 @@ class _LineProgress(Progress):
         super().advance(task_id, advance)
         task = self._tasks[task_id]
         self.console.print(f"{task.completed:g}/{task.total:g} {task.description} | elapsed {_duration(task.elapsed)}"
-                           f" | eta {_duration(time_left(task))}", markup=False, highlight=False)
+                           f" | eta {_duration(time_left(task))}", markup=False, highlight=False,
+                           soft_wrap=True)  # one line however long: a log is read line by line
 
 
 def progress_bar(get_time: Callable[[], float] | None = None) -> Progress:
