@@ -326,13 +326,11 @@ def layer_entries(layer: DynamicLayer, attention_mask: torch.Tensor | None,
     return layer.keys, layer.values, valid
 
 
-def _without_shared_padding(keys: torch.Tensor, values: torch.Tensor,
-                            valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Padded entries without the leading slots that no row and head uses (the padding that a wider
-    row, now gone, needed): later steps no longer read them."""
+def _first_used_slot(valid: torch.Tensor) -> int:
+    """The first slot that some row and head of `valid` [B, H_kv, K] uses: the slots before it are
+    padding that a wider row, now gone, needed."""
     used = valid.any(dim=1).any(dim=0).nonzero()
-    first = int(used[0]) if used.numel() else 0
-    return keys[:, :, first:], values[:, :, first:], valid[:, :, first:]
+    return int(used[0]) if used.numel() else 0
 
 
 def rows_of(layer: DynamicLayer, rows: torch.Tensor, room: int, trim: bool = False) -> DynamicLayer:
@@ -348,8 +346,10 @@ def rows_of(layer: DynamicLayer, rows: torch.Tensor, room: int, trim: bool = Fal
         return copied
     if isinstance(layer, PaddedLayer | FixedSlotLayer):
         filled = layer.base + int(layer.step) if isinstance(layer, FixedSlotLayer) else layer.keys.shape[2]
-        entries = layer.keys[rows, :, :filled], layer.values[rows, :, :filled], layer.valid[rows, :, :filled]
-        return PaddedLayer(*(_without_shared_padding(*entries) if trim else entries), room)
+        valid = layer.valid[rows, :, :filled]
+        first = _first_used_slot(valid) if trim else 0  # sliced before the rows are gathered: no copy of the padding
+        return PaddedLayer(layer.keys[rows, :, first:filled], layer.values[rows, :, first:filled], valid[:, :, first:],
+                           room)
     if isinstance(layer, SlotLayer):
         return SlotLayer(layer.keys[rows], layer.values[rows], room)
     copied = copy.copy(layer)  # a transformers layer (a sliding window): its counters hold for every row
