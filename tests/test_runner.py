@@ -113,6 +113,24 @@ def test_report_tables_and_plot(tmp_path):
         report.report(tmp_path / "empty")
 
 
+def test_report_scores_the_guesses_that_probed_the_cache(tmp_path):
+    def row(key, task, method, guess, answers, score):
+        return {"key": key, "sample": key, "task": task, "method": method, "budget": 128, "prompt_budget": None,
+                "metric": "all", "answers": answers, "guess": guess, "score": score}
+
+    rows = [row("a", "vt", "speckv", " X1 and X2.", ["x1", "x3"], 100.0),  # the guess names one of two: 50
+            row("b", "vt", "speckv", " nothing", ["x1"], 0.0),
+            row("c", "cwe", "speckv", " y", ["y"], 100.0),
+            row("a", "vt", "snapkv", None, ["x1", "x3"], 0.0)]  # no guess: not in the table
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = report.report(tmp_path)[0].read_text()
+    section = text.split("## The guesses that probed the cache")[1]
+    assert "| speckv (kv 128) | 100.0 / 100.0 (n=1) | 25.0 / 50.0 (n=2) | 50.0 / 66.7 (n=3) |" in section
+    assert "snapkv" not in section
+    (tmp_path / "results.jsonl").write_text(json.dumps(rows[-1]) + "\n")
+    assert "guesses" not in report.report(tmp_path)[0].read_text()
+
+
 def test_eval_ruler_command(tmp_path):
     from conftest import tiny_pair
 

@@ -80,3 +80,9 @@ def retrieval_score(prediction: str, references: list[str]) -> float:
     wanted = re.findall(r"Paragraph (\d+)", references[0])
     numbers = re.findall(r"\d+", prediction)
     return 100.0 * (sum(n == wanted[0] for n in numbers) / len(numbers) if numbers and wanted else 0.0)
+
+
+# Each metric that needs only the references, by the name a sample's `metric` carries (classification also
+# needs the classes, so the runner calls it itself).
+SCORERS = {"all": ruler_all, "part": ruler_part, "qa_f1": qa_f1, "rouge_l": rouge_l,
+           "code_similarity": code_similarity, "count_score": count_score, "retrieval_score": retrieval_score}

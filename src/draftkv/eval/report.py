@@ -12,6 +12,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..jsonl import read_rows
 from ..plotting import line_styles
+from . import metrics
 
 
 def summarize(rows: list[dict]) -> tuple[list[str], list[tuple[str, int | None, int | None]], dict]:
@@ -55,9 +56,33 @@ def report(folder: Path) -> tuple[Path, Path, Path]:
                 else:
                     cells.append("-")
             lines.append("| " + " | ".join([label(setting), *cells]) + " |")
+    lines += guesses(rows)
     (folder / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     plot(table, found, folder / "accuracy.png")
     return folder / "summary.md", folder / "summary.csv", folder / "accuracy.png"
+
+
+def guesses(rows: list[dict]) -> list[str]:
+    """A table of what the guesses that probed the cache were worth on their own: each guess (the draft's
+    lookahead, or the target's pseudo-answer) scored with its sample's metric as if it were the answer,
+    beside the score of the answer the target then gave. No lines when no row was probed by a guess."""
+    probed = [row for row in rows if row.get("guess") is not None and row.get("metric") in metrics.SCORERS]
+    if not probed:
+        return []
+    scores: dict[tuple[str, tuple], list[tuple[float, float]]] = defaultdict(list)
+    for row in probed:
+        guessed = metrics.SCORERS[row["metric"]](row["guess"], row["answers"])
+        for task in (row["task"], "average"):
+            scores[(task, (row["method"], row["budget"], row["prompt_budget"]))].append((guessed, row["score"]))
+    tasks, settings, _ = summarize(probed)
+    lines = ["", "## The guesses that probed the cache", "",
+             "Each cell: the guess scored as if it were the answer / the score of the target's answer (n).", "",
+             "| setting | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for setting in settings:
+        cells = [f"{statistics.fmean(g for g, _ in pairs):.1f} / {statistics.fmean(a for _, a in pairs):.1f} "
+                 f"(n={len(pairs)})" if (pairs := scores.get((task, setting))) else "-" for task in tasks]
+        lines.append(f"| {label(setting)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(table: dict, found: list[tuple], path: Path) -> None:

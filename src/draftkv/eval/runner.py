@@ -29,15 +29,11 @@ if TYPE_CHECKING:
     from ..models import ModelPair
     from ..types import Result
 
-SCORERS = {"all": metrics.ruler_all, "part": metrics.ruler_part, "qa_f1": metrics.qa_f1, "rouge_l": metrics.rouge_l,
-           "code_similarity": metrics.code_similarity, "count_score": metrics.count_score,
-           "retrieval_score": metrics.retrieval_score}
-
 
 def score(sample: Sample, prediction: str) -> float:
     if sample.metric == "classification":
         return metrics.classification(prediction, sample.answers, sample.classes)
-    return SCORERS[sample.metric](prediction, sample.answers)
+    return metrics.SCORERS[sample.metric](prediction, sample.answers)
 
 
 @dataclass(frozen=True)
