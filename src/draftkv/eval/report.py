@@ -250,9 +250,14 @@ def plot_by_length(table: dict, settings: list[tuple], lengths: list[int], path:
 
     panels = sorted({(s[1], s[2]) for s in settings if s[0] != "dense"},
                     key=lambda b: (b[0] is None, b[0] or 0, b[1] or 0))
-    figure, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.5 * max(len(panels), 1), 4), squeeze=False)
+    columns = min(max(len(panels), 1), 3)
+    rows = max(math.ceil(len(panels) / columns), 1)
+    # One score scale in every panel, so a panel with one method does not magnify a small change.
+    figure, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 4 * rows), squeeze=False, sharey=True)
+    for axis in axes.flat[len(panels):]:
+        axis.set_visible(False)
     styles = line_styles(sorted({s[0] for s in settings}))
-    for axis, budgets in zip(axes[0], panels, strict=False):
+    for axis, budgets in zip(axes.flat, panels, strict=False):
         for setting in [("dense", None, None), *[s for s in settings if (s[1], s[2]) == budgets]]:
             points = [(n, table[(n, "average", setting)][0]) for n in lengths if (n, "average", setting) in table]
             if points:
@@ -260,6 +265,7 @@ def plot_by_length(table: dict, settings: list[tuple], lengths: list[int], path:
         kv, prompt = budgets
         axis.set_title(" + ".join(filter(None, [f"KV {kv}" if kv else "", f"prompt {prompt}" if prompt else ""])))
         length_axis(axis, lengths, "average score")
+        axis.set_ylim(0, 102)
         axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
