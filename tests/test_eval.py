@@ -197,6 +197,7 @@ def test_agreement_on_a_tiny_pair(qwen_pair, tmp_path, capsys):
     assert len(rows) == 2 * layers
     for row in rows:
         assert -1 <= row["speckv_spearman"] <= 1 and 0 <= row["snapkv_recall"] <= 1 and row["answer_tokens"] > 0
+        assert row["length"] == 400  # the cross-length report groups agreement rows by it
     assert "| **all** |" in path.read_text() and (tmp_path / "agreement.png").exists()
     agreement.run_agreement(qwen_pair, samples, tmp_path, budget=64)  # resumes: nothing new
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 2 * layers

@@ -232,30 +232,32 @@ def test_results_that_cannot_be_written_give_a_clean_error(qwen_pair, samples, t
         runner.run(qwen_pair, samples[:1], SETTINGS[:1], blocked / "results", {})
 
 
+def write_results(folder, length: int, settings: dict, task: str = "vt"):
+    """A results folder at `length`: {(method, kv budget, prompt budget): [the score of each sample]}."""
+    folder.mkdir()
+    with open(folder / "results.jsonl", "w") as handle:
+        for (method, budget, prompt_budget), values in settings.items():
+            for sample, value in enumerate(values):
+                handle.write(json.dumps({"key": f"{sample}|{method}|{budget}|{prompt_budget}",
+                                         "sample": f"{task}-{length}-{sample}", "task": task, "length": length,
+                                         "method": method, "budget": budget, "prompt_budget": prompt_budget,
+                                         "score": value}) + "\n")
+    return folder
+
+
 def test_the_cross_length_report_averages_margins_and_verdicts(tmp_path):
     """`draftkv eval report A B`: per setting and length its average with n, its share of dense, the
     SpecKV - SnapKV margin at equal budget (paired over samples, with its standard error) and a verdict
     on its trend that calls a change only past its noise."""
-    scores = {  # length -> (method, kv budget) -> the scores of four samples of one task
-        2048: {("dense", None): [100, 80, 100, 80], ("snapkv", 128): [40, 20, 40, 20],
-               ("speckv", 128): [50, 40, 50, 40], ("snapkv", 256): [50, 40, 50, 40], ("speckv", 256): [60, 60, 60, 60]},
-        4096: {("dense", None): [100, 60, 100, 60], ("snapkv", 128): [20, 0, 20, 0],
-               ("speckv", 128): [80, 70, 80, 70], ("snapkv", 256): [40, 50, 40, 50], ("speckv", 256): [60, 60, 60, 60]},
-    }
-    folders = []
-    for length, settings in scores.items():
-        folder = tmp_path / f"ruler-{length}"
-        folder.mkdir()
-        with open(folder / "results.jsonl", "w") as handle:
-            for (method, budget), values in settings.items():
-                for sample, value in enumerate(values):
-                    handle.write(json.dumps({"key": f"{sample}|{method}|{budget}", "sample": f"vt-{length}-{sample}",
-                                             "task": "vt", "length": length, "method": method, "budget": budget,
-                                             "prompt_budget": None, "score": value}) + "\n")
-            if length == 4096:  # a partial run: one more SnapKV sample that SpecKV has not reached
-                handle.write(json.dumps({"key": "4|snapkv|128", "sample": "vt-4096-4", "task": "vt", "length": length,
-                                         "method": "snapkv", "budget": 128, "prompt_budget": None, "score": 0}) + "\n")
-        folders.append(folder)
+    scores = {  # length -> (method, kv budget, prompt budget) -> the scores of four samples of one task
+        2048: {("dense", None, None): [100, 80, 100, 80], ("snapkv", 128, None): [40, 20, 40, 20],
+               ("speckv", 128, None): [50, 40, 50, 40], ("snapkv", 256, None): [50, 40, 50, 40],
+               ("speckv", 256, None): [60, 60, 60, 60]},
+        4096: {("dense", None, None): [100, 60, 100, 60], ("snapkv", 128, None): [20, 0, 20, 0, 0],
+               ("speckv", 128, None): [80, 70, 80, 70], ("snapkv", 256, None): [40, 50, 40, 50],
+               ("speckv", 256, None): [60, 60, 60, 60]},
+    }  # at 4,096 a partial run: one more SnapKV sample that SpecKV has not reached
+    folders = [write_results(tmp_path / f"ruler-{length}", length, settings) for length, settings in scores.items()]
     result = CliRunner().invoke(app, ["eval", "report", *map(str, folders), "--out", str(tmp_path / "by-length")])
     assert result.exit_code == 0, result.output
     text = (tmp_path / "by-length" / "report.md").read_text()
@@ -266,11 +268,66 @@ def test_the_cross_length_report_averages_margins_and_verdicts(tmp_path):
     for plot in ("accuracy_by_length.png", "margins_by_length.png"):
         assert (tmp_path / "by-length" / plot).read_bytes()[:4] == b"\x89PNG"
     assert "2048,vt,speckv,128,,45.00,4" in (tmp_path / "by-length" / "report.csv").read_text()
+    assert not (tmp_path / "by-length" / "agreement_by_length.png").exists()  # no agreement folders given
+
+
+def test_the_cross_length_report_holds_the_papers_methods_against_dense_and_adds_the_agreement(tmp_path):
+    """The paper's methods minus dense at each length with a verdict on the trend, and, from `analyze
+    agreement` folders, each importance estimate's agreement with the oracle against length."""
+    scores = {
+        2048: {("dense", None, None): [100, 80, 100, 80], ("speckv", 256, None): [60, 60, 60, 60],
+               ("specpc", None, 1024): [100, 80, 100, 80], ("snapkv", 256, None): [0, 0, 0, 0]},
+        4096: {("dense", None, None): [100, 60, 100, 60], ("speckv", 256, None): [90, 60, 90, 60],
+               ("specpc", None, 1024): [60, 20, 60, 20], ("snapkv", 256, None): [0, 0, 0, 0]},
+    }
+    folders = [write_results(tmp_path / f"ruler-{length}", length, settings) for length, settings in scores.items()]
+    recalls = {  # length -> sample -> (SpecKV's, SnapKV's recall) in each of two layers
+        2048: {"a": ((1.0, 0.8), (0.9, 0.8)), "b": ((0.9, 0.8), (0.9, 0.7))},
+        4096: {"a": ((1.0, 0.5), (0.9, 0.5)), "b": ((0.9, 0.4), (0.9, 0.4))},
+    }
+    agreement = []
+    for length, samples in recalls.items():
+        folder = tmp_path / f"agreement-{length}"
+        folder.mkdir()
+        with open(folder / "rows.jsonl", "w") as handle:
+            for sample, layers in samples.items():
+                for layer, (spec, snap) in enumerate(layers):
+                    handle.write(json.dumps({"sample": f"vt-{length}-{sample}", "task": "vt", "length": length,
+                                             "layer": layer, "speckv_spearman": 0.99, "snapkv_spearman": 0.9,
+                                             "speckv_recall": spec, "snapkv_recall": snap}) + "\n")
+        agreement += ["--agreement", str(folder)]
+    out = tmp_path / "by-length"
+    result = CliRunner().invoke(app, ["eval", "report", *map(str, folders), *agreement, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    text = (out / "report.md").read_text()
+    assert "| speckv (kv 256) | -30.0 ±5.8 (n=4) | -5.0 ±2.9 (n=4) |" in text
+    assert "- speckv (kv 256) against dense: -30.0 ±5.8 (n=4) at 2,048, -5.0 ±2.9 (n=4) at 4,096; level with dense" \
+        in text
+    assert "- specpc (prompt 1024) against dense: +0.0 ±0.0 (n=4) at 2,048, -40.0 ±0.0 (n=4) at 4,096; its " \
+        "difference from dense falls with length (-40.0, beyond the noise of ±0.0)" in text
+    assert "| snapkv (kv 256) | -" not in text  # only the paper's methods are held against dense
+    assert "| 2,048 | 99.0 ±0.0 (n=2) | 90.0 ±0.0 (n=2) | 92.5 ±2.5 (n=2) | 77.5 ±2.5 (n=2) |" in text
+    assert "- SnapKV top-C recall: 77.5 ±2.5 (n=2) at 2,048, 45.0 ±5.0 (n=2) at 4,096; falls with length (-32.5, " \
+        "beyond the noise of ±11.2)" in text
+    assert "- SpecKV top-C recall: 92.5 ±2.5 (n=2) at 2,048, 92.5 ±2.5 (n=2) at 4,096; holds (+0.0" in text
+    assert (out / "agreement_by_length.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_cross_length_report_names_a_wrong_agreement_folder_before_writing(tmp_path):
+    folders = [write_results(tmp_path / f"ruler-{n}", n, {("dense", None, None): [100]}) for n in (2048, 4096)]
+    out = tmp_path / "by-length"
+    missing = CliRunner().invoke(app, ["eval", "report", *map(str, folders), "--agreement", str(folders[0]),
+                                       "--out", str(out)])
+    assert missing.exit_code == 2 and "has no agreement rows" in " ".join(missing.stderr.split())
+    assert not (out / "report.md").exists()  # nothing written
+    single = CliRunner().invoke(app, ["eval", "report", str(folders[0]), "--agreement", str(folders[1])])
+    assert single.exit_code == 2 and "give two or more results folders" in " ".join(single.stderr.split())
+    assert not (folders[0] / "summary.md").exists()
 
 
 def test_a_margin_verdict_calls_a_lead_gone_or_unclear_only_against_its_noise():
     def at(mean, error, n=10):
-        return report.Margin(mean, error, n)
+        return report.Estimate(mean, error, n)
 
     gone = report.verdict("speckv", "snapkv", "budget", 256, [(2048, at(30, 4)), (8192, at(5, 4))])
     assert gone.endswith("the lead is gone at the longest length")

@@ -648,16 +648,24 @@ def eval_report(
     folders: Annotated[list[Path], typer.Argument(help="Results folders with results.jsonl (several: across lengths).")],
     out: Annotated[Path, typer.Option(help="Where the cross-length report of several folders goes.")] = Path(
         "results/ruler-by-length"),
+    agreement_folders: Annotated[list[Path] | None, typer.Option(
+        "--agreement", help="A `draftkv analyze agreement` folder to add to the cross-length report (repeat it, one per length).")
+    ] = None,
 ) -> None:
     """One folder: tables (markdown, CSV) and an accuracy-against-budget plot in it. Several (runs at
-    different lengths): the cross-length report in --out (averages, shares of dense, margins, verdicts)."""
+    different lengths): the cross-length report in --out (averages, shares of dense, margins against
+    length, the paper's methods against dense, verdicts; with --agreement, the draft's agreement with the
+    target against length)."""
     try:
+        if agreement_folders and len(folders) == 1:
+            raise ConfigError("--agreement belongs to the cross-length report: give two or more results folders "
+                              "(one per length) with it")
         if len(folders) == 1:
             summary, csv_path, plot = report.report(folders[0])
             written = f"{summary}, {csv_path}, {plot}"
         else:
             _writable(out)
-            summary, *others = report.by_length(folders, out)
+            summary, *others = report.by_length(folders, out, agreement_folders)
             written = ", ".join(map(str, [summary, *others]))
     except DraftKVError as error:
         raise fail(error) from None

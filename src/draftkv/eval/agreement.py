@@ -62,7 +62,7 @@ def sample_agreement(pair: ModelPair, sample: Sample, *, budget: int = 128, wind
         o, s, n = (pool_scores(x[0].float(), kernel, "max") for x in (o, s, n))
         heads = range(o.shape[0])
         rows.append({
-            "sample": sample.id, "task": sample.task, "layer": layer, "answer_tokens": answer,
+            "sample": sample.id, "task": sample.task, "length": sample.length, "layer": layer, "answer_tokens": answer,
             "lookahead_tokens": spec.draft.lengths[0] if spec.draft is not None else 0,
             "speckv_spearman": sum(spearman(o[h], s[h]) for h in heads) / len(heads),
             "snapkv_spearman": sum(spearman(o[h], n[h]) for h in heads) / len(heads),

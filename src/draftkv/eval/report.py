@@ -118,17 +118,22 @@ def plot(table: dict, found: list[tuple], path: Path) -> None:
 # ---- several run folders: accuracy against length ----
 
 PAIRS = [("speckv", "snapkv", "budget"), ("specpc", "specprefill", "prompt_budget")]  # the paper's comparisons
+OURS = ("speckv", "specpc", "speckv-pc")  # the paper's methods, each held against dense
 
 
-def by_length(folders: list[Path], out: Path) -> tuple[Path, Path, Path, Path]:
+def by_length(folders: list[Path], out: Path, agreement: list[Path] | None = None) -> list[Path]:
     """The cross-length report of several run folders (one length each, or several): per setting its
     average at each length with n and its share of dense's, the SpecKV - SnapKV and SpecPC - SpecPrefill
-    margins against length at equal budgets, per-task tables, a plot per absolute budget and a verdict
-    on each comparison. Writes report.md, report.csv, accuracy_by_length.png and margins_by_length.png
-    in `out`, and returns their paths."""
+    margins against length at equal budgets, the paper's methods against dense, per-task tables, a plot
+    per absolute budget and a verdict on each comparison; with `agreement` folders (`draftkv analyze
+    agreement` runs) also how well the draft's importance estimate matches the target's against length.
+    Writes report.md, report.csv, accuracy_by_length.png, margins_by_length.png (and
+    agreement_by_length.png) in `out`, and returns their paths."""
+    agreement_rows = read_agreement(agreement or [])
     rows = [row for folder in folders for row in read_rows(folder / "results.jsonl")]
     if not rows:
         raise ConfigError(f"no finished results in {', '.join(map(str, folders))}")
+    out.mkdir(parents=True, exist_ok=True)
     scores: dict[tuple, list[float]] = defaultdict(list)
     for row in rows:
         setting = (row["method"], row["budget"], row["prompt_budget"])
@@ -174,11 +179,15 @@ def by_length(folders: list[Path], out: Path) -> tuple[Path, Path, Path, Path]:
         found = dict(points)
         lines.append(f"| {name} | " + " | ".join(found[n].text if n in found else "-" for n in lengths) + " |")
     lines += ["", "## Verdicts, as far as these lengths go", "", *[f"- {v}" for v in verdicts]]
+    lines += against_dense(rows, settings, lengths)
+    written = []
+    if agreement_rows:
+        lines += agreement_by_length(agreement_rows, out / "agreement_by_length.png")
+        written.append(out / "agreement_by_length.png")
     for task in tasks:
         lines += ["", f"## {task}", "", "| setting | " + " | ".join(f"{n:,}" for n in lengths) + " |",
                   "|---|" + "---|" * len(lengths)]
         lines += [f"| {label(s)} | " + " | ".join(cell(n, s, task) for n in lengths) + " |" for s in settings]
-    out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     with open(out / "report.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -187,24 +196,32 @@ def by_length(folders: list[Path], out: Path) -> tuple[Path, Path, Path, Path]:
             writer.writerow([length, task, *setting, f"{value:.2f}", count])
     plot_by_length(table, settings, lengths, out / "accuracy_by_length.png")
     plot_margins(margins, lengths, out / "margins_by_length.png")
-    return out / "report.md", out / "report.csv", out / "accuracy_by_length.png", out / "margins_by_length.png"
+    return [out / "report.md", out / "report.csv", out / "accuracy_by_length.png", out / "margins_by_length.png",
+            *written]
 
 
 @dataclass(frozen=True)
-class Margin:
-    """One setting's lead over another at one length: the mean paired difference, its standard error, n."""
+class Estimate:
+    """A mean over samples at one length, its standard error and n: one setting's lead over another (a
+    signed difference), or one measured share (unsigned)."""
 
     mean: float
     error: float | None  # None with one sample
     samples: int
+    signed: bool = True
 
     @property
     def text(self) -> str:
         spread = f" ±{self.error:.1f}" if self.error is not None else ""
-        return f"{self.mean:+.1f}{spread} (n={self.samples})"
+        return f"{self.mean:{'+' if self.signed else ''}.1f}{spread} (n={self.samples})"
 
 
-def paired_margin(rows: list[dict], length: int, ours: tuple, theirs: tuple) -> Margin | None:
+def estimate(values: list[float], signed: bool = True) -> Estimate:
+    error = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+    return Estimate(statistics.fmean(values), error, len(values), signed)
+
+
+def paired_margin(rows: list[dict], length: int, ours: tuple, theirs: tuple) -> Estimate | None:
     """`ours` minus `theirs` at `length`, over the samples both ran (a partial run compares like with like)."""
     by_setting: dict[tuple, dict[str, float]] = {ours: {}, theirs: {}}
     for row in rows:
@@ -212,23 +229,29 @@ def paired_margin(rows: list[dict], length: int, ours: tuple, theirs: tuple) -> 
         if row["length"] == length and setting in by_setting:
             by_setting[setting][row["sample"]] = row["score"]
     differences = [by_setting[ours][s] - by_setting[theirs][s] for s in by_setting[ours] if s in by_setting[theirs]]
-    if not differences:
-        return None
-    error = statistics.stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else None
-    return Margin(statistics.fmean(differences), error, len(differences))
+    return estimate(differences) if differences else None
 
 
-def verdict(better: str, baseline: str, kind: str, budget: int, points: list[tuple[int, Margin]]) -> str:
+def change_over_length(points: list[tuple[int, Estimate]]) -> tuple[float, float] | str:
+    """The change from the shortest length to the longest and its noise (twice the standard error of the
+    difference, about a 95% interval), or why there is no trend to call."""
+    if len(points) < 2:
+        return "one length, no trend yet"
+    first, last = points[0][1], points[-1][1]
+    if first.error is None or last.error is None:
+        return "too few samples to call a trend"
+    return last.mean - first.mean, 2 * math.hypot(first.error, last.error)
+
+
+def verdict(better: str, baseline: str, kind: str, budget: int, points: list[tuple[int, Estimate]]) -> str:
     """Whether `better`'s lead over `baseline` holds, grows or shrinks from the shortest length to the longest.
     A change counts only past twice its standard error (about a 95% interval), so noise reads as 'holds'."""
     what = f"{better} over {baseline} at {'a KV budget' if kind == 'budget' else 'a prompt budget'} of {budget}"
     listed = ", ".join(f"{margin.text} at {n:,}" for n, margin in points)
-    if len(points) < 2:
-        return f"{what}: {listed}; one length, no trend yet"
-    first, last = points[0][1], points[-1][1]
-    if first.error is None or last.error is None:
-        return f"{what}: {listed}; too few samples to call a trend"
-    change, noise = last.mean - first.mean, 2 * math.hypot(first.error, last.error)
+    found = change_over_length(points)
+    if isinstance(found, str):
+        return f"{what}: {listed}; {found}"
+    (change, noise), first, last = found, points[0][1], points[-1][1]
     if last.mean <= 2 * last.error:
         trend = ("the lead is gone at the longest length" if first.mean > 2 * first.error
                  else "no clear lead at these lengths")
@@ -239,6 +262,117 @@ def verdict(better: str, baseline: str, kind: str, budget: int, points: list[tup
     else:
         trend = f"the lead holds ({change:+.1f}, within the noise of ±{noise:.1f})"
     return f"{what}: {listed}; {trend}"
+
+
+def trend(points: list[tuple[int, Estimate]]) -> str:
+    """'rises', 'falls' or 'holds' from the shortest length to the longest, against its noise."""
+    found = change_over_length(points)
+    if isinstance(found, str):
+        return found
+    change, noise = found
+    if change > noise:
+        return f"rises with length ({change:+.1f}, beyond the noise of ±{noise:.1f})"
+    if change < -noise:
+        return f"falls with length ({change:+.1f}, beyond the noise of ±{noise:.1f})"
+    return f"holds ({change:+.1f}, within the noise of ±{noise:.1f})"
+
+
+def against_dense(rows: list[dict], settings: list[tuple], lengths: list[int]) -> list[str]:
+    """The paper's methods (SpecKV, SpecPC, SpecKV-PC) minus dense at each length, paired over samples, and
+    whether that difference holds as the prompt grows: the paper's claim of near-dense accuracy."""
+    dense = ("dense", None, None)
+    table, verdicts = [], []
+    for setting in settings:
+        if setting[0] not in OURS:
+            continue
+        points = [(n, found) for n in lengths if (found := paired_margin(rows, n, setting, dense)) is not None]
+        if not points:
+            continue
+        found = dict(points)
+        table.append(f"| {label(setting)} | " + " | ".join(found[n].text if n in found else "-" for n in lengths) + " |")
+        last, reason = points[-1][1], change_over_length(points)
+        if isinstance(reason, str):
+            words = reason
+        elif abs(last.mean) <= 2 * last.error:
+            words = "level with dense at the longest length, within the noise"
+        else:
+            words = f"its difference from dense {trend(points)}"
+        verdicts.append(f"- {label(setting)} against dense: {', '.join(f'{m.text} at {n:,}' for n, m in points)}; "
+                        f"{words}")
+    if not table:
+        return []
+    return ["", "## The paper's methods against dense", "",
+            "Each setting's score minus dense's, paired over the samples both ran, ± its standard error.", "",
+            "| setting | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---|" + "---|" * len(lengths),
+            *table, "", *verdicts]
+
+
+AGREEMENT = {"speckv_spearman": "SpecKV rank correlation", "snapkv_spearman": "SnapKV rank correlation",
+             "speckv_recall": "SpecKV top-C recall", "snapkv_recall": "SnapKV top-C recall"}  # `analyze agreement` rows
+
+
+def read_agreement(folders: list[Path]) -> list[dict]:
+    """The rows of `draftkv analyze agreement` folders, checked before any report is written."""
+    rows = []
+    for folder in folders:
+        found = read_rows(folder / "rows.jsonl")
+        if not found:
+            raise ConfigError(f"{folder} has no agreement rows: rows.jsonl, written by `draftkv analyze agreement`, "
+                              "is missing or empty")
+        if any("length" not in row or not set(AGREEMENT) <= row.keys() for row in found):
+            raise ConfigError(f"{folder / 'rows.jsonl'} is not from `draftkv analyze agreement` (its rows lack a "
+                              f"length or one of {', '.join(AGREEMENT)})")
+        rows += found
+    return rows
+
+
+def agreement_by_length(rows: list[dict], path: Path) -> list[str]:
+    """How closely the draft's (SpecKV) and the window's (SnapKV) importance estimates match the oracle's
+    at each length, in percent: the mean over layers and KV heads of each sample, then over samples."""
+    per_sample: dict[tuple[int, str], list[dict]] = defaultdict(list)
+    for row in rows:
+        per_sample[(row["length"], row["sample"])].append(row)
+    lengths = sorted({length for length, _ in per_sample})
+    points: dict[str, list[tuple[int, Estimate]]] = {}
+    for metric in AGREEMENT:
+        points[metric] = []
+        for n in lengths:
+            values = [100 * statistics.fmean(r[metric] for r in layers)
+                      for (length, _), layers in per_sample.items() if length == n]
+            points[metric].append((n, estimate(values, signed=False)))
+    lines = ["", "## Does the draft see what the target sees? Against length", "",
+             "Agreement with the oracle importance (the target's own answer as lookahead), in %: the mean over "
+             "layers and KV heads of each sample, ± the standard error over samples.", "",
+             "| length | " + " | ".join(AGREEMENT.values()) + " |", "|---|" + "---|" * len(AGREEMENT)]
+    lines += [f"| {n:,} | " + " | ".join(dict(points[m])[n].text for m in AGREEMENT) + " |" for n in lengths]
+    lines += [""] + [f"- {name}: {', '.join(f'{e.text} at {n:,}' for n, e in points[m])}; {trend(points[m])}"
+                     for m, name in AGREEMENT.items()]
+    plot_agreement(points, lengths, path)
+    return lines
+
+
+def plot_agreement(points: dict[str, list[tuple[int, Estimate]]], lengths: list[int], path: Path) -> None:
+    """Rank correlation and top-C recall against length, SpecKV beside SnapKV, bars of two standard errors."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    styles = line_styles(["SpecKV (draft lookahead)", "SnapKV (window only)"])
+    for axis, kind, title in zip(axes, ("spearman", "recall"), ("rank correlation with the oracle",
+                                                                  "recall of the oracle's top-C"), strict=True):
+        for method, name in (("speckv", "SpecKV (draft lookahead)"), ("snapkv", "SnapKV (window only)")):
+            found = points[f"{method}_{kind}"]
+            axis.errorbar([n for n, _ in found], [e.mean for _, e in found],
+                          yerr=[2 * e.error if e.error is not None else 0 for _, e in found], capsize=4, label=name,
+                          **styles[name])
+        length_axis(axis, lengths, "% (bars: ±2 standard errors)")
+        axis.set_title(title)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def plot_by_length(table: dict, settings: list[tuple], lengths: list[int], path: Path) -> None:
@@ -272,7 +406,7 @@ def plot_by_length(table: dict, settings: list[tuple], lengths: list[int], path:
     plt.close(figure)
 
 
-def plot_margins(margins: list[tuple[str, list[tuple[int, Margin]]]], lengths: list[int], path: Path) -> None:
+def plot_margins(margins: list[tuple[str, list[tuple[int, Estimate]]]], lengths: list[int], path: Path) -> None:
     """Each comparison's margin against length, with bars of twice its standard error (about 95%)."""
     import matplotlib
 
