@@ -76,7 +76,9 @@ def guesses(rows: list[dict]) -> list[str]:
             scores[(task, (row["method"], row["budget"], row["prompt_budget"]))].append((guessed, row["score"]))
     tasks, settings, _ = summarize(probed)
     lines = ["", "## The guesses that probed the cache", "",
-             "Each cell: the guess scored as if it were the answer / the score of the target's answer (n).", "",
+             "Each cell: the guess scored as if it were the answer / the score of the target's answer (n). A guess "
+             "runs until it ends or reaches its length limit, and counts wherever in it the answer appears: on list "
+             "tasks it can name more than was asked, and score above an answer.", "",
              "| setting | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for setting in settings:
         cells = [f"{statistics.fmean(g for g, _ in pairs):.1f} / {statistics.fmean(a for _, a in pairs):.1f} "
