@@ -219,6 +219,7 @@ class Estimate:
 
 
 def estimate(values: list[float], signed: bool = True) -> Estimate:
+    """The mean of `values` with its standard error (none for a single value)."""
     error = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
     return Estimate(statistics.fmean(values), error, len(values), signed)
 
