@@ -20,9 +20,12 @@ draftkv eval ruler --length 4096 --samples 2 --methods dense,snapkv,speckv,ada-s
 AGREEMENT_TASKS=niah_single_2,niah_multikey_1,niah_multivalue,vt,fwe
 draftkv analyze agreement --length 4096 --samples 2 --tasks "$AGREEMENT_TASKS"
 draftkv analyze agreement --length 8192 --samples 2 --tasks "$AGREEMENT_TASKS"
+# ... and at 2,048 on the same ten (the folder's four samples from issue 5 are among them and are kept).
+draftkv analyze agreement --length 2048 --samples 2 --tasks "$AGREEMENT_TASKS"
 # RULER at 2,048 at the 8k budgets too (KV 256, prompt 1024), so one absolute budget spans all three lengths
 # (the folder already holds KV 128 and prompt 512).
 draftkv eval ruler --length 2048 --samples 5 --methods dense,snapkv,speckv,ada-speckv,laq,specpc,specprefill,speckv-pc \
   --budgets 256 --prompt-budgets 1024 --out results/ruler-2048
-# The cross-length report.
-draftkv eval report results/ruler-2048 results/ruler-4096 results/ruler-8192 --out results/ruler-by-length
+# The cross-length report, with the agreement against length.
+draftkv eval report results/ruler-2048 results/ruler-4096 results/ruler-8192 --out results/ruler-by-length \
+  --agreement results/agreement-2048 --agreement results/agreement-4096 --agreement results/agreement-8192
