@@ -176,10 +176,8 @@ def by_length(folders: list[Path], out: Path, agreement: list[Path] | None = Non
             verdicts.append(verdict(better, baseline, kind, budget, points))
     lines += ["", "## Margins against length", "",
               "The mean score difference over the samples both settings ran, ± its standard error, and n.", "",
-              "| comparison | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
-    for name, points in margins:
-        found = dict(points)
-        lines.append(f"| {name} | " + " | ".join(found[n].text if n in found else "-" for n in lengths) + " |")
+              *length_header("comparison", lengths)]
+    lines += [estimates_row(name, points, lengths) for name, points in margins]
     lines += ["", "## Verdicts, as far as these lengths go", "", *[f"- {v}" for v in verdicts]]
     lines += against_dense(rows, settings, lengths)
     written = []
@@ -187,8 +185,7 @@ def by_length(folders: list[Path], out: Path, agreement: list[Path] | None = Non
         lines += agreement_by_length(agreement_rows, out / "agreement_by_length.png")
         written.append(out / "agreement_by_length.png")
     for task in tasks:
-        lines += ["", f"## {task}", "", "| setting | " + " | ".join(f"{n:,}" for n in lengths) + " |",
-                  "|---|" + "---|" * len(lengths)]
+        lines += ["", f"## {task}", "", *length_header("setting", lengths)]
         lines += [f"| {label(s)} | " + " | ".join(cell(n, s, task) for n in lengths) + " |" for s in settings]
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     with open(out / "report.csv", "w", newline="", encoding="utf-8") as handle:
@@ -211,6 +208,11 @@ class Estimate:
     error: float | None  # None with one sample
     samples: int
     signed: bool = True
+
+    @property
+    def bar(self) -> float:
+        """Half an error bar of about 95%: twice the standard error (none with one sample)."""
+        return 2 * self.error if self.error is not None else 0.0
 
     @property
     def text(self) -> str:
@@ -250,34 +252,43 @@ def verdict(better: str, baseline: str, kind: str, budget: int, points: list[tup
     """Whether `better`'s lead over `baseline` holds, grows or shrinks from the shortest length to the longest.
     A change counts only past twice its standard error (about a 95% interval), so noise reads as 'holds'."""
     what = f"{better} over {baseline} at {'a KV budget' if kind == 'budget' else 'a prompt budget'} of {budget}"
-    listed = ", ".join(f"{margin.text} at {n:,}" for n, margin in points)
-    found = change_over_length(points)
-    if isinstance(found, str):
-        return f"{what}: {listed}; {found}"
-    (change, noise), first, last = found, points[0][1], points[-1][1]
+    reason = change_over_length(points)
+    if isinstance(reason, str):
+        return f"{what}: {listed(points)}; {reason}"
+    first, last = points[0][1], points[-1][1]
     if last.mean <= 2 * last.error:
-        trend = ("the lead is gone at the longest length" if first.mean > 2 * first.error
+        words = ("the lead is gone at the longest length" if first.mean > 2 * first.error
                  else "no clear lead at these lengths")
-    elif change > noise:
-        trend = f"the lead grows with length ({change:+.1f}, beyond the noise of ±{noise:.1f})"
-    elif change < -noise:
-        trend = f"the lead shrinks with length ({change:+.1f}, beyond the noise of ±{noise:.1f})"
     else:
-        trend = f"the lead holds ({change:+.1f}, within the noise of ±{noise:.1f})"
-    return f"{what}: {listed}; {trend}"
+        words = f"the lead {trend(points, 'grows', 'shrinks')}"
+    return f"{what}: {listed(points)}; {words}"
 
 
-def trend(points: list[tuple[int, Estimate]]) -> str:
-    """'rises', 'falls' or 'holds' from the shortest length to the longest, against its noise."""
+def trend(points: list[tuple[int, Estimate]], up: str = "rises", down: str = "falls") -> str:
+    """`up`, `down` or 'holds' from the shortest length to the longest, against its noise."""
     found = change_over_length(points)
     if isinstance(found, str):
         return found
     change, noise = found
     if change > noise:
-        return f"rises with length ({change:+.1f}, beyond the noise of ±{noise:.1f})"
+        return f"{up} with length ({change:+.1f}, beyond the noise of ±{noise:.1f})"
     if change < -noise:
-        return f"falls with length ({change:+.1f}, beyond the noise of ±{noise:.1f})"
+        return f"{down} with length ({change:+.1f}, beyond the noise of ±{noise:.1f})"
     return f"holds ({change:+.1f}, within the noise of ±{noise:.1f})"
+
+
+def listed(points: list[tuple[int, Estimate]]) -> str:
+    return ", ".join(f"{value.text} at {n:,}" for n, value in points)
+
+
+def length_header(first: str, lengths: list[int]) -> list[str]:
+    """The header of a table with one column per length."""
+    return [f"| {first} | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+
+
+def estimates_row(name: str, points: list[tuple[int, Estimate]], lengths: list[int]) -> str:
+    found = dict(points)
+    return f"| {name} | " + " | ".join(found[n].text if n in found else "-" for n in lengths) + " |"
 
 
 def against_dense(rows: list[dict], settings: list[tuple], lengths: list[int]) -> list[str]:
@@ -291,8 +302,7 @@ def against_dense(rows: list[dict], settings: list[tuple], lengths: list[int]) -
         points = [(n, found) for n in lengths if (found := paired_margin(rows, n, setting, dense)) is not None]
         if not points:
             continue
-        found = dict(points)
-        table.append(f"| {label(setting)} | " + " | ".join(found[n].text if n in found else "-" for n in lengths) + " |")
+        table.append(estimates_row(label(setting), points, lengths))
         last, reason = points[-1][1], change_over_length(points)
         if isinstance(reason, str):
             words = reason
@@ -300,14 +310,12 @@ def against_dense(rows: list[dict], settings: list[tuple], lengths: list[int]) -
             words = "level with dense at the longest length, within the noise"
         else:
             words = f"its difference from dense {trend(points)}"
-        verdicts.append(f"- {label(setting)} against dense: {', '.join(f'{m.text} at {n:,}' for n, m in points)}; "
-                        f"{words}")
+        verdicts.append(f"- {label(setting)} against dense: {listed(points)}; {words}")
     if not table:
         return []
     return ["", "## The paper's methods against dense", "",
             "Each setting's score minus dense's, paired over the samples both ran, ± its standard error.", "",
-            "| setting | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---|" + "---|" * len(lengths),
-            *table, "", *verdicts]
+            *length_header("setting", lengths), *table, "", *verdicts]
 
 
 AGREEMENT = {"speckv_spearman": "SpecKV rank correlation", "snapkv_spearman": "SnapKV rank correlation",
@@ -348,8 +356,7 @@ def agreement_by_length(rows: list[dict], path: Path) -> list[str]:
              "layers and KV heads of each sample, ± the standard error over samples.", "",
              "| length | " + " | ".join(AGREEMENT.values()) + " |", "|---|" + "---|" * len(AGREEMENT)]
     lines += [f"| {n:,} | " + " | ".join(dict(points[m])[n].text for m in AGREEMENT) + " |" for n in lengths]
-    lines += [""] + [f"- {name}: {', '.join(f'{e.text} at {n:,}' for n, e in points[m])}; {trend(points[m])}"
-                     for m, name in AGREEMENT.items()]
+    lines += [""] + [f"- {name}: {listed(points[m])}; {trend(points[m])}" for m, name in AGREEMENT.items()]
     plot_agreement(points, lengths, path)
     return lines
 
@@ -368,7 +375,7 @@ def plot_agreement(points: dict[str, list[tuple[int, Estimate]]], lengths: list[
         for method, name in (("speckv", "SpecKV (draft lookahead)"), ("snapkv", "SnapKV (window only)")):
             found = points[f"{method}_{kind}"]
             axis.errorbar([n for n, _ in found], [e.mean for _, e in found],
-                          yerr=[2 * e.error if e.error is not None else 0 for _, e in found], capsize=4, label=name,
+                          yerr=[e.bar for _, e in found], capsize=4, label=name,
                           **styles[name])
         length_axis(axis, lengths, "% (bars: ±2 standard errors)")
         axis.set_title(title)
@@ -421,7 +428,7 @@ def plot_margins(margins: list[tuple[str, list[tuple[int, Estimate]]]], lengths:
     for index, (name, points) in enumerate(margins):
         dodge = 2 ** (0.04 * (index - (len(margins) - 1) / 2))  # side by side, so the bars do not hide each other
         axis.errorbar([n * dodge for n, _ in points], [m.mean for _, m in points],
-                      yerr=[2 * m.error if m.error is not None else 0 for _, m in points], capsize=4, label=name,
+                      yerr=[m.bar for _, m in points], capsize=4, label=name,
                       **styles[name])
     axis.axhline(0, color="black", linewidth=0.8)
     length_axis(axis, lengths, "score difference (bars: ±2 standard errors)")
