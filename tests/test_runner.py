@@ -310,6 +310,9 @@ def test_the_cross_length_report_holds_the_papers_methods_against_dense_and_adds
     assert "- SnapKV top-C recall: 77.5 ±2.5 (n=2) at 2,048, 45.0 ±5.0 (n=2) at 4,096; falls with length (-32.5, " \
         "beyond the noise of ±11.2)" in text
     assert "- SpecKV top-C recall: 92.5 ±2.5 (n=2) at 2,048, 92.5 ±2.5 (n=2) at 4,096; holds (+0.0" in text
+    assert "| top-C recall | +15.0 ±0.0 (n=2) | +47.5 ±2.5 (n=2) |" in text  # SpecKV minus SnapKV, per sample
+    assert "- SpecKV's lead over SnapKV in top-C recall: +15.0 ±0.0 (n=2) at 2,048, +47.5 ±2.5 (n=2) at 4,096; the " \
+        "lead grows with length (+32.5, beyond the noise of ±5.0)" in text
     assert (out / "agreement_by_length.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -344,19 +344,28 @@ def agreement_by_length(rows: list[dict], path: Path) -> list[str]:
     for row in rows:
         per_sample[(row["length"], row["sample"])].append(row)
     lengths = sorted({length for length, _ in per_sample})
-    points: dict[str, list[tuple[int, Estimate]]] = {}
-    for metric in AGREEMENT:
-        points[metric] = []
-        for n in lengths:
-            values = [100 * statistics.fmean(r[metric] for r in layers)
-                      for (length, _), layers in per_sample.items() if length == n]
-            points[metric].append((n, estimate(values, signed=False)))
+
+    def sample_means(metric: str, n: int) -> list[float]:
+        return [100 * statistics.fmean(r[metric] for r in layers)
+                for (length, _), layers in per_sample.items() if length == n]
+
+    points = {metric: [(n, estimate(sample_means(metric, n), signed=False)) for n in lengths] for metric in AGREEMENT}
+    # The draft's lead over the window, paired per sample: does its advantage hold as the prompt grows?
+    leads = {kind: [(n, estimate([spec - snap for spec, snap in zip(sample_means(f"speckv_{kind}", n),
+                                                                    sample_means(f"snapkv_{kind}", n), strict=True)]))
+                    for n in lengths] for kind in ("spearman", "recall")}
     lines = ["", "## Does the draft see what the target sees? Against length", "",
              "Agreement with the oracle importance (the target's own answer as lookahead), in %: the mean over "
              "layers and KV heads of each sample, ± the standard error over samples.", "",
              "| length | " + " | ".join(AGREEMENT.values()) + " |", "|---|" + "---|" * len(AGREEMENT)]
     lines += [f"| {n:,} | " + " | ".join(dict(points[m])[n].text for m in AGREEMENT) + " |" for n in lengths]
     lines += [""] + [f"- {name}: {listed(points[m])}; {trend(points[m])}" for m, name in AGREEMENT.items()]
+    lead_names = {"spearman": "rank correlation", "recall": "top-C recall"}
+    lines += ["", "SpecKV minus SnapKV, paired over each sample's two estimates, in points:", "",
+              *length_header("SpecKV's lead in", lengths),
+              *(estimates_row(name, leads[kind], lengths) for kind, name in lead_names.items()), ""]
+    lines += [f"- SpecKV's lead over SnapKV in {name}: {listed(leads[kind])}; the lead {trend(leads[kind], 'grows', 'shrinks')}"
+              for kind, name in lead_names.items()]
     plot_agreement(points, lengths, path)
     return lines
 
