@@ -63,6 +63,20 @@ IMPLEMENTATIONS = [(family, "eager") for family in FAMILIES] + [
     pytest.param(family, "flex_attention", marks=FLEX) for family in ("llama", "qwen3", "gemma3_text", "cohere2")]
 
 
+def flex_is_wrong_here(model, ids: torch.Tensor, expected: torch.Tensor) -> str | None:
+    """Why torch's own compiled flex_attention cannot be trusted on this machine, or None. On some CPUs
+    (seen on an AVX2 CPU without AVX-512, torch 2.13) it returns wrong, run-to-run different values with a block mask
+    and grouped KV heads, before any draftkv code runs; the flex tests check draftkv's capture, so they
+    need a kernel that matches eager attention and itself."""
+    with torch.inference_mode():
+        runs = [model(input_ids=ids).logits for _ in range(3)]
+    worst = max((run - expected).abs().max().item() for run in runs)
+    if worst < 0.05 and all(torch.equal(run, runs[0]) for run in runs):  # the broken kernel is off by units
+        return None
+    return (f"torch {torch.__version__}'s compiled flex_attention differs from eager attention by {worst:.2f} on this "
+            "CPU, or from itself, with no draftkv code running: torch's kernel, not draftkv's capture")
+
+
 @pytest.mark.parametrize(("family", "implementation"), IMPLEMENTATIONS)
 def test_captured_window_probabilities_are_the_models_own_attention(family, implementation):
     """Per layer, the window queries' captured scores equal the model's own eager attention weights
@@ -73,8 +87,11 @@ def test_captured_window_probabilities_are_the_models_own_attention(family, impl
     ids = torch.randint(3, len(TOKENIZER), (1, n), generator=torch.Generator().manual_seed(1))
     reference = tiny_model(family, "eager")
     with torch.inference_mode():
-        attentions = reference(input_ids=ids, output_attentions=True).attentions
+        output = reference(input_ids=ids, output_attentions=True)
+    attentions = output.attentions
     model = tiny_model(family, implementation)
+    if implementation == "flex_attention" and (reason := flex_is_wrong_here(model, ids, output.logits)):
+        pytest.skip(reason)
     collector = WindowCollector(n - window, "max")
     collector.score_last(window)
     with torch.inference_mode():
