@@ -252,16 +252,19 @@ def verdict(better: str, baseline: str, kind: str, budget: int, points: list[tup
     """Whether `better`'s lead over `baseline` holds, grows or shrinks from the shortest length to the longest.
     A change counts only past twice its standard error (about a 95% interval), so noise reads as 'holds'."""
     what = f"{better} over {baseline} at {'a KV budget' if kind == 'budget' else 'a prompt budget'} of {budget}"
+    return f"{what}: {listed(points)}; {lead_trend(points)}"
+
+
+def lead_trend(points: list[tuple[int, Estimate]]) -> str:
+    """Whether a lead (one estimate minus another, per length) is there at the longest length, and whether it
+    grows, shrinks or holds."""
     reason = change_over_length(points)
     if isinstance(reason, str):
-        return f"{what}: {listed(points)}; {reason}"
+        return reason
     first, last = points[0][1], points[-1][1]
     if last.mean <= 2 * last.error:
-        words = ("the lead is gone at the longest length" if first.mean > 2 * first.error
-                 else "no clear lead at these lengths")
-    else:
-        words = f"the lead {trend(points, 'grows', 'shrinks')}"
-    return f"{what}: {listed(points)}; {words}"
+        return "the lead is gone at the longest length" if first.mean > 2 * first.error else "no clear lead at these lengths"
+    return f"the lead {trend(points, 'grows', 'shrinks')}"
 
 
 def trend(points: list[tuple[int, Estimate]], up: str = "rises", down: str = "falls") -> str:
@@ -345,14 +348,13 @@ def agreement_by_length(rows: list[dict], path: Path) -> list[str]:
         per_sample[(row["length"], row["sample"])].append(row)
     lengths = sorted({length for length, _ in per_sample})
 
-    def sample_means(metric: str, n: int) -> list[float]:
-        return [100 * statistics.fmean(r[metric] for r in layers)
-                for (length, _), layers in per_sample.items() if length == n]
-
-    points = {metric: [(n, estimate(sample_means(metric, n), signed=False)) for n in lengths] for metric in AGREEMENT}
+    means = {key: {metric: 100 * statistics.fmean(r[metric] for r in layers) for metric in AGREEMENT}
+             for key, layers in per_sample.items()}  # per (length, sample): the mean over layers, in %
+    at = {n: [sample for (length, _), sample in means.items() if length == n] for n in lengths}
+    points = {metric: [(n, estimate([sample[metric] for sample in at[n]], signed=False)) for n in lengths]
+              for metric in AGREEMENT}
     # The draft's lead over the window, paired per sample: does its advantage hold as the prompt grows?
-    leads = {kind: [(n, estimate([spec - snap for spec, snap in zip(sample_means(f"speckv_{kind}", n),
-                                                                    sample_means(f"snapkv_{kind}", n), strict=True)]))
+    leads = {kind: [(n, estimate([sample[f"speckv_{kind}"] - sample[f"snapkv_{kind}"] for sample in at[n]]))
                     for n in lengths] for kind in ("spearman", "recall")}
     lines = ["", "## Does the draft see what the target sees? Against length", "",
              "Agreement with the oracle importance (the target's own answer as lookahead), in %: the mean over "
@@ -364,7 +366,7 @@ def agreement_by_length(rows: list[dict], path: Path) -> list[str]:
     lines += ["", "SpecKV minus SnapKV, paired over each sample's two estimates, in points:", "",
               *length_header("SpecKV's lead in", lengths),
               *(estimates_row(name, leads[kind], lengths) for kind, name in lead_names.items()), ""]
-    lines += [f"- SpecKV's lead over SnapKV in {name}: {listed(leads[kind])}; the lead {trend(leads[kind], 'grows', 'shrinks')}"
+    lines += [f"- SpecKV's lead over SnapKV in {name}: {listed(leads[kind])}; {lead_trend(leads[kind])}"
               for kind, name in lead_names.items()]
     plot_agreement(points, lengths, path)
     return lines
