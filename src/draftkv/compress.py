@@ -14,6 +14,7 @@ import torch
 
 from .cache import has_sliding_layers
 from .errors import ConfigError
+from .flow.steps import Observer
 from .methods import METHODS, Method, get_method
 from .pipeline import check_pair, compress_batch
 from .prompt import kept_text
@@ -28,7 +29,7 @@ class CompressedPrompt:
     text: str  # the kept text of the user's content (context and question)
     token_ids: list[int]  # the kept tokens of the whole templated prompt
     kept_positions: list[int]  # their positions in the full prompt (empty when the draft's tokenizer differs)
-    spans: list[tuple[int, int]]  # kept character spans of the user's content
+    spans: list[tuple[int, int]]  # kept character spans of the user's content (none for a prompt of token ids)
     prompt_tokens: int
     method: str
     timings: dict[str, float] = field(default_factory=dict)
@@ -74,23 +75,27 @@ def compress_prompt(pair: ModelPair, context: str = "", question: str = "", *, m
 
 
 @torch.inference_mode()
-def compress_prompts(pair: ModelPair, requests: list[Request], method: str | Method = "specpc",
-                     **method_params) -> list[CompressedPrompt]:
-    """`compress_prompt` for a batch of requests (one draft pass for all of them)."""
+def compress_prompts(pair: ModelPair, requests: list[Request], method: str | Method = "specpc", *,
+                     observer: Observer | None = None, **method_params) -> list[CompressedPrompt]:
+    """`compress_prompt` for a batch of requests (one draft pass for all of them); `observer` hears
+    each stage start and end."""
     check_pair(pair)
     chosen = get_method(method, **method_params)
     if not chosen.compresses_prompt:
         raise ConfigError(f"method {chosen.name!r} does not compress prompts; use one of: {', '.join(prompt_methods())}")
     if len(requests) > 1 and pair.draft is not None and has_sliding_layers(pair.draft.model.config):
         # A sliding window's left padding would differ from the full layers': one request at a time.
-        return [compress_prompts(pair, [request], chosen)[0] for request in requests]
-    stage = compress_batch(pair, requests, chosen)
+        return [compress_prompts(pair, [request], chosen, observer=observer)[0] for request in requests]
+    stage = compress_batch(pair, requests, chosen, observer=observer)
     results = []
     for row, prompt in enumerate(stage.prompts):
         kept = stage.kept.kept_tokens[row]
         positions = kept.tolist() if kept is not None else list(range(len(prompt.ids)))
         if stage.kept.kept_texts[row] is not None:  # another tokenizer: the target re-tokenised the kept text
             (text, spans), positions = stage.kept.kept_texts[row], []
+        elif requests[row].prompt_ids is not None:  # a prompt of token ids has no characters to point at
+            text = pair.tokenizer.decode([prompt.ids[p] for p in positions], clean_up_tokenization_spaces=False)
+            spans = []
         else:
             text, spans = kept_text(prompt, positions)
         target_ids = stage.batch.input_ids[row, stage.batch.pad(row):].tolist()

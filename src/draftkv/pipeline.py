@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from .decoding import TextCallback
 from .errors import ConfigError
 from .flow import Prepared, prepare, run
+from .flow.steps import Observer
 from .methods import Method, get_method
 from .prompt import EncodedPrompt
 from .types import Request, Result, Sampling
@@ -48,11 +49,11 @@ def prepare_batch(pair: ModelPair, requests: list[Request], method: str | Method
     return prepare(pair, requests, [get_method(method, **method_params)], prompts=prompts)[0]
 
 
-def compress_batch(pair: ModelPair, requests: list[Request], method: str | Method = "dense",
-                   **method_params) -> Prepared:
+def compress_batch(pair: ModelPair, requests: list[Request], method: str | Method = "dense", *,
+                   observer: Observer | None = None, **method_params) -> Prepared:
     """Tokenize, run the draft when the method needs it, and keep the prompt tokens station 1 keeps;
     no target work."""
-    return prepare(pair, requests, [get_method(method, **method_params)], read=False)[0]
+    return prepare(pair, requests, [get_method(method, **method_params)], read=False, observer=observer)[0]
 
 
 def generate(pair: ModelPair, context: str = "", question: str = "", *, method: str | Method = "dense",

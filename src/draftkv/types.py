@@ -20,9 +20,19 @@ def is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+SEEDS = (-(2**63), 2**64 - 1)  # what torch's generators take
+
+
 def check_text(name: str, value: object) -> None:
+    """A string that is text: a lone surrogate ("\\ud800", from a broken JSON escape) is no character
+    and no tokenizer can read it."""
     if not isinstance(value, str):
         raise ConfigError(f"{name} must be a string, got {type(value).__name__} {value!r:.60}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ConfigError(f"{name} holds {value[error.start]!r} at character {error.start}, a lone surrogate "
+                          "that is not a character; give valid Unicode text") from None
 
 
 def check_messages(messages: object) -> None:
@@ -54,8 +64,9 @@ class Sampling:
             raise ConfigError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
         if not is_int(self.top_k) or self.top_k < 0:
             raise ConfigError(f"top_k must be an int >= 0 (0 means no top-k cut), got {self.top_k!r}")
-        if self.seed is not None and not is_int(self.seed):
-            raise ConfigError(f"seed must be an int or None, got {self.seed!r}")
+        if self.seed is not None and (not is_int(self.seed) or not SEEDS[0] <= self.seed <= SEEDS[1]):
+            raise ConfigError(f"seed must be an int or None, from -2**63 to 2**64 - 1 (what torch's generators "
+                              f"take), got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:

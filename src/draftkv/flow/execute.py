@@ -138,6 +138,10 @@ def prepare_each(pair: ModelPair, requests: list[Request], methods: list[str | M
     for request, n in zip(requests, lengths, strict=True):
         check_context(target, "target", n, request.max_new_tokens)
     consumers = [Consumer.of(get_method(m), lengths, [r.max_new_tokens for r in requests]) for m in methods]
+    for consumer in consumers:  # the target's own guess (LAQ++'s pseudo-answer) is read at the prompt's end
+        for request, n, compressing in zip(requests, lengths, consumer.budgets.compressing, strict=True):
+            if compressing and (guess := consumer.method.guess(request.max_new_tokens)) is not None:
+                check_context(target, "target", n, guess.tokens)
     batch = pad_prompts([p.ids for p in prompts], pad_token(pair.tokenizer), device)
     clock.add("tokenize", clock.now() - started)
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -26,13 +28,14 @@ from prometheus_client import (
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import DraftKVError, UnknownMethodError
+from ..errors import ConfigError, DraftKVError, UnknownMethodError
 from ..methods import Method, method_with_budgets
 from ..types import Request as DraftRequest
 from ..types import Result, Sampling, TokenLogprob
 from . import protocol
-from .engine import Job, Scheduler, check_proxy_method, run_local, run_proxy
+from .engine import Job, Limits, Scheduler, check_proxy_method, run_local, run_proxy
 from .protocol import ChatRequest, Common, CompletionRequest, ServeError, sse
+from .tokens import TokenTexts
 
 if TYPE_CHECKING:
     from ..compress import CompressedPrompt
@@ -45,7 +48,8 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 @dataclass
 class ServeSettings:
-    """Server-wide defaults and limits (flags or DRAFTKV_* environment variables of `draftkv serve`)."""
+    """Server-wide defaults and limits (flags or DRAFTKV_* environment variables of `draftkv serve`),
+    checked when made, so a bad value is refused before any model loads."""
 
     method: str = "dense"  # the method of requests that name none
     params: dict[str, Any] = field(default_factory=dict)  # its default parameters (budget, prompt_budget, ...)
@@ -54,17 +58,66 @@ class ServeSettings:
     upstream_model: str | None = None
     upstream_api_key: str | None = None
     upstream_timeout: float = 600.0
+    api_key: str | None = None  # every route but /health then needs "Authorization: Bearer <api_key>"
     max_batch_size: int = 8
     max_queue: int = 256
     max_prompt_tokens: int | None = None
     max_tokens: int = 256  # for requests that give no max_tokens
+    max_tokens_limit: int | None = None  # the most new tokens a request may ask for (default: the context's room)
+    max_guess_tokens: int = 512  # the longest guess a method may ask for (draft lookahead, LAQ++'s pseudo-answer)
+    max_logprobs: int = 20  # the most likeliest tokens listed per token
+    max_body_bytes: int = 32 * 2**20  # the largest request body
     temperature: float = 0.0  # for requests that give none (0: greedy, reproducible)
     timeout: float = 600.0  # seconds a request may take, queueing included
     memory_limit: int | None = None  # bytes running requests may use (default: 90% of free memory)
 
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queue", "max_tokens", "max_guess_tokens", "max_body_bytes"):
+            check_setting(name, getattr(self, name), "a whole number >= 1", lambda v: is_count(v) and v >= 1)
+        for name in ("max_prompt_tokens", "max_tokens_limit", "memory_limit"):
+            check_setting(name, getattr(self, name), "a whole number >= 1, or unset",
+                          lambda v: v is None or (is_count(v) and v >= 1))
+        check_setting("max_logprobs", self.max_logprobs, "a whole number from 0 to 20",
+                      lambda v: is_count(v) and 0 <= v <= 20)
+        for name in ("timeout", "upstream_timeout"):
+            check_setting(name, getattr(self, name), "a number of seconds > 0",
+                          lambda v: is_real(v) and math.isfinite(v) and v > 0)
+        check_setting("temperature", self.temperature, "a number from 0 to 2", lambda v: is_real(v) and 0 <= v <= 2)
+        if self.max_tokens_limit is not None and self.max_tokens > self.max_tokens_limit:
+            raise ConfigError(f"--max-tokens ({self.max_tokens}) is more than --max-tokens-limit "
+                              f"({self.max_tokens_limit}): a request that names no max_tokens could not run")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("--api-key is empty; give a key, or leave it out to serve without one")
+        if self.upstream is not None:
+            check_upstream(self.upstream)
+
     @property
     def proxy(self) -> bool:
         return self.upstream is not None
+
+
+def is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_real(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_setting(name: str, value: object, allowed: str, ok) -> None:
+    if not ok(value):
+        raise ConfigError(f"--{name.replace('_', '-')} must be {allowed}, got {value!r}")
+
+
+def check_upstream(url: str) -> None:
+    """An upstream is an http(s) URL with a host, like http://gpu-box:8001/v1."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError) as error:
+        raise ConfigError(f"--upstream {url!r} is not a URL ({error}); give one like http://gpu-box:8001/v1") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ConfigError(f"--upstream {url!r} is not an http(s) URL with a host; give one like "
+                          "http://gpu-box:8001/v1")
 
 
 class Metrics:
@@ -98,6 +151,7 @@ class Trace:
 
     metrics: Metrics
     endpoint: str
+    request_id: str = "-"
     started: float = field(default_factory=time.monotonic)
     method: str = "-"
     status: int = 200
@@ -126,7 +180,8 @@ class Trace:
             if self.first_token is not None:
                 m.first_token.labels(self.endpoint).observe(self.first_token)
         log.info(json.dumps({
-            "event": "request", "endpoint": self.endpoint, "method": self.method, "status": self.status,
+            "event": "request", "id": self.request_id, "endpoint": self.endpoint, "method": self.method,
+            "status": self.status,
             "prompt_tokens": self.prompt_tokens, "kept_prompt_tokens": self.kept_prompt_tokens,
             "completion_tokens": self.completion_tokens, "latency_s": round(latency, 4),
             "first_token_s": None if self.first_token is None else round(self.first_token, 4),
@@ -137,8 +192,16 @@ class ClientGone(Exception):
     """The client closed the connection; nobody reads the answer."""
 
 
-def error_response(error: ServeError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
+def error_response(error: ServeError, request_id: str | None = None) -> JSONResponse:
+    headers = {"x-request-id": request_id} if request_id else None
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+def internal(request_id: str, error: BaseException) -> ServeError:
+    """A failure of the server's own code while answering a request: 500, the traceback in the log."""
+    log.error("request %s failed", request_id, exc_info=error)
+    return ServeError(500, f"internal error in request {request_id}: {type(error).__name__}: {str(error)[:200]} "
+                      "(the server's log has the details)", code="internal")
 
 
 def usage(result: Result) -> dict:
@@ -147,50 +210,49 @@ def usage(result: Result) -> dict:
             "total_tokens": stats.prompt_tokens + stats.new_tokens, "kept_prompt_tokens": stats.kept_prompt_tokens}
 
 
-def shown_logprobs(tokenizer, result: Result) -> list[TokenLogprob]:
+def shown_logprobs(tokens: TokenTexts, result: Result) -> list[TokenLogprob]:
     """The generated tokens' log-probabilities, up to the text shown (a stop string's tokens are cut with it)."""
-    shown, length = [], 0
-    for entry in result.logprobs or []:
-        if length >= len(result.text):
-            break
-        shown.append(entry)
-        length = len(tokenizer.decode(result.token_ids[: len(shown)], skip_special_tokens=True,
-                                      clean_up_tokenization_spaces=False))
-    return shown
+    entries = result.logprobs or []
+    starts = tokens.offsets([entry.token_id for entry in entries], special=False)
+    return [entry for entry, start in zip(entries, starts, strict=True) if start < len(result.text)]
 
 
-def completion_logprobs(tokenizer, result: Result, prompt: tuple[list[int], Scored] | None, top: int) -> dict:
+def completion_logprobs(tokens: TokenTexts, result: Result, prompt: tuple[list[int], Scored] | None,
+                        top: int) -> dict:
     """OpenAI's completion logprobs: every token's text, log-probability, likeliest alternatives (the chosen
-    one among them) and text offset; with echo, the prompt's tokens first (the first has none)."""
+    one among them) and its offset in the returned text; with echo, the prompt's tokens first (the first
+    has none). A token that is not whole characters is written "bytes:\\xNN..."."""
     entries: list[tuple[int, float | None, list[tuple[int, float]] | None]] = []
+    offsets: list[int] = []
+    start = 0
     if prompt is not None:
         ids, scored = prompt
         entries.append((ids[0], None, None))
         entries += list(zip(ids[1:], scored.logprobs, scored.top or [[] for _ in ids[1:]], strict=True))
-    entries += [(t.token_id, t.logprob, t.top) for t in shown_logprobs(tokenizer, result)]
-    tokens, token_logprobs, top_logprobs, offsets, length = [], [], [], [], 0
+        offsets = tokens.offsets(ids)
+        start = len(tokens.decode(ids))
+    shown = shown_logprobs(tokens, result)
+    entries += [(t.token_id, t.logprob, t.top) for t in shown]
+    offsets += tokens.offsets([t.token_id for t in shown], special=False, start=start)
+    texts, token_logprobs, top_logprobs = [], [], []
     for token, logprob, likeliest in entries:
-        piece = tokenizer.decode([token], clean_up_tokenization_spaces=False)
-        tokens.append(piece)
+        piece = tokens.text(token)
+        texts.append(piece)
         token_logprobs.append(logprob)
-        offsets.append(length)
-        length += len(piece)
         if likeliest is None:
             top_logprobs.append(None)
         else:
-            alternatives = {tokenizer.decode([i], clean_up_tokenization_spaces=False): v for i, v in likeliest[:top]}
-            top_logprobs.append({**alternatives, piece: logprob})
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+            top_logprobs.append({**{tokens.text(i): v for i, v in likeliest[:top]}, piece: logprob})
+    return {"tokens": texts, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
 
 
-def chat_logprobs(tokenizer, result: Result) -> dict:
-    """OpenAI's chat logprobs: per generated token, its text, bytes, log-probability and alternatives."""
+def chat_logprobs(tokens: TokenTexts, result: Result) -> dict:
+    """OpenAI's chat logprobs: per generated token, its text, its own bytes, log-probability and alternatives."""
     def entry(token: int, logprob: float) -> dict:
-        text = tokenizer.decode([token], clean_up_tokenization_spaces=False)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return {"token": tokens.text(token), "logprob": logprob, "bytes": list(tokens.bytes(token))}
 
     return {"content": [{**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, v) for i, v in t.top]}
-                        for t in shown_logprobs(tokenizer, result)]}
+                        for t in shown_logprobs(tokens, result)]}
 
 
 def draftkv_stats(method: Method, result: Result) -> dict:
@@ -199,6 +261,22 @@ def draftkv_stats(method: Method, result: Result) -> dict:
             "kept_prompt_tokens": stats.kept_prompt_tokens, "kv_entries": stats.kv_entries, "kv_bytes": stats.kv_bytes,
             "kv_bytes_dense": stats.kv_bytes_dense, "time_to_first_token": stats.time_to_first_token,
             "total_time": stats.total_time, "timings": stats.timings, "note": stats.note}
+
+
+async def read_body(http: Request, limit: int) -> bytes:
+    """The request body, refused once it passes `limit` bytes (before it is all read)."""
+    declared = http.headers.get("content-length", "")
+    too_large = ServeError(400, f"the request body is larger than this server's limit of {limit:,} bytes "
+                           "(--max-body-bytes)", code="request_too_large")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in http.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class Server:
@@ -210,12 +288,15 @@ class Server:
             check_proxy_method(self.method_for(None, {}))
         else:
             self.method_for(None, {})  # fail at start on a bad server-wide method
+        limits = Limits(settings.max_prompt_tokens, settings.max_tokens_limit, settings.max_guess_tokens)
         self.scheduler = Scheduler(pair, run_proxy if settings.proxy else run_local,
                                    max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-                                   max_prompt_tokens=settings.max_prompt_tokens, memory_limit=settings.memory_limit)
+                                   limits=limits, memory_limit=settings.memory_limit)
         self.metrics = Metrics(self.scheduler)
         self.model_name = settings.model_name or (settings.upstream_model if settings.proxy else pair.target.name)
+        self.tokens = TokenTexts(pair.tokenizer)
         self.upstream: httpx.AsyncClient | None = None
+        self.settling: set[asyncio.Task] = set()  # disconnected streams waiting for their request to stop
 
     # ---- requests -> draftkv ----
 
@@ -243,26 +324,51 @@ class Server:
         if self.settings.proxy:
             check_proxy_method(method)
         temperature = parsed.temperature if parsed.temperature is not None else self.settings.temperature
-        sampling = Sampling(temperature, parsed.top_p or 1.0, parsed.top_k or 0, parsed.seed)
-        logprobs = None if self.settings.proxy else parsed.wanted_logprobs()  # upstream's own, in proxy mode
+        logprobs = parsed.wanted_logprobs()
+        if logprobs is not None and logprobs > self.settings.max_logprobs:
+            name = "top_logprobs" if isinstance(parsed, ChatRequest) else "logprobs"
+            raise ServeError(400, f"{name}={logprobs} asks for more likeliest tokens than this server lists "
+                             f"({self.settings.max_logprobs}, --max-logprobs)", param=name, code="invalid_value")
+        if self.settings.proxy:
+            logprobs = None  # the upstream's own
         if parsed.stream and logprobs is not None:
             raise ServeError(400, "logprobs are returned with whole responses only: leave out stream or logprobs",
                              param="logprobs", code="unsupported_parameter")
         if isinstance(parsed, ChatRequest):
             max_new = parsed.max_completion_tokens or parsed.max_tokens or self.settings.max_tokens
-            request = DraftRequest(messages=parsed.chat(), max_new_tokens=max_new, sampling=sampling,
-                                   stop=parsed.stops(), logprobs=logprobs)
         else:
-            assert isinstance(parsed, CompletionRequest)
+            max_new = parsed.max_tokens or self.settings.max_tokens
+        limit = self.settings.max_tokens_limit
+        if limit is not None and max_new > limit:
+            raise ServeError(400, f"max_tokens={max_new} is more than this server allows ({limit}, "
+                             "--max-tokens-limit); ask for fewer", param="max_tokens", code="invalid_value")
+        try:
+            sampling = Sampling(temperature, parsed.top_p or 1.0, parsed.top_k or 0, parsed.seed)
+            if isinstance(parsed, ChatRequest):
+                return DraftRequest(messages=parsed.chat(), max_new_tokens=max_new, sampling=sampling,
+                                    stop=parsed.stops(), logprobs=logprobs), method
             if parsed.echo and parsed.stream:
                 raise ServeError(400, "echo is returned with whole responses only: leave out stream or echo",
                                  param="echo", code="unsupported_parameter")
+            if parsed.echo and self.settings.proxy and method.compresses_prompt:
+                raise ServeError(400, f"echo through the proxy would return the prompt that {method.name} kept for "
+                                 "the upstream, not yours; leave out echo, or send method dense to pass the "
+                                 "prompt through", param="echo", code="unsupported_parameter")
             prompt = parsed.one()
-            request = DraftRequest(context=prompt if isinstance(prompt, str) else "",
-                                   prompt_ids=prompt if isinstance(prompt, list) else None, chat_template=False,
-                                   sampling=sampling, stop=parsed.stops(), logprobs=logprobs,
-                                   max_new_tokens=parsed.max_tokens or self.settings.max_tokens)
-        return request, method
+            if isinstance(prompt, list):
+                self.check_token_ids(prompt)
+            return DraftRequest(context=prompt if isinstance(prompt, str) else "",
+                                prompt_ids=prompt if isinstance(prompt, list) else None, chat_template=False,
+                                sampling=sampling, stop=parsed.stops(), logprobs=logprobs,
+                                max_new_tokens=max_new), method
+        except DraftKVError as error:
+            raise ServeError(400, str(error), code="invalid_request") from None
+
+    def check_token_ids(self, ids: list[int]) -> None:
+        vocabulary = len(self.pair.tokenizer)
+        if bad := [token for token in ids if not 0 <= token < vocabulary]:
+            raise ServeError(400, f"the prompt holds token id {bad[0]}; token ids of this model are 0 to "
+                             f"{vocabulary - 1}", param="prompt", code="invalid_prompt")
 
     def check_model(self, model: str) -> None:
         if self.settings.proxy and self.settings.upstream_model is None:
@@ -273,8 +379,9 @@ class Server:
 
     # ---- waiting for the worker ----
 
-    def submit(self, request: DraftRequest, method: Method) -> Job:
-        job = Job(request, method, asyncio.get_running_loop(), time.monotonic() + self.settings.timeout)
+    def submit(self, request: DraftRequest, method: Method, request_id: str) -> Job:
+        job = Job(request, method, asyncio.get_running_loop(), time.monotonic() + self.settings.timeout,
+                  request_id=request_id)
         self.scheduler.submit(job)
         return job
 
@@ -301,34 +408,59 @@ class Server:
         await self.next_event(job, http)  # the first event is "admitted" (or the error that refused it)
         trace.prompt_tokens = job.prompt_tokens
 
+    def settle(self, job: Job, trace: Trace, sent: str) -> None:
+        """A stream whose client left: once its request stops, log and count the tokens that reached the
+        client (the text sent), then close its trace."""
+        async def wait() -> None:
+            try:
+                while (event := await self.next_event(job))[0] != "done":
+                    pass
+                result = event[1]
+                self.account(trace, result)
+                ends = self.tokens.offsets(result.token_ids, special=False)[1:] + [len(result.text)]
+                trace.completion_tokens = sum(end <= len(sent) for end in ends) if sent else 0
+            except ServeError:
+                pass
+            finally:
+                trace.close()
+
+        task = asyncio.get_running_loop().create_task(wait())
+        self.settling.add(task)
+        task.add_done_callback(self.settling.discard)
+
     # ---- local mode ----
 
     async def local(self, http: Request, parsed: Common, trace: Trace) -> Any:
         request, method = self.draft_request(parsed)
         trace.method = method.name
         chat = isinstance(parsed, ChatRequest)
-        job = self.submit(request, method)
+        job = self.submit(request, method, trace.request_id)
         echo = not chat and parsed.echo
         if echo and request.logprobs is not None:
             job.prompt_logprobs = request.logprobs
         await self.admitted(job, http, trace)
-        reply = Reply(chat, protocol.new_id("chatcmpl" if chat else "cmpl"), protocol.now(), self.model_name)
+        reply = Reply(chat, trace.request_id, protocol.now(), self.model_name)
         if not parsed.stream:
             while (event := await self.next_event(job, http))[0] != "done":
                 pass
             result = event[1]
             self.account(trace, result)
-            tokenizer = self.pair.tokenizer
-            prompt_text = (request.context or tokenizer.decode(request.prompt_ids)) if echo else ""
+            prompt_text = ""
+            if job.prompt_scores is not None:  # echo with logprobs: the prompt's tokens as the model read them
+                prompt_text = self.tokens.decode(job.prompt_scores[0])
+            elif echo:
+                prompt_text = request.context or self.tokens.decode(request.prompt_ids or [])
             logprobs = None
             if request.logprobs is not None:
-                logprobs = (chat_logprobs(tokenizer, result) if chat
-                            else completion_logprobs(tokenizer, result, job.prompt_scores, request.logprobs))
+                logprobs = (chat_logprobs(self.tokens, result) if chat
+                            else completion_logprobs(self.tokens, result, job.prompt_scores, request.logprobs))
             return JSONResponse({**reply.whole(prompt_text + result.text, result.finish_reason, logprobs),
-                                 "usage": usage(result), "draftkv": draftkv_stats(method, result)})
+                                 "usage": usage(result), "draftkv": draftkv_stats(method, result)},
+                                headers={"x-request-id": trace.request_id})
 
         async def stream() -> AsyncIterator[str]:
             ended = False
+            sent = ""
             try:
                 if chat:
                     yield sse(reply.chunk({"role": "assistant", "content": ""}))
@@ -337,6 +469,7 @@ class Server:
                     if kind == "text":
                         trace.mark_first_token()
                         yield sse(reply.chunk(value))
+                        sent += value
                     elif kind == "done":
                         self.account(trace, value)
                         yield sse(reply.chunk("" if not chat else {}, value.finish_reason))
@@ -350,13 +483,19 @@ class Server:
                 ended = True
                 trace.status = error.status
                 yield sse(error.body())
+            except Exception as error:  # a fault of this stream ends it with an error event
+                ended = True
+                trace.status = 500
+                yield sse(internal(trace.request_id, error).body())
             finally:
                 job.cancelled = True  # a no-op when it finished; stops decoding when the client left
-                if not ended:
+                if ended:
+                    trace.close()
+                else:
                     trace.status = 499  # the client closed the stream
-                trace.close()
+                    self.settle(job, trace, sent)
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"x-request-id": trace.request_id})
 
     @staticmethod
     def account(trace: Trace, result: Result) -> None:
@@ -378,13 +517,13 @@ class Server:
             body["model"] = self.settings.upstream_model
         compressed: CompressedPrompt | None = None
         if method.compresses_prompt or method.compresses_kv:
-            job = self.submit(request, method)
+            job = self.submit(request, method, trace.request_id)
             await self.admitted(job, http, trace)
             _, compressed = await self.next_event(job, http)
             if chat:
                 body["messages"] = [*raw["messages"][:-1], {**raw["messages"][-1], "content": compressed.text}]
-            else:
-                body["prompt"] = compressed.text
+            else:  # token ids go on as token ids, text as text
+                body["prompt"] = compressed.token_ids if request.prompt_ids is not None else compressed.text
             trace.prompt_tokens = compressed.prompt_tokens
         if parsed.stream:
             body["stream_options"] = {"include_usage": True}  # for the kept-token count; passed on only if asked
@@ -395,7 +534,7 @@ class Server:
             extra.update(prompt_tokens=compressed.prompt_tokens, kept_prompt_tokens=compressed.kept_tokens,
                          timings=compressed.timings)
 
-        def merged(upstream_usage: dict | None) -> dict:
+        def merged(upstream_usage: Any) -> dict:
             upstream_usage = dict(upstream_usage or {})
             kept = upstream_usage.get("prompt_tokens", 0)
             trace.kept_prompt_tokens = kept
@@ -411,16 +550,19 @@ class Server:
                                          stream=parsed.stream)
         except httpx.HTTPError as error:
             raise upstream_failure(url, error) from None
-        if response.status_code >= 400:
+        if not 200 <= response.status_code < 300:
             await response.aread()
             await response.aclose()
-            raise upstream_refusal(response)
+            raise upstream_refusal(url, response)
         if not parsed.stream:
-            data = response.json()
+            try:
+                data = upstream_object(url, response.content, "response")
+            finally:
+                await response.aclose()
             data["usage"] = merged(data.get("usage"))
             data["draftkv"] = extra
             trace.mark_first_token()
-            return JSONResponse(data)
+            return JSONResponse(data, headers={"x-request-id": trace.request_id})
 
         async def stream() -> AsyncIterator[str]:
             try:
@@ -430,7 +572,7 @@ class Server:
                     data = line[5:].strip()
                     if data == "[DONE]":
                         break
-                    chunk = json.loads(data)
+                    chunk = upstream_object(url, data.encode(), "stream chunk")
                     if chunk.get("usage") and not chunk.get("choices"):
                         chunk["usage"] = merged(chunk["usage"])
                         if parsed.include_usage:
@@ -442,42 +584,52 @@ class Server:
                         trace.mark_first_token()  # the first chunk with text (not the role chunk)
                     yield sse(chunk)
                 yield sse("[DONE]")
-            except (httpx.HTTPError, json.JSONDecodeError) as error:
+            except ServeError as failure:
+                trace.status = failure.status
+                yield sse(failure.body())
+            except httpx.HTTPError as error:
                 failure = upstream_failure(url, error)
                 trace.status = failure.status
                 yield sse(failure.body())
+            except Exception as error:  # a fault of this stream ends it with an error event
+                trace.status = 500
+                yield sse(internal(trace.request_id, error).body())
             finally:
                 await response.aclose()
                 trace.close()
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"x-request-id": trace.request_id})
 
     def upstream_client(self) -> httpx.AsyncClient:
-        if self.upstream is None:
-            self.upstream = httpx.AsyncClient(timeout=httpx.Timeout(self.settings.upstream_timeout, connect=10.0))
+        if self.upstream is None:  # redirects are not followed: a 3xx is answered as a failure
+            self.upstream = httpx.AsyncClient(timeout=httpx.Timeout(self.settings.upstream_timeout, connect=10.0),
+                                              follow_redirects=False)
         return self.upstream
 
     # ---- the route ----
 
     async def complete(self, http: Request, kind: type[Common], endpoint: str) -> Any:
-        trace = Trace(self.metrics, endpoint)
+        trace = Trace(self.metrics, endpoint, protocol.new_id("chatcmpl" if kind is ChatRequest else "cmpl"))
         streaming = False
         try:
-            raw = await http.body()
-            parsed = protocol.parse(kind, raw)
+            raw = await read_body(http, self.settings.max_body_bytes)
+            parsed, body = protocol.parse(kind, raw)
             self.check_model(parsed.model)
             if self.settings.proxy:
-                response = await self.proxy(http, parsed, json.loads(raw), trace)
+                response = await self.proxy(http, parsed, body, trace)
             else:
                 response = await self.local(http, parsed, trace)
             streaming = isinstance(response, StreamingResponse)
             return response
         except ServeError as error:
             trace.status = error.status
-            return error_response(error)
+            return error_response(error, trace.request_id)
         except ClientGone:
             trace.status = 499
             return JSONResponse({}, status_code=499)
+        except Exception as error:  # a fault answering one request is that request's 500
+            trace.status = 500
+            return error_response(internal(trace.request_id, error), trace.request_id)
         finally:
             if not streaming:  # a stream closes its trace when it ends
                 trace.close()
@@ -520,13 +672,66 @@ def upstream_failure(url: str, error: Exception) -> ServeError:
     return ServeError(502, f"the upstream {url} failed: {type(error).__name__}: {error}", code="upstream_error")
 
 
-def upstream_refusal(response: httpx.Response) -> ServeError:
+def upstream_refusal(url: str, response: httpx.Response) -> ServeError:
+    """A status other than 2xx: a redirect (not followed) or the upstream's own error."""
+    if 300 <= response.status_code < 400:
+        return ServeError(502, f"the upstream {url} answered {response.status_code}, a redirect to "
+                          f"{response.headers.get('location', 'nowhere')!r}, which is not followed; give --upstream "
+                          "as the address it redirects to", code="upstream_error")
     try:
         message = response.json()["error"]["message"]
     except (ValueError, KeyError, TypeError):
         message = response.text[:500]
-    status = response.status_code if response.status_code < 500 else 502
+    status = response.status_code if 400 <= response.status_code < 500 else 502
     return ServeError(status, f"the upstream answered {response.status_code}: {message}", code="upstream_error")
+
+
+def upstream_object(url: str, content: bytes, what: str) -> dict:
+    """An upstream's response or stream chunk, checked to be an OpenAI completion object; anything else
+    is a 502 that says what the upstream sent."""
+    def bad(reason: str) -> ServeError:
+        shown = content[:200].decode("utf-8", "replace")
+        return ServeError(502, f"the upstream {url} sent a {what} that is not an OpenAI completion: {reason} "
+                          f"(it began {shown!r})", code="upstream_error")
+
+    try:
+        data = json.loads(content)
+    except (ValueError, RecursionError):
+        raise bad("not JSON" if content.strip() else "it was empty") from None
+    if not isinstance(data, dict):
+        raise bad(f"a JSON {type(data).__name__}, not an object")
+    if not isinstance(data.get("choices", []), list) or not all(isinstance(c, dict) for c in data.get("choices", [])):
+        raise bad("its choices are not a list of objects")
+    usage_ = data.get("usage")
+    if usage_ is not None and (not isinstance(usage_, dict) or not all(
+            is_count(usage_.get(name, 0)) and usage_.get(name, 0) >= 0
+            for name in ("prompt_tokens", "completion_tokens", "total_tokens"))):
+        raise bad("its usage is not an object of token counts")
+    return data
+
+
+class RequireKey:
+    """Every route but /health needs "Authorization: Bearer <key>" (compared in constant time); others
+    get 401 in OpenAI's error shape. A plain ASGI middleware, so streams and disconnects pass as they are."""
+
+    def __init__(self, app: Any, key: str) -> None:
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            scheme, _, token = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                error = ServeError(401, "a valid API key is needed: send the header 'Authorization: Bearer <key>' "
+                                   "with the key this server was started with", code="invalid_api_key")
+                await error_response(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def body_schema(kind: type[Common]) -> dict:
+    """The OpenAPI request body of a completion route, from its request model (for clients and fuzzers)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": kind.model_json_schema()}}}}
 
 
 def create_app(pair: ModelPair, settings: ServeSettings | None = None) -> FastAPI:
@@ -543,6 +748,8 @@ def create_app(pair: ModelPair, settings: ServeSettings | None = None) -> FastAP
 
     app = FastAPI(title="draftkv", lifespan=lifespan)
     app.state.server = server
+    if server.settings.api_key is not None:
+        app.add_middleware(RequireKey, key=server.settings.api_key)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, error: RequestValidationError) -> JSONResponse:
@@ -557,11 +764,15 @@ def create_app(pair: ModelPair, settings: ServeSettings | None = None) -> FastAP
         return error_response(ServeError(error.status_code, message, code="not_found" if error.status_code == 404
                                          else "method_not_allowed" if error.status_code == 405 else None))
 
-    @app.post("/v1/chat/completions")
+    @app.exception_handler(Exception)
+    async def failed(request: Request, error: Exception) -> JSONResponse:
+        return error_response(internal(f"{request.method} {request.url.path}", error))
+
+    @app.post("/v1/chat/completions", openapi_extra=body_schema(ChatRequest))
     async def chat_completions(http: Request) -> Any:
         return await server.complete(http, ChatRequest, "chat")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=body_schema(CompletionRequest))
     async def completions(http: Request) -> Any:
         return await server.complete(http, CompletionRequest, "completion")
 
@@ -571,9 +782,13 @@ def create_app(pair: ModelPair, settings: ServeSettings | None = None) -> FastAP
                                             "owned_by": "draftkv"}]}
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "mode": "proxy" if server.settings.proxy else "local", "model": server.model_name,
-                "waiting": server.scheduler.waiting, "running": server.scheduler.running}
+    async def health() -> JSONResponse:
+        """200 while the worker serves; 503 when it had stopped (it is restarted by this check)."""
+        serving = server.scheduler.ensure_worker()
+        return JSONResponse({"status": "ok" if serving else "restarting",
+                             "mode": "proxy" if server.settings.proxy else "local", "model": server.model_name,
+                             "waiting": server.scheduler.waiting, "running": server.scheduler.running,
+                             "restarts": server.scheduler.restarts}, status_code=200 if serving else 503)
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:

@@ -2,14 +2,19 @@
 
 Requests that can share a batch (the same method with the same parameters) run together, as many as
 `max_batch_size` and as fit the memory limit. Each request is checked before it runs: its prompt
-length against the limits, and its estimated memory against what is left, so a request that cannot
-fit is refused with a reason instead of crashing the process. A request whose client went away, or
-whose time ran out, stops at its next token.
+length and the guess its method asks for against the limits, and its estimated memory against what is
+left, so a request that cannot fit is refused with a reason instead of crashing the process. A request
+whose client went away, or whose time ran out, stops at its next token.
+
+A failure belongs to the request that caused it: a batch that fails is run again one request at a time
+(text already streamed is not sent twice), so only the failing request gets the error, and the worker
+thread catches everything, so one request can never stop it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -22,10 +27,11 @@ import torch
 
 from ..compress import compress_prompts
 from ..errors import DraftKVError
+from ..flow import run
 from ..flow.plan import Consumer
+from ..flow.steps import Observer, StageEvent, check_fits
 from ..likelihood import Scored, score_continuations
 from ..methods import Method
-from ..pipeline import generate_batch
 from ..prompt import encode_prompt
 from ..types import Request
 from .protocol import ServeError
@@ -45,15 +51,35 @@ class Job:
     method: Method
     loop: asyncio.AbstractEventLoop
     deadline: float  # time.monotonic() after which the request is given up
+    request_id: str = "-"  # in its response, its log line and the server's log of its failure
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     prompt_tokens: int = 0
     memory: int = 0  # estimated bytes while it runs
     prompt_logprobs: int | None = None  # echo with logprobs: score the prompt's own tokens (this many likeliest)
     prompt_scores: tuple[list[int], Scored] | None = None  # the prompt's ids and their scores, set before "done"
+    sent: str = ""  # text handed to the client so far, over every try of this request
+    produced: str = ""  # text this try has produced
 
     def emit(self, kind: str, value: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        with contextlib.suppress(RuntimeError):  # the server's loop has closed: nobody waits for this
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+    def retry(self) -> None:
+        """Run again from the start: what the new try produces is sent only past what was sent."""
+        self.produced = ""
+
+    def send_text(self, text: str) -> None:
+        """New text of this try; a retry sends only what goes past the text sent before."""
+        self.produced += text
+        if len(self.produced) <= len(self.sent):
+            return
+        if not self.produced.startswith(self.sent):
+            raise ServeError(500, f"request {self.request_id} was run again after a failure beside it, and the "
+                             "new run's text differs from what was already streamed; retry the request",
+                             code="internal")
+        self.emit("text", self.produced[len(self.sent):])
+        self.sent = self.produced
 
     @property
     def stopped(self) -> bool:
@@ -101,29 +127,80 @@ def free_memory(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-class Scheduler:
-    """A bounded queue in front of one worker thread that runs batches of compatible requests."""
+def internal_error(job: Job, error: BaseException) -> ServeError:
+    """The answer to a failure that is not the request's fault; the traceback goes to the log."""
+    log.error("request %s failed", job.request_id, exc_info=error)
+    return ServeError(500, f"internal error while running request {job.request_id}: {type(error).__name__}: "
+                      f"{str(error)[:200]} (the server's log has the details)", code="internal")
 
-    def __init__(self, pair: ModelPair, run: Callable[[ModelPair, list[Job]], None], *, max_batch_size: int,
-                 max_queue: int, max_prompt_tokens: int | None, memory_limit: int | None):
+
+@dataclass
+class Limits:
+    """What one request may ask for, besides what the models allow."""
+
+    max_prompt_tokens: int | None = None  # the longest prompt (None: the model's context)
+    max_new_tokens: int | None = None  # the most new tokens (None: what the context leaves)
+    max_guess_tokens: int = 512  # the longest guess: the draft's lookahead or the target's pseudo-answer
+
+
+Hook = Callable[[StageEvent, list[Job]], None]
+
+
+def observing(hook: Hook | None, jobs: list[Job]) -> Observer | None:
+    """The flow's observer for a batch of jobs: the hook hears each stage with the jobs it runs for."""
+    return (lambda event: hook(event, jobs)) if hook is not None else None
+
+
+class Scheduler:
+    """A bounded queue in front of one worker thread that runs batches of compatible requests.
+
+    `run(pair, batch, hook)` answers every job of a batch. `hook`, when set, hears every stage a batch
+    goes through with the batch's jobs: "admit" (one job's checks), the flow's stages, and "stream"
+    before each piece of streamed text (tests inject failures there)."""
+
+    def __init__(self, pair: ModelPair, run: Callable[[ModelPair, list[Job], Hook | None], None], *,
+                 max_batch_size: int, max_queue: int, limits: Limits, memory_limit: int | None):
         self.pair, self.run = pair, run
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.limits = limits
         model = pair.target.model
         limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.context_limit = limit
-        self.max_prompt_tokens = min(filter(None, [max_prompt_tokens, limit]), default=None)
+        self.max_prompt_tokens = min(filter(None, [limits.max_prompt_tokens, limit]), default=None)
         # A fixed budget for the memory of running requests: the given limit, or 90% of what is free
         # once the models are loaded.
         self.memory_limit = memory_limit if memory_limit is not None else int(0.9 * free_memory(model.device))
+        self.hook: Hook | None = None
         self.queue: deque[Job] = deque()
         self.running = 0
+        self.restarts = 0
         self.on_batch: Callable[[int], None] = lambda size: None  # the metrics count batch sizes
         self.condition = threading.Condition()
         self.closed = False
-        self.thread = threading.Thread(target=self.loop, name="draftkv-worker", daemon=True)
-        self.thread.start()
+        self.thread = self.start_worker()
+
+    def start_worker(self) -> threading.Thread:
+        thread = threading.Thread(target=self.work, name="draftkv-worker", daemon=True)
+        thread.start()
+        return thread
+
+    @property
+    def serving(self) -> bool:
+        return not self.closed and self.thread.is_alive()
+
+    def ensure_worker(self) -> bool:
+        """Restart the worker if it has stopped (it catches everything, so only a fault of the process
+        itself stops it); True when it was running."""
+        with self.condition:
+            if self.closed or self.thread.is_alive():
+                return True
+            self.restarts += 1
+            log.error("the worker thread had stopped; restarting it (restart %d)", self.restarts)
+            self.thread = self.start_worker()
+            return False
 
     def submit(self, job: Job) -> None:
+        self.ensure_worker()
         with self.condition:
             if len(self.queue) >= self.max_queue:
                 raise ServeError(503, f"the server is busy: {len(self.queue)} requests are waiting (limit "
@@ -142,7 +219,10 @@ class Scheduler:
         return len(self.queue)
 
     def admit(self, job: Job) -> None:
-        """Check a request's length and memory before it runs; raises ServeError when it cannot."""
+        """Check a request's length, the guess it asks for and its memory before it runs; raises
+        ServeError when it cannot run."""
+        if self.hook is not None:
+            self.hook(StageEvent("admit", "start"), [job])
         try:
             n = len(encode_prompt(self.pair.tokenizer, job.request).ids)
         except DraftKVError as error:
@@ -157,14 +237,30 @@ class Scheduler:
                              f"context of {self.context_limit} tokens; shorten the prompt or lower max_tokens",
                              param="max_tokens", code="context_length_exceeded")
         try:
+            consumer = Consumer.of(job.method, [n], [asked])
+            guess = job.method.guess(asked)
+            self.check_guess(job.method, n, consumer.need.lookahead[0], guess.tokens if guess else 0)
             job.memory = estimate_bytes(self.pair, job.method, n, asked)
-        except DraftKVError as error:  # a budget that does not fit this prompt
+        except DraftKVError as error:  # a budget or a guess that does not fit this prompt
             raise ServeError(400, str(error), param="budget", code="invalid_parameter") from None
         if job.memory > self.memory_limit:
             raise ServeError(503, f"this request needs about {job.memory / 2**20:.0f} MiB ({n} prompt tokens, "
                              f"{asked} new, method {job.method.name}), more than the {self.memory_limit / 2**20:.0f} "
                              "MiB this server may use; use a prompt method with a smaller budget or a shorter "
                              "prompt", code="insufficient_memory")
+
+    def check_guess(self, method: Method, prompt_tokens: int, lookahead: int, pseudo_answer: int) -> None:
+        """The guess a method asks for (the draft's lookahead, the target's pseudo-answer) buys compute:
+        it is bounded by this server's limit and by the context of the model that writes it."""
+        longest = max(lookahead, pseudo_answer)
+        if longest > self.limits.max_guess_tokens:
+            raise ServeError(400, f"method {method.name} asks for a guess of {longest} tokens (its lookahead or "
+                             f"pseudo_tokens), more than this server's limit of {self.limits.max_guess_tokens} "
+                             "(--max-guess-tokens); ask for fewer", param="method", code="invalid_parameter")
+        if lookahead and self.pair.draft is not None:
+            check_fits(self.pair.draft.model.config, "draft", prompt_tokens, lookahead)
+        if pseudo_answer:
+            check_fits(self.pair.target.model.config, "target", prompt_tokens, pseudo_answer)
 
     def next_batch(self) -> list[Job]:
         """The first admitted request and the queued ones that can share its batch and fit beside it."""
@@ -187,6 +283,9 @@ class Scheduler:
                     except ServeError as error:
                         job.emit("error", error)
                         continue
+                    except Exception as error:  # a fault while admitting fails this request alone
+                        job.emit("error", internal_error(job, error))
+                        continue
                     job.emit("admitted", job.prompt_tokens)
                 if batch and memory + job.memory > self.memory_limit:
                     self.queue.appendleft(job)  # admitted; runs in a later batch
@@ -196,14 +295,19 @@ class Scheduler:
             self.running = len(batch)
         return batch
 
-    def loop(self) -> None:
+    def work(self) -> None:
+        """The worker thread: batch after batch until the server closes. `run` answers each job; whatever
+        escapes it fails the batch's jobs that have no answer, and the worker goes on."""
         while not self.closed:
-            batch = self.next_batch()
-            if not batch:
-                continue
-            self.on_batch(len(batch))
+            batch: list[Job] = []
             try:
-                self.run(self.pair, batch)
+                batch = self.next_batch()
+                if batch:
+                    self.on_batch(len(batch))
+                    self.run(self.pair, batch, self.hook)
+            except BaseException as error:  # the worker must outlive any request
+                for job in batch:
+                    job.emit("error", internal_error(job, error))
             finally:
                 self.running = 0
 
@@ -211,37 +315,48 @@ class Scheduler:
 def run_batch(work: Callable[[list[Job]], list[Any]], batch: list[Job]) -> None:
     """Run `work` on a batch and hand each job its result, or an error that fits what went wrong.
 
-    A batch that fails on bad input is retried one request at a time, so only the bad one fails."""
+    A batch that fails is run again one request at a time, so only the request that fails alone gets
+    an error; the others get the answers they would have had alone."""
     try:
         results = work(batch)
-    except DraftKVError as error:
+    except Exception as error:  # each failure is answered below; the worker goes on
         if len(batch) > 1:
             for job in batch:
+                job.retry()
                 run_batch(work, [job])
             return
-        batch[0].emit("error", ServeError(400, str(error), code="invalid_request"))
-        return
-    except (torch.OutOfMemoryError, MemoryError) as error:
-        for job in batch:
+        job = batch[0]
+        if isinstance(error, ServeError):
+            job.emit("error", error)
+        elif isinstance(error, DraftKVError):
+            job.emit("error", ServeError(400, str(error), code="invalid_request"))
+        elif isinstance(error, torch.OutOfMemoryError | MemoryError):
             job.emit("error", ServeError(503, f"out of memory while running this request ({error}); retry with a "
                                          "smaller budget or a shorter prompt", code="insufficient_memory"))
-        return
-    except Exception as error:  # a bug: answer 500 and keep serving
-        log.exception("request failed")
-        for job in batch:
-            job.emit("error", ServeError(500, f"internal error: {type(error).__name__}: {error}", code="internal"))
+        else:
+            job.emit("error", internal_error(job, error))
         return
     for job, result in zip(batch, results, strict=True):
         job.emit("done", result)
 
 
-def run_local(pair: ModelPair, batch: list[Job]) -> None:
+def streamer(jobs: list[Job], observer: Observer | None) -> Callable[[int, str], None]:
+    """The flow's text callback: each row's new text to its job (the observer hears "stream" first)."""
+    def on_text(row: int, text: str) -> None:
+        if observer is not None:
+            observer(StageEvent("stream", "start"))
+        jobs[row].send_text(text)
+
+    return on_text
+
+
+def run_local(pair: ModelPair, batch: list[Job], hook: Hook | None = None) -> None:
     """Local mode: the target answers the batch, streaming each row's text to its job. A job that echoes
     its prompt with logprobs gets the prompt's own token scores: the dense model's, one more pass over it."""
     def work(jobs: list[Job]) -> list[Any]:
-        results = generate_batch(pair, [job.request for job in jobs], jobs[0].method,
-                                 on_text=lambda row, text: jobs[row].emit("text", text),
-                                 cancelled=lambda row: jobs[row].stopped)
+        observer = observing(hook, jobs)
+        results = run(pair, [job.request for job in jobs], [jobs[0].method], observer=observer,
+                      on_text=streamer(jobs, observer), cancelled=lambda row: jobs[row].stopped)[0]
         for job in jobs:
             if job.prompt_logprobs is not None:
                 ids = encode_prompt(pair.tokenizer, job.request).ids
@@ -253,9 +368,10 @@ def run_local(pair: ModelPair, batch: list[Job]) -> None:
     run_batch(work, batch)
 
 
-def run_proxy(pair: ModelPair, batch: list[Job]) -> None:
+def run_proxy(pair: ModelPair, batch: list[Job], hook: Hook | None = None) -> None:
     """Proxy mode: the draft compresses the batch's prompts; the handlers forward them upstream."""
-    run_batch(lambda jobs: compress_prompts(pair, [job.request for job in jobs], jobs[0].method), batch)
+    run_batch(lambda jobs: compress_prompts(pair, [job.request for job in jobs], jobs[0].method,
+                                            observer=observing(hook, jobs)), batch)
 
 
 def check_proxy_method(method: Method) -> None:

@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..types import SEEDS
+
 # OpenAI fields that change nothing here and are accepted as they are.
 IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier",
            "prompt_cache_key", "modalities", "reasoning_effort", "verbosity"}
@@ -26,6 +28,7 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "suffix": (None, ""), "response_format": (None, {"type": "text"}),
 }
 DRAFTKV_FIELDS = {"method", "budget", "prompt_budget", "compression_ratio"}
+MAX_DEPTH = 32  # nesting of objects and lists in a request body (OpenAI's requests need 5)
 
 
 class ServeError(Exception):
@@ -63,7 +66,7 @@ class Common(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEEDS[0], le=SEEDS[1])
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1)
     stream: bool = False
@@ -149,14 +152,18 @@ class CompletionRequest(Common):
         return self.logprobs
 
 
-def parse(model: type[Common], raw: bytes) -> Common:
-    """A request from its JSON body, or a ServeError that says what is wrong with it."""
+def parse(model: type[Common], raw: bytes) -> tuple[Common, dict]:
+    """A request from its JSON body (and the body as read), or a ServeError that says what is wrong."""
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ServeError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from None
+    except RecursionError:
+        raise ServeError(400, f"the request body is nested more than {MAX_DEPTH} levels deep", code="invalid_json") \
+            from None
     if not isinstance(body, dict):
         raise ServeError(400, "the request body must be a JSON object", code="invalid_json")
+    check_values(body)
     try:
         request = model.model_validate(body)
     except ValidationError as error:
@@ -168,7 +175,36 @@ def parse(model: type[Common], raw: bytes) -> Common:
     if request.n != 1:
         raise ServeError(400, "n must be 1: draftkv returns one choice per request", param="n",
                          code="unsupported_parameter")
-    return request
+    return request, body
+
+
+def check_values(body: dict) -> None:
+    """No deeper than MAX_DEPTH, and every string valid Unicode: a lone surrogate ("\\ud800") is JSON
+    but no text, and would fail deep inside the tokenizer."""
+    stack: list[tuple[Any, str, int]] = [(body, "", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth > MAX_DEPTH:
+                raise ServeError(400, f"the request body is nested more than {MAX_DEPTH} levels deep (at "
+                                 f"{path or 'the top'})", param=path or None, code="invalid_json")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                where = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
+                if isinstance(key, str):
+                    check_unicode(key, where)
+                stack.append((item, where, depth + 1))
+        elif isinstance(value, str):
+            check_unicode(value, path)
+
+
+def check_unicode(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ServeError(400, f"{where} holds {text[error.start]!r} at character {error.start}, a lone surrogate "
+                         "that is not a character; send valid Unicode text", param=where,
+                         code="invalid_value") from None
 
 
 def field_path(location: tuple) -> str:

@@ -1,0 +1,238 @@
+"""One bad request harms no other: a failure at any stage fails that request alone, the worker never
+stops serving, and the server's answers afterwards equal a fresh server's."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from conftest import tiny_pair
+from live import MODEL, metric, post, serve
+from tiny import long_context
+
+from draftkv.flow.steps import StageEvent
+
+QUESTION = [{"role": "user", "content": long_context(300, seed=3) + " what is the magic number?"}]
+METHODS = {  # a method that goes through each stage, with its parameters
+    "dense": {},
+    "speckv": {"budget": 48, "window": 8},
+    "specpc": {"prompt_budget": 96, "window": 16, "start_layer": 0},
+    "snapkv": {"budget": 48, "window": 8},
+}
+STAGES = [  # (stage, the method whose flow passes it)
+    ("admit", "dense"), ("tokenize", "dense"), ("draft_prefill", "speckv"), ("draft_lookahead", "speckv"),
+    ("draft_scoring", "specpc"), ("prompt_selection", "specpc"), ("target_prefill", "dense"), ("probe", "speckv"),
+    ("scoring", "snapkv"), ("compression", "snapkv"), ("decode", "dense"), ("stream", "dense"),
+]
+
+
+class Injected(RuntimeError):
+    """The failure a test injects."""
+
+
+def body(method: str, **extra) -> dict:
+    return {"model": MODEL, "messages": QUESTION, "max_tokens": 12, "method": method, **METHODS[method], **extra}
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny_pair("qwen2", max_positions=2048)
+
+
+@pytest.fixture(scope="module")
+def fresh_answers(pair):
+    """Each method's answer from a server that never saw a failure."""
+    server = serve(pair)
+    try:
+        return {method: post(server, "/chat/completions", body(method)).json()["choices"][0]["message"]["content"]
+                for method in METHODS}
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def live(pair):
+    server = serve(pair)
+    yield server
+    server.stop()
+
+
+def fail_once(stage: str):
+    """A hook that raises the first time a batch reaches `stage` (its start, or its end for stages that are
+    only timed), then lets everything pass."""
+    fired = []
+
+    def hook(event: StageEvent, _jobs) -> None:
+        if event.stage == stage and not fired:
+            fired.append(event)
+            raise Injected(f"injected at {stage}")
+
+    return hook
+
+
+def assert_internal_error(response: httpx.Response, words: str) -> None:
+    assert response.status_code == 500, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == "internal"
+    assert words in error["message"], error
+    assert response.headers["x-request-id"] in error["message"]  # the log line and the answer name the same request
+
+
+@pytest.mark.parametrize(("stage", "method"), STAGES, ids=[stage for stage, _ in STAGES])
+def test_a_failure_at_any_stage_fails_that_request_and_the_next_equals_a_fresh_servers(live, fresh_answers, stage,
+                                                                                       method, caplog):
+    scheduler = live.app.state.server.scheduler
+    scheduler.hook = fail_once(stage)
+    try:
+        with caplog.at_level(logging.ERROR, logger="draftkv.serve"):
+            response = post(live, "/chat/completions", body(method))
+        assert_internal_error(response, f"injected at {stage}")
+        assert any(record.exc_info and isinstance(record.exc_info[1], Injected) for record in caplog.records)
+        assert scheduler.hook.__closure__  # the hook fired once and stays passive
+        assert httpx.get(f"{live.root}/health").json()["status"] == "ok"
+        again = post(live, "/chat/completions", body(method))
+        assert again.status_code == 200, again.text
+        assert again.json()["choices"][0]["message"]["content"] == fresh_answers[method]
+        # Every method still answers as a fresh server does: nothing of the failed request was left behind.
+        for other in METHODS:
+            reply = post(live, "/chat/completions", body(other)).json()
+            assert reply["choices"][0]["message"]["content"] == fresh_answers[other], (stage, other)
+    finally:
+        scheduler.hook = None
+
+
+def test_a_stream_that_fails_midway_ends_with_an_error_event_and_the_server_goes_on(live, fresh_answers):
+    scheduler = live.app.state.server.scheduler
+    seen = []
+
+    def hook(event: StageEvent, _jobs) -> None:
+        if event.stage == "stream":
+            seen.append(event)
+            if len(seen) == 3:
+                raise Injected("injected at stream")
+
+    scheduler.hook = hook
+    try:
+        with httpx.stream("POST", live.url + "/chat/completions", json=body("dense", stream=True), timeout=60) as response:
+            events = [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data:")
+                      and line[5:].strip() != "[DONE]"]
+    finally:
+        scheduler.hook = None
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
+    assert fresh_answers["dense"].startswith(text) and text  # what came before the failure is the true answer
+    assert "injected at stream" in events[-1]["error"]["message"] and events[-1]["error"]["code"] == "internal"
+    assert post(live, "/chat/completions", body("dense")).json()["choices"][0]["message"]["content"] == \
+        fresh_answers["dense"]
+
+
+def test_one_failing_request_fails_alone_and_its_batch_is_run_again_without_it(pair, fresh_answers):
+    """Four requests run as one batch; one of them breaks the batch mid-decode, after every row has
+    streamed text. It alone gets an error; the others get a fresh server's answers, each piece once."""
+    server = serve(pair, max_batch_size=8)
+    scheduler = server.app.state.server.scheduler
+    release, held = threading.Event(), threading.Event()
+    streamed = []
+
+    def poisoned(jobs) -> bool:
+        return any(job.request.max_new_tokens == 11 for job in jobs)  # the bad request asks for 11 tokens
+
+    def hook(event: StageEvent, jobs) -> None:
+        if event.stage == "tokenize" and event.event == "start" and jobs[0].request.max_new_tokens == 3:
+            held.set()
+            release.wait(30)  # the first request holds the worker while the four queue behind it
+        if event.stage == "stream" and poisoned(jobs):
+            streamed.append(len(jobs))
+            if len(jobs) == 1 or len(streamed) >= 3 * len(jobs):
+                raise Injected("injected: a bad request")
+
+    scheduler.hook = hook
+    try:
+        with ThreadPoolExecutor(5) as pool:
+            first = pool.submit(post, server, "/chat/completions", body("dense", max_tokens=3))
+            assert held.wait(30)
+
+            def streamed_answer() -> str:
+                with httpx.stream("POST", server.url + "/chat/completions", json=body("dense", stream=True),
+                                  timeout=60) as response:
+                    chunks = [json.loads(line[5:]) for line in response.iter_lines()
+                              if line.startswith("data:") and line[5:].strip() != "[DONE]"]
+                return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
+
+            good = [pool.submit(streamed_answer), pool.submit(streamed_answer),
+                    pool.submit(post, server, "/chat/completions", body("dense"))]
+            bad = pool.submit(post, server, "/chat/completions", body("dense", max_tokens=11))
+            deadline = time.monotonic() + 30
+            while scheduler.waiting < 4:
+                assert time.monotonic() < deadline, "the four requests did not queue"
+                time.sleep(0.02)
+            release.set()
+            assert first.result().status_code == 200
+            assert good[0].result() == good[1].result() == fresh_answers["dense"]
+            assert good[2].result().json()["choices"][0]["message"]["content"] == fresh_answers["dense"]
+            assert_internal_error(bad.result(), "injected: a bad request")
+        assert max(streamed) == 4  # the four did run as one batch, which failed after streaming
+        assert metric(server, "draftkv_batch_size_bucket", le="4.0") - metric(server, "draftkv_batch_size_bucket",
+                                                                              le="2.0") >= 1
+    finally:
+        scheduler.hook = None
+        release.set()
+        server.stop()
+
+
+def test_a_stopped_worker_is_restarted_and_health_says_so_meanwhile(pair):
+    server = serve(pair)
+    scheduler = server.app.state.server.scheduler
+    try:
+        with scheduler.condition:  # stop the worker thread the only way left: as if the process lost it
+            scheduler.closed = True
+            scheduler.condition.notify_all()
+        scheduler.thread.join(10)
+        scheduler.closed = False
+        assert not scheduler.thread.is_alive()
+        health = httpx.get(f"{server.root}/health")
+        assert health.status_code == 503 and health.json()["status"] == "restarting"
+        health = httpx.get(f"{server.root}/health")
+        assert health.status_code == 200 and health.json()["restarts"] == 1
+        assert post(server, "/chat/completions", body("dense")).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_a_request_sent_to_a_stopped_worker_restarts_it(pair, fresh_answers):
+    server = serve(pair)
+    scheduler = server.app.state.server.scheduler
+    try:
+        with scheduler.condition:
+            scheduler.closed = True
+            scheduler.condition.notify_all()
+        scheduler.thread.join(10)
+        scheduler.closed = False
+        reply = post(server, "/chat/completions", body("dense"))
+        assert reply.json()["choices"][0]["message"]["content"] == fresh_answers["dense"]
+        assert scheduler.restarts == 1
+    finally:
+        server.stop()
+
+
+def test_a_failure_in_proxy_mode_fails_that_request_alone(pair):
+    from draftkv.models import ModelPair
+
+    upstream = serve(pair)
+    proxy = serve(ModelPair(pair.draft, pair.draft), upstream=upstream.url, upstream_model=MODEL, method="specpc",
+                  params={"budget": 96, "window": 16, "start_layer": 0})
+    scheduler = proxy.app.state.server.scheduler
+    try:
+        scheduler.hook = fail_once("draft_prefill")
+        request = {"model": MODEL, "messages": QUESTION, "max_tokens": 6}
+        assert_internal_error(post(proxy, "/chat/completions", request), "injected at draft_prefill")
+        fine = post(proxy, "/chat/completions", request)
+        assert fine.status_code == 200 and fine.json()["usage"]["kept_prompt_tokens"] < fine.json()["usage"]["prompt_tokens"]
+    finally:
+        scheduler.hook = None
+        proxy.stop()
+        upstream.stop()
