@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,9 +21,10 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from live import MESSAGES, MODEL, Live, metric, post, serve
 from tiny import long_context
+from typer.testing import CliRunner
 
 import draftkv
-from draftkv.cli import parse_bytes
+from draftkv.cli import app, parse_bytes
 from draftkv.errors import ConfigError
 from draftkv.methods import get_method
 from draftkv.models import ModelPair
@@ -180,6 +182,13 @@ def test_server_wide_default_method_and_its_parameters(pair):
         server.stop()
 
 
+def nested(depth: int) -> list:
+    value: list | int = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 @pytest.mark.parametrize("body, status, code, words", [
     (b"{not json", 400, "invalid_json", "not valid JSON"),
     (b"[1, 2]", 400, "invalid_json", "JSON object"),
@@ -217,6 +226,22 @@ def test_server_wide_default_method_and_its_parameters(pair):
     ({"model": MODEL, "messages": MESSAGES, "max_tokens": "8"}, 400, "invalid_value", "max_tokens:"),
     ({"model": MODEL, "messages": MESSAGES, "temperature": True}, 400, "invalid_value", "temperature:"),
     ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400, "invalid_value", "messages[0].content:"),
+    # Hostile input (issue 33): none of these may reach the tokenizer, the generator or the recursion limit.
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi \ud800 there"}]}, 400, "invalid_value",
+     "messages[0].content holds '\\ud800' at character 3, a lone surrogate"),
+    ({"model": MODEL, "messages": MESSAGES, "stop": ["\udfff"]}, 400, "invalid_value", "stop[0] holds"),
+    ({"model": MODEL, "messages": MESSAGES, "seed": 2**70}, 400, "invalid_value", "seed:"),
+    ({"model": MODEL, "messages": MESSAGES, "seed": -(2**63) - 1}, 400, "invalid_value", "seed:"),
+    (b"[" * 5000 + b"]" * 5000, 400, "invalid_json", "nested more than 32"),
+    (b'{"model": "tiny", "x": ' + b"[" * 100000 + b"]" * 100000 + b"}", 400, "invalid_json", "nested more than 32"),
+    ({"model": MODEL, "messages": MESSAGES, "metadata": nested(40)},
+     400, "invalid_json", "nested more than 32 levels deep (at metadata"),
+    ({"model": MODEL, "messages": MESSAGES, "method": "laq", "budget": 64, "pseudo_tokens": 5000}, 400,
+     "invalid_parameter", "guess of 5000 tokens"),
+    ({"model": MODEL, "messages": MESSAGES, "method": "speckv", "budget": 64, "lookahead": 4000}, 400,
+     "invalid_parameter", "more than this server's limit of 512"),
+    ({"model": MODEL, "messages": MESSAGES, "method": "speckv", "budget": 64, "max_lookahead": 1500,
+      "max_tokens": 1500}, 400, "invalid_parameter", "guess of 1500 tokens"),
 ])
 def test_bad_input_gets_the_openai_error_shape_and_the_server_keeps_serving(live, body, status, code, words):
     response = post(live, "/chat/completions", body)
@@ -225,6 +250,26 @@ def test_bad_input_gets_the_openai_error_shape_and_the_server_keeps_serving(live
     assert error["code"] == code and words in error["message"], error
     assert set(error) == {"message", "type", "param", "code"}
     assert httpx.get(f"http://127.0.0.1:{live.port}/health").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("body, code, words", [
+    ({"model": MODEL, "prompt": "alpha \ud800"}, "invalid_value", "prompt holds '\\ud800'"),
+    ({"model": MODEL, "prompt": ["alpha \udfff"]}, "invalid_value", "prompt[0] holds '\\udfff'"),
+    ({"model": MODEL, "prompt": [-1]}, "invalid_prompt", "token id -1; token ids of this model are 0 to 499"),
+    ({"model": MODEL, "prompt": [[-5, 3]]}, "invalid_prompt", "token id -5"),
+    ({"model": MODEL, "prompt": [3, 500]}, "invalid_prompt", "token id 500"),
+    ({"model": MODEL, "prompt": "alpha", "seed": 2**70}, "invalid_value", "seed:"),
+    ({"model": MODEL, "prompt": "alpha", "method": "laq", "budget": 64, "pseudo_tokens": 5000}, "invalid_parameter",
+     "guess of 5000 tokens"),
+])
+def test_bad_completions_input_is_refused_and_the_next_request_is_answered(live, pair, body, code, words):
+    response = post(live, "/completions", body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and words in error["message"], error
+    prompt = "the launch is on monday at noon. the launch is on"
+    expected = generate_batch(pair, [Request(context=prompt, chat_template=False, max_new_tokens=6)])[0]
+    assert live.client().completions.create(model=MODEL, prompt=prompt, max_tokens=6).choices[0].text == expected.text
 
 
 @pytest.mark.parametrize(("body", "param"), [
@@ -475,7 +520,8 @@ def test_the_serve_command_takes_its_configuration_from_the_environment(pair, tm
         port = probe.getsockname()[1]
     env = {**os.environ, "DRAFTKV_PORT": str(port), "DRAFTKV_TARGET": str(tmp_path / "target"),
            "DRAFTKV_DRAFT": str(tmp_path / "draft"), "DRAFTKV_METHOD": "snapkv", "DRAFTKV_BUDGET": "24",
-           "DRAFTKV_MODEL_NAME": "served", "DRAFTKV_DEVICE": "cpu", "DRAFTKV_LOG_LEVEL": "warning"}
+           "DRAFTKV_MODEL_NAME": "served", "DRAFTKV_DEVICE": "cpu", "DRAFTKV_LOG_LEVEL": "warning",
+           "DRAFTKV_API_KEY": "k3y"}
     process = subprocess.Popen([sys.executable, "-m", "draftkv", "serve", "-p", "window=8"], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -488,7 +534,8 @@ def test_the_serve_command_takes_its_configuration_from_the_environment(pair, tm
             except httpx.ConnectError:
                 assert time.monotonic() < deadline, "draftkv serve did not come up"
                 time.sleep(0.2)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k3y", max_retries=0)
         messages = [{"role": "user", "content": long_context(200) + " what?"}]
         stats = client.chat.completions.create(model="served", messages=messages, max_tokens=3).model_extra["draftkv"]
         assert (stats["method"], stats["kv_entries"], stats["params"]["window"]) == ("snapkv", 24, 8)
@@ -501,3 +548,36 @@ def test_the_serve_command_refuses_a_bad_default_method(tmp_path):
     result = subprocess.run([sys.executable, "-m", "draftkv", "serve", "--method", "nope", "--target",
                              str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "unknown method 'nope'" in result.stderr
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--port", "99999"], "Invalid value for '--port' (env var: 'DRAFTKV_PORT'): Input should be less than or equal to 65535"),
+    (["--port", "0"], "Invalid value for '--port' (env var: 'DRAFTKV_PORT'): Input should be greater than or equal to 1"),
+    (["--timeout=-1"], "--timeout must be a number of seconds > 0, got -1.0"),
+    (["--timeout", "nan"], "--timeout must be a number of seconds > 0"),
+    (["--memory-limit=-1GiB"], "--memory-limit must be a whole number >= 1"),
+    (["--memory-limit", "lots"], "a memory size looks like 8GiB"),
+    (["--memory-limit", "infGiB"], "a memory size looks like 8GiB"),
+    (["--max-body-bytes", "0"], "--max-body-bytes must be a whole number >= 1"),
+    (["--upstream", "not-a-url"], "--upstream 'not-a-url' is not an http(s) URL with a host"),
+    (["--upstream-timeout", "0"], "--upstream-timeout must be a number of seconds > 0"),
+    (["--max-tokens", "64", "--max-tokens-limit", "32"], "--max-tokens (64) is more than --max-tokens-limit (32)"),
+    (["--max-logprobs", "21"], "Invalid value for '--max-logprobs' (env var: 'DRAFTKV_MAX_LOGPROBS'): Input should be less"),
+    (["--api-key", ""], "--api-key is empty"),
+    (["--host", "no.such.host.invalid"], "cannot listen on no.such.host.invalid:"),
+])
+def test_every_serve_flag_is_checked_before_any_model_loads(tmp_path, args, words):
+    result = CliRunner().invoke(app, ["serve", "--target", str(tmp_path / "missing"), "--draft", "none", *args])
+    output = " ".join(re.sub("[│╭╮╰╯─]", " ", result.stdout + result.stderr).split())  # rich wraps and boxes lines
+    assert result.exit_code == 2, output
+    assert words in output and "Traceback" not in output
+    assert "does not exist" not in output  # refused before the (missing) target was looked for
+
+
+def test_the_serve_command_refuses_a_port_in_use(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(app, ["serve", "--target", str(tmp_path / "missing"), "--port", str(port)])
+    assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in " ".join(result.stderr.split())

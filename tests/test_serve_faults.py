@@ -236,3 +236,85 @@ def test_a_failure_in_proxy_mode_fails_that_request_alone(pair):
         scheduler.hook = None
         proxy.stop()
         upstream.stop()
+
+
+def test_every_input_that_buys_compute_is_bounded_by_settings_an_operator_can_set(pair):
+    server = serve(pair, max_tokens_limit=16, max_guess_tokens=5000, max_logprobs=2, max_body_bytes=4096)
+    long = [{"role": "user", "content": long_context(400)}]
+    try:
+        for path, request, words in [
+            ("/chat/completions", {"messages": QUESTION, "max_tokens": 17}, "max_tokens=17 is more than this server "
+                                                                             "allows (16, --max-tokens-limit)"),
+            ("/completions", {"prompt": "alpha", "max_tokens": 40}, "--max-tokens-limit"),
+            ("/chat/completions", {"messages": QUESTION, "max_tokens": 4, "logprobs": True, "top_logprobs": 3},
+             "top_logprobs=3 asks for more likeliest tokens than this server lists (2, --max-logprobs)"),
+            ("/completions", {"prompt": "alpha", "max_tokens": 4, "logprobs": 5}, "--max-logprobs"),
+            # Within the server's guess limit, but past what the model's context leaves after the prompt.
+            ("/chat/completions", {"messages": long, "max_tokens": 4, "method": "laq", "budget": 64,
+                                   "pseudo_tokens": 1900}, "past the target's context limit of 2048"),
+            ("/chat/completions", {"messages": long, "max_tokens": 4, "method": "speckv", "budget": 64,
+                                   "lookahead": 1900}, "past the draft's context limit of 2048"),
+            ("/chat/completions", {"messages": [{"role": "user", "content": "x" * 5000}]},
+             "larger than this server's limit of 4,096 bytes"),
+        ]:
+            response = post(server, path, {"model": MODEL, **request})
+            assert response.status_code == 400, (request, response.text)
+            assert words in response.json()["error"]["message"], response.json()
+        # A body sent in chunks, with no length announced, is cut off at the limit too.
+        chunks = (b'{"model": "tiny", "prompt": "' + b"a" * 1000 + b'"' if i == 0 else b" " * 1000 for i in range(6))
+        response = httpx.post(server.url + "/completions", content=chunks, headers={"content-type": "application/json"})
+        assert response.status_code == 400 and response.json()["error"]["code"] == "request_too_large"
+        assert post(server, "/chat/completions", {"model": MODEL, "messages": QUESTION, "max_tokens": 16}).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_an_api_key_guards_every_route_but_health(pair):
+    server = serve(pair, api_key="s3cret")
+    try:
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"},
+                        {"authorization": "Basic s3cret"}):
+            for verb, path in (("post", "/v1/chat/completions"), ("get", "/v1/models"), ("get", "/metrics"),
+                               ("get", "/v1/nothing")):
+                response = httpx.request(verb.upper(), server.root + path, headers=headers)
+                assert response.status_code == 401, (headers, path)
+                error = response.json()["error"]
+                assert set(error) == {"message", "type", "param", "code"} and error["code"] == "invalid_api_key"
+                assert "Authorization: Bearer" in error["message"] and "s3cret" not in error["message"]
+        assert httpx.get(server.root + "/health").status_code == 200  # load balancers probe without a key
+        client = server.client(api_key="s3cret")
+        assert client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=3).choices
+        assert httpx.get(server.root + "/metrics", headers={"authorization": "bearer s3cret"}).status_code == 200
+        import openai
+
+        with pytest.raises(openai.AuthenticationError):
+            server.client(api_key="nope").models.list()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(("settings", "words"), [
+    ({"timeout": -1}, "--timeout must be a number of seconds > 0, got -1"),
+    ({"timeout": float("nan")}, "--timeout must be a number of seconds > 0"),
+    ({"upstream_timeout": 0}, "--upstream-timeout must be a number of seconds > 0"),
+    ({"memory_limit": -2**30}, "--memory-limit must be a whole number >= 1"),
+    ({"max_batch_size": 0}, "--max-batch-size must be a whole number >= 1"),
+    ({"max_queue": 0}, "--max-queue must be"),
+    ({"max_prompt_tokens": 0}, "--max-prompt-tokens must be"),
+    ({"max_tokens": 0}, "--max-tokens must be"),
+    ({"max_tokens": 64, "max_tokens_limit": 32}, "--max-tokens (64) is more than --max-tokens-limit (32)"),
+    ({"max_logprobs": 21}, "--max-logprobs must be a whole number from 0 to 20"),
+    ({"max_guess_tokens": 0}, "--max-guess-tokens must be"),
+    ({"temperature": 3}, "--temperature must be a number from 0 to 2"),
+    ({"api_key": " "}, "--api-key is empty"),
+    ({"upstream": "not-a-url"}, "--upstream 'not-a-url' is not an http(s) URL with a host"),
+    ({"upstream": "ftp://host/v1"}, "is not an http(s) URL"),
+    ({"upstream": "http://[::1"}, "is not a URL"),
+])
+def test_settings_are_checked_when_made(settings, words):
+    from draftkv.errors import ConfigError
+    from draftkv.serving import ServeSettings
+
+    with pytest.raises(ConfigError) as raised:
+        ServeSettings(**settings)
+    assert words in str(raised.value)

@@ -382,8 +382,22 @@ def parse_bytes(text: str) -> int:
     unit = text.strip()[len(number):].lower()
     try:
         return int(float(number) * units[unit])
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, OverflowError):
         raise ConfigError(f"a memory size looks like 8GiB, 512MiB, 2GB or a number of bytes; got {text!r}") from None
+
+
+def check_address(host: str, port: int) -> None:
+    """The server could listen at host:port (the address exists here and the port is free)."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as error:
+        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}; choose another --host or "
+                          "--port") from None
 
 
 def _env(name: str, help: str, **options: Any) -> Any:
@@ -392,8 +406,10 @@ def _env(name: str, help: str, **options: Any) -> Any:
 
 @app.command()
 def serve(
-    host: Annotated[str, _env("HOST", "Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, _env("PORT", "Port to listen on.")] = 8000,
+    host: Annotated[str, _env("HOST", "Address to listen on. The default serves this machine only; 0.0.0.0 serves "
+                                      "anyone who reaches the port (give --api-key).")] = "127.0.0.1",
+    port: Annotated[int, _env("PORT", "Port to listen on.", min=1, max=65535)] = 8000,
+    api_key: Annotated[str | None, _env("API_KEY", "Require 'Authorization: Bearer KEY' on every route but /health.")] = None,
     method: Annotated[str | None, _env("METHOD", "Method of requests that name none (default: dense; in proxy mode specpc).")] = None,
     budget: Annotated[str | None, _env("BUDGET", "Default KV budget (a prompt method's budget), for --method.")] = None,
     prompt_budget: Annotated[str | None, _env("PROMPT_BUDGET", "Default prompt budget, for --method.")] = None,
@@ -406,7 +422,11 @@ def serve(
     max_batch_size: Annotated[int, _env("MAX_BATCH_SIZE", "Most requests run together in one batch.", min=1)] = 8,
     max_queue: Annotated[int, _env("MAX_QUEUE", "Most requests waiting; more are refused with 503.", min=1)] = 256,
     max_prompt_tokens: Annotated[int | None, _env("MAX_PROMPT_TOKENS", "Longest prompt accepted (default: the model's context).")] = None,
-    max_tokens: Annotated[int, _env("MAX_TOKENS", "New tokens for requests that give no max_tokens.", min=1)] = 256,
+    max_tokens: Annotated[int | None, _env("MAX_TOKENS", "New tokens for requests that give no max_tokens (default 256, or --max-tokens-limit if lower).", min=1)] = None,
+    max_tokens_limit: Annotated[int | None, _env("MAX_TOKENS_LIMIT", "The most new tokens a request may ask for (default: what the context leaves).", min=1)] = None,
+    max_guess_tokens: Annotated[int, _env("MAX_GUESS_TOKENS", "The longest guess a method may ask for: a draft lookahead or LAQ++'s pseudo_tokens.", min=1)] = 512,
+    max_logprobs: Annotated[int, _env("MAX_LOGPROBS", "The most likeliest tokens a request may list per token (logprobs, top_logprobs).", min=0, max=20)] = 20,
+    max_body_bytes: Annotated[str, _env("MAX_BODY_BYTES", "The largest request body, like 32MiB.")] = "32MiB",
     temperature: Annotated[float, _env("TEMPERATURE", "Temperature for requests that give none (0: greedy).", min=0)] = 0.0,
     timeout: Annotated[float, _env("TIMEOUT", "Seconds a request may take, queueing included (then 504).")] = 600.0,
     memory_limit: Annotated[str | None, _env("MEMORY_LIMIT", "Memory running requests may use, like 8GiB (default: 90% of what is free after loading).")] = None,
@@ -438,8 +458,11 @@ def serve(
             method=method or ("specpc" if upstream else "dense"), params=params, model_name=model_name,
             upstream=upstream, upstream_model=upstream_model, upstream_api_key=upstream_api_key,
             upstream_timeout=upstream_timeout, max_batch_size=max_batch_size, max_queue=max_queue,
-            max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, temperature=temperature, timeout=timeout,
+            max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_tokens_limit=max_tokens_limit,
+            max_guess_tokens=max_guess_tokens, max_logprobs=max_logprobs, max_body_bytes=parse_bytes(max_body_bytes),
+            api_key=api_key, temperature=temperature, timeout=timeout,
             memory_limit=parse_bytes(memory_limit) if memory_limit else None)
+        check_address(host, port)  # free and bindable, before minutes of loading
         method_with_budgets(settings.method, **params)  # a bad default fails before minutes of loading
         with err.status("loading models"):
             if upstream:  # only the draft runs here; it stands in for the target's tokenizer and limits

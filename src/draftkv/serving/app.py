@@ -62,7 +62,7 @@ class ServeSettings:
     max_batch_size: int = 8
     max_queue: int = 256
     max_prompt_tokens: int | None = None
-    max_tokens: int = 256  # for requests that give no max_tokens
+    max_tokens: int | None = None  # for requests that give no max_tokens (None: 256, or max_tokens_limit if lower)
     max_tokens_limit: int | None = None  # the most new tokens a request may ask for (default: the context's room)
     max_guess_tokens: int = 512  # the longest guess a method may ask for (draft lookahead, LAQ++'s pseudo-answer)
     max_logprobs: int = 20  # the most likeliest tokens listed per token
@@ -72,9 +72,9 @@ class ServeSettings:
     memory_limit: int | None = None  # bytes running requests may use (default: 90% of free memory)
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_queue", "max_tokens", "max_guess_tokens", "max_body_bytes"):
+        for name in ("max_batch_size", "max_queue", "max_guess_tokens", "max_body_bytes"):
             check_setting(name, getattr(self, name), "a whole number >= 1", lambda v: is_count(v) and v >= 1)
-        for name in ("max_prompt_tokens", "max_tokens_limit", "memory_limit"):
+        for name in ("max_prompt_tokens", "max_tokens", "max_tokens_limit", "memory_limit"):
             check_setting(name, getattr(self, name), "a whole number >= 1, or unset",
                           lambda v: v is None or (is_count(v) and v >= 1))
         check_setting("max_logprobs", self.max_logprobs, "a whole number from 0 to 20",
@@ -83,7 +83,7 @@ class ServeSettings:
             check_setting(name, getattr(self, name), "a number of seconds > 0",
                           lambda v: is_real(v) and math.isfinite(v) and v > 0)
         check_setting("temperature", self.temperature, "a number from 0 to 2", lambda v: is_real(v) and 0 <= v <= 2)
-        if self.max_tokens_limit is not None and self.max_tokens > self.max_tokens_limit:
+        if None not in (self.max_tokens, self.max_tokens_limit) and self.max_tokens > self.max_tokens_limit:
             raise ConfigError(f"--max-tokens ({self.max_tokens}) is more than --max-tokens-limit "
                               f"({self.max_tokens_limit}): a request that names no max_tokens could not run")
         if self.api_key is not None and not self.api_key.strip():
@@ -94,6 +94,11 @@ class ServeSettings:
     @property
     def proxy(self) -> bool:
         return self.upstream is not None
+
+    @property
+    def default_max_tokens(self) -> int:
+        """New tokens for a request that names none."""
+        return self.max_tokens or min(256, self.max_tokens_limit or 256)
 
 
 def is_count(value: object) -> bool:
@@ -335,9 +340,9 @@ class Server:
             raise ServeError(400, "logprobs are returned with whole responses only: leave out stream or logprobs",
                              param="logprobs", code="unsupported_parameter")
         if isinstance(parsed, ChatRequest):
-            max_new = parsed.max_completion_tokens or parsed.max_tokens or self.settings.max_tokens
+            max_new = parsed.max_completion_tokens or parsed.max_tokens or self.settings.default_max_tokens
         else:
-            max_new = parsed.max_tokens or self.settings.max_tokens
+            max_new = parsed.max_tokens or self.settings.default_max_tokens
         limit = self.settings.max_tokens_limit
         if limit is not None and max_new > limit:
             raise ServeError(400, f"max_tokens={max_new} is more than this server allows ({limit}, "

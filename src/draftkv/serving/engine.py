@@ -237,9 +237,8 @@ class Scheduler:
                              f"context of {self.context_limit} tokens; shorten the prompt or lower max_tokens",
                              param="max_tokens", code="context_length_exceeded")
         try:
-            consumer = Consumer.of(job.method, [n], [asked])
-            guess = job.method.guess(asked)
-            self.check_guess(job.method, n, consumer.need.lookahead[0], guess.tokens if guess else 0)
+            guess = job.method.guess(asked)  # asked of the method, whether or not this prompt needs it
+            self.check_guess(job.method, n, job.method.draft_lookahead(asked), guess.tokens if guess else 0)
             job.memory = estimate_bytes(self.pair, job.method, n, asked)
         except DraftKVError as error:  # a budget or a guess that does not fit this prompt
             raise ServeError(400, str(error), param="budget", code="invalid_parameter") from None
