@@ -18,13 +18,15 @@ import openai
 import pytest
 from conftest import tiny_pair
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi import Request as HttpRequest
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from live import MESSAGES, MODEL, Live, metric, post, serve
 from tiny import long_context
 from typer.testing import CliRunner
 
 import draftkv
 from draftkv.cli import app, parse_bytes
+from draftkv.compress import compress_prompts
 from draftkv.errors import ConfigError
 from draftkv.methods import get_method
 from draftkv.models import ModelPair
@@ -128,6 +130,30 @@ def test_completion_logprobs_and_echo_are_the_dense_prompts_and_the_compressed_a
         assert all(max(top.values()) >= value for top, value in zip(logprobs.top_logprobs[1:], logprobs.token_logprobs[1:],
                                                                      strict=True))
         assert logprobs.text_offset[1] == len(logprobs.tokens[0])
+
+
+def test_completion_logprobs_keep_byte_tokens_apart_and_offsets_point_at_each_token(live, pair):
+    """A token that is part of a character is written "bytes:\\xNN" (its own bytes, so distinct tokens stay
+    distinct keys), and every text_offset points at its token's text (or the character it starts in)."""
+    prompt = "ab 東京 ✓ x"
+    reply = live.client().completions.create(model=MODEL, prompt=prompt, max_tokens=24, logprobs=5, echo=True)
+    choice = reply.choices[0]
+    logprobs = choice.logprobs
+    ids = pair.tokenizer(prompt)["input_ids"]
+    assert choice.text.startswith(prompt)
+    assert logprobs.tokens[:len(ids)] == ["a", "b", "bytes:\\x20\\xe6\\x9d", "bytes:\\xb1\\xe4", "bytes:\\xba\\xac",
+                                          "bytes:\\x20\\xe2\\x9c", "bytes:\\x93", " ", "x"]
+    assert logprobs.text_offset[:len(ids)] == [0, 1, 2, 3, 4, 5, 6, 7, 8]  # 東 at 3, 京 at 4, ✓ at 6
+    for token, offset in zip(logprobs.tokens, logprobs.text_offset, strict=True):
+        if not token.startswith("bytes:"):
+            assert choice.text[offset: offset + len(token)] == token, (token, offset)
+    # The answer's alternatives: five distinct tokens are five keys, even where several are partial characters.
+    expected = generate_batch(pair, [Request(prompt_ids=ids, max_new_tokens=24, logprobs=5)])[0]
+    collisions = 0
+    for top, scored in zip(logprobs.top_logprobs[len(ids):], expected.logprobs, strict=False):
+        assert len(top) >= 5
+        collisions += len({pair.tokenizer.decode([i]) for i, _ in scored.top}) < 5
+    assert collisions > 0  # decoded one by one, some alternatives would have been one key
 
 
 def test_chat_logprobs_in_openais_shape(live, pair):
@@ -350,24 +376,42 @@ def test_cancelled_rows_stop_decoding(pair):
     assert cut[1].token_ids == free[1].token_ids  # the other row is untouched
 
 
-def test_a_client_that_disconnects_cancels_its_request(pair):
+def test_a_client_that_disconnects_cancels_its_request_and_the_log_counts_what_it_was_sent(pair, caplog):
     server = serve(pair)
     jobs = []
     scheduler = server.app.state.server.scheduler
     submit = scheduler.submit
     scheduler.submit = lambda job: (jobs.append(job), submit(job))[1]
     try:
-        stream = server.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1500,
-                                                         stream=True)
-        next(iter(stream))  # the role chunk: the request runs
-        stream.close()
-        deadline = time.monotonic() + 10
-        while not jobs[0].cancelled:
-            assert time.monotonic() < deadline, "the disconnect did not cancel the job"
-            time.sleep(0.05)
-        while metric(server, "draftkv_requests_total", status="499") < 1:
-            assert time.monotonic() < deadline, "the disconnect was not counted"
-            time.sleep(0.05)
+        with caplog.at_level(logging.INFO, logger="draftkv.serve"):
+            stream = server.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1500,
+                                                             stream=True)
+            received = ""
+            for chunk in stream:  # read until some text has arrived, then leave
+                received += chunk.choices[0].delta.content or ""
+                if len(received) >= 8:
+                    break
+            stream.close()
+            deadline = time.monotonic() + 10
+            while not jobs[0].cancelled:
+                assert time.monotonic() < deadline, "the disconnect did not cancel the job"
+                time.sleep(0.05)
+            while metric(server, "draftkv_requests_total", status="499") < 1:
+                assert time.monotonic() < deadline, "the disconnect was not counted"
+                time.sleep(0.05)
+        logged = json.loads([r for r in caplog.records if r.getMessage().startswith('{"event"')][-1].getMessage())
+        sent = jobs[0].sent  # all the text handed to the client before it left
+        assert received and sent.startswith(received)
+        # The count is the answer's tokens whose text the client was sent: the first k, and not k + 1.
+        ids = draftkv.generate(pair, messages=MESSAGES, max_new_tokens=1500).token_ids
+        count = logged["completion_tokens"]
+        assert logged["status"] == 499 and 1 <= count < 1500
+
+        def text(k: int) -> str:
+            return pair.tokenizer.decode(ids[:k], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+        assert sent.startswith(text(count).rstrip("\ufffd")) and not sent.startswith(text(count + 1))
+        assert metric(server, "draftkv_completion_tokens_total") == logged["completion_tokens"]
     finally:
         server.stop()
 
@@ -491,6 +535,93 @@ def test_proxy_reports_an_unreachable_or_failing_upstream(pair):
     finally:
         for server in (proxy, failing_proxy, failing):
             server.stop()
+
+
+UPSTREAM_REPLIES = {  # what a broken upstream sends, by the model the request names
+    "not-json": (200, b"hello there", "not JSON (it began 'hello there')"),
+    "empty": (200, b"", "it was empty"),
+    "list": (200, b"[1, 2]", "a JSON list, not an object"),
+    "usage": (200, b'{"choices": [], "usage": "lots"}', "its usage is not an object of token counts"),
+    "choices": (200, b'{"choices": "many"}', "its choices are not a list of objects"),
+    "redirect": (302, b"", "answered 302, a redirect to 'http://elsewhere/v1/chat/completions', which is not followed"),
+}
+STREAM_REPLIES = {
+    "bad-chunk": (b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\ndata: [1, 2]\n\n',
+                  "stream chunk that is not an OpenAI completion: a JSON list"),
+    "text-chunk": (b"data: oops\n\n", "stream chunk that is not an OpenAI completion: not JSON"),
+}
+
+
+@pytest.fixture(scope="module")
+def broken_upstream():
+    broken = FastAPI()
+
+    @broken.post("/v1/chat/completions")
+    async def reply(http: HttpRequest) -> Response:
+        model = (await http.json())["model"]
+        if model in STREAM_REPLIES:
+            return StreamingResponse(iter([STREAM_REPLIES[model][0]]), media_type="text/event-stream")
+        status, content, _ = UPSTREAM_REPLIES[model]
+        headers = {"location": "http://elsewhere/v1/chat/completions"} if status == 302 else {}
+        return Response(content, status_code=status, headers=headers, media_type="application/json")
+
+    server = Live(broken)
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("model", list(UPSTREAM_REPLIES))
+def test_the_proxy_answers_502_to_whatever_is_not_an_openai_response(pair, broken_upstream, model, caplog):
+    proxy = serve(draft_only(pair), upstream=broken_upstream.url, method="keep-last", params={"budget": 64})
+    try:
+        with caplog.at_level(logging.INFO, logger="draftkv.serve"):
+            response = post(proxy, "/chat/completions", {"model": model, "messages": MESSAGES})
+            deadline = time.monotonic() + 5
+            while not [r for r in caplog.records if r.getMessage().startswith('{"event"')]:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        assert response.status_code == 502, response.text
+        error = response.json()["error"]
+        assert error["code"] == "upstream_error" and UPSTREAM_REPLIES[model][2] in error["message"], error
+        logged = json.loads([r for r in caplog.records if r.getMessage().startswith('{"event"')][-1].getMessage())
+        assert logged["status"] == 502  # logged as what the client got
+        assert post(proxy, "/chat/completions", {"model": "not-json", "messages": MESSAGES}).status_code == 502
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.parametrize("model", list(STREAM_REPLIES))
+def test_a_proxied_stream_ends_with_an_error_event_when_the_upstream_sends_nonsense(pair, broken_upstream, model):
+    proxy = serve(draft_only(pair), upstream=broken_upstream.url, method="keep-last", params={"budget": 64})
+    try:
+        with httpx.stream("POST", proxy.url + "/chat/completions", timeout=30,
+                          json={"model": model, "messages": MESSAGES, "stream": True}) as response:
+            events = [line[5:].strip() for line in response.iter_lines() if line.startswith("data:")]
+        last = json.loads(events[-1])
+        assert last["error"]["code"] == "upstream_error" and STREAM_REPLIES[model][1] in last["error"]["message"]
+    finally:
+        proxy.stop()
+
+
+def test_the_proxy_refuses_echo_when_it_compresses_and_forwards_token_ids_as_token_ids(pair, upstream):
+    proxy = serve(draft_only(pair), upstream=upstream.url, upstream_model=MODEL, method="specpc",
+                  params={"budget": 96, "window": 16, "start_layer": 0})
+    try:
+        prompt = long_context(400, seed=9) + " the magic number is"
+        with pytest.raises(openai.BadRequestError, match="echo through the proxy would return the prompt"):
+            proxy.client().completions.create(model=MODEL, prompt=prompt, max_tokens=3, echo=True, logprobs=1)
+        dense = proxy.client().completions.create(model=MODEL, prompt=prompt, max_tokens=3, echo=True,
+                                                  extra_body={"method": "dense"})
+        assert dense.choices[0].text.startswith(prompt)  # dense passes the client's prompt through
+        ids = pair.tokenizer(prompt)["input_ids"]
+        compressed = compress_prompts(draft_only(pair), [Request(prompt_ids=ids, max_new_tokens=3)],
+                                              "specpc", budget=96, window=16, start_layer=0)[0]
+        reply = proxy.client().completions.create(model=MODEL, prompt=ids, max_tokens=3)
+        assert reply.usage.prompt_tokens == len(ids) and reply.usage.model_extra["kept_prompt_tokens"] == 96
+        direct = upstream.client().completions.create(model=MODEL, prompt=compressed.token_ids, max_tokens=3)
+        assert reply.choices[0].text == direct.choices[0].text
+    finally:
+        proxy.stop()
 
 
 def test_parse_bytes():

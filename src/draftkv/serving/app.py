@@ -178,12 +178,12 @@ class Trace:
         m = self.metrics
         m.requests.labels(self.endpoint, self.method, str(self.status)).inc()
         m.latency.labels(self.endpoint).observe(latency)
-        if self.status == 200:
+        if self.status in (200, 499):  # a client that left still had its prompt read and its tokens sent
             m.prompt_tokens.inc(self.prompt_tokens)
             m.kept_tokens.inc(self.kept_prompt_tokens)
             m.completion_tokens.inc(self.completion_tokens)
-            if self.first_token is not None:
-                m.first_token.labels(self.endpoint).observe(self.first_token)
+        if self.status == 200 and self.first_token is not None:
+            m.first_token.labels(self.endpoint).observe(self.first_token)
         log.info(json.dumps({
             "event": "request", "id": self.request_id, "endpoint": self.endpoint, "method": self.method,
             "status": self.status,
@@ -422,7 +422,8 @@ class Server:
                     pass
                 result = event[1]
                 self.account(trace, result)
-                ends = self.tokens.offsets(result.token_ids, special=False)[1:] + [len(result.text)]
+                ids = result.token_ids
+                ends = self.tokens.offsets(ids, special=False)[1:] + [len(self.tokens.decode(ids, special=False))]
                 trace.completion_tokens = sum(end <= len(sent) for end in ends) if sent else 0
             except ServeError:
                 pass

@@ -9,7 +9,6 @@ come from the bytes of the tokens before, so each points at the character its to
 
 from __future__ import annotations
 
-import codecs
 import json
 import re
 
@@ -89,9 +88,31 @@ class TokenTexts:
     def offsets(self, tokens: list[int], special: bool = True, start: int = 0) -> list[int]:
         """Where each token starts in `decode(tokens)` (plus `start`): a token that starts inside a
         character points at that character."""
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        offsets, length = [], start
-        for token in tokens:
-            offsets.append(length)
-            length += len(decoder.decode(self.bytes(token, special)))
+        pieces = [self.bytes(token, special) for token in tokens]
+        chars = characters(b"".join(pieces))
+        offsets, at = [], 0
+        for piece in pieces:
+            offsets.append(start + (chars[at] if at < len(chars) else (chars[-1] + 1 if chars else 0)))
+            at += len(piece)
         return offsets
+
+
+def characters(data: bytes) -> list[int]:
+    """For each byte, the index of the character it is part of in `data.decode("utf-8", "replace")` (where
+    each undecodable run of bytes is one replacement character)."""
+    index: list[int] = []
+    position = count = 0
+    while position < len(data):
+        try:
+            valid, bad = data[position:].decode("utf-8"), 0
+        except UnicodeDecodeError as error:
+            valid, bad = data[position: position + error.start].decode("utf-8"), error.end - error.start
+        for char in valid:
+            index += [count] * len(char.encode("utf-8"))
+            count += 1
+        position += len(valid.encode("utf-8"))
+        if bad:
+            index += [count] * bad
+            count += 1
+            position += bad
+    return index
