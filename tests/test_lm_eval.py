@@ -4,6 +4,8 @@ task, and scores that are the compressed cache's, not the uncompressed model's."
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -132,3 +134,78 @@ def test_lm_evals_own_models_stay_available_beside_ours():
 
     assert get_model("draftkv") is DraftKVLM
     assert get_model("local-completions").__name__ == "LocalCompletionsAPI"
+
+
+def test_rolling_windows_follow_lm_evals_at_any_document_length():
+    """A document longer than the model's context, at the default max_length (the context): dense scores
+    each of lm-eval's windows as one pass of the model over it does."""
+    from conftest import tiny_pair
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    pair = tiny_pair("qwen2", max_positions=128)
+    model = DraftKVLM(pair=pair, method="dense")
+    text = long_context(400, seed=4)
+    tokens = model.encode(text)
+    assert len(tokens) > 3 * 128
+    [total] = model.loglikelihood_rolling(requests("loglikelihood_rolling", [(text,)]))
+    expected = 0.0
+    for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
+            token_list=tokens, prefix_token=model.prefix_token_id, max_seq_len=128, context_len=1)):
+        ids = torch.tensor([context + continuation][:1])[:, :-1]
+        assert ids.shape[1] <= 128
+        with torch.no_grad():
+            logits = torch.log_softmax(pair.target.model(input_ids=ids).logits[0].float(), dim=-1)
+        expected += sum(logits[len(context) - 1 + i, token].item() for i, token in enumerate(continuation))
+    assert total == pytest.approx(expected, abs=1e-2)
+    compressed = DraftKVLM(pair=pair, method="snapkv", budget=24, window=8)
+    [smaller] = compressed.loglikelihood_rolling(requests("loglikelihood_rolling", [(text,)]))
+    assert smaller < 0 and abs(smaller - total) > 1e-3
+
+
+@pytest.mark.parametrize(("arguments", "words"), [
+    ({"batch_size": 0}, "batch_size must be a whole number >= 1 or 'auto'"),
+    ({"batch_size": "many"}, "batch_size must be a whole number >= 1 or 'auto'"),
+    ({"batch_size": 2.5}, "batch_size must be a whole number"),
+    ({"max_length": "abc"}, "max_length must be a whole number >= 2, got 'abc'"),
+    ({"max_length": 0}, "max_length must be a whole number >= 2, got 0"),
+    ({"max_gen_toks": -1}, "max_gen_toks must be a whole number >= 1"),
+    ({"decode": "fast"}, "decode"),
+])
+def test_bad_model_arguments_are_named_before_any_model_loads(arguments, words):
+    with pytest.raises(ConfigError) as raised:
+        DraftKVLM(target="/nowhere", method="dense", **arguments)
+    assert words in str(raised.value)
+
+
+def test_model_arguments_as_lm_eval_passes_them(qwen_pair):
+    # lm-eval's command line passes --batch_size (default 1) beside --model_args, which may name it too.
+    model = DraftKVLM.create_from_arg_string("method=snapkv,budget=48,window=8,batch_size=4",
+                                             {"batch_size": 1, "max_batch_size": None, "device": None,
+                                              "pair": qwen_pair})
+    assert model.batch_size == 4 and model.method.name == "snapkv"
+    model = DraftKVLM.create_from_arg_string("method=dense,max_length=100", {"batch_size": "auto:4",
+                                                                             "pair": qwen_pair})
+    assert (model.batch_size, model.max_length) == (1, 100)
+    with pytest.raises(ConfigError, match="max_length=9000 is more than the target's context of 4096"):
+        DraftKVLM(pair=qwen_pair, max_length=9000)
+    with pytest.raises(ConfigError, match="max_gen_toks=100 leaves no room"):
+        DraftKVLM(pair=qwen_pair, max_length=100).generate_until(
+            requests("generate_until", [("alpha bravo", {"until": ["."], "max_gen_toks": 100})]))
+
+
+def test_the_lm_eval_command_takes_batch_size_in_model_args_and_names_bad_ones(qwen_pair, offline, tmp_path):
+    qwen_pair.target.model.save_pretrained(tmp_path / "target")
+    qwen_pair.tokenizer.save_pretrained(tmp_path / "target")
+    base = ["lm-eval", "--model", "draftkv", "--tasks", "draftkv_tiny_gen", "--include_path", "tests/lm_eval_tasks",
+            "--limit", "2"]
+    result = CliRunner().invoke(app, [*base, "--model_args", f"pretrained={tmp_path / 'target'},method=dense,"
+                                                             "batch_size=2", "--output_path", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    for bad, words in (("batch_size=0", "batch_size must be a whole number >= 1"),
+                       ("max_length=big", "max_length must be a whole number >= 2")):
+        for handler in logging.getLogger("lm_eval").handlers:  # lm-eval's handler holds the last run's stderr
+            if getattr(getattr(handler, "stream", None), "closed", False):
+                handler.stream = sys.__stderr__
+        result = CliRunner().invoke(app, [*base, "--model_args", f"pretrained={tmp_path / 'target'},{bad}"])
+        assert result.exit_code == 2 and words in result.output, result.output
+        assert "Traceback" not in result.output

@@ -49,13 +49,16 @@ class Scored:
 def score_continuations(pair: ModelPair, context_ids: list[int], continuations: list[list[int]],
                         method: str | Method = "dense", top: int = 0) -> tuple[list[Scored], Stats]:
     """Each continuation's token log-probabilities after `context_ids`, whose cache `method` compressed
-    (its draft, if any, guesses an answer as long as the longest continuation), with the `top`
+    (its draft, if any, guesses an answer as long as the longest continuation less its last token, which is
+    scored, never read), with the `top`
     likeliest tokens at each position when `top` > 0. Returns the scores and the compression's stats
     (what was kept of the context)."""
     if not context_ids:
         raise ValueError("the context needs at least one token (lm-eval passes its prefix token)")
+    # The target reads every continuation token but the last, so the context and `longest - 1` tokens must
+    # fit its context (lm-eval's windows fill it exactly).
     longest = max((len(c) for c in continuations), default=1)
-    request = Request(context="(token ids)", chat_template=False, max_new_tokens=max(longest, 1))
+    request = Request(context="(token ids)", chat_template=False, max_new_tokens=max(longest - 1, 1))
     prepared = prepare(pair, [request], [method], prompts=[EncodedPrompt(list(context_ids), len(context_ids))])[0]
     model, cache = pair.target.model, prepared.cache
     start = prepared.batch.next_positions[0]

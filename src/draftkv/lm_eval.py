@@ -20,9 +20,10 @@ import lm_eval.models  # noqa: F401  (lm-eval's own models, registered before ou
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 from tqdm import tqdm
 
+from .decoding import check_backend
 from .errors import ConfigError
 from .flow import run
 from .likelihood import score_continuations
@@ -54,22 +55,38 @@ class DraftKVLM(LM):
             target = pretrained
         params.pop("max_batch_size", None)  # lm-eval's own batching knobs; a batch here is `batch_size`
         self.method = get_method(method, **params)  # a bad name or value fails before any model loads
-        self.batch_size = 1 if batch_size in (None, "auto") else int(str(batch_size).split(":")[0])
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be at least 1, got {batch_size!r}")
+        self.batch_size = parse_batch_size(batch_size)
+        self.max_gen_toks = whole_number("max_gen_toks", max_gen_toks, 1)
+        if max_length is not None:
+            max_length = whole_number("max_length", max_length, 2)
+        check_backend(decode)
         if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
             # lm-eval passes cuda:0 unless told otherwise (its own HF model falls back the same way)
             logging.getLogger(__name__).warning("CUDA is not available: running on the CPU")
             device = None
         if pair is None:
-            uses_draft = draft is not None and str(draft).lower() != "none" and self.method.uses_draft(max_gen_toks)
+            uses_draft = draft is not None and str(draft).lower() != "none" and self.method.uses_draft(self.max_gen_toks)
             pair = load_pair(target, draft if uses_draft else None, device=device, dtype=dtype, decode=decode)
         self.pair = pair
         self.tokenizer = pair.tokenizer
         limit = getattr(pair.target.model.config.get_text_config(), "max_position_embeddings", None)
-        self.max_length = int(max_length or limit or 32768)
-        self.max_gen_toks = int(max_gen_toks)
+        if max_length is not None and limit is not None and max_length > limit:
+            raise ConfigError(f"max_length={max_length} is more than the target's context of {limit} tokens; give "
+                              f"at most {limit}, or leave it out")
+        self.max_length = max_length or limit or 32768
         self._device = pair.target.model.device
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict | None = None) -> DraftKVLM:
+        """lm-eval's route from `--model_args`; its own flags (`--batch_size`, `--device`) fill only what
+        the model arguments leave out, so `batch_size` may be given in either place."""
+        extra = {key: value for key, value in (additional_config or {}).items()
+                 if value is not None and key not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> DraftKVLM:
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string or ""), additional_config)
 
     # ---- tokens ----
 
@@ -104,7 +121,7 @@ class DraftKVLM(LM):
         with tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood") as bar:
             for context, members in groups.items():
                 continuations = [pairs[i][1] for i in members]
-                room = self.max_length - max(len(c) for c in continuations)
+                room = self.max_length + 1 - max(len(c) for c in continuations)  # the last token is not read
                 scored, _ = score_continuations(self.pair, list(context)[-max(room, 1):], continuations, self.method)
                 for index, score in zip(members, scored, strict=True):
                     results[index] = (score.total, score.is_greedy)
@@ -144,7 +161,10 @@ class DraftKVLM(LM):
         options = dict(items[0][1])
         until = options.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
-        max_new = int(options.pop("max_gen_toks", self.max_gen_toks))
+        max_new = whole_number("max_gen_toks", options.pop("max_gen_toks", self.max_gen_toks), 1)
+        if max_new >= self.max_length:
+            raise ConfigError(f"max_gen_toks={max_new} leaves no room for a context within max_length="
+                              f"{self.max_length}; ask for fewer new tokens or raise max_length")
         sampled = options.pop("do_sample", False) or options.get("temperature", 0.0) > 0
         sampling = Sampling(temperature=float(options.get("temperature", 1.0)) if sampled else 0.0,
                             top_p=float(options.get("top_p") or 1.0), top_k=int(options.get("top_k") or 0),
@@ -170,3 +190,23 @@ class DraftKVLM(LM):
         return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt,
                                                   continue_final_message=not add_generation_prompt)
+
+
+def whole_number(name: str, value: object, minimum: int) -> int:
+    """A whole number from a Python caller or lm-eval's argument string ("8" is 8; 8.0, "8.5" and "x" are not)."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and text.isdigit())) \
+            or int(text) < minimum:
+        raise ConfigError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+    return int(text)
+
+
+def parse_batch_size(value: object) -> int:
+    """lm-eval's batch sizes: a number, or "auto" / "auto:N" (one request at a time here, since a batch
+    of long prompts is prefilled one row at a time anyway)."""
+    if value is None or (isinstance(value, str) and (value == "auto" or value.startswith("auto:"))):
+        return 1
+    try:
+        return whole_number("batch_size", value, 1)
+    except ConfigError:
+        raise ConfigError(f"batch_size must be a whole number >= 1 or 'auto' (lm-eval's), got {value!r}") from None
