@@ -198,3 +198,23 @@ def test_every_method_of_a_plot_has_its_own_line_style():
     assert len({(s["color"], s["marker"]) for s in styles.values()}) == len(labels)
     # Up to 20 methods besides dense differ in colour alone, so a legend reads without the markers.
     assert len({styles[label]["color"] for label in labels[:21]}) == 21
+
+
+def test_rows_that_cannot_be_written_keep_the_earlier_ones_and_resume(pair, tmp_path, monkeypatch):
+    import errno
+
+    bench.run_bench(pair, tmp_path, lengths=[300], methods=[("dense", {})], new_tokens=2, repeats=1)
+    kept = (tmp_path / "runs.jsonl").read_bytes()
+
+    def full(_handle, _row):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(bench, "append_row", full)  # the disk fills up
+    with pytest.raises(ConfigError, match="cannot write the benchmark rows .*No space left on device.*rows already "
+                                          "written are kept"):
+        bench.run_bench(pair, tmp_path, lengths=[300], methods=[("dense", {}), ("snapkv", {"budget": 64})],
+                        new_tokens=2, repeats=1)
+    assert (tmp_path / "runs.jsonl").read_bytes() == kept
+    (tmp_path / "bench.md").symlink_to("/dev/full")  # written, never read
+    with pytest.raises(ConfigError, match="cannot write the benchmark report .*runs.jsonl is untouched"):
+        bench.report(tmp_path)

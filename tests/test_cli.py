@@ -265,3 +265,18 @@ def test_dumping_ruler_samples_reads_the_tokenizer_only(monkeypatch, folders, tm
     too_long = runner.invoke(app, [*base, "--length", "8192", "--dump", str(dump)])
     assert too_long.exit_code == 2 and "context limit of 4096 tokens" in " ".join(too_long.output.split())
     assert len(dump.read_text().splitlines()) == 4  # the refused command left the file as it was
+
+
+def test_output_that_cannot_be_written_is_one_line_not_a_traceback(folders):
+    """`draftkv generate --json > file` on a full disk: status 1 and a message on stderr."""
+    import subprocess
+    import sys
+
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "draftkv", "generate", "--target", folders["target"],
+                                 "--method", "dense", "--context-file", folders["context"], "-q", QUESTION,
+                                 "--max-new-tokens", "4", "--json"], stdout=full, stderr=subprocess.PIPE, text=True,
+                                timeout=300)
+    assert result.returncode == 1
+    assert "cannot write the output (No space left on device)" in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr

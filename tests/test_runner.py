@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from draftkv.cli import app
 from draftkv.errors import ConfigError
 from draftkv.eval import report, ruler, runner
+from draftkv.jsonl import read_rows
 
 SETTINGS = runner.settings(["dense", "snapkv", "keep-last", "speckv"], [48, 96], [128])
 
@@ -109,6 +110,12 @@ def test_report_tables_and_plot(tmp_path):
     assert "| snapkv (kv 96) | 60.0 (n=1) | - | 60.0 (n=1) |" in text
     assert "snapkv,48,,vt,25.00,2" in csv_path.read_text()
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ConfigError, match="empty is not a results folder"):
+        report.report(tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="empty has no results.jsonl"):
+        report.report(tmp_path / "empty")
+    (tmp_path / "empty" / "results.jsonl").write_text("")
     with pytest.raises(ConfigError, match="no finished results"):
         report.report(tmp_path / "empty")
 
@@ -348,3 +355,83 @@ def test_a_second_command_into_a_folder_adds_its_settings_to_the_config(tmp_path
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["settings"] == ["dense", "snapkv kv=128", "speckv-pc kv=256 prompt=1024"]
     assert config["samples"] == 3
+
+
+def good_row(key: str, method: str, score: float, task: str = "vt", length: int = 2048) -> dict:
+    return {"key": key, "sample": key.split("|")[0], "task": task, "length": length, "method": method,
+            "budget": None if method == "dense" else 64, "prompt_budget": None, "score": score}
+
+
+def test_the_report_skips_what_is_not_a_result_row_and_counts_a_repeated_row_once(tmp_path):
+    lines = [json.dumps(good_row("a|dense", "dense", 100.0)).encode(), json.dumps(good_row("b|dense", "dense", 50.0)).encode(),
+             json.dumps(good_row("a|snapkv", "snapkv", 0.0)).encode(),
+             b"[1, 2]", b'{"method": "dense", "score": 3}', json.dumps({**good_row("c|dense", "dense", 1), "score": None}).encode(),
+             json.dumps({**good_row("d|dense", "dense", 1), "score": "high"}).encode(), b"\xff\xfe not text", b"{oops",
+             json.dumps(good_row("a|dense", "dense", 100.0)).encode()]  # the same row again: two runs into one folder
+    (tmp_path / "results.jsonl").write_bytes(b"\n".join(lines) + b'\n{"key": "e|dense", "ta')  # a run still writing
+    warnings: list[str] = []
+    summary, _, _ = report.report(tmp_path, warn=warnings.append)
+    assert "| dense | 75.0 (n=2) | 75.0 (n=2) |" in summary.read_text()  # neither doubled nor broken
+    assert len(warnings) == 2, warnings
+    assert "skipped 6 line(s)" in warnings[0] and "line 4: a JSON list, not an object" in warnings[0]
+    assert "line 5: no task" in warnings[0] and "line 6: score is None, not a number" in warnings[0]
+    assert "1 row(s) repeat a result already read" in warnings[1] and "line 10" in warnings[1]
+    result = CliRunner().invoke(app, ["eval", "report", str(tmp_path)])
+    assert result.exit_code == 0 and "warning: skipped 6 line(s)" in result.stderr
+
+
+def test_the_cross_length_report_counts_two_folders_of_one_length_once_and_refuses_a_missing_folder(tmp_path):
+    settings = {("dense", None, None): [100, 80], ("snapkv", 128, None): [40, 20]}
+    first = write_results(tmp_path / "a", 2048, settings)
+    again = write_results(tmp_path / "b", 2048, settings)  # the same run copied: the same rows
+    other = write_results(tmp_path / "c", 4096, settings)
+    result = CliRunner().invoke(app, ["eval", "report", str(first), str(again), str(other), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert "4 row(s) repeat a result already read" in " ".join(result.stderr.split())
+    assert "| dense | 90.0 (n=2) | 90.0 (n=2) |" in (tmp_path / "r" / "report.md").read_text()
+    result = CliRunner().invoke(app, ["eval", "report", str(first), str(tmp_path / "typo"), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "typo is not a results folder (it does not exist)" in " ".join(result.stderr.split())
+
+
+def test_one_run_at_a_time_writes_into_a_folder(qwen_pair, samples, tmp_path):
+    from draftkv.jsonl import exclusive
+
+    out = tmp_path / "run"
+    with exclusive(out):  # another run holds the folder
+        with pytest.raises(ConfigError, match=r"another run is writing to .*run \(pid \d+, since"):
+            runner.run(qwen_pair, samples[:1], SETTINGS[:1], out, {})
+        result = CliRunner().invoke(app, ["eval", "ruler", "--length", "400", "--samples", "1", "--out", str(out),
+                                          "--target", str(tmp_path / "missing")])
+        assert result.exit_code == 2 and "another run is writing to" in " ".join(result.stderr.split())
+        assert not (out / "results.jsonl").exists()
+    path = runner.run(qwen_pair, samples[:1], SETTINGS[:1], out, {})  # free again once the other run is done
+    assert len(read_rows(path)) == 1
+
+
+def test_a_report_that_cannot_be_written_says_what_was_kept(tmp_path):
+    rows = [good_row("a|dense", "dense", 100.0), good_row("a|snapkv", "snapkv", 50.0)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = (tmp_path / "results.jsonl").read_bytes()
+    (tmp_path / "summary.csv").symlink_to("/dev/full")  # a disk with no space left, for this file
+    with pytest.raises(ConfigError, match="cannot write the report into .*No space left on device.*results.jsonl is untouched"):
+        report.report(tmp_path)
+    assert (tmp_path / "results.jsonl").read_bytes() == before
+    result = CliRunner().invoke(app, ["eval", "report", str(tmp_path)])
+    assert result.exit_code == 2 and "No space left on device" in " ".join(result.stderr.split())
+    assert "Traceback" not in result.output
+
+
+def test_a_dump_that_cannot_be_written_leaves_no_half_file(qwen_pair, tmp_path):
+    qwen_pair.target.model.save_pretrained(tmp_path / "target")
+    qwen_pair.tokenizer.save_pretrained(tmp_path / "target")
+    dump = tmp_path / "samples.jsonl"
+    command = ["eval", "ruler", "--length", "400", "--samples", "1", "--tasks", "vt", "--dump", str(dump),
+               "--target", str(tmp_path / "target")]
+    (tmp_path / "samples.jsonl.partial").symlink_to("/dev/full")  # no space left for the file being written
+    result = CliRunner().invoke(app, command)
+    output = " ".join(result.stderr.split())
+    assert result.exit_code == 2 and "cannot write the samples to" in output and "No space left on device" in output
+    assert "no samples file was written" in output and not dump.exists()
+    assert not (tmp_path / "samples.jsonl.partial").exists()
+    result = CliRunner().invoke(app, command)  # with room again, the same command writes it
+    assert result.exit_code == 0 and len(dump.read_text().splitlines()) == 1

@@ -1,5 +1,5 @@
 """`python -m draftkv` runs the command line."""
 
-from .cli import app
+from .cli import run
 
-app()
+run()

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, DraftKVError
 from .flow import StageEvent, run
-from .jsonl import append_row, drop_torn_tail, read_rows
+from .jsonl import append_row, drop_torn_tail, exclusive, read_rows, writing
 from .methods import Method, budget_kinds, get_method
 from .pipeline import generate_batch
 from .plotting import line_styles
@@ -243,11 +243,19 @@ def run_bench(pair: ModelPair, out: Path, *, lengths: list[int], methods: list[t
     if repeats == 0 and not (on_cpu and memory_spec is not None):
         raise ConfigError("repeats 0 measures only the CPU memory probes; on this device, or without them, it "
                           "would measure nothing (on CUDA the peak memory comes from the timed repeats)")
+    with writing(f"the benchmark rows to {out / 'runs.jsonl'}", "the rows already written are kept, and the same "
+                 "command resumes after them"), exclusive(out):
+        return sweep(pair, out, lengths, methods, batch_sizes, new_tokens, repeats, memory_spec, on_cpu)
+
+
+def sweep(pair: ModelPair, out: Path, lengths: list[int], methods: list[tuple[str, dict]],
+          batch_sizes: tuple[int, ...] | list[int], new_tokens: int, repeats: int, memory_spec: dict | None,
+          on_cpu: bool) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "runs.jsonl"
     drop_torn_tail(path)
     rows = read_rows(path)
-    done = {row["key"] for row in rows}
+    done = {row.get("key") for row in rows}
     configs = [Config(name, tuple(sorted(params.items())), length, batch)
                for length in lengths for batch in batch_sizes for name, params in methods]
     todo = [(c, r) for r in range(repeats) for c in configs if c.key(r) not in done]
@@ -477,6 +485,12 @@ def report(out: Path, config: dict | None = None) -> tuple[Path, list[dict]]:
     rows = read_rows(out / "runs.jsonl")
     if not rows:
         raise ConfigError(f"no benchmark runs in {out / 'runs.jsonl'}")
+    with writing(f"the benchmark report into {out}", "runs.jsonl is untouched; free space and run the same "
+                 "command again (it measures nothing more)"):
+        return write_report(out, rows, config)
+
+
+def write_report(out: Path, rows: list[dict], config: dict | None) -> tuple[Path, list[dict]]:
     summary = summarize(rows)
     (out / "bench.json").write_text(json.dumps({"config": config, "summary": summary}, indent=1) + "\n",
                                     encoding="utf-8")

@@ -20,6 +20,7 @@ from .decoding import check_backend
 from .errors import ConfigError, DraftKVError, PromptError
 from .eval import agreement, longbench, report, ruler, runner
 from .flow.steps import check_fits
+from .jsonl import check_free, writing
 from .methods import METHODS, Method, help_of, method_with_budgets
 from .models import DEFAULT_DRAFT, DEFAULT_TARGET, cache_dir, embedded_status, load_pair, load_tokenizer
 from .pipeline import generate as run_generate
@@ -31,6 +32,23 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 err = Console(stderr=True)
+
+
+def run() -> None:
+    """The `draftkv` command. Output that cannot be written (a full disk under a redirect, a closed pipe)
+    is one line on stderr and exit status 1, not a traceback; every file a command writes has its own message."""
+    import os
+
+    try:
+        app()
+    except OSError as error:
+        # Later writes (the interpreter's last flush of stdout) go nowhere instead of failing again.
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), sys.stdout.fileno())
+        if not isinstance(error, BrokenPipeError):  # a reader that left (| head) wants nothing more
+            err.print(f"error: cannot write the output ({error.strerror or error}); files the command wrote "
+                      "before are kept", style="red", markup=False, highlight=False)
+        sys.exit(1)
 
 
 def _version(value: bool) -> None:
@@ -335,6 +353,7 @@ def bench(
         length_list, batch_list = _split(lengths, int), _split(batch_sizes, int)
         if not length_list or min(length_list) < 1 or not batch_list or min(batch_list) < 1:
             raise ConfigError(f"lengths and batch sizes must be positive integers, got {lengths!r} and {batch_sizes!r}")
+        _writable(out)
         with err.status("loading models"):
             pair = load_pair(target, draft, device=device, dtype=dtype, decode=decode)
         spec = {"target": target, "draft": draft, "device": device, "dtype": dtype, "decode": decode} if memory else None
@@ -524,8 +543,9 @@ def _ruler_tasks(tasks: str) -> list[str]:
     return chosen
 
 
-def _writable(folder: Path, option: str = "--out") -> None:
-    """The output folder exists (it is created) and takes files: checked before any model loads."""
+def _writable(folder: Path, option: str = "--out", run: bool = True) -> None:
+    """The output folder exists (it is created), takes files and no other run is writing to it: checked
+    before any model loads."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / ".draftkv-write-check"
@@ -534,6 +554,8 @@ def _writable(folder: Path, option: str = "--out") -> None:
     except OSError as error:
         raise ConfigError(f"{option} {folder} cannot be written to ({error.strerror or error}); "
                           "give a folder you can write") from None
+    if run:  # a run's folder takes one run at a time
+        check_free(folder)
 
 
 def _needs_draft(runs: list, max_new_tokens: int = 128) -> bool:
@@ -576,7 +598,7 @@ def eval_ruler(
             for n in lengths:
                 _writable(out or Path(f"results/ruler-{n}" + ("-agnostic" if query_agnostic else "")))
         else:
-            _writable(dump.parent, "--dump")
+            _writable(dump.parent, "--dump", run=False)
         longest_answer = max(ruler.TASKS[task][0] for task in chosen_tasks)
 
         def fits(_tokenizer: Any, config: Any) -> None:
@@ -617,7 +639,13 @@ def eval_ruler(
             typer.echo(summary.read_text(encoding="utf-8"))
             err.print(f"results in {folder} (summary.md, summary.csv, {plot.name})", markup=False, highlight=False)
         if dump is not None:  # the file holds this command's samples only, written once they all exist
-            dump.write_text("".join(json.dumps(sample.to_dict()) + "\n" for sample in dumped), encoding="utf-8")
+            partial = dump.with_name(dump.name + ".partial")
+            with writing(f"the samples to {dump}", "no samples file was written (an earlier one is as it was)"):
+                try:
+                    partial.write_text("".join(json.dumps(s.to_dict()) + "\n" for s in dumped), encoding="utf-8")
+                    partial.replace(dump)
+                finally:
+                    partial.unlink(missing_ok=True)
             err.print(f"wrote {len(dumped)} samples to {dump}", markup=False, highlight=False)
     except DraftKVError as error:
         raise fail(error) from None

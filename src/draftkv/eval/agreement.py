@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..flow import prepare
+from ..jsonl import drop_torn_tail, exclusive, read_rows, writing
 from ..methods import get_method
 from ..progress import progress_bar
 from ..scoring import pool_scores
@@ -77,22 +79,26 @@ METRICS = ("speckv_spearman", "snapkv_spearman", "speckv_recall", "snapkv_recall
 
 def run_agreement(pair: ModelPair, samples: list[Sample], out: Path, *, budget: int = 128) -> Path:
     """Per-layer rows of every sample to `rows.jsonl` (resumable per sample), then table and plot."""
-    out.mkdir(parents=True, exist_ok=True)
     path = out / "rows.jsonl"
-    done = {json.loads(line)["sample"] for line in path.read_text().splitlines() if line.strip()} if path.exists() else set()
-    todo = [sample for sample in samples if sample.id not in done]
-    with open(path, "a", encoding="utf-8") as handle, progress_bar() as progress:
-        task = progress.add_task(f"{len(samples) - len(todo)} done before", total=len(todo))
-        for sample in todo:
-            progress.update(task, description=sample.task)
-            handle.writelines(json.dumps(row) + "\n" for row in sample_agreement(pair, sample, budget=budget))
-            handle.flush()
-            progress.advance(task)
-    return summarize(out)
+    with writing(f"the agreement rows to {path}", "the samples already written are kept, and the same command "
+                 "resumes after them"), exclusive(out):
+        drop_torn_tail(path)
+        done = {row.get("sample") for row in read_rows(path)}
+        todo = [sample for sample in samples if sample.id not in done]
+        with open(path, "a", encoding="utf-8") as handle, progress_bar() as progress:
+            task = progress.add_task(f"{len(samples) - len(todo)} done before", total=len(todo))
+            for sample in todo:
+                progress.update(task, description=sample.task)
+                handle.write("".join(json.dumps(row) + "\n" for row in sample_agreement(pair, sample, budget=budget)))
+                handle.flush()  # a sample's rows land together: a killed run leaves at most a torn last line
+                os.fsync(handle.fileno())
+                progress.advance(task)
+    with writing(f"the agreement report into {out}", "rows.jsonl is untouched"):
+        return summarize(out)
 
 
 def summarize(out: Path) -> Path:
-    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_rows(out / "rows.jsonl")
     by_layer: dict[int, list[dict]] = defaultdict(list)
     for row in rows:
         by_layer[row["layer"]].append(row)

@@ -3,16 +3,88 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import statistics
+import sys
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..jsonl import read_rows
+from ..jsonl import read_rows, writing
 from ..plotting import line_styles
 from . import metrics
+
+Warn = Callable[[str], None]
+
+
+def row_problem(row: object, needs_length: bool) -> str | None:
+    """Why a JSON line is not a result row, or None when it is one."""
+    if not isinstance(row, dict):
+        return f"a JSON {type(row).__name__}, not an object"
+    for name in ("method", "task"):
+        if not isinstance(row.get(name), str):
+            return f"no {name}" if name not in row else f"{name} is {row[name]!r}, not text"
+    score = row.get("score")
+    if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
+        return "no score" if "score" not in row else f"score is {score!r}, not a number"
+    for name in ("budget", "prompt_budget"):
+        value = row.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            return f"{name} is {value!r}, not a whole number"
+    if needs_length and (isinstance(row.get("length"), bool) or not isinstance(row.get("length"), int)):
+        return "no length" if "length" not in row else f"length is {row['length']!r}, not a whole number"
+    return None
+
+
+def load_results(folders: list[Path], warn: Warn, needs_length: bool = False) -> list[dict]:
+    """The result rows of each folder's results.jsonl. A missing folder or file is an error; a line that
+    is not a result row (not UTF-8, not JSON, not an object, no method, task or numeric score) is skipped
+    and counted; a row whose key was already read (two runs into one folder, two folders of one length)
+    is counted once. Both are told to `warn`. A torn last line (a run in progress) is left out quietly."""
+    rows: list[dict] = []
+    seen: set[str] = set()  # (length, key) of each row read
+    duplicates: list[str] = []
+    for folder in folders:
+        if not folder.is_dir():
+            raise ConfigError(f"{folder} is not a results folder (it does not exist)")
+        path = folder / "results.jsonl"
+        if not path.is_file():
+            raise ConfigError(f"{folder} has no results.jsonl; give a folder an `draftkv eval` run wrote")
+        data = path.read_bytes()
+        lines = data.split(b"\n")[:-1]  # after the last newline: nothing, or a line still being written
+        skipped: list[str] = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                skipped.append(f"line {number}: not UTF-8")
+                continue
+            except json.JSONDecodeError:
+                skipped.append(f"line {number}: not JSON")
+                continue
+            if problem := row_problem(row, needs_length):
+                skipped.append(f"line {number}: {problem}")
+                continue
+            row = {**row, "budget": row.get("budget"), "prompt_budget": row.get("prompt_budget")}
+            key = str((row.get("length"), row.get("key") or (row.get("sample"), row["method"], row["budget"],
+                                                              row["prompt_budget"])))
+            if key in seen:
+                duplicates.append(f"{path} line {number}")
+                continue
+            seen.add(key)
+            rows.append(row)
+        if skipped:
+            warn(f"skipped {len(skipped)} line(s) of {path} that are not result rows ({'; '.join(skipped[:3])}"
+                 f"{'; ...' if len(skipped) > 3 else ''})")
+    if duplicates:
+        warn(f"{len(duplicates)} row(s) repeat a result already read (two runs into one folder, or two folders "
+             f"of one length); each was counted once ({', '.join(duplicates[:3])}{', ...' if len(duplicates) > 3 else ''})")
+    return rows
 
 
 def summarize(rows: list[dict]) -> tuple[list[str], list[tuple[str, int | None, int | None]], dict]:
@@ -35,11 +107,21 @@ def label(setting: tuple) -> str:
     return method + (f" ({', '.join(filter(None, parts))})" if any(parts) else "")
 
 
-def report(folder: Path) -> tuple[Path, Path, Path]:
+def warn_on_stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def report(folder: Path, warn: Warn = warn_on_stderr) -> tuple[Path, Path, Path]:
     """Write summary.md, summary.csv and accuracy.png in `folder`; returns their paths."""
-    rows = read_rows(folder / "results.jsonl")
+    rows = load_results([folder], warn)
     if not rows:
-        raise ConfigError(f"{folder} has no finished results (results.jsonl is missing or empty)")
+        raise ConfigError(f"{folder} has no finished results (results.jsonl is empty)")
+    with writing(f"the report into {folder}", "results.jsonl is untouched; free space and run `draftkv eval "
+                 "report` on the folder"):
+        return write_report(folder, rows)
+
+
+def write_report(folder: Path, rows: list[dict]) -> tuple[Path, Path, Path]:
     tasks, found, table = summarize(rows)
     header = ["setting", *tasks]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -123,7 +205,8 @@ PAIRS = [("speckv", "snapkv", "budget"), ("specpc", "specprefill", "prompt_budge
 OURS = ("speckv", "specpc", "speckv-pc")  # the paper's methods, each held against dense
 
 
-def by_length(folders: list[Path], out: Path, agreement: list[Path] | None = None) -> list[Path]:
+def by_length(folders: list[Path], out: Path, agreement: list[Path] | None = None,
+              warn: Warn = warn_on_stderr) -> list[Path]:
     """The cross-length report of several run folders (one length each, or several): per setting its
     average at each length with n and its share of dense's, the SpecKV - SnapKV and SpecPC - SpecPrefill
     margins against length at equal budgets, the paper's methods against dense, per-task tables, a plot
@@ -132,9 +215,14 @@ def by_length(folders: list[Path], out: Path, agreement: list[Path] | None = Non
     Writes report.md, report.csv, accuracy_by_length.png, margins_by_length.png (and
     agreement_by_length.png) in `out`, and returns their paths."""
     agreement_rows = read_agreement(agreement or [])
-    rows = [row for folder in folders for row in read_rows(folder / "results.jsonl")]
+    rows = load_results(folders, warn, needs_length=True)
     if not rows:
         raise ConfigError(f"no finished results in {', '.join(map(str, folders))}")
+    with writing(f"the report into {out}", "the results folders are untouched"):
+        return write_by_length(rows, agreement_rows, out)
+
+
+def write_by_length(rows: list[dict], agreement_rows: list[dict], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     scores: dict[tuple, list[float]] = defaultdict(list)
     for row in rows:
@@ -444,7 +532,8 @@ def plot_margins(margins: list[tuple[str, list[tuple[int, Estimate]]]], lengths:
     axis.axhline(0, color="black", linewidth=0.8)
     length_axis(axis, lengths, "score difference (bars: ±2 standard errors)")
     axis.set_title("margins against length, at equal budget")
-    axis.legend(fontsize=8)
+    if margins:
+        axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

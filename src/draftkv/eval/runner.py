@@ -3,7 +3,7 @@
 Every finished (sample, method, budget) is one JSON line appended to `results.jsonl` and flushed to
 disk before the next starts, so a killed run loses at most the one in flight and never leaves a
 corrupt file (a torn last line is ignored on reading). A rerun of the same command skips every
-finished line. The config goes to `config.json`: the last command's, with the settings of every
+finished line; a second run into a folder another run is writing to is refused. The config goes to `config.json`: the last command's, with the settings of every
 command that wrote to the folder.
 """
 
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from ..context import compress_context_each
 from ..errors import ConfigError
 from ..flow import run_each
-from ..jsonl import append_row, drop_torn_tail, read_rows
+from ..jsonl import append_row, drop_torn_tail, exclusive, read_rows, writing
 from ..methods import Method, budget_kinds, budget_params, method_with_budgets
 from ..progress import progress_bar
 from . import metrics
@@ -119,11 +119,9 @@ def run(pair: ModelPair, samples: Iterable[Sample], runs: list[Setting], out: Pa
     runs give). With `query_agnostic`, the context is compressed before the question is known and the
     question is asked afterwards. A row's `seconds` is the wall time since the sample's previous row
     (its first row carries the shared stages)."""
-    try:
+    with writing(f"the results to {out}", "the rows already written are kept, and the same command resumes "
+                 "after them"), exclusive(out):
         return _run(pair, samples, runs, out, config, share, query_agnostic, batch_settings)
-    except OSError as error:  # a folder that turned read-only, a full disk: what is written stays
-        raise ConfigError(f"cannot write the results to {out} ({error.strerror or error}); the rows already "
-                          "written are kept, and the same command resumes after them") from None
 
 
 def _run(pair: ModelPair, samples: Iterable[Sample], runs: list[Setting], out: Path, config: dict,
@@ -141,7 +139,7 @@ def _run(pair: ModelPair, samples: Iterable[Sample], runs: list[Setting], out: P
     config_path.write_text(json.dumps(config, indent=1, sort_keys=True), encoding="utf-8")
     path = out / "results.jsonl"
     drop_torn_tail(path)
-    done = {row["key"] for row in read_rows(path)}
+    done = {row.get("key") for row in read_rows(path)}
     todo = [(sample, [s for s in runs if key(sample.id, s) not in done]) for sample in samples]
     todo = [(sample, missing) for sample, missing in todo if missing]
     # One step a sample: its settings finish together when they decode as one batch.
