@@ -324,6 +324,81 @@ def test_gguf_round_trip(tmp_path, cache, tokenizer, monkeypatch):
     assert load_model(str(path)).source == "gguf"
 
 
+def test_a_cached_conversion_damaged_in_place_is_found_and_rebuilt(tmp_path, cache, tokenizer, monkeypatch):
+    original = tiny_model("qwen2", len(tokenizer), seed=1)
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, original, tokenizer)
+    ids = torch.tensor([tokenizer("Paris is the capital of France").input_ids])
+    load_model(str(path))
+    (folder,) = (cache / "gguf").iterdir()
+    records = embedded.read_marker(folder)["files"]
+    weights = folder / "model.safetensors"
+    assert records["model.safetensors"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert {"config.json", "tokenizer.json"} <= set(records)
+    data = bytearray(weights.read_bytes())  # flip bits in the middle of the weights: same size, wrong numbers
+    middle = len(data) // 2
+    data[middle: middle + 8] = bytes(b ^ 0x55 for b in data[middle: middle + 8])
+    weights.write_bytes(bytes(data))
+    conversions = []
+    convert = embedded.convert_gguf
+    monkeypatch.setattr(embedded, "convert_gguf", lambda *a, **k: (conversions.append(a), convert(*a, **k))[1])
+    loaded = load_model(str(path))
+    assert len(conversions) == 1  # found on load and rebuilt from the GGUF file
+    torch.testing.assert_close(logits(loaded.model, ids), logits(original, ids), rtol=0, atol=0)
+    assert load_model(str(path)) and len(conversions) == 1  # sound again: loaded as it is
+
+
+def test_a_conversion_without_checksums_is_not_trusted(tmp_path, cache, tokenizer):
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, tiny_model("qwen2", len(tokenizer), seed=1), tokenizer)
+    load_model(str(path))
+    (folder,) = (cache / "gguf").iterdir()
+    marker = embedded.read_marker(folder)
+    del marker["files"]  # as an earlier version wrote it
+    (folder / embedded.MARKER).write_text(json.dumps(marker))
+    load_model(str(path))
+    assert "files" in embedded.read_marker(folder)
+
+
+def test_the_quick_check_reads_sampled_blocks_and_the_full_check_every_byte(tmp_path):
+    folder = tmp_path / "converted"
+    folder.mkdir()
+    big = folder / "model.safetensors"
+    big.write_bytes(os.urandom(4 * 2**20))
+    marker = {"files": embedded.file_records(folder)}
+    assert embedded.damage(folder, marker) is None and embedded.damage(folder, marker, full=True) is None
+    data = bytearray(big.read_bytes())
+    data[embedded.BLOCK + 10] ^= 1  # between the first and the second sampled block
+    big.write_bytes(bytes(data))
+    assert embedded.damage(folder, marker) is None
+    assert "does not match the sha256" in embedded.damage(folder, marker, full=True)
+    data[5] ^= 1  # inside the first sampled block
+    big.write_bytes(bytes(data))
+    assert "does not match the checksum" in embedded.damage(folder, marker)
+    big.write_bytes(bytes(data[:-1]))
+    assert "has 4,194,303 bytes, not the 4,194,304" in embedded.damage(folder, marker)
+    big.unlink()
+    assert "model.safetensors is missing" in embedded.damage(folder, marker)
+
+
+def test_models_verify_checks_every_cached_byte_and_rebuilds_what_fails(tmp_path, cache, tokenizer):
+    from typer.testing import CliRunner
+
+    from draftkv.cli import app
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, tiny_model("qwen2", len(tokenizer), seed=1), tokenizer)
+    load_model(str(path))
+    (folder,) = (cache / "gguf").iterdir()
+    result = CliRunner().invoke(app, ["models", "--verify"])
+    assert result.exit_code == 0 and f"{folder}: verified:" in result.stdout
+    config = folder / "config.json"
+    config.write_text(config.read_text().replace('"', "'", 1)[:-1] + " ")  # same size, other bytes
+    result = CliRunner().invoke(app, ["models", "--verify"])
+    assert result.exit_code == 0 and f"{folder}: damaged: rebuilt from {path}" in " ".join(result.stdout.split())
+    assert embedded.damage(folder, embedded.read_marker(folder), full=True) is None
+
+
 # --- the embedded registry, with fake parts -------------------------------------------------------
 
 
@@ -509,3 +584,30 @@ def test_models_given_as_objects_are_checked_too(tokenizer):
                                                                   vocab_size=len(tokenizer)))
     with pytest.raises(UnsupportedModelError, match="mamba is not supported"):
         pair_from_models(mamba, tokenizer)
+
+
+def test_a_damaged_embedded_model_is_rebuilt_from_its_verified_parts(monkeypatch, cache, tmp_path, tokenizer):
+    """An embedded model whose parts are a tiny GGUF split in two: converted once, found damaged on the next
+    load (and by `models --verify`), rebuilt from the parts, whose sha256 is checked on the way."""
+    from typer.testing import CliRunner
+
+    from draftkv.cli import app
+
+    gguf_path = tmp_path / "tiny.gguf"
+    original = tiny_model("qwen2", len(tokenizer), seed=1)
+    write_tiny_gguf(gguf_path, original, tokenizer)
+    whole = gguf_path.read_bytes()
+    parts = [whole[: len(whole) // 2], whole[len(whole) // 2:]]
+    paths = write_parts(tmp_path / "site", parts)
+    monkeypatch.setitem(EMBEDDED_MODELS, "fake-model", fake_model(parts))
+    monkeypatch.setattr(embedded, "find_parts", lambda model: paths)
+    folder = ensure_embedded("fake-model")
+    weights = folder / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:100] + bytes(8) + good[108:])  # damaged in place
+    assert ensure_embedded("fake-model") == folder and weights.read_bytes() == good
+    weights.write_bytes(good[:-10] + bytes(10))
+    result = CliRunner().invoke(app, ["models", "--verify"])
+    assert result.exit_code == 0, result.output
+    assert f"{folder}: damaged: rebuilt from the verified GGUF parts" in " ".join(result.stdout.split())
+    assert weights.read_bytes() == good

@@ -23,6 +23,7 @@ from .flow.steps import check_fits
 from .jsonl import check_free, writing
 from .methods import METHODS, Method, help_of, method_with_budgets
 from .models import DEFAULT_DRAFT, DEFAULT_TARGET, cache_dir, embedded_status, load_pair, load_tokenizer
+from .models.embedded import verify_cache
 from .pipeline import generate as run_generate
 from .prompt import encode_prompt
 from .types import Request, Sampling
@@ -295,8 +296,20 @@ def compress(
 
 
 @app.command()
-def models() -> None:
+def models(
+    verify: Annotated[bool, typer.Option("--verify", help="Check every byte of every cached model against the "
+                                         "sha256 it was written with; rebuild what does not match.")] = False,
+) -> None:
     """The embedded model registry: what is installed and cached, and the sizes."""
+    if verify:
+        try:
+            outcomes = verify_cache()
+        except DraftKVError as error:
+            raise fail(error) from None
+        for folder, outcome in outcomes:
+            typer.echo(f"{folder}: {outcome}")
+        if not outcomes:
+            typer.echo(f"nothing cached in {cache_dir()} yet")
     rows = embedded_status()
     table = Table(title="Embedded models")
     table.add_column("name", no_wrap=True)

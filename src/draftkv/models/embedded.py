@@ -2,7 +2,9 @@
 
 The parts are checked one by one (size, sha256), concatenated into a GGUF file whose sha256 is
 checked again, converted once to a plain safetensors folder in the cache dir, and loaded from there
-afterwards. Local GGUF files given by the user go through the same conversion.
+afterwards. Local GGUF files given by the user go through the same conversion. The folder's marker
+records every file's size and sha256: each load checks the sizes and a hash of sampled blocks (a
+second), `draftkv models --verify` the full hashes, and a folder that fails is rebuilt from its source.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from rich.progress import (
 from draftkv.errors import EmbeddedModelError, ModelLoadError
 
 MARKER = "draftkv.json"
+SAMPLED_BLOCKS, BLOCK = 32, 1 << 16  # what the check on every load reads of a file: 2 MiB at most
 GGUF_MAGIC = b"GGUF"
 # Text whose logits must be identical before and after conversion; it mixes code, prose and digits.
 CHECK_TEXT = "def area(r):\n    return 3.14159 * r * r\n\nThe capital of France is"
@@ -401,6 +404,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, source_sha256: str | None = 
             "source_size": gguf_path.stat().st_size,
             "source_sha256": source_sha256,
             "check": {"input_tokens": ids.shape[1], "exact": True, "tokenizer_probes": len(probes)},
+            "files": file_records(tmp),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
@@ -413,6 +417,67 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, source_sha256: str | None = 
     return out_dir
 
 
+def sampled_sha256(path: Path, size: int) -> str:
+    """sha256 of SAMPLED_BLOCKS blocks spread evenly over the file, first and last included (the whole
+    file when it is that small): what every load checks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        if size <= SAMPLED_BLOCKS * BLOCK:
+            digest.update(file.read())
+        else:
+            for index in range(SAMPLED_BLOCKS):
+                file.seek(index * (size - BLOCK) // (SAMPLED_BLOCKS - 1))
+                digest.update(file.read(BLOCK))
+    return digest.hexdigest()
+
+
+def file_records(folder: Path) -> dict[str, dict]:
+    """Size, sha256 and sampled-block sha256 of every file of a converted folder (the marker aside)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MARKER)
+    records = {}
+    with _byte_progress() as progress:
+        task = progress.add_task(f"Checksumming {folder.name}", total=sum(p.stat().st_size for p in files))
+        for path in files:
+            size = path.stat().st_size
+            records[path.relative_to(folder).as_posix()] = {
+                "size": size, "sha256": _sha256(path, progress, task), "sampled_sha256": sampled_sha256(path, size)}
+    return records
+
+
+def damage(folder: Path, marker: dict, full: bool = False) -> str | None:
+    """What is wrong with a converted folder's files against its marker (None: nothing). The quick check
+    compares sizes and sampled blocks; `full` compares every byte's sha256."""
+    files = marker.get("files")
+    if not isinstance(files, dict) or not files:
+        return "it was written before the cache recorded its files' checksums"
+    for name, record in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != record.get("size"):
+            return f"{name} has {size:,} bytes, not the {record.get('size'):,} it was written with"
+        if full:
+            with _byte_progress() as progress:
+                digest = _sha256(path, progress, progress.add_task(f"Verifying {name}", total=size))
+            if digest != record.get("sha256"):
+                return f"{name} does not match the sha256 it was written with"
+        elif sampled_sha256(path, size) != record.get("sampled_sha256"):
+            return f"{name} does not match the checksum it was written with"
+    return None
+
+
+def sound(folder: Path, marker: dict | None, full: bool = False) -> bool:
+    """A finished conversion whose files are as they were written; says why and what happens when not."""
+    if marker is None:
+        return False
+    problem = damage(folder, marker, full)
+    if problem is not None:
+        _console.print(f"The cached copy in {folder} cannot be used: {problem}. Rebuilding it from its verified "
+                       "source.", markup=False, highlight=False)
+    return problem is None
+
+
 def converted_dir(name: str) -> Path:
     """Where the converted folder of the embedded model `name` lives."""
     return cache_dir() / "models" / name
@@ -423,11 +488,12 @@ def _is_ready(model: EmbeddedModel) -> bool:
     return marker is not None and marker.get("source_sha256") == model.gguf_sha256
 
 
-def ensure_embedded(name: str) -> Path:
-    """The converted folder of embedded model `name`, verifying and converting it on first use."""
+def ensure_embedded(name: str, full_check: bool = False) -> Path:
+    """The converted folder of embedded model `name`, verifying and converting it on first use, and
+    rebuilding it when its files are not as they were written (`full_check`: every byte's sha256)."""
     model = embedded_model(name)
     out_dir = converted_dir(name)
-    if _is_ready(model):
+    if _is_ready(model) and sound(out_dir, read_marker(out_dir), full_check):
         return out_dir
     parts = find_parts(model)
     verify_parts(model, parts)
@@ -449,9 +515,40 @@ def ensure_gguf(path: str | Path) -> Path:
     stat = path.stat()
     key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     out_dir = cache_dir() / "gguf" / f"{path.stem}-{key}"
-    if read_marker(out_dir) is None:
+    if not sound(out_dir, read_marker(out_dir)):
         convert_gguf(path, out_dir)
     return out_dir
+
+
+def verify_cache() -> list[tuple[str, str]]:
+    """Every cached conversion checked byte by byte against its marker; a damaged one is rebuilt from its
+    verified source (the embedded parts, or the GGUF file it came from). (folder, outcome) per folder."""
+    outcomes = []
+    for model in EMBEDDED_MODELS.values():
+        folder = converted_dir(model.name)
+        if not _is_ready(model):
+            continue
+        marker = read_marker(folder)
+        if damage(folder, marker, full=True) is None:
+            outcomes.append((str(folder), f"verified: {len(marker['files'])} files match their sha256"))
+        else:
+            ensure_embedded(model.name, full_check=True)
+            outcomes.append((str(folder), "damaged: rebuilt from the verified GGUF parts"))
+    for folder in sorted((cache_dir() / "gguf").glob("*")):
+        marker = read_marker(folder)
+        if marker is None:
+            continue
+        problem = damage(folder, marker, full=True)
+        if problem is None:
+            outcomes.append((str(folder), f"verified: {len(marker['files'])} files match their sha256"))
+        elif Path(marker.get("source", "")).is_file():
+            _console.print(f"{folder}: {problem}; rebuilding it from {marker['source']}", markup=False, highlight=False)
+            convert_gguf(Path(marker["source"]), folder)
+            outcomes.append((str(folder), f"damaged: rebuilt from {marker['source']}"))
+        else:
+            outcomes.append((str(folder), f"damaged ({problem}) and its source {marker.get('source')} is gone: "
+                                          "delete the folder"))
+    return outcomes
 
 
 def _folder_bytes(folder: Path) -> int:
