@@ -735,9 +735,23 @@ class RequireKey:
         await self.app(scope, receive, send)
 
 
-def body_schema(kind: type[Common]) -> dict:
-    """The OpenAPI request body of a completion route, from its request model (for clients and fuzzers)."""
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": kind.model_json_schema()}}}}
+def body_schema(kind: type[Common], model_name: str | None) -> dict:
+    """The OpenAPI request body of a completion route, from its request model (for clients and fuzzers),
+    with the model's definitions written in place (OpenAPI resolves none under "$defs") and the one model
+    name served (None: any, the upstream decides)."""
+    schema = kind.model_json_schema()
+    definitions = schema.pop("$defs", {})
+    if model_name is not None:
+        schema["properties"]["model"]["enum"] = [model_name]
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: inline(value) for key, value in node.items()}
+        return [inline(item) for item in node] if isinstance(node, list) else node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
 def create_app(pair: ModelPair, settings: ServeSettings | None = None) -> FastAPI:
@@ -774,11 +788,13 @@ def create_app(pair: ModelPair, settings: ServeSettings | None = None) -> FastAP
     async def failed(request: Request, error: Exception) -> JSONResponse:
         return error_response(internal(f"{request.method} {request.url.path}", error))
 
-    @app.post("/v1/chat/completions", openapi_extra=body_schema(ChatRequest))
+    served = None if server.settings.proxy and server.settings.upstream_model is None else server.model_name
+
+    @app.post("/v1/chat/completions", openapi_extra=body_schema(ChatRequest, served))
     async def chat_completions(http: Request) -> Any:
         return await server.complete(http, ChatRequest, "chat")
 
-    @app.post("/v1/completions", openapi_extra=body_schema(CompletionRequest))
+    @app.post("/v1/completions", openapi_extra=body_schema(CompletionRequest, served))
     async def completions(http: Request) -> Any:
         return await server.complete(http, CompletionRequest, "completion")
 
