@@ -556,7 +556,7 @@ def _ruler_tasks(tasks: str) -> list[str]:
     return chosen
 
 
-def _writable(folder: Path, option: str = "--out", run: bool = True) -> None:
+def _writable(folder: Path, option: str = "--out", one_run: bool = True) -> None:
     """The output folder exists (it is created), takes files and no other run is writing to it: checked
     before any model loads."""
     try:
@@ -567,7 +567,7 @@ def _writable(folder: Path, option: str = "--out", run: bool = True) -> None:
     except OSError as error:
         raise ConfigError(f"{option} {folder} cannot be written to ({error.strerror or error}); "
                           "give a folder you can write") from None
-    if run:  # a run's folder takes one run at a time
+    if one_run:  # a run's folder takes one run at a time
         check_free(folder)
 
 
@@ -611,7 +611,7 @@ def eval_ruler(
             for n in lengths:
                 _writable(out or Path(f"results/ruler-{n}" + ("-agnostic" if query_agnostic else "")))
         else:
-            _writable(dump.parent, "--dump", run=False)
+            _writable(dump.parent, "--dump", one_run=False)
         longest_answer = max(ruler.TASKS[task][0] for task in chosen_tasks)
 
         def fits(_tokenizer: Any, config: Any) -> None:

@@ -49,9 +49,8 @@ class Scored:
 def score_continuations(pair: ModelPair, context_ids: list[int], continuations: list[list[int]],
                         method: str | Method = "dense", top: int = 0) -> tuple[list[Scored], Stats]:
     """Each continuation's token log-probabilities after `context_ids`, whose cache `method` compressed
-    (its draft, if any, guesses an answer as long as the longest continuation less its last token, which is
-    scored, never read), with the `top`
-    likeliest tokens at each position when `top` > 0. Returns the scores and the compression's stats
+    (its draft, if any, guesses an answer as long as the longest continuation less its last token, which
+    is scored, never read), with the `top` likeliest tokens at each position when `top` > 0. Returns the scores and the compression's stats
     (what was kept of the context)."""
     if not context_ids:
         raise ValueError("the context needs at least one token (lm-eval passes its prefix token)")

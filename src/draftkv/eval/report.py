@@ -15,6 +15,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..jsonl import read_rows, writing
 from ..plotting import line_styles
+from ..types import is_int, is_number
 from . import metrics
 
 Warn = Callable[[str], None]
@@ -28,13 +29,13 @@ def row_problem(row: object, needs_length: bool) -> str | None:
         if not isinstance(row.get(name), str):
             return f"no {name}" if name not in row else f"{name} is {row[name]!r}, not text"
     score = row.get("score")
-    if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
+    if not is_number(score) or not math.isfinite(score):
         return "no score" if "score" not in row else f"score is {score!r}, not a number"
     for name in ("budget", "prompt_budget"):
         value = row.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        if value is not None and not is_int(value):
             return f"{name} is {value!r}, not a whole number"
-    if needs_length and (isinstance(row.get("length"), bool) or not isinstance(row.get("length"), int)):
+    if needs_length and not is_int(row.get("length")):
         return "no length" if "length" not in row else f"length is {row['length']!r}, not a whole number"
     return None
 
@@ -52,7 +53,7 @@ def load_results(folders: list[Path], warn: Warn, needs_length: bool = False) ->
             raise ConfigError(f"{folder} is not a results folder (it does not exist)")
         path = folder / "results.jsonl"
         if not path.is_file():
-            raise ConfigError(f"{folder} has no results.jsonl; give a folder an `draftkv eval` run wrote")
+            raise ConfigError(f"{folder} has no results.jsonl; give a folder that a `draftkv eval` run wrote")
         data = path.read_bytes()
         lines = data.split(b"\n")[:-1]  # after the last newline: nothing, or a line still being written
         skipped: list[str] = []

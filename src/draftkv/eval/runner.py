@@ -3,8 +3,8 @@
 Every finished (sample, method, budget) is one JSON line appended to `results.jsonl` and flushed to
 disk before the next starts, so a killed run loses at most the one in flight and never leaves a
 corrupt file (a torn last line is ignored on reading). A rerun of the same command skips every
-finished line; a second run into a folder another run is writing to is refused. The config goes to `config.json`: the last command's, with the settings of every
-command that wrote to the folder.
+finished line; a second run into a folder another run is writing to is refused. The config goes to
+`config.json`: the last command's, with the settings of every command that wrote to the folder.
 """
 
 from __future__ import annotations

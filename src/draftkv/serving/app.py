@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import ConfigError, DraftKVError, UnknownMethodError
 from ..methods import Method, method_with_budgets
 from ..types import Request as DraftRequest
-from ..types import Result, Sampling, TokenLogprob
+from ..types import Result, Sampling, TokenLogprob, is_int, is_number
 from . import protocol
 from .engine import Job, Limits, Scheduler, check_proxy_method, run_local, run_proxy
 from .protocol import ChatRequest, Common, CompletionRequest, ServeError, sse
@@ -73,16 +73,16 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_guess_tokens", "max_body_bytes"):
-            check_setting(name, getattr(self, name), "a whole number >= 1", lambda v: is_count(v) and v >= 1)
+            check_setting(name, getattr(self, name), "a whole number >= 1", lambda v: is_int(v) and v >= 1)
         for name in ("max_prompt_tokens", "max_tokens", "max_tokens_limit", "memory_limit"):
             check_setting(name, getattr(self, name), "a whole number >= 1, or unset",
-                          lambda v: v is None or (is_count(v) and v >= 1))
+                          lambda v: v is None or (is_int(v) and v >= 1))
         check_setting("max_logprobs", self.max_logprobs, "a whole number from 0 to 20",
-                      lambda v: is_count(v) and 0 <= v <= 20)
+                      lambda v: is_int(v) and 0 <= v <= 20)
         for name in ("timeout", "upstream_timeout"):
             check_setting(name, getattr(self, name), "a number of seconds > 0",
-                          lambda v: is_real(v) and math.isfinite(v) and v > 0)
-        check_setting("temperature", self.temperature, "a number from 0 to 2", lambda v: is_real(v) and 0 <= v <= 2)
+                          lambda v: is_number(v) and math.isfinite(v) and v > 0)
+        check_setting("temperature", self.temperature, "a number from 0 to 2", lambda v: is_number(v) and 0 <= v <= 2)
         if None not in (self.max_tokens, self.max_tokens_limit) and self.max_tokens > self.max_tokens_limit:
             raise ConfigError(f"--max-tokens ({self.max_tokens}) is more than --max-tokens-limit "
                               f"({self.max_tokens_limit}): a request that names no max_tokens could not run")
@@ -99,14 +99,6 @@ class ServeSettings:
     def default_max_tokens(self) -> int:
         """New tokens for a request that names none."""
         return self.max_tokens or min(256, self.max_tokens_limit or 256)
-
-
-def is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_real(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def check_setting(name: str, value: object, allowed: str, ok) -> None:
@@ -200,13 +192,6 @@ class ClientGone(Exception):
 def error_response(error: ServeError, request_id: str | None = None) -> JSONResponse:
     headers = {"x-request-id": request_id} if request_id else None
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
-
-
-def internal(request_id: str, error: BaseException) -> ServeError:
-    """A failure of the server's own code while answering a request: 500, the traceback in the log."""
-    log.error("request %s failed", request_id, exc_info=error)
-    return ServeError(500, f"internal error in request {request_id}: {type(error).__name__}: {str(error)[:200]} "
-                      "(the server's log has the details)", code="internal")
 
 
 def usage(result: Result) -> dict:
@@ -492,7 +477,7 @@ class Server:
             except Exception as error:  # a fault of this stream ends it with an error event
                 ended = True
                 trace.status = 500
-                yield sse(internal(trace.request_id, error).body())
+                yield sse(ServeError.internal(trace.request_id, error).body())
             finally:
                 job.cancelled = True  # a no-op when it finished; stops decoding when the client left
                 if ended:
@@ -599,7 +584,7 @@ class Server:
                 yield sse(failure.body())
             except Exception as error:  # a fault of this stream ends it with an error event
                 trace.status = 500
-                yield sse(internal(trace.request_id, error).body())
+                yield sse(ServeError.internal(trace.request_id, error).body())
             finally:
                 await response.aclose()
                 trace.close()
@@ -635,7 +620,7 @@ class Server:
             return JSONResponse({}, status_code=499)
         except Exception as error:  # a fault answering one request is that request's 500
             trace.status = 500
-            return error_response(internal(trace.request_id, error), trace.request_id)
+            return error_response(ServeError.internal(trace.request_id, error), trace.request_id)
         finally:
             if not streaming:  # a stream closes its trace when it ends
                 trace.close()
@@ -710,7 +695,7 @@ def upstream_object(url: str, content: bytes, what: str) -> dict:
         raise bad("its choices are not a list of objects")
     usage_ = data.get("usage")
     if usage_ is not None and (not isinstance(usage_, dict) or not all(
-            is_count(usage_.get(name, 0)) and usage_.get(name, 0) >= 0
+            is_int(usage_.get(name, 0)) and usage_.get(name, 0) >= 0
             for name in ("prompt_tokens", "completion_tokens", "total_tokens"))):
         raise bad("its usage is not an object of token counts")
     return data
@@ -786,7 +771,7 @@ def create_app(pair: ModelPair, settings: ServeSettings | None = None) -> FastAP
 
     @app.exception_handler(Exception)
     async def failed(request: Request, error: Exception) -> JSONResponse:
-        return error_response(internal(f"{request.method} {request.url.path}", error))
+        return error_response(ServeError.internal(f"{request.method} {request.url.path}", error))
 
     served = None if server.settings.proxy and server.settings.upstream_model is None else server.model_name
 

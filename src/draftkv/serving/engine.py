@@ -127,13 +127,6 @@ def free_memory(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def internal_error(job: Job, error: BaseException) -> ServeError:
-    """The answer to a failure that is not the request's fault; the traceback goes to the log."""
-    log.error("request %s failed", job.request_id, exc_info=error)
-    return ServeError(500, f"internal error while running request {job.request_id}: {type(error).__name__}: "
-                      f"{str(error)[:200]} (the server's log has the details)", code="internal")
-
-
 @dataclass
 class Limits:
     """What one request may ask for, besides what the models allow."""
@@ -283,7 +276,7 @@ class Scheduler:
                         job.emit("error", error)
                         continue
                     except Exception as error:  # a fault while admitting fails this request alone
-                        job.emit("error", internal_error(job, error))
+                        job.emit("error", ServeError.internal(job.request_id, error))
                         continue
                     job.emit("admitted", job.prompt_tokens)
                 if batch and memory + job.memory > self.memory_limit:
@@ -306,7 +299,7 @@ class Scheduler:
                     self.run(self.pair, batch, self.hook)
             except BaseException as error:  # the worker must outlive any request
                 for job in batch:
-                    job.emit("error", internal_error(job, error))
+                    job.emit("error", ServeError.internal(job.request_id, error))
             finally:
                 self.running = 0
 
@@ -333,7 +326,7 @@ def run_batch(work: Callable[[list[Job]], list[Any]], batch: list[Job]) -> None:
             job.emit("error", ServeError(503, f"out of memory while running this request ({error}); retry with a "
                                          "smaller budget or a shorter prompt", code="insufficient_memory"))
         else:
-            job.emit("error", internal_error(job, error))
+            job.emit("error", ServeError.internal(job.request_id, error))
         return
     for job, result in zip(batch, results, strict=True):
         job.emit("done", result)

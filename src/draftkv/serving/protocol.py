@@ -9,6 +9,7 @@ of the chosen method (`window`, `kernel`, ...).
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from typing import Any, Literal
@@ -16,6 +17,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..types import SEEDS
+
+log = logging.getLogger("draftkv.serve")
 
 # OpenAI fields that change nothing here and are accepted as they are.
 IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier",
@@ -44,6 +47,14 @@ class ServeError(Exception):
     def body(self) -> dict:
         kind = self.TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+    @classmethod
+    def internal(cls, request_id: str, error: BaseException) -> ServeError:
+        """A failure of the server's own code while answering a request: 500 with the request id, the
+        traceback in the log."""
+        log.error("request %s failed", request_id, exc_info=error)
+        return cls(500, f"internal error in request {request_id}: {type(error).__name__}: {str(error)[:200]} "
+                   "(the server's log has the details)", code="internal")
 
 
 # Strict types: JSON true is not the number 1, and "yes" is not true.
