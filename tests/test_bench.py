@@ -10,9 +10,9 @@ from conftest import tiny_pair
 from typer.testing import CliRunner
 
 from draftkv import bench
+from draftkv.api import generate_batch
 from draftkv.cli import app
 from draftkv.errors import ConfigError
-from draftkv.pipeline import generate_batch
 from draftkv.types import Request
 
 METHODS = [("dense", {}), ("snapkv", {"budget": 64}), ("speckv", {"budget": 64}),

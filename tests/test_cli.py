@@ -9,8 +9,8 @@ from conftest import tiny_pair
 from tiny import long_context
 from typer.testing import CliRunner
 
+from draftkv.api import generate
 from draftkv.cli import app
-from draftkv.pipeline import generate
 
 runner = CliRunner()
 QUESTION = "what is the magic number?"

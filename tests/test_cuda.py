@@ -114,7 +114,7 @@ def test_cuda_scoring_is_timed_by_events(pairs):
 def test_the_captured_static_step_gives_the_eager_steps_tokens(pairs, method):
     import dataclasses
 
-    from draftkv import decoding
+    from draftkv.engine import decoding
 
     cuda = pairs["cuda"]
     params = budgets(method)

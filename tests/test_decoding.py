@@ -7,11 +7,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny import long_context, make_tokenizer
 
-from draftkv.cache import SlotLayer
-from draftkv.decoding import EagerStep, IncrementalText, decode
+from draftkv.api import generate_batch
+from draftkv.engine.cache import SlotLayer
+from draftkv.engine.decoding import EagerStep, IncrementalText, decode
 from draftkv.flow import prepare
 from draftkv.methods import get_method
-from draftkv.pipeline import generate_batch
 from draftkv.types import Request
 
 TOKENIZER = make_tokenizer()

@@ -7,10 +7,10 @@ import torch
 from tiny import long_context
 from transformers import DynamicCache
 
+from draftkv.api import generate, generate_batch
+from draftkv.engine.eviction import DecodeEviction
 from draftkv.errors import ConfigError
-from draftkv.eviction import DecodeEviction
 from draftkv.methods import H2O, StreamingLLM, get_method
-from draftkv.pipeline import generate, generate_batch
 from draftkv.types import Request
 
 CONTEXT = long_context(260, seed=31)

@@ -9,13 +9,13 @@ from tiny import long_context, make_tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from draftkv import METHODS as METHODS_REGISTRY
-from draftkv.attention import WindowCollector, capture
-from draftkv.cache import compressed_layers, has_sliding_layers
+from draftkv.api import generate, generate_batch
 from draftkv.context import compress_context
+from draftkv.engine.attention import WindowCollector, capture
+from draftkv.engine.cache import compressed_layers, has_sliding_layers
 from draftkv.flow import finish, prepare, run
 from draftkv.methods import budget_kinds, budget_params, get_method
 from draftkv.models import pair_from_models
-from draftkv.pipeline import generate, generate_batch
 from draftkv.prompt import encode_prompt
 from draftkv.types import Request
 

@@ -8,14 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny import long_context
 
-from draftkv.attention import ragged_attention
-from draftkv.cache import PaddedLayer, PerHeadLayer, kv_bytes, ragged_cache
-from draftkv.decoding import decode
+from draftkv.api import generate, generate_batch, prepare_batch
+from draftkv.engine.attention import ragged_attention
+from draftkv.engine.cache import PaddedLayer, PerHeadLayer, kv_bytes, ragged_cache
+from draftkv.engine.decoding import decode
 from draftkv.errors import ConfigError
 from draftkv.flow.steps import eos_ids
 from draftkv.methods import PyramidKV, SnapKV, get_method
 from draftkv.methods.base import adaptive_positions
-from draftkv.pipeline import generate, generate_batch, prepare_batch
 from draftkv.prompt import encode_prompt
 from draftkv.types import Request, Sampling
 

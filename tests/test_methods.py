@@ -7,10 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from draftkv.engine.scoring import pool_scores
 from draftkv.errors import ConfigError, PromptError, UnknownMethodError
 from draftkv.methods import METHODS, SnapKV, SpecKV, get_method
 from draftkv.methods.base import resolve_budget
-from draftkv.scoring import pool_scores
 
 
 @settings(max_examples=80, deadline=None)

@@ -10,12 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny import long_context
 
-from draftkv import scoring
-from draftkv.attention import RowSlot
-from draftkv.cache import kv_bytes
+from draftkv.api import generate, generate_batch, prepare_batch
+from draftkv.engine import scoring
+from draftkv.engine.attention import RowSlot
+from draftkv.engine.cache import kv_bytes
 from draftkv.errors import ConfigError, PromptError, UnknownMethodError
 from draftkv.flow.batch import left_padded
-from draftkv.pipeline import generate, generate_batch, prepare_batch
 from draftkv.prompt import encode_prompt, encode_prompts
 from draftkv.types import Request, Sampling
 

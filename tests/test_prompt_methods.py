@@ -8,7 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny import long_context
 
+from draftkv.api import compress_batch, generate, generate_batch
 from draftkv.compress import compress_prompt
+from draftkv.engine.scoring import pool_scores
 from draftkv.errors import ConfigError, PromptError, TokenizerMismatchError
 from draftkv.flow import steps
 from draftkv.flow.batch import pad_prompts
@@ -16,9 +18,7 @@ from draftkv.flow.plan import DraftNeed
 from draftkv.flow.steps import Clock, run_draft
 from draftkv.methods import KeepEnds, KeepLast, Lingua, SpecPC, SpecPrefill, get_method
 from draftkv.methods.specpc import nearest_first_offsets, select_with_neighbourhoods
-from draftkv.pipeline import compress_batch, generate, generate_batch
 from draftkv.prompt import encode_prompt
-from draftkv.scoring import pool_scores
 from draftkv.types import Request
 
 CONTEXT = long_context(300)

@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from draftkv import scoring
-from draftkv.attention import WindowCollector
-from draftkv.scoring import importance, pool_scores, window_scores
+from draftkv.engine import scoring
+from draftkv.engine.attention import WindowCollector
+from draftkv.engine.scoring import importance, pool_scores, window_scores
 
 
 def naive_attention(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:

@@ -25,12 +25,12 @@ from tiny import long_context
 from typer.testing import CliRunner
 
 import draftkv
+from draftkv.api import generate_batch
 from draftkv.cli import app, parse_bytes
 from draftkv.compress import compress_prompts
 from draftkv.errors import ConfigError
 from draftkv.methods import get_method
 from draftkv.models import ModelPair
-from draftkv.pipeline import generate_batch
 from draftkv.prompt import encode_prompt
 from draftkv.serving.engine import estimate_bytes
 from draftkv.types import Request

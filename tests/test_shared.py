@@ -10,10 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tiny import long_context
 
+from draftkv.api import generate_batch
 from draftkv.errors import ConfigError
 from draftkv.flow import run
 from draftkv.flow.results import decode_groups
-from draftkv.pipeline import generate_batch
 from draftkv.types import Request, Sampling
 
 METHODS = [

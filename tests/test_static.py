@@ -11,7 +11,7 @@ from conftest import tiny_pair
 from tiny import long_context
 
 import draftkv
-from draftkv import decoding, static
+from draftkv.engine import decoding, static
 from draftkv.errors import ConfigError
 from draftkv.flow import prepare, run
 from draftkv.methods import budget_kinds, budget_params, get_method

@@ -7,6 +7,7 @@
     draftkv.compress_prompt(pair, context=..., question=..., method="specpc", budget=1024).text
 """
 
+from .api import compress_batch, generate, generate_batch, prepare_batch
 from .compress import CompressedPrompt, compress_prompt
 from .context import CompressedContext, compress_context, compress_context_each
 from .errors import (
@@ -29,7 +30,6 @@ from .models import (
     load_pair,
     pair_from_models,
 )
-from .pipeline import compress_batch, generate, generate_batch, prepare_batch
 from .types import Request, Result, Sampling, Stats
 
 __version__ = "0.1.0"

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .api import generate_batch
 from .errors import ConfigError, DraftKVError
 from .flow import StageEvent, run
 from .jsonl import append_row, drop_torn_tail, exclusive, read_rows, writing
 from .methods import Method, budget_kinds, get_method
-from .pipeline import generate_batch
 from .plotting import line_styles
 from .progress import progress_bar
 from .prompt import encode_prompt

@@ -14,9 +14,10 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .api import generate as run_generate
 from .compress import compress_prompt
 from .context import compress_context
-from .decoding import check_backend
+from .engine.decoding import check_backend
 from .errors import ConfigError, DraftKVError, PromptError
 from .eval import agreement, longbench, report, ruler, runner
 from .flow.steps import check_fits
@@ -24,7 +25,6 @@ from .jsonl import check_free, writing
 from .methods import METHODS, Method, help_of, method_with_budgets
 from .models import DEFAULT_DRAFT, DEFAULT_TARGET, cache_dir, embedded_status, load_pair, load_tokenizer
 from .models.embedded import verify_cache
-from .pipeline import generate as run_generate
 from .prompt import encode_prompt
 from .types import Request, Sampling
 

@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .cache import has_sliding_layers
+from .api import check_pair, compress_batch
+from .engine.cache import has_sliding_layers
 from .errors import ConfigError
 from .flow.steps import Observer
 from .methods import METHODS, Method, get_method
-from .pipeline import check_pair, compress_batch
 from .prompt import kept_text
 from .types import Request
 

@@ -16,15 +16,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .attention import ragged_attention
-from .cache import checkpoint
-from .decoding import decode
+from .api import check_pair
+from .engine.attention import ragged_attention
+from .engine.cache import checkpoint
+from .engine.decoding import decode
 from .errors import ConfigError, PromptError
 from .flow import Prepared, prepare_each
 from .flow.results import guessed, row_stats
 from .flow.steps import check_context, eos_ids
 from .methods import Method, get_method
-from .pipeline import check_pair
 from .prompt import EncodedPrompt, user_turn
 from .types import Request, Result, Sampling, Stats, check_text
 

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .attention import ragged_attention
-from .cache import checkpoint
+from .engine.attention import ragged_attention
+from .engine.cache import checkpoint
 from .flow import prepare
 from .flow.results import row_stats
 from .methods import Method

@@ -23,7 +23,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 from tqdm import tqdm
 
-from .decoding import check_backend
+from .engine.decoding import check_backend
 from .errors import ConfigError
 from .flow import run
 from .likelihood import score_continuations

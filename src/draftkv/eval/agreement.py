@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..engine.scoring import pool_scores
 from ..flow import prepare
 from ..jsonl import drop_torn_tail, exclusive, read_rows, writing
 from ..methods import get_method
 from ..progress import progress_bar
-from ..scoring import pool_scores
 from .ruler import Sample
 
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from ..cache import (
+from ..engine.cache import (
     bytes_per_entry,
     clone_cache,
     compressed_layers,
@@ -32,7 +32,7 @@ from ..cache import (
     kv_bytes,
     layer_entry_bytes,
 )
-from ..decoding import TextCallback
+from ..engine.decoding import TextCallback
 from ..errors import ConfigError, TokenizerMismatchError
 from ..methods import Method, get_method
 from ..prompt import EncodedPrompt, encode_prompts

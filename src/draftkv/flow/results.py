@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import DynamicCache
 
-from ..attention import capture, ragged_attention
-from ..cache import stacked_cache
-from ..decoding import Decoded, TextCallback, decode
-from ..eviction import DecodeEviction
+from ..engine.attention import capture, ragged_attention
+from ..engine.cache import stacked_cache
+from ..engine.decoding import Decoded, TextCallback, decode
+from ..engine.eviction import DecodeEviction
 from ..methods import Method
 from ..prompt import EncodedPrompt
 from ..types import Request, Result, Stats

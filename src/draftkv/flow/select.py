@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from ..cache import clone_cache, compressed_layers, gather_positions, gathered_copy, ragged_cache
+from ..engine.cache import clone_cache, compressed_layers, gather_positions, gathered_copy, ragged_cache
 from ..methods import Method
 from ..prompt import EncodedPrompt, encode_prompt, kept_text, user_turn
 from ..types import Request

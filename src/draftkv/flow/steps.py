@@ -14,9 +14,9 @@ from typing import Literal
 import torch
 from transformers import DynamicCache
 
-from ..attention import Collector, PromptCollector, RowSlot, WindowCollector, capture
-from ..cache import checkpoint, clone_cache, gathered_copy
-from ..decoding import decode, takes_static
+from ..engine.attention import Collector, PromptCollector, RowSlot, WindowCollector, capture
+from ..engine.cache import checkpoint, clone_cache, gathered_copy
+from ..engine.decoding import decode, takes_static
 from ..errors import ConfigError, PromptError
 from ..methods import KVScoring, PseudoAnswer
 from ..methods.base import first_scoring_layer

@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..engine.scoring import pool_scores
 from ..errors import ConfigError, PromptError
-from ..scoring import pool_scores
 
 Budget = int | float
 

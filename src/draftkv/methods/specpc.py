@@ -22,8 +22,8 @@ from typing import ClassVar
 
 import torch
 
+from ..engine.scoring import pool_scores
 from ..errors import ConfigError, PromptError
-from ..scoring import pool_scores
 from .base import (
     DraftScoring,
     PromptMethod,

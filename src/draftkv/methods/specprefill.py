@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from ..scoring import pool_scores
+from ..engine.scoring import pool_scores
 from .base import DraftScoring, PromptMethod, check_choice, check_int, check_kernel, first_in_order, param
 
 

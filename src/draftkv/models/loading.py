@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from draftkv.decoding import check_backend
+from draftkv.engine.decoding import check_backend
 from draftkv.errors import (
     ConfigError,
     DraftKVError,

@@ -18,7 +18,7 @@ from torch.nn.attention import sdpa_kernel
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .attention import _WRAPPED, DECODE_ATTENTION, ragged_attention
+from .attention import DECODE_ATTENTION, own_implementation, ragged_attention
 from .cache import FixedSlotLayer, PerHeadLayer, cache_of_layers, layer_entries, select_rows
 
 STATIC_IMPLEMENTATIONS = ("sdpa", "eager")  # those whose mask the layers can replace (flex takes a BlockMask)
@@ -27,7 +27,7 @@ _warmed: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # models whose ke
 
 def supports_static(model: torch.nn.Module, cache: DynamicCache | None) -> str | None:
     """Why this decode cannot take the static step (None: it can)."""
-    implementation = (model.config._attn_implementation or "eager").removeprefix(_WRAPPED)
+    implementation = own_implementation(model)
     if implementation not in STATIC_IMPLEMENTATIONS:
         return f"the {implementation} attention takes no per-head mask"
     if cache is None or not cache.layers:

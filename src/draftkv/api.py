@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .decoding import TextCallback
+from .engine.decoding import TextCallback
 from .errors import ConfigError
 from .flow import Prepared, prepare, run
 from .flow.steps import Observer

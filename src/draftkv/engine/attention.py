@@ -38,7 +38,7 @@ _active_collectors: contextvars.ContextVar[tuple[WindowCollector | PromptCollect
 
 @dataclass(frozen=True)
 class RowSlot:
-    """Where one row's scores go while a padded batch is prefilled one row at a time (pipeline.prefill):
+    """Where one row's scores go while a padded batch is prefilled one row at a time (flow.steps.prefill):
     the row runs without its `pad` columns, and its scores land at columns pad.. of that row."""
 
     row: int
@@ -300,6 +300,11 @@ def _capturing(implementation: str) -> Callable:
         return _own_attention(module, implementation)(module, query, key, value, attention_mask, **kwargs)
 
     return attention
+
+
+def own_implementation(model: torch.nn.Module) -> str:
+    """The model's own attention implementation, whether or not ours wraps it now."""
+    return (model.config._attn_implementation or "eager").removeprefix(_WRAPPED)
 
 
 def wrapped_implementation(model: torch.nn.Module) -> tuple[str, str]:

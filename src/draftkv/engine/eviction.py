@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from ..methods import Method
 from .cache import compressed_layers, gather_positions
-from .methods import Method
 from .scoring import window_scores
 
 

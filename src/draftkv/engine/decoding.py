@@ -20,11 +20,11 @@ import torch
 from torch.nn.attention import sdpa_kernel
 from transformers import DynamicCache
 
+from ..errors import ConfigError
+from ..types import FinishReason, Sampling, TokenLogprob
 from .attention import DECODE_ATTENTION, follow_ragged
 from .cache import reserve, select_rows
-from .errors import ConfigError
 from .static import StaticStep, supports_static
-from .types import FinishReason, Sampling, TokenLogprob
 
 TextCallback = Callable[[int, str], None]  # (row in the batch, new text)
 
@@ -195,7 +195,7 @@ def make_step(backend: str, model: torch.nn.Module, cache: DynamicCache | None, 
               steps: int, evicting: bool = False, consume: bool = False,
               ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The decode step of a backend: "eager", "static" (fixed shapes, a CUDA graph on CUDA: see
-    draftkv.static), or "auto" (static on CUDA, eager elsewhere). A decode the static step cannot
+    draftkv.engine.static), or "auto" (static on CUDA, eager elsewhere). A decode the static step cannot
     take (a sliding window, decode-time eviction, flex attention) takes the eager step. `consume`: the
     static step may let go of `cache` while copying it (the caller needs it no more)."""
     if steps > 0 and not evicting and takes_static(backend, model, cache):
