@@ -155,7 +155,7 @@ BAD_EVAL = [  # arguments of `draftkv eval ruler`, words the error must say
     (["--length", "2048", "--tasks", ""], "--tasks names nothing"),
     (["--length", "2048", "--tasks", "nope"], "unknown RULER task(s) nope"),
     (["--length", "2048", "--methods", ""], "--methods names nothing"),
-    (["--length", "2048", "--budgets", "a"], "--budgets a comma-separated list of ints"),
+    (["--length", "2048", "--budgets", "a"], "--budgets a comma-separated list of budgets"),
     (["--length", "2048", "--methods", "speckv-pc@256"], "write speckv-pc@KV/PROMPT"),
     (["--length", "2048", "--methods", "snapkv,snapkv"], "named twice: snapkv kv=256"),
     (["--length", "2048", "--decode", "graph", "--dump", "samples.jsonl"], "decode backend 'graph' is not one of"),

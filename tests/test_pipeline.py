@@ -91,7 +91,7 @@ def test_cache_holds_exactly_the_budget_with_window_and_no_probe(pair, method, b
                              budget=budget, **always)
     expected = budget if isinstance(budget, int) else -(-int(budget * 1000) * n // 1000)
     window = always.get("window", expected - 4)  # StreamingLLM keeps the last budget - sink tokens
-    assert prepared.budgets == [expected]
+    assert prepared.kv_budgets == [expected]
     config = pair.target.model.config
     for layer, kept in zip(prepared.cache.layers, prepared.kept_rows[0], strict=True):
         assert layer.keys.shape == (1, config.num_key_value_heads, expected, config.hidden_size // config.num_attention_heads)
@@ -101,7 +101,7 @@ def test_cache_holds_exactly_the_budget_with_window_and_no_probe(pair, method, b
             assert max(head) < n  # the draft's lookahead never stays in the cache
             if method == "streamingllm":
                 assert head == [0, 1, 2, 3, *range(n - window, n)]
-    assert kv_bytes(prepared.cache) == expected * prepared.entry_bytes
+    assert kv_bytes(prepared.cache) == expected * prepared.target.entry_bytes
     if method == "speckv":
         assert prepared.draft is not None and prepared.draft.lengths[0] > 0
 

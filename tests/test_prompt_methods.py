@@ -16,7 +16,7 @@ from draftkv.flow import steps
 from draftkv.flow.batch import pad_prompts
 from draftkv.flow.plan import DraftNeed
 from draftkv.flow.steps import Clock, run_draft
-from draftkv.methods import KeepEnds, KeepLast, Lingua, SpecPC, SpecPrefill, get_method
+from draftkv.methods import KeepEnds, KeepLast, Lingua, SelfInformation, SpecPC, SpecPrefill, get_method
 from draftkv.methods.specpc import nearest_first_offsets, select_with_neighbourhoods
 from draftkv.prompt import encode_prompt
 from draftkv.types import Request
@@ -91,7 +91,7 @@ def test_lingua_keeps_question_tail_and_most_surprising(qwen_pair, monkeypatch, 
     prompt = encode_prompt(qwen_pair.tokenizer, request)
     batch = pad_prompts([prompt.ids], 0, torch.device("cpu"))
     with torch.inference_mode():
-        view = run_draft(qwen_pair.draft.model, batch, [DraftNeed([0], information=True)], set(), 0,
+        view = run_draft(qwen_pair.draft.model, batch, [DraftNeed([0], SelfInformation())], set(), 0,
                          Clock(torch.device("cpu")))[0]
         information = view.token_scores[0]
         logits = qwen_pair.draft.model(input_ids=batch.input_ids).logits[0]

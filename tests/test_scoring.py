@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from draftkv.engine import scoring
 from draftkv.engine.attention import WindowCollector
-from draftkv.engine.scoring import importance, pool_scores, window_scores
+from draftkv.engine.scoring import pool_scores, reduced_count, window_scores
 
 
 def naive_attention(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -114,12 +114,13 @@ def test_even_kernel_is_refused():
         pool_scores(torch.rand(1, 1, 10), 4)
 
 
-def test_importance_mean_is_a_mean():
+def test_a_mean_over_the_reduced_count_is_a_mean():
     generator = torch.Generator().manual_seed(3)
     query = torch.randn(1, 4, 5, 8, generator=generator)
     key = torch.randn(1, 2, 25, 8, generator=generator)
-    scores = importance(query, key, prefix_length=20, reduction="mean", kernel=1)
-    # Each probability is <= 1, so a mean (unlike a sum over 10 query-head pairs) is <= 1 too.
-    assert torch.all(scores <= 1) and torch.all(scores >= 0)
     summed = window_scores(query, key, prefix_length=20, reduction="mean")
-    torch.testing.assert_close(scores * 10, summed)
+    count = reduced_count(4, 2, 5)
+    assert count == 10  # two query heads per KV head, five queries
+    scores = summed / count
+    # Each probability is <= 1, so a mean (unlike a sum over 10 query-head pairs) is <= 1 too.
+    assert torch.all(scores <= 1) and torch.all(scores >= 0) and torch.any(summed > 1)

@@ -53,11 +53,10 @@ def test_shared_equals_separate(pair):
 def test_settings_that_score_alike_share_one_scoring_of_the_prefill(pair, monkeypatch):
     """Two budgets of one method score the prompt once through the prefill; each then keeps what its own
     budget and its own probe (a shorter lookahead here) give, exactly as alone."""
-    from draftkv.flow import execute
-    from draftkv.methods import get_method
+    from draftkv.methods import WindowScorer, get_method
 
-    made, real = [], execute.kv_collector
-    monkeypatch.setattr(execute, "kv_collector", lambda scoring, batch: made.append(scoring) or real(scoring, batch))
+    made, real = [], WindowScorer.collector
+    monkeypatch.setattr(WindowScorer, "collector", lambda scorer, width: made.append(scorer) or real(scorer, width))
     request = Request(context=long_context(260, seed=43), question="what is the magic number?", max_new_tokens=8)
     methods = [get_method("h2o", budget=40, window=8), get_method("h2o", budget=56, window=8),
                get_method("speckv", budget=40, window=8), get_method("speckv", budget=56, window=8, lookahead=3)]

@@ -7,8 +7,7 @@ from typing import TYPE_CHECKING
 
 from .engine.decoding import TextCallback
 from .errors import ConfigError
-from .flow import Prepared, prepare, run
-from .flow.steps import Observer
+from .flow import Observer, Prepared, prepare, run
 from .methods import Method, get_method
 from .prompt import EncodedPrompt
 from .types import Request, Result, Sampling

@@ -20,7 +20,7 @@ from .context import compress_context
 from .engine.decoding import check_backend
 from .errors import ConfigError, DraftKVError, PromptError
 from .eval import agreement, longbench, report, ruler, runner
-from .flow.steps import check_fits
+from .flow import check_fits
 from .jsonl import check_free, writing
 from .methods import METHODS, Method, help_of, method_with_budgets
 from .models import DEFAULT_DRAFT, DEFAULT_TARGET, cache_dir, embedded_status, load_pair, load_tokenizer
@@ -518,8 +518,10 @@ def _size(num_bytes: int) -> str:
 
 EvalMethods = Annotated[str, typer.Option(help="Comma-separated methods; name@BUDGET (speckv-pc@KV/PROMPT) runs "
                                                 "one method at that budget only, not at --budgets/--prompt-budgets.")]
-KVBudgets = Annotated[str, typer.Option(help="KV budgets (KV methods, and speckv-pc's KV stage).")]
-PromptBudgets = Annotated[str, typer.Option(help="Prompt budgets (prompt methods, and speckv-pc's prompt stage).")]
+KVBudgets = Annotated[str, typer.Option(help="KV budgets (KV methods, and speckv-pc's KV stage): entries per head "
+                                                "(256) or a ratio of the prompt (0.25).")]
+PromptBudgets = Annotated[str, typer.Option(help="Prompt budgets (prompt methods, and speckv-pc's prompt stage): tokens "
+                                                    "(1024) or a ratio of the prompt (0.5).")]
 Share = Annotated[bool, typer.Option(help="Run dense and KV methods of a sample from one shared prefill (exact).")]
 BatchSettings = Annotated[bool, typer.Option(help="Decode every setting of a sample as one batch of their caches "
                                              "(with --share; batched float arithmetic can flip a rare greedy tie).")]
@@ -540,6 +542,11 @@ def _split(text: str, kind=str, option: str = "") -> list:
     if not values:
         raise ConfigError(f"{option} names nothing (got {text!r}): give one or more comma-separated values")
     return values
+
+
+def budget(text: str) -> int | float:
+    """A budget as written on the command line: a token count (256) or a ratio of the prompt (0.25)."""
+    return int(text) if text.isdigit() else float(text)
 
 
 def _at_least_one(option: str, value: int | None) -> None:
@@ -604,8 +611,8 @@ def eval_ruler(
         lengths = _split(length, int, "--length")
         _at_least_one("--samples", samples)
         chosen_tasks = _ruler_tasks(tasks)
-        runs = runner.settings(_split(methods, str, "--methods"), _split(budgets, int, "--budgets"),
-                               _split(prompt_budgets, int, "--prompt-budgets"))
+        runs = runner.settings(_split(methods, str, "--methods"), _split(budgets, budget, "--budgets"),
+                               _split(prompt_budgets, budget, "--prompt-budgets"))
         check_backend(decode)  # checked here too: a dump loads no model that would check it
         if dump is None:
             for n in lengths:
@@ -685,8 +692,8 @@ def eval_longbench(
 ) -> None:
     """Score methods on LongBench tasks read from local files."""
     try:
-        runs = runner.settings(_split(methods, str, "--methods"), _split(budgets, int, "--budgets"),
-                               _split(prompt_budgets, int, "--prompt-budgets"))
+        runs = runner.settings(_split(methods, str, "--methods"), _split(budgets, budget, "--budgets"),
+                               _split(prompt_budgets, budget, "--prompt-budgets"))
         chosen_tasks = _split(tasks, str, "--tasks")
         _at_least_one("--samples", samples)
         for task in chosen_tasks:

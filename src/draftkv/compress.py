@@ -15,7 +15,7 @@ import torch
 from .api import check_pair, compress_batch
 from .engine.cache import has_sliding_layers
 from .errors import ConfigError
-from .flow.steps import Observer
+from .flow import Observer
 from .methods import METHODS, Method, get_method
 from .prompt import kept_text
 from .types import Request

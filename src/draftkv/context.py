@@ -21,9 +21,7 @@ from .engine.attention import ragged_attention
 from .engine.cache import checkpoint
 from .engine.decoding import decode
 from .errors import ConfigError, PromptError
-from .flow import Prepared, prepare_each
-from .flow.results import guessed, row_stats
-from .flow.steps import check_context, eos_ids
+from .flow import Prepared, check_fits, eos_ids, guessed, prepare_each, row_stats
 from .methods import Method, get_method
 from .prompt import EncodedPrompt, user_turn
 from .types import Request, Result, Sampling, Stats, check_text
@@ -67,7 +65,7 @@ class CompressedContext:
         start = self.prepared.batch.next_positions[0]
         tail = self.tail + (answer_prefix if not answer_prefix or self.tail.endswith("\n") else "\n" + answer_prefix)
         ids = tokenizer(question + tail, add_special_tokens=False)["input_ids"]
-        check_context(model, "target", start + len(ids), max_new_tokens)
+        check_fits(model.config, "target", start + len(ids), max_new_tokens)
         started = time.perf_counter()
         restore = checkpoint(cache)
         try:

@@ -15,8 +15,7 @@ import torch
 
 from .engine.attention import ragged_attention
 from .engine.cache import checkpoint
-from .flow import prepare
-from .flow.results import row_stats
+from .flow import prepare, row_stats
 from .methods import Method
 from .prompt import EncodedPrompt
 from .types import Request, Stats

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch.nn.attention import SDPBackend
@@ -31,7 +32,7 @@ from .scoring import Reduction, reduced_count, window_scores
 DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 _active_ragged: contextvars.ContextVar[DynamicCache | None] = contextvars.ContextVar("draftkv_ragged", default=None)
-_active_collectors: contextvars.ContextVar[tuple[WindowCollector | PromptCollector, ...]] = contextvars.ContextVar(
+_active_collectors: contextvars.ContextVar[tuple[Collector, ...]] = contextvars.ContextVar(
     "draftkv_active_collectors", default=()
 )
 
@@ -73,6 +74,24 @@ def allowed_rows(attention_mask, query_length: int, num_queries: int, key_length
     rows = [attention_mask.mask_mod(torch.full((), b, device=device), zero, queries, keys).expand(num_queries, key_length)
             for b in range(batch)]
     return torch.stack(rows)[:, None]
+
+
+class Collector(Protocol):
+    """What attention capture feeds: every attention call's queries and keys, layer by layer."""
+
+    slot: RowSlot | None  # while a padded batch is read one row at a time: where this row's scores go
+
+    def start_call(self) -> None:
+        """A forward call of the model begins."""
+
+    def observe(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                scaling: float | None, softcap: float | None = None, sliding: bool = False) -> None:
+        """One layer's queries [B, H_q, q, d] and keys [B, H_kv, k, d] (after RoPE), with the model's mask
+        and logits rule; `sliding`: the layer is a sliding window."""
+
+    @property
+    def seconds(self) -> float:
+        """Time spent observing, so callers can tell it apart from the forward pass."""
 
 
 class Timer:
@@ -268,9 +287,6 @@ class PromptCollector:
         if step_reduction == "max":
             return (steps * valid).amax(dim=1)
         return (steps * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1)
-
-
-Collector = WindowCollector | PromptCollector
 
 
 _WRAPPED = "draftkv_"  # our attention implementations: "draftkv_" + the model's own

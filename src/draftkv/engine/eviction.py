@@ -13,22 +13,30 @@ import torch
 from transformers import DynamicCache
 
 from ..methods import Method
+from .attention import RowSlot, Timer
 from .cache import compressed_layers, gather_positions
 from .scoring import window_scores
 
 
 class DecodeEviction:
-    """A collector for decoding steps that also evicts, through the decode loop's `after_step`."""
+    """A collector (attention.Collector) for decoding steps that also evicts, through the decode loop's
+    `after_step`."""
 
     def __init__(self, method: Method, budget: int) -> None:
         self.method = method
         self.budget = budget
-        scoring = method.kv_scoring()
-        self.summed = scoring is not None and scoring.all_queries
-        self.window = scoring.window if scoring is not None else 0
+        scorer = method.decode_scorer()
+        self.summed = scorer is not None and scorer.all_queries
+        self.window = scorer.window if scorer is not None else 0
         self.history: dict[int, list[torch.Tensor]] = {}  # per layer: recent steps' [B, H_kv, K_t] attention
         self.steps = 0
         self.evictions = 0
+        self.slot: RowSlot | None = None  # decoding reads the whole batch at once
+        self.timer = Timer()
+
+    @property
+    def seconds(self) -> float:
+        return self.timer.seconds
 
     def start_call(self) -> None:
         """Every decoding step is scored the same way: nothing to reset."""
@@ -38,6 +46,11 @@ class DecodeEviction:
                 sliding: bool = False) -> None:
         if self.window == 0 or query.shape[2] != 1 or sliding:
             return  # StreamingLLM needs no scores; only single new tokens are decoding steps
+        with self.timer.measure(query.device):
+            self._observe(layer_idx, query, key, scaling, softcap)
+
+    def _observe(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float | None,
+                 softcap: float | None) -> None:
         scores = window_scores(query, key, prefix_length=key.shape[2], scaling=scaling, softcap=softcap,
                                reduction="mean" if self.summed else "max")
         steps = self.history.setdefault(layer_idx, [])

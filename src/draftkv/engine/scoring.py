@@ -117,20 +117,3 @@ def pool_scores(scores: torch.Tensor, kernel: int, pooling: Pooling = "max") -> 
     else:
         pooled = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=True)
     return pooled.view(shape)
-
-
-def importance(
-    query_window: torch.Tensor,
-    key: torch.Tensor,
-    *,
-    prefix_length: int,
-    scaling: float | None = None,
-    reduction: Reduction = "max",
-    kernel: int = 7,
-    pooling: Pooling = "max",
-) -> torch.Tensor:
-    """The primitive for one call with causal window queries: [B, H_kv, prefix_length]."""
-    scores = window_scores(query_window, key, prefix_length=prefix_length, scaling=scaling, reduction=reduction)
-    if reduction == "mean":
-        scores = scores / reduced_count(query_window.shape[1], key.shape[1], query_window.shape[2])
-    return pool_scores(scores, kernel, pooling)

@@ -20,7 +20,7 @@ from ..context import compress_context_each
 from ..errors import ConfigError
 from ..flow import run_each
 from ..jsonl import append_row, drop_torn_tail, exclusive, read_rows, writing
-from ..methods import Method, budget_kinds, budget_params, method_with_budgets
+from ..methods import Budget, Method, budget_kinds, budget_params, method_with_budgets
 from ..progress import progress_bar
 from . import metrics
 from .ruler import Sample
@@ -41,8 +41,8 @@ class Setting:
     """One method at one budget (prompt budget for prompt methods; both for speckv-pc)."""
 
     method: str
-    budget: int | None = None
-    prompt_budget: int | None = None
+    budget: Budget | None = None
+    prompt_budget: Budget | None = None
 
     @property
     def params(self) -> dict:
@@ -58,7 +58,7 @@ class Setting:
         return " ".join([self.method, *filter(None, parts)])
 
 
-def settings(methods: list[str], budgets: list[int], prompt_budgets: list[int]) -> list[Setting]:
+def settings(methods: list[str], budgets: list[Budget], prompt_budgets: list[Budget]) -> list[Setting]:
     """Each method with the budgets that apply to it: KV budgets, prompt budgets, or both.
 
     A method written `name@BUDGET` (`speckv-pc@KV/PROMPT`) runs at that budget only, not at the lists'."""
@@ -69,7 +69,8 @@ def settings(methods: list[str], budgets: list[int], prompt_budgets: list[int]) 
             continue
         takes_kv, takes_prompt = budget_kinds(name)  # fails fast on an unknown name
         if takes_kv and takes_prompt:
-            result += [Setting(name, b, p) for p in prompt_budgets for b in budgets if b <= p]
+            result += [Setting(name, b, p) for p in prompt_budgets for b in budgets
+                       if isinstance(b, float) or isinstance(p, float) or b <= p]  # a ratio's count varies
         elif takes_kv:
             result += [Setting(name, b) for b in budgets]
         elif takes_prompt:
@@ -78,6 +79,8 @@ def settings(methods: list[str], budgets: list[int], prompt_budgets: list[int]) 
             result.append(Setting(name))
     if not result:
         raise ConfigError("nothing to run: give methods and the budgets that apply to them")
+    for setting in result:
+        setting.make()  # a budget the method refuses (0, a ratio above 1) fails before any model loads
     if len(set(result)) < len(result):
         repeated = sorted({s.label for s in result if result.count(s) > 1})
         raise ConfigError(f"setting(s) named twice: {', '.join(repeated)}; name each method and budget once")

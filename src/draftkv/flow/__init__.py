@@ -1,7 +1,9 @@
 """The one request flow as a small package: plan -> steps -> select -> execute -> results."""
 
 from .execute import prepare, prepare_each, run, run_each
-from .results import Prepared, finish, finish_together
-from .steps import Observer, StageEvent
+from .plan import Consumer, LayerKinds
+from .results import Prepared, finish, finish_together, guessed, row_stats
+from .steps import Observer, StageEvent, check_fits, eos_ids
 
-__all__ = ["Observer", "Prepared", "StageEvent", "finish", "finish_together", "prepare", "prepare_each", "run", "run_each"]
+__all__ = ["Consumer", "LayerKinds", "Observer", "Prepared", "StageEvent", "check_fits", "eos_ids", "finish",
+           "finish_together", "guessed", "prepare", "prepare_each", "row_stats", "run", "run_each"]

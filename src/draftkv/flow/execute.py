@@ -18,35 +18,29 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from ..engine.cache import (
-    bytes_per_entry,
-    clone_cache,
-    compressed_layers,
-    has_sliding_layers,
-    kv_bytes,
-    layer_entry_bytes,
-)
+from ..engine.attention import WindowCollector
+from ..engine.cache import bytes_per_entry, clone_cache, compressed_layers, kv_bytes, layer_entry_bytes
 from ..engine.decoding import TextCallback
 from ..errors import ConfigError, TokenizerMismatchError
 from ..methods import Method, get_method
 from ..prompt import EncodedPrompt, encode_prompts
 from ..types import Request, Result
-from .batch import DraftView, PaddedBatch, pad_prompts, pad_token
-from .plan import Consumer
-from .results import Prepared, finish, finish_together
+from .batch import DraftView, PaddedBatch, lookahead_view, pad_prompts, pad_token
+from .plan import Consumer, LayerKinds, decodes_alone
+from .results import Prepared, TargetSide, finish, finish_together
 from .select import KeptPrompt, keep_prompt, kv_stage
 from .steps import (
     Clock,
     Observer,
-    check_context,
+    check_fits,
     eos_ids,
-    kv_collector,
     probe,
     pseudo_answer,
     run_draft,
@@ -84,10 +78,9 @@ def run_each(pair: ModelPair, requests: list[Request], methods: list[str | Metho
     if decode_together and (on_text is not None or cancelled is not None):
         raise ConfigError("methods decoded together cannot stream text or be cancelled one by one")
     chosen = [get_method(m) for m in methods]
-    # A batch of sliding-window models runs one request at a time: a window's left padding would differ
-    # from the full layers'. With decode-time eviction each row would evict different entries.
-    sliding = any(has_sliding_layers(loaded.model.config) for loaded in filter(None, (pair.target, pair.draft)))
-    alone = [i for i, m in enumerate(chosen) if len(requests) > 1 and (sliding or m.evicts_during_decode)]
+    target = LayerKinds.of(pair.target.model.config)
+    draft = LayerKinds.of(pair.draft.model.config) if pair.draft is not None else None
+    alone = [i for i, m in enumerate(chosen) if decodes_alone(m, len(requests), target, draft)]
     together = [i for i in range(len(chosen)) if i not in alone]
     if together and decode_together:
         ready = dict(prepare_each(pair, requests, [chosen[i] for i in together], observer=observer, prompts=prompts))
@@ -136,12 +129,14 @@ def prepare_each(pair: ModelPair, requests: list[Request], methods: list[str | M
         prompts = encode_prompts(pair.tokenizer, requests)
     lengths = [len(p.ids) for p in prompts]
     for request, n in zip(requests, lengths, strict=True):
-        check_context(target, "target", n, request.max_new_tokens)
-    consumers = [Consumer.of(get_method(m), lengths, [r.max_new_tokens for r in requests]) for m in methods]
+        check_fits(target.config, "target", n, request.max_new_tokens)
+    kinds = LayerKinds.of(target.config)
+    consumers = [Consumer.of(get_method(m), lengths, [r.max_new_tokens for r in requests], kinds) for m in methods]
     for consumer in consumers:  # the target's own guess (LAQ++'s pseudo-answer) is read at the prompt's end
-        for request, n, compressing in zip(requests, lengths, consumer.budgets.compressing, strict=True):
-            if compressing and (guess := consumer.method.guess(request.max_new_tokens)) is not None:
-                check_context(target, "target", n, guess.tokens)
+        if consumer.guess is not None:
+            for row in consumer.rows:
+                if row.drops_entries:
+                    check_fits(target.config, "target", row.prompt_length, consumer.guess.tokens)
     batch = pad_prompts([p.ids for p in prompts], pad_token(pair.tokenizer), device)
     clock.add("tokenize", clock.now() - started)
 
@@ -159,11 +154,10 @@ def prepare_each(pair: ModelPair, requests: list[Request], methods: list[str | M
     kept = [station_one(pair, requests, prompts, draft_prompts, batch, consumer, view, own)
             for consumer, view, own in zip(consumers, views or [None] * len(consumers), own_clocks, strict=True)]
 
-    def prepared(index: int, shared: dict[str, float], **target_side) -> Prepared:
-        consumer = consumers[index]
+    def prepared(index: int, shared: dict[str, float], target_side: TargetSide | None = None) -> Prepared:
         stages = {**clock.stages, **shared, **own_clocks[index].stages}
-        return Prepared(consumer.method, requests, prompts, kept[index], consumer.budgets.kv,
-                        drafted.result()[1][index], Clock(device, observer, stages), started, **target_side)
+        return Prepared(consumers[index], requests, prompts, kept[index], drafted.result()[1][index],
+                        Clock(device, observer, stages), started, target_side)
 
     if not read:
         for index in range(len(consumers)):
@@ -178,10 +172,8 @@ def prepare_each(pair: ModelPair, requests: list[Request], methods: list[str | M
         shared = draft_clock.stages if uses_draft else {}
         for index, target_side in read_target(pair, [consumers[i] for i in group],
                                               lambda group=group: [drafted.result()[1][i] for i in group],
-                                              kept[group[0]].batch, max(r.max_new_tokens for r in requests),
-                                              group_clock, [own_clocks[i] for i in group]):
-            yield group[index], prepared(group[index], {**shared, **group_clock.stages}, **target_side,
-                                         shared_prefill=len(group) > 1)
+                                              kept[group[0]].batch, group_clock, [own_clocks[i] for i in group]):
+            yield group[index], prepared(group[index], {**shared, **group_clock.stages}, target_side)
 
 
 class Beside:
@@ -223,9 +215,8 @@ def station_one(pair: ModelPair, requests: list[Request], prompts: list[EncodedP
     if consumer.reads_whole_prompt:
         return KeptPrompt(batch, [None] * len(requests), [None] * len(requests))
     selecting = clock.start("prompt_selection")
-    kept = keep_prompt(consumer.method, requests, prompts, draft_prompts, consumer.budgets.prompt,
-                       consumer.budgets.compress_prompt, view, pair.tokenizer, pad_token(pair.tokenizer),
-                       pair.tokenizer_mismatch is not None, batch.input_ids.device)
+    kept = keep_prompt(consumer.method, requests, prompts, draft_prompts, consumer.rows, view, pair.tokenizer,
+                       pad_token(pair.tokenizer), pair.tokenizer_mismatch is not None, batch.input_ids.device)
     clock.add("prompt_selection", clock.now() - selecting)
     return kept
 
@@ -242,7 +233,7 @@ def draft_pass(pair: ModelPair, requests: list[Request], prompts: list[EncodedPr
         raise ConfigError(f"method {consumers[users[0]].method.name!r} needs a draft model; load the pair with a draft")
     cross = pair.tokenizer_mismatch is not None
     for i in users:
-        if cross and consumers[i].method.compresses_kv and max(consumers[i].need.lookahead) > 0:
+        if cross and consumers[i].probes_lookahead:
             raise TokenizerMismatchError(
                 f"method {consumers[i].method.name!r} passes the draft's lookahead tokens to the target, which needs "
                 f"the same tokenizer ({pair.tokenizer_mismatch}); prompt methods (specpc, specprefill, lingua) work "
@@ -253,7 +244,7 @@ def draft_pass(pair: ModelPair, requests: list[Request], prompts: list[EncodedPr
         draft_prompts = encode_prompts(draft_tokenizer, requests)
         draft_batch = pad_prompts([p.ids for p in draft_prompts], pad_token(draft_tokenizer), batch.input_ids.device)
     for row, prompt in enumerate(draft_prompts):
-        check_context(pair.draft.model, "draft", len(prompt.ids), max(consumers[i].need.lookahead[row] for i in users))
+        check_fits(pair.draft.model.config, "draft", len(prompt.ids), max(consumers[i].need.lookahead[row] for i in users))
     drafted = run_draft(pair.draft.model, draft_batch, [consumers[i].need for i in users],
                         eos_ids(pair.draft.model, draft_tokenizer), pad_token(draft_tokenizer), clock, pair.decode)
     for i, view in zip(users, drafted, strict=True):
@@ -262,75 +253,98 @@ def draft_pass(pair: ModelPair, requests: list[Request], prompts: list[EncodedPr
 
 
 def read_target(pair: ModelPair, consumers: list[Consumer], views: Callable[[], list[DraftView | None]],
-                batch: PaddedBatch, max_new_tokens: int, clock: Clock, own_clocks: list[Clock],
-                ) -> Iterator[tuple[int, dict]]:
+                batch: PaddedBatch, clock: Clock, own_clocks: list[Clock]) -> Iterator[tuple[int, TargetSide]]:
     """One target prefill of `batch` for the consumers that read it, scored for each of them; then
     station 2 per consumer (yielded one at a time, each on its own copy of the cache but the last,
     which takes the cache itself). `views()`: the consumers' draft views, asked for after the prefill
     (the draft may still be running beside it)."""
-    cache, first_logits, compressing, collectors, guesses = score_prompt(pair, consumers, views, batch,
-                                                                         max_new_tokens, clock)
+    scored = score_prompt(pair, consumers, views, batch, clock)
+    cache = scored.cache
     entry_bytes = bytes_per_entry(cache)
     windows = [(layer.sliding_window, layer_entry_bytes(layer)) for layer in cache.layers
                if getattr(layer, "is_sliding", False)]
     last = len(consumers) - 1
-    for index, (consumer, compresses, collector, own) in enumerate(zip(consumers, compressing, collectors, own_clocks,
-                                                                      strict=True)):
-        scores = collector.layer_scores() if collector is not None else None
+    for index, (consumer, scores, own) in enumerate(zip(consumers, scored.scores, own_clocks, strict=True)):
         copy = index < last
-        if compresses:
+        if consumer.drops_entries:
             selecting = own.start("compression")
-            own_cache, mask, kept_rows = kv_stage(consumer.method, cache, batch, scores, consumer.budgets.kv, copy=copy)
+            own_cache, mask, kept_rows = kv_stage(consumer.method, cache, batch, scores, consumer.rows, copy=copy)
             own.add("compression", own.now() - selecting)
         else:  # dense: the full cache (a copy of it while others still need it)
             own_cache = clone_cache(cache) if copy else cache
             mask, kept_rows = batch.attention_mask, [None] * len(batch.lengths)
-        yield index, {"cache": own_cache, "first_logits": first_logits, "attention_mask": mask,
-                      "kept_rows": kept_rows, "layer_scores": scores, "entry_bytes": entry_bytes, "sliding_windows": windows,
-                      "stored_bytes": kv_bytes(own_cache), "guess": guesses[index]}
+        yield index, TargetSide(own_cache, scored.first_logits, mask, kept_rows, scores, entry_bytes, windows,
+                                kv_bytes(own_cache), len(consumers) > 1, scored.guesses[index])
+
+
+@dataclass
+class ScoredPrompt:
+    """The target's prefill of a batch with what scored it: per consumer, its scores and the guess
+    that probed the cache for it."""
+
+    cache: DynamicCache
+    first_logits: torch.Tensor  # [B, V], the last prompt position's
+    scores: list[list[torch.Tensor] | None]  # per consumer: per compressed layer [B, H_kv, S]
+    guesses: list[DraftView | None]
+
+
+@dataclass
+class Reading:
+    """What a KV scorer may read of the target after its prefill (methods.TargetReading)."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    cache: DynamicCache
+    batch: PaddedBatch
+    clock: Clock
+
+    def probe(self, tokens: list[list[int]], counted: list[list[bool]], collector: WindowCollector,
+              stage: str) -> None:
+        view = lookahead_view(tokens, pad_token(self.tokenizer), self.batch.input_ids.device)
+        valid = torch.zeros_like(view.lookahead_valid)
+        for row, marks in enumerate(counted):
+            valid[row, : len(marks)] = torch.tensor(marks, dtype=torch.bool)
+        probe(self.model, self.cache, self.batch, view, [(collector, valid)], self.clock, stage)
+
+    def full_layer_keys(self) -> list[torch.Tensor]:
+        return [self.cache.layers[at].keys for at in compressed_layers(self.cache)]
 
 
 def score_prompt(pair: ModelPair, consumers: list[Consumer], views: Callable[[], list[DraftView | None]],
-                 batch: PaddedBatch, max_new_tokens: int, clock: Clock,
-                 ) -> tuple[DynamicCache, torch.Tensor, list, list, list]:
+                 batch: PaddedBatch, clock: Clock) -> ScoredPrompt:
     """The target prefill with every consumer's collectors, then the guesses that probe the full cache:
     the draft's lookahead once, as long as the longest view (each collector counts its own tokens),
-    and each target guess (LAQ++'s pseudo-answer). Returns the cache, the last position's logits, and
-    per consumer whether station 2 drops entries, its collector and the guess that probed for it."""
+    and each target guess (LAQ++'s pseudo-answer); then each scorer's scores."""
     target, tokenizer = pair.target.model, pair.tokenizer
-    # Station 2 drops entries of a row when its budget is below what the target read, in the full-attention
-    # layers: a model whose every layer is a sliding window has nothing for a KV budget to drop.
-    has_full_layers = bool(compressed_layers(DynamicCache(config=target.config.get_text_config())))
-    compressing = [has_full_layers and any(b is not None and b < n for b, n in zip(c.budgets.kv, batch.lengths,
-                                                                                   strict=True))
-                   for c in consumers]
-    scorings = [c.method.kv_scoring() if on else None for c, on in zip(consumers, compressing, strict=True)]
-    guesses = [c.method.guess(max_new_tokens) if on else None for c, on in zip(consumers, compressing, strict=True)]
-    stage_scorings = [g.stage_one.kv_scoring() if g is not None and g.stage_one is not None else None for g in guesses]
     # Consumers that score the prompt alike (one method at two budgets, LAQ++'s stage one and SnapKV) share
     # one collector through the prefill; each then goes on with its own copy for its own probe.
-    prefill_collectors = {s: kv_collector(s, batch) for s in dict.fromkeys([*scorings, *stage_scorings]) if s is not None}
-    cache, first_logits = target_prefill(target, batch, list(prefill_collectors.values()), clock)
-    collectors = [prefill_collectors[s].copy() if s is not None else None for s in scorings]
-    stage_ones = [prefill_collectors[s] if s is not None else None for s in stage_scorings]
+    scorers = dict.fromkeys(s for c in consumers for s in (c.kv_scorer, c.stage_one_scorer) if s is not None)
+    prefill_collectors = {s: s.collector(batch.width) for s in scorers}
+    cache, first_logits = target_prefill(target, batch, [c for c in prefill_collectors.values() if c is not None],
+                                         clock)
+    collectors = [prefill_collectors[c.kv_scorer].copy() if c.kv_scorer is not None
+                  and prefill_collectors[c.kv_scorer] is not None else None for c in consumers]
     views = views()
 
-    probes = [view if collector is not None and guess is None and view is not None
+    probes = [view if consumer.probes_lookahead and collector is not None and view is not None
               and view.lookahead_ids.shape[1] > 0 else None
-              for collector, view, guess in zip(collectors, views, guesses, strict=True)]
+              for consumer, collector, view in zip(consumers, collectors, views, strict=True)]
     if any(view is not None for view in probes):
         longest = max((view for view in probes if view is not None), key=lambda v: v.lookahead_ids.shape[1])
         width = longest.lookahead_ids.shape[1]
         probe(target, cache, batch, longest,
               [(collector, F.pad(view.lookahead_valid, (0, width - view.lookahead_valid.shape[1])))
                for collector, view in zip(collectors, probes, strict=True) if view is not None], clock)
-    for index, (consumer, collector, guess, stage_one) in enumerate(zip(consumers, collectors, guesses, stage_ones,
-                                                                        strict=True)):
-        if guess is None:
+    for index, (consumer, collector) in enumerate(zip(consumers, collectors, strict=True)):
+        if consumer.guess is None:
             continue
+        stage_one = prefill_collectors[consumer.stage_one_scorer] if consumer.stage_one_scorer is not None else None
         probes[index] = answer = pseudo_answer(
-            target, cache, first_logits, batch, guess, stage_one.layer_scores() if stage_one is not None else None,
-            consumer.budgets.kv, eos_ids(target, tokenizer), pad_token(tokenizer), clock, pair.decode)
+            target, cache, first_logits, batch, consumer.guess, stage_one.layer_scores() if stage_one is not None
+            else None, consumer.rows, eos_ids(target, tokenizer), pad_token(tokenizer), clock, pair.decode)
         if answer.lookahead_ids.shape[1] > 0:
             probe(target, cache, batch, answer, [(collector, answer.lookahead_valid)], clock)
-    return cache, first_logits, compressing, collectors, probes
+    reading = Reading(target, tokenizer, cache, batch, clock)
+    scores = [consumer.kv_scorer.scores(collector, reading) if consumer.kv_scorer is not None else None
+              for consumer, collector in zip(consumers, collectors, strict=True)]
+    return ScoredPrompt(cache, first_logits, scores, probes)

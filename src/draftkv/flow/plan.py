@@ -1,70 +1,146 @@
-"""The plan: N consumers (a method with its budgets, per request) over one batch of requests.
+"""The plan: every decision of the flow, made once per consumer (a method over one batch) and row.
 
-"Which budget does what" lives here and nowhere else: station 1 keeps `prompt` tokens of a row, and
-station 2 keeps `kv` entries of what station 1 left. What a consumer asks of the draft follows from
-them: rows kept whole ask nothing (a dense run needs no guess).
+Station 1 keeps `prompt_budget` tokens of a row when that is fewer than the row has; station 2 keeps
+`kv_budget` entries of what station 1 left when that is fewer, and only where the target has layers
+a budget applies to (full attention: a sliding window keeps its window anyway). What a consumer asks
+of the draft, which scorers attach where, which guess probes the cache, whether decoding evicts or
+runs alone, and what the stats say of a budget that dropped nothing: all follow from those, here.
+The executor carries the plan out and the results report it; neither decides again.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..methods import DraftScoring, Method
+from transformers import DynamicCache
+
+from ..methods import DraftScorer, KVScorer, Method, PseudoAnswer
+
+
+@dataclass(frozen=True)
+class LayerKinds:
+    """Which kinds of attention layer a model caches: full (a KV budget applies) and sliding windows."""
+
+    full: bool
+    sliding: bool
+
+    @classmethod
+    def of(cls, config) -> LayerKinds:
+        layers = DynamicCache(config=config.get_text_config()).layers
+        sliding = [bool(getattr(layer, "is_sliding", False)) for layer in layers]
+        return cls(full=not all(sliding), sliding=any(sliding))
+
+
+def decodes_alone(method: Method, batch_size: int, target: LayerKinds, draft: LayerKinds | None) -> bool:
+    """Whether a batch runs one request at a time for this method: a sliding window's left padding would
+    differ from the full layers', and decode-time eviction would evict different entries per row."""
+    sliding = target.sliding or (draft is not None and draft.sliding)
+    return batch_size > 1 and (sliding or method.evicts_during_decode)
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """One row of one consumer: what each station keeps of it."""
+
+    prompt_length: int
+    prompt_budget: int | None  # the method's station-1 budget for this row (None: it has no station 1)
+    kv_budget: int | None  # its station-2 budget for what station 1 left (None: no station 2)
+    drops_tokens: bool  # station 1 keeps fewer tokens than the row has
+    drops_entries: bool  # station 2 keeps fewer entries than station 1 left, in full-attention layers
+    lookahead: int  # draft tokens guessed for this row (0: none)
+
+    @property
+    def compressed(self) -> bool:
+        return self.drops_tokens or self.drops_entries
+
+    @property
+    def stage_length(self) -> int:
+        """The tokens the target reads: station 1's budget where it drops tokens (exactly what it keeps
+        in the target's own tokens), else the whole row."""
+        return self.prompt_budget if self.drops_tokens else self.prompt_length
+
+    def notes(self, has_full_layers: bool) -> list[str]:
+        """What the stats say of a budget that dropped nothing."""
+        said = []
+        if self.prompt_budget is not None and not self.drops_tokens:
+            said.append(f"prompt budget {self.prompt_budget} >= prompt length {self.prompt_length}: the whole prompt "
+                        "was kept")
+        if self.kv_budget is not None and not has_full_layers:
+            said.append("every layer is a sliding window, which keeps its window: no KV budget applies")
+        elif self.kv_budget is not None and not self.drops_entries:
+            said.append(f"budget {self.kv_budget} >= prompt length {self.stage_length}: ran dense")
+        return said
 
 
 @dataclass(frozen=True)
 class DraftNeed:
-    """What one consumer asks of the draft pass: a guess of the answer (per row), prompt scores, or both."""
+    """What one consumer asks of the draft pass: a guess of the answer per row, prompt scores, or both."""
 
     lookahead: list[int]
-    scoring: DraftScoring | None = None
-    information: bool = False  # the self-information of every prompt token (LLMLingua-style)
+    scorer: DraftScorer | None = None
 
     @property
     def needed(self) -> bool:
-        return max(self.lookahead, default=0) > 0 or self.scoring is not None or self.information
+        return max(self.lookahead, default=0) > 0 or self.scorer is not None
 
 
-@dataclass
-class Budgets:
-    """Per row: what station 1 keeps of the prompt, and what station 2 keeps of what is left."""
+@dataclass(frozen=True)
+class Eviction:
+    """Decode-time eviction: every `every` new tokens the cache is cut back to `budget` entries."""
 
-    prompt: list[int | None]
-    compress_prompt: list[bool]
-    kv: list[int | None]
-    compressing: list[bool]  # either station drops something
-
-    @classmethod
-    def of(cls, method: Method, lengths: list[int]) -> Budgets:
-        prompt = [method.prompt_tokens(n) for n in lengths]
-        compress_prompt = [b is not None and b < n for b, n in zip(prompt, lengths, strict=True)]
-        # The KV stage runs on what station 1 leaves, which is exactly its budget.
-        stage_lengths = [b if c else n for b, c, n in zip(prompt, compress_prompt, lengths, strict=True)]
-        kv = [method.kv_entries(n) for n in stage_lengths]
-        compress_kv = [b is not None and b < n for b, n in zip(kv, stage_lengths, strict=True)]
-        return cls(prompt, compress_prompt, kv, [p or k for p, k in zip(compress_prompt, compress_kv, strict=True)])
-
-    def draft_need(self, method: Method, max_new_tokens: list[int]) -> DraftNeed:
-        """Nothing for rows kept whole; prompt scores when station 1 drops tokens."""
-        lookahead = [method.draft_lookahead(m) if c else 0 for m, c in zip(max_new_tokens, self.compressing, strict=True)]
-        drops = any(self.compress_prompt)
-        return DraftNeed(lookahead, method.draft_scoring() if drops else None, method.needs_self_information and drops)
+    every: int
+    budget: int
 
 
 @dataclass
 class Consumer:
-    """One method over the batch: its budgets and what it asks of the draft."""
+    """One method over the batch, with every decision made for it."""
 
     method: Method
-    budgets: Budgets
-    need: DraftNeed
+    rows: list[RowPlan]
+    target: LayerKinds
+    need: DraftNeed  # what it asks of the draft
+    kv_scorer: KVScorer | None  # attached to the target's prefill: some row drops entries and the method scores
+    guess: PseudoAnswer | None  # the target's own guess that probes the cache (LAQ++), when some row drops entries
+    stage_one_scorer: KVScorer | None  # the guess's stage one scores the prefill too
+    probes_lookahead: bool  # the draft's lookahead probes the full cache for the scorer
+    eviction: Eviction | None  # decode-time eviction (a batch that evicts runs one request at a time)
 
     @classmethod
-    def of(cls, method: Method, lengths: list[int], max_new_tokens: list[int]) -> Consumer:
-        budgets = Budgets.of(method, lengths)
-        return cls(method, budgets, budgets.draft_need(method, max_new_tokens))
+    def of(cls, method: Method, lengths: list[int], max_new_tokens: list[int], target: LayerKinds) -> Consumer:
+        rows = []
+        for n, asked in zip(lengths, max_new_tokens, strict=True):
+            prompt_budget = method.prompt_tokens(n)
+            drops_tokens = prompt_budget is not None and prompt_budget < n
+            stage_length = prompt_budget if drops_tokens else n
+            kv_budget = method.kv_entries(stage_length)
+            drops_entries = target.full and kv_budget is not None and kv_budget < stage_length
+            compressed = drops_tokens or drops_entries
+            rows.append(RowPlan(n, prompt_budget, kv_budget, drops_tokens, drops_entries,
+                                method.draft_lookahead(asked) if compressed else 0))
+        drops_entries = any(row.drops_entries for row in rows)
+        need = DraftNeed([row.lookahead for row in rows],
+                         method.draft_scorer() if any(row.drops_tokens for row in rows) else None)
+        kv_scorer = method.kv_scorer() if drops_entries else None
+        guess = method.guess(max(max_new_tokens)) if drops_entries else None
+        stage_one = guess.stage_one.kv_scorer() if guess is not None and guess.stage_one is not None else None
+        probes = kv_scorer is not None and guess is None and max(need.lookahead, default=0) > 0
+        eviction = None
+        if method.evicts_during_decode and len(rows) == 1 and rows[0].drops_entries:
+            eviction = Eviction(method.evict_every, rows[0].kv_budget)
+        return cls(method, rows, target, need, kv_scorer, guess, stage_one, probes, eviction)
 
     @property
     def reads_whole_prompt(self) -> bool:
         """Station 1 drops nothing, so the target reads the prompt as it is (and can share its prefill)."""
-        return not any(self.budgets.compress_prompt)
+        return not any(row.drops_tokens for row in self.rows)
+
+    @property
+    def drops_entries(self) -> bool:
+        return any(row.drops_entries for row in self.rows)
+
+    @property
+    def joins_others(self) -> bool:
+        """Its decode can join other consumers' in one batch: no eviction, no sliding window (a window's
+        cache cannot be padded to another's)."""
+        return self.eviction is None and not self.target.sliding

@@ -17,6 +17,7 @@ from ..methods import Method
 from ..prompt import EncodedPrompt
 from ..types import Request, Result, Stats
 from .batch import DraftView, PaddedBatch
+from .plan import Consumer
 from .select import KeptPrompt
 from .steps import Clock, eos_ids, peak_memory
 
@@ -25,45 +26,77 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class Prepared:
-    """One consumer's batch after both stations: the (compressed) target cache, ready to decode."""
+class TargetSide:
+    """What the target's prefill and station 2 left for one consumer: its cache, ready to decode."""
 
-    method: Method
+    cache: DynamicCache | None  # the (compressed) cache; None once a joint decode took it
+    first_logits: torch.Tensor  # [B, V], the last prompt position's logits
+    attention_mask: torch.Tensor | None  # [B, physical cache length]; None when no row is padded
+    kept_rows: list[list[torch.Tensor] | None]  # per row, per layer [H_kv, kept] station-1 positions (None: all)
+    layer_scores: list[torch.Tensor] | None  # per compressed layer [B, H_kv, S], the scorer's scores
+    entry_bytes: int  # one position's keys and values over the compressed (full-attention) layers
+    sliding_windows: list[tuple[int, int]]  # per sliding-window layer: its window, bytes per entry
+    stored_bytes: int  # what the batch's cache tensors hold right after compression, padding included
+    shared_prefill: bool  # the target prefill served other consumers too
+    guess: DraftView | None  # the guessed answer that probed the cache: the draft's, or the target's own
+
+
+@dataclass
+class Prepared:
+    """One consumer's batch after both stations: its plan, what station 1 kept and the target's side."""
+
+    consumer: Consumer  # the plan for this method over the batch
     requests: list[Request]
     prompts: list[EncodedPrompt]  # the full prompts, as the target's tokenizer encodes them
     kept: KeptPrompt  # what station 1 kept, and the batch the target read
-    kv_budgets: list[int | None]
     draft: DraftView | None  # this consumer's view of the draft pass
     clock: Clock  # this consumer's stages: its own and those it shared
     started: float
-    cache: DynamicCache | None = None  # None: the target was not run (prompt compression alone)
-    first_logits: torch.Tensor | None = None  # [B, V], the last prompt position's logits
-    attention_mask: torch.Tensor | None = None  # [B, physical cache length]; None when no row is padded
-    kept_rows: list[list[torch.Tensor] | None] | None = None  # per row, per layer [H_kv, kept] station-1 positions
-    layer_scores: list[torch.Tensor] | None = None  # per layer [B, H_kv, N - window] window importance
-    entry_bytes: int = 0  # one position's keys and values over the compressed (full-attention) layers
-    sliding_windows: list[tuple[int, int]] | None = None  # per sliding-window layer: its window, bytes per entry
-    stored_bytes: int = 0  # what the batch's cache tensors hold right after compression, padding included
-    shared_prefill: bool = False  # the target prefill served other consumers too
-    guess: DraftView | None = None  # the guessed answer that probed the cache: the draft's, or the target's own
+    target: TargetSide | None = None  # None: the target was not run (prompt compression alone)
+
+    @property
+    def method(self) -> Method:
+        return self.consumer.method
 
     @property
     def batch(self) -> PaddedBatch:
         return self.kept.batch
 
     @property
-    def budgets(self) -> list[int | None]:
-        return self.kv_budgets
+    def kv_budgets(self) -> list[int | None]:
+        return [row.kv_budget for row in self.consumer.rows]
+
+    @property
+    def cache(self) -> DynamicCache | None:
+        return self.target.cache if self.target is not None else None
+
+    @property
+    def first_logits(self) -> torch.Tensor:
+        return self.target.first_logits
+
+    @property
+    def attention_mask(self) -> torch.Tensor | None:
+        return self.target.attention_mask
+
+    @property
+    def kept_rows(self) -> list[list[torch.Tensor] | None]:
+        return self.target.kept_rows if self.target is not None else [None] * len(self.requests)
+
+    @property
+    def layer_scores(self) -> list[torch.Tensor] | None:
+        return self.target.layer_scores
+
+    @property
+    def guess(self) -> DraftView | None:
+        return self.target.guess if self.target is not None else None
 
 
 def finish(pair: ModelPair, prepared: Prepared, on_text: TextCallback | None = None,
            cancelled: Callable[[int], bool] | None = None) -> list[Result]:
     """Decode a prepared batch (with decode-time eviction when the method asks) and build the results."""
-    method, requests = prepared.method, prepared.requests
+    requests, planned = prepared.requests, prepared.consumer.eviction
     target, clock = pair.target.model, prepared.clock
-    eviction = None
-    if method.evicts_during_decode and prepared.kept_rows[0] is not None:
-        eviction = DecodeEviction(method, prepared.kv_budgets[0])
+    eviction = DecodeEviction(prepared.method, planned.budget) if planned is not None else None
     decoding = clock.start("decode")
     with ragged_attention(target, prepared.cache), capture(target, eviction):
         output = decode(
@@ -102,13 +135,6 @@ def results_of(pair: ModelPair, prepared: Prepared, rows: list[Decoded], first_t
     return results
 
 
-def decodes_together(prepared: Prepared) -> bool:
-    """Whether a prepared batch can join others in one decode: no decode-time eviction, and no
-    sliding-window layer (a window's cache cannot be padded to another's)."""
-    return not (prepared.method.evicts_during_decode and prepared.kept_rows[0] is not None) and not any(
-        getattr(layer, "is_sliding", False) for layer in prepared.cache.layers)
-
-
 def decode_groups(widths: list[int], entry_bytes: int, weight_bytes: int) -> list[list[int]]:
     """Which rows decode together. Each group's step reads the weights once and every row's cache padded
     to the group's widest; rows sorted by width are split where that costs least in bytes read per step."""
@@ -131,16 +157,16 @@ def finish_together(pair: ModelPair, batches: list[Prepared]) -> list[list[Resul
     """Decode several prepared batches of the same requests (several settings of one sample) as one
     batch of their caches: each row keeps its own compressed cache, positions and stop rule, and the
     target's weights are read once per step for all. Those that cannot join (`decodes_together`)
-    decode alone. Greedy tokens equal separate decodes up to float arithmetic over the padding."""
+    decode alone (the plan says which: `Consumer.joins_others`). Greedy tokens equal separate decodes up to float arithmetic over the padding."""
     results: list[list[Result] | None] = [None] * len(batches)
-    joining = [i for i, prepared in enumerate(batches) if decodes_together(prepared)]
+    joining = [i for i, prepared in enumerate(batches) if prepared.consumer.joins_others]
     for i in set(range(len(batches))) - set(joining):
         results[i] = finish(pair, batches[i])
     if not joining:
         return results
     weight_bytes = sum(p.numel() * p.element_size() for p in pair.target.model.parameters())
     widths = [sum(layer.get_seq_length() for layer in batches[i].cache.layers) for i in joining]
-    entry_bytes = max(batches[i].entry_bytes for i in joining) // max(len(batches[joining[0]].cache.layers), 1)
+    entry_bytes = max(batches[i].target.entry_bytes for i in joining) // max(len(batches[joining[0]].cache.layers), 1)
     for group in decode_groups(widths, entry_bytes, weight_bytes):
         members = [batches[joining[i]] for i in group]
         for i, finished in zip(group, _decode_group(pair, members), strict=True):
@@ -154,7 +180,7 @@ def _decode_group(pair: ModelPair, batches: list[Prepared]) -> list[list[Result]
     started = clock.start("decode")
     cache = stacked_cache([p.cache for p in batches], [p.attention_mask for p in batches])
     for prepared in batches:
-        prepared.cache = None  # the stacked copy replaces it
+        prepared.target.cache = None  # the stacked copy replaces it
     requests = [request for prepared in batches for request in prepared.requests]
     eos = eos_ids(target, pair.tokenizer)
     with ragged_attention(target, cache):
@@ -184,8 +210,9 @@ def row_stats(prepared: Prepared, row: int, new_tokens: int, first_token_at: flo
               memory: int | None, notes: Sequence[str] = (),
               ) -> tuple[Stats, torch.Tensor | None, list[torch.Tensor] | None]:
     """One row's stats, its station-1 kept tokens and its kept KV positions (in original prompt positions);
-    `notes`: the caller's own, after what the stats say themselves."""
-    n = len(prepared.prompts[row].ids)
+    `notes`: the caller's own, after what the plan says of the row."""
+    planned, side = prepared.consumer.rows[row], prepared.target
+    n = planned.prompt_length
     kept_tokens, kept_kv = prepared.kept.kept_tokens[row], prepared.kept_rows[row]
     stage_length = prepared.batch.lengths[row]
     if kept_kv is not None and kept_tokens is not None:
@@ -194,28 +221,21 @@ def row_stats(prepared: Prepared, row: int, new_tokens: int, first_token_at: flo
     real = sum(int((positions >= 0).sum()) for positions in kept_kv) if kept_kv is not None else None
     slots = sum(positions.numel() // positions.shape[-1] for positions in kept_kv) if kept_kv is not None else 1
     entries = round(real / slots) if real is not None else stage_length
-    budget = prepared.kv_budgets[row]
-    prompt_budget = prepared.method.prompt_tokens(n)
-    windows = prepared.sliding_windows or []
+    entry_bytes = side.entry_bytes if side is not None else 0
+    windows = side.sliding_windows if side is not None else []
     sliding_entries = max((min(stage_length, window - 1) for window, _ in windows), default=0)
     sliding = sum(min(stage_length, window - 1) * entry for window, entry in windows)
     sliding_dense = sum(min(n, window - 1) * entry for window, entry in windows)
-    said = []
-    if prompt_budget is not None and kept_tokens is None:
-        said.append(f"prompt budget {prompt_budget} >= prompt length {n}: the whole prompt was kept")
-    if budget is not None and kept_kv is None and prepared.entry_bytes == 0:
-        said.append("every layer is a sliding window, which keeps its window: no KV budget applies")
-    elif budget is not None and kept_kv is None:
-        said.append(f"budget {budget} >= prompt length {stage_length}: ran dense")
+    shared = ["shared prefill"] if side is not None and side.shared_prefill else []
     stats = Stats(
         method=prepared.method.name, prompt_tokens=n, kept_prompt_tokens=stage_length, kv_entries=entries,
-        kv_bytes_dense=n * prepared.entry_bytes + sliding_dense,
-        kv_bytes=(real * prepared.entry_bytes // slots if real is not None else entries * prepared.entry_bytes) + sliding,
-        kv_bytes_stored=prepared.stored_bytes, kv_entries_sliding=sliding_entries, kv_bytes_sliding=sliding,
-        compressed=kept_tokens is not None or kept_kv is not None or prepared.kept.kept_texts[row] is not None,
+        kv_bytes_dense=n * entry_bytes + sliding_dense,
+        kv_bytes=(real * entry_bytes // slots if real is not None else entries * entry_bytes) + sliding,
+        kv_bytes_stored=side.stored_bytes if side is not None else 0, kv_entries_sliding=sliding_entries,
+        kv_bytes_sliding=sliding, compressed=planned.drops_tokens or (planned.drops_entries and side is not None),
         lookahead_tokens=prepared.draft.lengths[row] if prepared.draft is not None else 0,
         new_tokens=new_tokens, time_to_first_token=first_token_at - prepared.started,
         total_time=finished - prepared.started, timings=dict(prepared.clock.stages), peak_memory_bytes=memory,
-        note="; ".join([*said, *notes, *(["shared prefill"] if prepared.shared_prefill else [])]),
+        note="; ".join([*planned.notes(prepared.consumer.target.full), *notes, *shared]),
     )
     return stats, kept_tokens, kept_kv

@@ -6,15 +6,19 @@ they become the batch's padded columns, a row mask, or a ragged cache.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
 
-from ..engine.cache import clone_cache, compressed_layers, gather_positions, gathered_copy, ragged_cache
+from ..engine.cache import compressed_layers, gather_positions, gathered_copy, ragged_cache
 from ..methods import Method
 from ..prompt import EncodedPrompt, encode_prompt, kept_text, user_turn
 from ..types import Request
 from .batch import DraftView, PaddedBatch, pad_prompts
+
+if TYPE_CHECKING:
+    from .plan import RowPlan
 
 
 @dataclass
@@ -29,8 +33,8 @@ class KeptPrompt:
 
 
 def keep_prompt(method: Method, requests: list[Request], prompts: list[EncodedPrompt],
-                draft_prompts: list[EncodedPrompt], prompt_budgets: list[int | None], compress_prompt: list[bool],
-                draft: DraftView | None, tokenizer, pad_id: int, cross: bool, device: torch.device) -> KeptPrompt:
+                draft_prompts: list[EncodedPrompt], rows_planned: list[RowPlan], draft: DraftView | None, tokenizer,
+                pad_id: int, cross: bool, device: torch.device) -> KeptPrompt:
     """Station 1 for every row that it compresses. Across tokenizers (`cross`: the draft's prompts are in
     its own tokens) the kept text crosses back and the target re-tokenises it."""
     original = method.keeps_original_positions and not cross
@@ -39,13 +43,14 @@ def keep_prompt(method: Method, requests: list[Request], prompts: list[EncodedPr
     rows, positions, next_positions = [], [], []
     for row, prompt in enumerate(prompts):
         ids = prompt.ids
-        if compress_prompt[row]:
+        if rows_planned[row].drops_tokens:
             source = draft_prompts[row]
             scores = None
             if draft is not None and draft.token_scores is not None:
                 scores = draft.token_scores[row, len(draft.token_scores[row]) - len(source.ids):]
             # Across tokenizers the budget is scaled to the draft's tokens; the result is close to it.
-            budget = prompt_budgets[row] if not cross else round(prompt_budgets[row] * len(source.ids) / len(ids))
+            planned = rows_planned[row].prompt_budget
+            budget = planned if not cross else round(planned * len(source.ids) / len(ids))
             kept = method.keep_tokens(source.ids, source.question_start, budget, scores)
             if cross:
                 kept_texts[row] = kept_text(source, kept.tolist())
@@ -63,21 +68,22 @@ def keep_prompt(method: Method, requests: list[Request], prompts: list[EncodedPr
     return KeptPrompt(pad_prompts(rows, pad_id, device, positions, next_positions), kept_tokens, kept_texts)
 
 
-def select_kv(method: Method, scores: list[torch.Tensor], batch: PaddedBatch, budgets: list[int | None],
+def select_kv(method: Method, scores: list[torch.Tensor], batch: PaddedBatch, rows_planned: list[RowPlan],
               ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[list[torch.Tensor] | None]]:
     """Station 2 for every row. Returns, per layer, the gather index [B, H_kv, K_l] into the padded
     cache and which of those slots hold a real entry [B, H_kv, K_l], and each row's kept positions
     (row coordinates, -1 for empty slots; None for rows kept whole).
 
-    scores: per layer [B, H_kv, N - window] (zeros for methods that score nothing)."""
+    scores: per layer [B, H_kv, S], the scorer's scores of the first S columns (zeros for a method that
+    scores nothing)."""
     kept_rows: list[list[torch.Tensor] | None] = []
-    for row, budget in enumerate(budgets):
-        n = batch.lengths[row]
-        if budget is None or budget >= n:
+    for row, planned in enumerate(rows_planned):
+        if not planned.drops_entries:
             kept_rows.append(None)
             continue
         pad = batch.pad(row)
-        kept_rows.append(method.keep_positions([s[row, :, pad:].float() for s in scores], n, budget))
+        kept_rows.append(method.keep_positions([s[row, :, pad:].float() for s in scores], batch.lengths[row],
+                                               planned.kv_budget))
     num_kv_heads = scores[0].shape[1]
     index, valid = [], []
     for layer in range(len(scores)):
@@ -107,22 +113,20 @@ def row_mask(valid: list[torch.Tensor]) -> tuple[bool, torch.Tensor | None]:
 
 
 def kv_stage(method: Method, cache: DynamicCache, batch: PaddedBatch, scores: list[torch.Tensor] | None,
-             budgets: list[int | None], *, copy: bool) -> tuple[DynamicCache, torch.Tensor | None,
-                                                                list[list[torch.Tensor] | None]]:
+             rows_planned: list[RowPlan], *, copy: bool) -> tuple[DynamicCache, torch.Tensor | None,
+                                                                 list[list[torch.Tensor] | None]]:
     """Station 2: keep each compressed layer's and head's entries (full-attention layers: a sliding
     window keeps its window); in place, or into a new cache when `copy` (so several methods can start
     from one prefill). Returns the cache, its row mask, the kept rows.
 
-    scores: per compressed layer [B, H_kv, N - window] (see cache.compressed_layers)."""
+    scores: per compressed layer [B, H_kv, S] (see cache.compressed_layers)."""
     layers = compressed_layers(cache)
-    if not layers:  # every layer is a sliding window: nothing to drop beyond what they let go of
-        return (clone_cache(cache) if copy else cache), batch.attention_mask, [None] * len(batch.lengths)
     if scores is None:  # the method decides by position alone
         keys = cache.layers[layers[0]].keys
         scores = [torch.zeros(keys.shape[0], keys.shape[1], batch.width, device=keys.device)] * len(layers)
     if len(scores) != len(layers):
         raise RuntimeError(f"scores for {len(scores)} layers, but the cache compresses {len(layers)}")
-    index, valid, kept_rows = select_kv(method, scores, batch, budgets)
+    index, valid, kept_rows = select_kv(method, scores, batch, rows_planned)
     uniform, attention_mask = row_mask(valid)
     if not uniform:  # layers or heads keep different numbers of entries: a ragged cache, masked per head
         cache = ragged_cache(cache, index, valid, method.cache_layout)

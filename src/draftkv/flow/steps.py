@@ -9,21 +9,22 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from transformers import DynamicCache
 
-from ..engine.attention import Collector, PromptCollector, RowSlot, WindowCollector, capture
+from ..engine.attention import Collector, RowSlot, WindowCollector, capture
 from ..engine.cache import checkpoint, clone_cache, gathered_copy
 from ..engine.decoding import decode, takes_static
-from ..errors import ConfigError, PromptError
-from ..methods import KVScoring, PseudoAnswer
-from ..methods.base import first_scoring_layer
+from ..errors import PromptError
+from ..methods import PseudoAnswer
 from ..types import Sampling
 from .batch import DraftView, PaddedBatch, left_padded, lookahead_view
-from .plan import DraftNeed
 from .select import row_mask, select_kv
+
+if TYPE_CHECKING:
+    from .plan import DraftNeed, RowPlan
 
 
 @dataclass(frozen=True)
@@ -69,10 +70,6 @@ def eos_ids(model: torch.nn.Module, tokenizer) -> set[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
-
-
-def check_context(model: torch.nn.Module, role: str, prompt_length: int, extra_tokens: int) -> None:
-    check_fits(model.config, role, prompt_length, extra_tokens)
 
 
 def check_fits(config, role: str, prompt_length: int, extra_tokens: int) -> None:
@@ -160,24 +157,16 @@ def run_draft(model: torch.nn.Module, batch: PaddedBatch, needs: list[DraftNeed]
     own collector, which counts only the steps of its own lookahead."""
     device = batch.input_ids.device
     started = clock.start("draft_prefill")
-    layers = model.config.num_hidden_layers
-    collectors = []
-    for need in needs:
-        scoring = need.scoring
-        start_layer = first_scoring_layer(scoring.start_layer, layers) if scoring is not None else 0
-        if start_layer >= layers:
-            raise ConfigError(f"start_layer is {start_layer} but the draft has {layers} layers; "
-                              f"give a start_layer below {layers}, or none for a third of the draft's layers")
-        collectors.append(None if scoring is None else PromptCollector(
-            batch.width, scoring.window, start_layer, scoring.weighted, scoring.head_reduction,
-            scoring.layer_reduction))
+    collectors = [need.scorer.collector(batch.width, model.config.num_hidden_layers) if need.scorer is not None
+                  else None for need in needs]
     active = [c for c in collectors if c is not None]
     # When the lookahead scores the prompt, each lookahead token must be fed too: one step more.
-    steps = [max(length + 1 if need.scoring is not None and length > 0 else length
-                 for need in needs for length in [need.lookahead[row]]) for row in range(len(batch.lengths))]
+    steps = [max(length + 1 if collector is not None and length > 0 else length
+                 for need, collector in zip(needs, collectors, strict=True) for length in [need.lookahead[row]])
+             for row in range(len(batch.lengths))]
     hidden: list[torch.Tensor] = []
     keep_hidden = None
-    if any(need.information for need in needs):  # the decoder's last hidden states, before the LM head's slice
+    if any(need.scorer is not None and need.scorer.reads_hidden for need in needs):  # the decoder's last hidden states, before the LM head's slice
         keep_hidden = model.get_decoder().register_forward_hook(
             lambda _module, _args, output: hidden.append(output.last_hidden_state))
     # Without lookahead steps (LLMLingua-style alone) the draft needs no cache of its own.
@@ -211,12 +200,10 @@ def run_draft(model: torch.nn.Module, batch: PaddedBatch, needs: list[DraftNeed]
     for need, collector in zip(needs, collectors, strict=True):
         view = lookahead_view([row.token_ids[:length] for row, length in zip(decoded.rows, need.lookahead, strict=True)],
                               pad_id, device)
-        if collector is not None:
+        if need.scorer is not None:
             # Step 0 is the prefill's window; step t feeds lookahead token t.
             step_valid = torch.cat([torch.ones(len(steps), 1, dtype=torch.bool, device=device), view.lookahead_valid], 1)
-            view.token_scores = collector.token_scores(step_valid, need.scoring.step_reduction)
-        elif need.information:
-            view.token_scores = information
+            view.token_scores = need.scorer.token_scores(collector, step_valid, information)
         views.append(view)
     if active or information is not None:
         clock.add("draft_scoring", clock.now() - scoring_started + scoring_seconds())
@@ -225,32 +212,23 @@ def run_draft(model: torch.nn.Module, batch: PaddedBatch, needs: list[DraftNeed]
 
 
 
-def kv_collector(scoring: KVScoring | None, batch: PaddedBatch) -> WindowCollector | None:
-    """The collector for the KV stage's scores: the window queries, or all prompt queries (H2O)."""
-    if scoring is None:
-        return None
-    collector = WindowCollector(batch.width - scoring.window, scoring.reduction)
-    collector.score_last(batch.width if scoring.all_queries else scoring.window)
-    return collector
-
-
-def target_prefill(model: torch.nn.Module, batch: PaddedBatch, collectors: list[WindowCollector | None],
+def target_prefill(model: torch.nn.Module, batch: PaddedBatch, collectors: list[Collector],
                    clock: Clock) -> tuple[DynamicCache, torch.Tensor]:
     """Prefill the prompt alone (so its KV entries are exactly dense prefill's) while the collectors
     score it; returns the cache and the last prompt position's logits."""
     started = clock.start("target_prefill")
     cache = DynamicCache(config=model.config)
-    before = sum(c.seconds for c in collectors if c is not None)
+    before = sum(c.seconds for c in collectors)
     with capture(model, *collectors):
-        last_logits = prefill(model, batch, cache, [c for c in collectors if c is not None])
-    scoring = sum(c.seconds for c in collectors if c is not None) - before
+        last_logits = prefill(model, batch, cache, collectors)
+    scoring = sum(c.seconds for c in collectors) - before
     clock.add("target_prefill", clock.now() - started - scoring)
     clock.add("scoring", scoring)
     return cache, last_logits
 
 
 def probe(model: torch.nn.Module, cache: DynamicCache, batch: PaddedBatch, guess: DraftView,
-          scorers: list[tuple[WindowCollector, torch.Tensor]], clock: Clock) -> None:
+          scorers: list[tuple[WindowCollector, torch.Tensor]], clock: Clock, stage: str = "probe") -> None:
     """Read a guessed answer after the prompt so its queries score the prompt, then drop its entries.
 
     scorers: each collector with the guess tokens it counts ([B, L] bool); causal attention makes a
@@ -264,25 +242,25 @@ def probe(model: torch.nn.Module, cache: DynamicCache, batch: PaddedBatch, guess
     device = cache.layers[0].keys.device
     positions = torch.tensor(batch.next_positions, device=device)[:, None] + torch.arange(width, device=device)
     collectors = [collector for collector, _ in scorers]
-    started, before = clock.start("probe"), sum(c.seconds for c in collectors)
+    started, before = clock.start(stage), sum(c.seconds for c in collectors)
     restore = checkpoint(cache)
     with capture(model, *collectors):
         model(input_ids=guess.lookahead_ids, attention_mask=mask, position_ids=positions,
               cache=cache, use_cache=True, logits_to_keep=1)
     restore()
     scoring = sum(c.seconds for c in collectors) - before
-    clock.add("probe", clock.now() - started - scoring)
+    clock.add(stage, clock.now() - started - scoring)
     clock.add("scoring", scoring)
 
 
 def pseudo_answer(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.Tensor, batch: PaddedBatch,
-                  guess: PseudoAnswer, stage_one_scores: list[torch.Tensor] | None, budgets: list[int | None],
+                  guess: PseudoAnswer, stage_one_scores: list[torch.Tensor] | None, rows: list[RowPlan],
                   eos: set[int], pad_id: int, clock: Clock, backend: str = "eager") -> DraftView:
     """The target's own guess of the answer, for the rows it compresses: greedy tokens from a copy of its
     cache, compressed by the guess's stage one (LAQ++) or whole (an oracle)."""
     started = clock.start("pseudo_answer")
     if guess.stage_one is not None:
-        index, valid, _ = select_kv(guess.stage_one, stage_one_scores, batch, budgets)
+        index, valid, _ = select_kv(guess.stage_one, stage_one_scores, batch, rows)
         copy = gathered_copy(cache, index)
         _, mask = row_mask(valid)  # stage one (SnapKV) is uniform per row
         mask = mask.to(first_logits.device) if mask is not None else None
@@ -290,9 +268,8 @@ def pseudo_answer(model: torch.nn.Module, cache: DynamicCache, first_logits: tor
         copy = cache if takes_static(backend, model, cache) else clone_cache(cache)
         mask = batch.attention_mask
     decoded = decode(model, copy, first_logits, positions=torch.tensor(batch.next_positions, device=first_logits.device),
-                     attention_mask=mask, max_new_tokens=[guess.tokens if b is not None and b < n else 0
-                                                          for b, n in zip(budgets, batch.lengths, strict=True)],
-                     samplings=[Sampling()] * len(budgets), eos_token_ids=eos, backend=backend)
+                     attention_mask=mask, max_new_tokens=[guess.tokens if row.drops_entries else 0 for row in rows],
+                     samplings=[Sampling()] * len(rows), eos_token_ids=eos, backend=backend)
     clock.add("pseudo_answer", clock.now() - started)
     return lookahead_view([row.token_ids for row in decoded.rows], pad_id, first_logits.device)
 

@@ -8,9 +8,7 @@ from typing import Any
 from ..errors import ConfigError, UnknownMethodError
 from .base import (
     Budget,
-    DraftScoring,
     KVMethod,
-    KVScoring,
     Method,
     PromptMethod,
     PseudoAnswer,
@@ -22,6 +20,7 @@ from .h2o import H2O
 from .laq import LAQ
 from .lingua import Lingua
 from .pyramidkv import PyramidKV
+from .scorers import DraftAttention, DraftScorer, KVScorer, SelfInformation, TargetReading, WindowScorer
 from .snapkv import AdaSnapKV, SnapKV
 from .speckv import AdaSpecKV, SpecKV
 from .speckv_pc import SpecKVPC
@@ -103,7 +102,7 @@ def method_with_budgets(method: str, budget: Budget | None = None, prompt_budget
 
 
 __all__ = [
-    "AdaSnapKV", "AdaSpecKV", "H2O", "KVMethod", "LAQ", "PyramidKV", "METHODS", "StreamingLLM", "Budget", "Dense", "DraftScoring", "KVScoring", "KeepEnds", "KeepLast", "Lingua", "Method", "PromptMethod",
+    "AdaSnapKV", "AdaSpecKV", "H2O", "KVMethod", "LAQ", "PyramidKV", "METHODS", "StreamingLLM", "Budget", "Dense", "DraftAttention", "DraftScorer", "KVScorer", "SelfInformation", "TargetReading", "WindowScorer", "KeepEnds", "KeepLast", "Lingua", "Method", "PromptMethod",
     "PseudoAnswer", "SnapKV",
     "SpecKV", "SpecKVPC", "SpecPC", "SpecPrefill", "WindowKVMethod", "budget_kinds", "budget_params", "get_method", "help_of", "method_with_budgets",
 ]

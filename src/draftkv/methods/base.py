@@ -16,6 +16,7 @@ import torch
 
 from ..engine.scoring import pool_scores
 from ..errors import ConfigError, PromptError
+from .scorers import DraftScorer, KVScorer, WindowScorer
 
 Budget = int | float
 
@@ -99,12 +100,29 @@ class Method:
         """Prompt tokens to keep; None when there is no prompt stage."""
         return None
 
-    def draft_scoring(self) -> DraftScoring | None:
-        """How the draft scores prompt tokens for the prompt stage; None when it does not."""
+    def keep_tokens(self, prompt_ids: list[int], question_start: int, budget: int,
+                    scores: torch.Tensor | None) -> torch.Tensor:
+        """Station 1: the kept prompt positions [budget], sorted. scores: [n] from its draft scorer, if any."""
+        raise NotImplementedError(f"{self.name} keeps no prompt tokens")
+
+    def keep_positions(self, layer_scores: list[torch.Tensor], prompt_length: int, budget: int) -> list[torch.Tensor]:
+        """Station 2: per layer, the kept prompt positions [H_kv, K], sorted; K may differ per layer, and -1
+        marks the empty slots (at the front) of heads that keep fewer entries than others.
+
+        layer_scores: per layer [H_kv, S], its KV scorer's scores of the row's first S positions (zeros
+        for a method without a scorer)."""
+        raise NotImplementedError(f"{self.name} keeps no KV entries")
+
+    def draft_scorer(self) -> DraftScorer | None:
+        """How the draft scores prompt tokens for station 1; None when it does not."""
         return None
 
-    def kv_scoring(self) -> KVScoring | None:
-        """How the target's queries score the prompt's keys for the KV stage; None: positions alone decide."""
+    def kv_scorer(self) -> KVScorer | None:
+        """How the target scores the prompt's entries for station 2; None: positions alone decide."""
+        return None
+
+    def decode_scorer(self) -> WindowScorer | None:
+        """How decoding steps score the cache for decode-time eviction; None: positions alone decide."""
         return None
 
     def guess(self, max_new_tokens: int) -> PseudoAnswer | None:
@@ -113,8 +131,13 @@ class Method:
         return None
 
     @property
+    def evict_every(self) -> int:
+        """Decode-time eviction: every this many new tokens, the cache is cut back to the budget (0: never)."""
+        return 0
+
+    @property
     def evicts_during_decode(self) -> bool:
-        return False
+        return self.evict_every > 0
 
     @property
     def cache_layout(self) -> str:
@@ -126,13 +149,9 @@ class Method:
         """Kept prompt tokens keep their original positions (else they are renumbered 0..C-1)."""
         return False
 
-    # The prompt stage wants the draft's self-information of every prompt token (LLMLingua-style).
-    needs_self_information: ClassVar[bool] = False
-
     def uses_draft(self, max_new_tokens: int) -> bool:
         """Does a request that this method compresses need a draft pass at all?"""
-        return self.draft_lookahead(max_new_tokens) > 0 or self.draft_scoring() is not None \
-            or self.needs_self_information
+        return self.draft_lookahead(max_new_tokens) > 0 or self.draft_scorer() is not None
 
     def target_reads_draft_tokens(self, max_new_tokens: int) -> bool:
         """The target reads the draft's lookahead tokens (as a probe), so both need one tokenizer."""
@@ -140,33 +159,6 @@ class Method:
 
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-@dataclass(frozen=True)
-class DraftScoring:
-    """What the draft pass captures for the prompt stage (see attention.PromptCollector)."""
-
-    window: int  # last prompt queries that score the prompt
-    start_layer: int | None = 0  # None: a third of the draft's layers (the paper's 8 of 24)
-    weighted: bool = False  # window queries weighted linearly from 0 (oldest) to 1 (newest)
-    head_reduction: str = "max"  # over heads and queries
-    layer_reduction: str = "max"
-    step_reduction: str = "max"  # over the prefill and each lookahead token
-
-
-def first_scoring_layer(start_layer: int | None, num_layers: int) -> int:
-    """The first draft layer whose attention counts: the one given, or a third of the way down (the
-    paper's 8 of 24), so a draft of any depth works."""
-    return num_layers // 3 if start_layer is None else start_layer
-
-
-@dataclass(frozen=True)
-class KVScoring:
-    """How the target's queries score the prompt's keys for the KV stage (see attention.WindowCollector)."""
-
-    window: int  # the last prompt tokens: their queries score the rest, and they are always kept
-    reduction: str = "max"  # over the query heads of a group and the queries
-    all_queries: bool = False  # every prompt query scores (H2O), not only the window's
 
 
 @dataclass(frozen=True)
@@ -198,10 +190,6 @@ class KVMethod(Method):
     budget: Budget = param(256, "KV entries kept per layer and head, window included (int), or a ratio of the prompt in (0, 1]")
     evict_every: int = param(0, "decode-time eviction: every this many new tokens, cut the cache back to the budget (0 = off)")
 
-    # Which target queries score the prompt's keys: the last `window` prompt tokens (plus any
-    # probe), every prompt token, or none (positions alone decide).
-    score_queries: ClassVar[str] = "none"
-
     def __post_init__(self) -> None:
         check_budget(self.budget)
         check_int("evict_every", self.evict_every, 0)
@@ -210,21 +198,8 @@ class KVMethod(Method):
     def compresses_kv(self) -> bool:
         return True
 
-    @property
-    def evicts_during_decode(self) -> bool:
-        return self.evict_every > 0
-
     def kv_entries(self, prompt_length: int) -> int | None:
         return resolve_budget(self.budget, prompt_length)
-
-    def keep_positions(self, layer_scores: list[torch.Tensor], prompt_length: int, budget: int) -> list[torch.Tensor]:
-        """Per layer, the kept prompt positions [H_kv, K], sorted; K may differ per layer, and -1
-        marks the empty slots (at the front) of heads that keep fewer entries than others.
-
-        layer_scores: per layer [H_kv, prompt_length - window] importance of every prefix position
-        (not yet pooled; zeros for methods that score nothing).
-        """
-        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -240,7 +215,8 @@ class WindowKVMethod(KVMethod):
     alpha: float = param(0.2, "Ada-KV safety floor: each head keeps at least this share of its uniform budget")
     layout: str = param("per-head", "storage of a ragged cache: per-head (exact; chosen by measurement) or padded (to the longest head, masked)")
 
-    score_queries: ClassVar[str] = "window"
+    # Every prompt query scores the prefix (H2O), not only the window's.
+    all_queries: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         check_window_in_budget(self.budget, self.window, minimum=1)
@@ -260,8 +236,11 @@ class WindowKVMethod(KVMethod):
     def kv_entries(self, prompt_length: int) -> int | None:
         return budget_beyond_window(self.budget, self.window, prompt_length, "entries")
 
-    def kv_scoring(self) -> KVScoring:
-        return KVScoring(self.window, self.reduction, all_queries=self.score_queries == "all")
+    def kv_scorer(self) -> WindowScorer:
+        return WindowScorer(self.window, self.reduction, all_queries=self.all_queries)
+
+    def decode_scorer(self) -> WindowScorer:
+        return self.kv_scorer()
 
     @property
     def cache_layout(self) -> str:
@@ -335,11 +314,6 @@ class PromptMethod(Method):
 
     def prompt_tokens(self, prompt_length: int) -> int | None:
         return budget_beyond_window(self.budget, self.window, prompt_length, "tokens")
-
-    def keep_tokens(self, prompt_ids: list[int], question_start: int, budget: int,
-                    scores: torch.Tensor | None) -> torch.Tensor:
-        """The kept prompt positions [budget], sorted. scores: [n] from the draft, when it scores."""
-        raise NotImplementedError
 
 
 def first_in_order(candidates: torch.Tensor, budget: int) -> torch.Tensor:

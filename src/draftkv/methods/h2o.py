@@ -17,7 +17,7 @@ from .base import WindowKVMethod, param
 class H2O(WindowKVMethod):
     name: ClassVar[str] = "h2o"
     summary: ClassVar[str] = "KV dropping by the attention each key received from all prompt queries (heavy hitters)."
-    score_queries: ClassVar[str] = "all"
+    all_queries: ClassVar[bool] = True
 
     kernel: int = param(1, "odd pooling kernel along keys (1 = none, as in H2O)")
     reduction: str = param("mean", "over query heads and all prompt queries: mean (ranks like H2O's sums) or max")

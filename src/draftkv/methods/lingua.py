@@ -15,15 +15,18 @@ import torch
 
 from ..errors import PromptError
 from .base import PromptMethod, first_in_order, param
+from .scorers import SelfInformation
 
 
 @dataclass(frozen=True)
 class Lingua(PromptMethod):
     name: ClassVar[str] = "lingua"
     summary: ClassVar[str] = "Prompt compression by the draft's self-information; question and tail always kept."
-    needs_self_information: ClassVar[bool] = True
 
     window: int = param(32, "last prompt tokens always kept (besides the question)")
+
+    def draft_scorer(self) -> SelfInformation:
+        return SelfInformation()
 
     def keep_tokens(self, prompt_ids: list[int], question_start: int, budget: int,
                     scores: torch.Tensor | None) -> torch.Tensor:

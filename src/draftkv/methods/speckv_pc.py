@@ -13,7 +13,8 @@ from typing import ClassVar
 import torch
 
 from ..errors import ConfigError
-from .base import Budget, DraftScoring, check_budget, param
+from .base import Budget, check_budget, param
+from .scorers import DraftAttention
 from .speckv import SpecKV
 from .specpc import SpecPC
 
@@ -57,8 +58,8 @@ class SpecKVPC(SpecKV):
     def prompt_tokens(self, prompt_length: int) -> int | None:
         return self.prompt_stage.prompt_tokens(prompt_length)
 
-    def draft_scoring(self) -> DraftScoring:
-        return self.prompt_stage.draft_scoring()
+    def draft_scorer(self) -> DraftAttention:
+        return self.prompt_stage.draft_scorer()
 
     def keep_tokens(self, prompt_ids: list[int], question_start: int, budget: int,
                     scores: torch.Tensor | None) -> torch.Tensor:

@@ -25,7 +25,6 @@ import torch
 from ..engine.scoring import pool_scores
 from ..errors import ConfigError, PromptError
 from .base import (
-    DraftScoring,
     PromptMethod,
     best_positions,
     check_choice,
@@ -34,6 +33,7 @@ from .base import (
     first_in_order,
     param,
 )
+from .scorers import DraftAttention
 
 
 def nearest_first_offsets(size: int) -> torch.Tensor:
@@ -96,8 +96,8 @@ class SpecPC(PromptMethod):
     def draft_lookahead(self, max_new_tokens: int) -> int:
         return self.lookahead
 
-    def draft_scoring(self) -> DraftScoring:
-        return DraftScoring(self.window, self.start_layer, self.weighted, self.head_reduction,
+    def draft_scorer(self) -> DraftAttention:
+        return DraftAttention(self.window, self.start_layer, self.weighted, self.head_reduction,
                             self.layer_reduction, self.step_reduction)
 
     def keep_tokens(self, prompt_ids: list[int], question_start: int, budget: int,

@@ -14,7 +14,8 @@ from typing import ClassVar
 import torch
 
 from ..engine.scoring import pool_scores
-from .base import DraftScoring, PromptMethod, check_choice, check_int, check_kernel, first_in_order, param
+from .base import PromptMethod, check_choice, check_int, check_kernel, first_in_order, param
+from .scorers import DraftAttention
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,8 @@ class SpecPrefill(PromptMethod):
     def draft_lookahead(self, max_new_tokens: int) -> int:
         return self.lookahead
 
-    def draft_scoring(self) -> DraftScoring:
-        return DraftScoring(window=max(self.window, 1), step_reduction="mean")
+    def draft_scorer(self) -> DraftAttention:
+        return DraftAttention(window=max(self.window, 1), step_reduction="mean")
 
     def keep_tokens(self, prompt_ids: list[int], question_start: int, budget: int,
                     scores: torch.Tensor | None) -> torch.Tensor:

@@ -27,9 +27,7 @@ import torch
 
 from ..compress import compress_prompts
 from ..errors import DraftKVError
-from ..flow import run
-from ..flow.plan import Consumer
-from ..flow.steps import Observer, StageEvent, check_fits
+from ..flow import Consumer, LayerKinds, Observer, StageEvent, check_fits, run
 from ..likelihood import Scored, score_continuations
 from ..methods import Method
 from ..prompt import encode_prompt
@@ -105,9 +103,9 @@ def activation_bytes(model: torch.nn.Module, tokens: int) -> int:
 def estimate_bytes(pair: ModelPair, method: Method, prompt_tokens: int, new_tokens: int) -> int:
     """What a request adds to memory while it runs, from the executor's plan for it: the draft's pass
     (when the plan asks for one) and the target's cache and activations for what station 1 leaves."""
-    consumer = Consumer.of(method, [prompt_tokens], [new_tokens])
+    consumer = Consumer.of(method, [prompt_tokens], [new_tokens], LayerKinds.of(pair.target.model.config))
     total = 0
-    target_tokens = consumer.budgets.prompt[0] if consumer.budgets.compress_prompt[0] else prompt_tokens
+    target_tokens = consumer.rows[0].stage_length
     if consumer.need.needed and pair.draft is not None:
         draft = pair.draft.model
         draft_tokens = prompt_tokens + consumer.need.lookahead[0]
