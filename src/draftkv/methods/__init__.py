@@ -17,6 +17,8 @@ from .base import (
 )
 from .dense import Dense
 from .h2o import H2O
+from .keydiff import KeyDiff
+from .kvzip import KVzip
 from .laq import LAQ
 from .lingua import Lingua
 from .pyramidkv import PyramidKV
@@ -31,7 +33,7 @@ from .truncation import KeepEnds, KeepLast
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (Dense, StreamingLLM, H2O, SnapKV, PyramidKV, SpecKV, AdaSnapKV, AdaSpecKV, LAQ, SpecPC,
-                              SpecKVPC, SpecPrefill, Lingua, KeepLast, KeepEnds)
+                              SpecKVPC, SpecPrefill, Lingua, KeepLast, KeepEnds, KVzip, KeyDiff)
 }
 
 
@@ -102,7 +104,7 @@ def method_with_budgets(method: str, budget: Budget | None = None, prompt_budget
 
 
 __all__ = [
-    "AdaSnapKV", "AdaSpecKV", "H2O", "KVMethod", "LAQ", "PyramidKV", "METHODS", "StreamingLLM", "Budget", "Dense", "DraftAttention", "DraftScorer", "KVScorer", "SelfInformation", "TargetReading", "WindowScorer", "KeepEnds", "KeepLast", "Lingua", "Method", "PromptMethod",
+    "AdaSnapKV", "AdaSpecKV", "H2O", "KVMethod", "KVzip", "KeyDiff", "LAQ", "PyramidKV", "METHODS", "StreamingLLM", "Budget", "Dense", "DraftAttention", "DraftScorer", "KVScorer", "SelfInformation", "TargetReading", "WindowScorer", "KeepEnds", "KeepLast", "Lingua", "Method", "PromptMethod",
     "PseudoAnswer", "SnapKV",
     "SpecKV", "SpecKVPC", "SpecPC", "SpecPrefill", "WindowKVMethod", "budget_kinds", "budget_params", "get_method", "help_of", "method_with_budgets",
 ]

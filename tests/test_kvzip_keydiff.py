@@ -1,0 +1,166 @@
+"""KVzip and KeyDiff: their scores against a direct computation, their budgets, batches and modes.
+
+(Every family of the family matrix runs them too: tests/test_families.py iterates the registry.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_same_result, tiny_pair
+from tiny import long_context
+
+import draftkv
+from draftkv.errors import ConfigError
+from draftkv.flow import prepare
+from draftkv.methods import get_method
+from draftkv.types import Request
+
+REQUEST = Request(context=long_context(200, seed=5), question="what is the magic number?", max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def eager_pair():
+    """A pair whose target runs eager attention, so it can hand out its attention weights."""
+    pair = tiny_pair("qwen2")
+    pair.target.model.config._attn_implementation = "eager"
+    return pair
+
+
+def reconstruction_attention(model, prompt: list[int], instruction: list[int], chunk: int, prefix: int) -> list:
+    """Per layer [1, H_kv, prefix]: the most attention any repeated token gives each of the first
+    `prefix` prompt keys, over a group's query heads and every chunk, read straight from the model's
+    attention weights over prompt + instruction + chunk."""
+    config = model.config
+    group = config.num_attention_heads // config.num_key_value_heads
+    best = None
+    for start in range(0, len(prompt), chunk):
+        piece = prompt[start: start + chunk]
+        ids = torch.tensor([prompt + instruction + piece])
+        with torch.inference_mode():
+            attentions = model(input_ids=ids, output_attentions=True).attentions
+        layers = []
+        for weights in attentions:  # [1, H_q, T, T]
+            rows = weights[:, :, -len(piece):, :prefix].float()
+            layers.append(rows.reshape(1, config.num_key_value_heads, group, len(piece), prefix).amax(dim=(2, 3)))
+        best = layers if best is None else [torch.maximum(a, b) for a, b in zip(best, layers, strict=True)]
+    return best
+
+
+@pytest.mark.parametrize("chunk", [2048, 97])
+def test_kvzip_scores_are_the_reconstruction_probes_maximum_attention(eager_pair, chunk):
+    method = get_method("kvzip", budget=64, window=8, chunk=chunk)
+    prepared = prepare(eager_pair, [REQUEST], [method])[0]
+    prompt = prepared.prompts[0].ids
+    assert len(prompt) > 2 * 97  # the smaller chunk makes at least three probe calls
+    instruction = eager_pair.tokenizer(method.instruction, add_special_tokens=False)["input_ids"]
+    expected = reconstruction_attention(eager_pair.target.model, prompt, instruction, chunk, len(prompt) - 8)
+    assert len(prepared.layer_scores) == len(expected) == 3
+    for got, want in zip(prepared.layer_scores, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert "reconstruction" in prepared.clock.stages
+
+
+def test_keydiff_scores_are_cosine_distances_from_the_mean_key(qwen_pair):
+    method = get_method("keydiff", budget=64, window=8)
+    prepared = prepare(qwen_pair, [REQUEST], [method])[0]
+    dense = prepare(qwen_pair, [REQUEST], ["dense"])[0]
+    n = len(prepared.prompts[0].ids)
+    for got, layer in zip(prepared.layer_scores, dense.cache.layers, strict=True):
+        keys = layer.keys[0].float()  # [H_kv, n, d]
+        for head in range(keys.shape[0]):
+            mean = keys[head].mean(dim=0)
+            for position in (0, 5, n // 2, n - 9):
+                key = keys[head, position]
+                distance = 1 - torch.dot(key, mean) / (key.norm() * mean.norm())
+                torch.testing.assert_close(got[0, head, position], distance, rtol=1e-4, atol=1e-5)
+        assert got.shape[-1] == n - 8  # the window is kept, not scored
+
+
+def test_keydiff_ignores_padding_in_the_mean(qwen_pair):
+    """A row of a padded batch gets the scores it gets alone: its padding takes no part in the mean."""
+    short = Request(context=long_context(120, seed=6), question="when is the launch?", max_new_tokens=6)
+    both = prepare(qwen_pair, [REQUEST, short], [get_method("keydiff", budget=64, window=8)])[0]
+    alone = prepare(qwen_pair, [short], [get_method("keydiff", budget=64, window=8)])[0]
+    pad = both.batch.pad(1)
+    for together, own in zip(both.layer_scores, alone.layer_scores, strict=True):
+        torch.testing.assert_close(together[1, :, pad:], own[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["kvzip", "keydiff"])
+def test_the_cache_keeps_exactly_the_budget_with_sinks_and_window(qwen_pair, method):
+    result = draftkv.generate(qwen_pair, REQUEST.context, REQUEST.question, method=method, budget=40, window=8,
+                              sink=4, max_new_tokens=6)
+    n = result.stats.prompt_tokens
+    assert result.stats.kv_entries == 40 and result.stats.compressed
+    for layer in result.kept_positions:  # [H_kv, 40] per layer
+        assert layer.shape[-1] == 40
+        for head in layer:
+            kept = set(head.tolist())
+            assert set(range(4)) <= kept and set(range(n - 8, n)) <= kept
+    dense = draftkv.generate(qwen_pair, REQUEST.context, REQUEST.question, method="dense", max_new_tokens=6)
+    whole = draftkv.generate(qwen_pair, REQUEST.context, REQUEST.question, method=method, budget=10_000,
+                             max_new_tokens=6)
+    assert whole.token_ids == dense.token_ids and not whole.stats.compressed
+    assert "ran dense" in whole.stats.note
+
+
+def test_kvzip_reports_its_reconstruction_and_keydiff_reads_nothing_more(qwen_pair):
+    calls = []
+    hook = qwen_pair.target.model.register_forward_pre_hook(lambda _m, _a, kwargs: calls.append(kwargs["input_ids"].shape[1]),
+                                                            with_kwargs=True)
+    try:
+        kvzip = draftkv.generate(qwen_pair, REQUEST.context, REQUEST.question, method="kvzip", budget=40, chunk=64,
+                                 max_new_tokens=6)
+        prefill_and_probes = [c for c in calls if c > 1]
+        calls.clear()
+        keydiff = draftkv.generate(qwen_pair, REQUEST.context, REQUEST.question, method="keydiff", budget=40,
+                                   max_new_tokens=6)
+    finally:
+        hook.remove()
+    n = kvzip.stats.prompt_tokens
+    assert prefill_and_probes[0] == n and len(prefill_and_probes) == 1 + -(-n // 64)  # the prefill, then each chunk
+    assert kvzip.stats.timings["reconstruction"] > 0
+    assert [c for c in calls if c > 1] == [n] and "reconstruction" not in keydiff.stats.timings
+
+
+@pytest.mark.parametrize("method", ["kvzip", "keydiff"])
+def test_a_batch_equals_one_by_one_and_query_agnostic_mode_runs(pair, method):
+    short = Request(context=long_context(120, seed=6), question="when is the launch?", max_new_tokens=6)
+    together = draftkv.generate_batch(pair, [REQUEST, short], method, budget=40, window=8)
+    for request, result in zip([REQUEST, short], together, strict=True):
+        assert_same_result(result, draftkv.generate_batch(pair, [request], method, budget=40, window=8)[0])
+    compressed = draftkv.compress_context(pair, REQUEST.context, method=method, budget=40, window=8)
+    assert compressed.stats.kv_entries == 40
+    first = compressed.ask(REQUEST.question, max_new_tokens=6)
+    assert compressed.ask(REQUEST.question, max_new_tokens=6).token_ids == first.token_ids
+
+
+@pytest.mark.parametrize("params", [{"evict_every": 4}, {"budget": 12, "window": 8, "sink": 4}, {"chunk": 0},
+                                    {"sink": -1}])
+def test_bad_settings_are_refused(params):
+    for name in ("kvzip", "keydiff"):
+        if name == "keydiff" and "chunk" in params:
+            continue
+        with pytest.raises(ConfigError):
+            get_method(name, **params)
+
+
+def test_keydiff_distance_orders_like_a_hand_computed_ranking():
+    """The scorer alone: on made-up keys the most unusual key scores highest."""
+    from draftkv.methods.keydiff import KeyDistance
+
+    keys = torch.ones(1, 1, 6, 4)
+    keys[0, 0, 3] = torch.tensor([-1.0, 1.0, -1.0, 1.0])
+
+    class Reading:
+        batch = type("Batch", (), {"attention_mask": None})()
+
+        def full_layer_keys(self):
+            return [keys]
+
+    scores = KeyDistance(window=0).scores(None, Reading())[0]
+    mean = keys[0, 0].mean(dim=0)
+    expected = 1 - F.cosine_similarity(keys[0, 0], mean[None], dim=-1)
+    torch.testing.assert_close(scores[0, 0], expected)
+    assert int(scores[0, 0].argmax()) == 3
