@@ -164,3 +164,23 @@ def test_keydiff_distance_orders_like_a_hand_computed_ranking():
     expected = 1 - F.cosine_similarity(keys[0, 0], mean[None], dim=-1)
     torch.testing.assert_close(scores[0, 0], expected)
     assert int(scores[0, 0].argmax()) == 3
+
+
+def test_two_budgets_of_kvzip_share_one_reconstruction_and_dense_does_not_pay_for_it(qwen_pair):
+    from draftkv.flow import run
+
+    calls = []
+    hook = qwen_pair.target.model.register_forward_pre_hook(lambda _m, _a, kwargs: calls.append(kwargs["input_ids"].shape[1]),
+                                                            with_kwargs=True)
+    methods = [get_method("kvzip", budget=40, chunk=64), get_method("kvzip", budget=56, chunk=64), get_method("dense")]
+    try:
+        together = [r[0] for r in run(qwen_pair, [REQUEST], methods)]
+    finally:
+        hook.remove()
+    n = together[0].stats.prompt_tokens
+    instruction = len(qwen_pair.tokenizer(methods[0].instruction)["input_ids"])
+    assert [c for c in calls if c > 1] == [n] + [min(64, n - start) + instruction for start in range(0, n, 64)]
+    for method, result in zip(methods, together, strict=True):
+        assert_same_result(result, draftkv.generate_batch(qwen_pair, [REQUEST], method)[0])
+    assert together[0].stats.timings["reconstruction"] == together[1].stats.timings["reconstruction"] > 0
+    assert "reconstruction" not in together[2].stats.timings

@@ -29,7 +29,7 @@ from ..engine.attention import WindowCollector
 from ..engine.cache import bytes_per_entry, clone_cache, compressed_layers, kv_bytes, layer_entry_bytes
 from ..engine.decoding import TextCallback
 from ..errors import ConfigError, TokenizerMismatchError
-from ..methods import Method, get_method
+from ..methods import KVScorer, Method, get_method
 from ..prompt import EncodedPrompt, encode_prompts
 from ..types import Request, Result
 from .batch import DraftView, PaddedBatch, lookahead_view, pad_prompts, pad_token
@@ -258,7 +258,7 @@ def read_target(pair: ModelPair, consumers: list[Consumer], views: Callable[[], 
     station 2 per consumer (yielded one at a time, each on its own copy of the cache but the last,
     which takes the cache itself). `views()`: the consumers' draft views, asked for after the prefill
     (the draft may still be running beside it)."""
-    scored = score_prompt(pair, consumers, views, batch, clock)
+    scored = score_prompt(pair, consumers, views, batch, clock, own_clocks)
     cache = scored.cache
     entry_bytes = bytes_per_entry(cache)
     windows = [(layer.sliding_window, layer_entry_bytes(layer)) for layer in cache.layers
@@ -304,17 +304,19 @@ class Reading:
         valid = torch.zeros_like(view.lookahead_valid)
         for row, marks in enumerate(counted):
             valid[row, : len(marks)] = torch.tensor(marks, dtype=torch.bool)
-        probe(self.model, self.cache, self.batch, view, [(collector, valid)], self.clock, stage)
+        probe(self.model, self.cache, self.batch, view, [(collector, valid)], self.clock, stage, scoring_stage=stage)
 
     def full_layer_keys(self) -> list[torch.Tensor]:
         return [self.cache.layers[at].keys for at in compressed_layers(self.cache)]
 
 
 def score_prompt(pair: ModelPair, consumers: list[Consumer], views: Callable[[], list[DraftView | None]],
-                 batch: PaddedBatch, clock: Clock) -> ScoredPrompt:
+                 batch: PaddedBatch, clock: Clock, own_clocks: list[Clock]) -> ScoredPrompt:
     """The target prefill with every consumer's collectors, then the guesses that probe the full cache:
     the draft's lookahead once, as long as the longest view (each collector counts its own tokens),
-    and each target guess (LAQ++'s pseudo-answer); then each scorer's scores."""
+    and each target guess (LAQ++'s pseudo-answer); then each scorer's scores. A scorer's own reading of
+    the target (KVzip's reconstruction) runs once for the consumers that share the scorer, and its stages
+    count in their own timings."""
     target, tokenizer = pair.target.model, pair.tokenizer
     # Consumers that score the prompt alike (one method at two budgets, LAQ++'s stage one and SnapKV) share
     # one collector through the prefill; each then goes on with its own copy for its own probe.
@@ -344,7 +346,21 @@ def score_prompt(pair: ModelPair, consumers: list[Consumer], views: Callable[[],
             else None, consumer.rows, eos_ids(target, tokenizer), pad_token(tokenizer), clock, pair.decode)
         if answer.lookahead_ids.shape[1] > 0:
             probe(target, cache, batch, answer, [(collector, answer.lookahead_valid)], clock)
-    reading = Reading(target, tokenizer, cache, batch, clock)
-    scores = [consumer.kv_scorer.scores(collector, reading) if consumer.kv_scorer is not None else None
-              for consumer, collector in zip(consumers, collectors, strict=True)]
+    scores: list[list[torch.Tensor] | None] = []
+    read_once: dict[KVScorer, tuple[list[torch.Tensor], Clock]] = {}  # scorers without a collector of their own
+    for consumer, collector, own in zip(consumers, collectors, own_clocks, strict=True):
+        scorer = consumer.kv_scorer
+        if scorer is None:
+            scores.append(None)
+            continue
+        if collector is None and scorer in read_once:
+            shared, reading_clock = read_once[scorer]
+        else:
+            reading_clock = Clock(clock.device, clock.observer)
+            shared = scorer.scores(collector, Reading(target, tokenizer, cache, batch, reading_clock))
+            if collector is None:
+                read_once[scorer] = shared, reading_clock
+        for stage, seconds in reading_clock.stages.items():
+            own.stages[stage] = own.stages.get(stage, 0.0) + seconds
+        scores.append(shared)
     return ScoredPrompt(cache, first_logits, scores, probes)

@@ -228,7 +228,8 @@ def target_prefill(model: torch.nn.Module, batch: PaddedBatch, collectors: list[
 
 
 def probe(model: torch.nn.Module, cache: DynamicCache, batch: PaddedBatch, guess: DraftView,
-          scorers: list[tuple[WindowCollector, torch.Tensor]], clock: Clock, stage: str = "probe") -> None:
+          scorers: list[tuple[WindowCollector, torch.Tensor]], clock: Clock, stage: str = "probe",
+          scoring_stage: str = "scoring") -> None:
     """Read a guessed answer after the prompt so its queries score the prompt, then drop its entries.
 
     scorers: each collector with the guess tokens it counts ([B, L] bool); causal attention makes a
@@ -250,7 +251,7 @@ def probe(model: torch.nn.Module, cache: DynamicCache, batch: PaddedBatch, guess
     restore()
     scoring = sum(c.seconds for c in collectors) - before
     clock.add(stage, clock.now() - started - scoring)
-    clock.add("scoring", scoring)
+    clock.add(scoring_stage, scoring)
 
 
 def pseudo_answer(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.Tensor, batch: PaddedBatch,
