@@ -9,7 +9,7 @@ from tiny import long_context, make_tokenizer
 
 from draftkv.api import generate_batch
 from draftkv.engine.cache import SlotLayer
-from draftkv.engine.decoding import EagerStep, IncrementalText, decode
+from draftkv.engine.decoding import DecodeSpec, EagerStep, IncrementalText, decode
 from draftkv.flow import prepare
 from draftkv.methods import get_method
 from draftkv.types import Request
@@ -96,15 +96,20 @@ def test_another_step_can_replace_the_eager_one(qwen_pair):
         if replace:
             eager = EagerStep(model, prepared.cache, prepared.attention_mask, 10)
 
-            def step(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-                positions_seen.append(int(positions[0, 0]))
-                return eager(tokens, positions)
+            class Step:
+                def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+                    positions_seen.append(int(positions[0, 0]))
+                    return eager(tokens, positions)
+
+                def select(self, rows: list[int], taken: int) -> Step:
+                    raise AssertionError("one row never shrinks")
+
+            step = Step()
 
         with torch.inference_mode():
-            return decode(model, prepared.cache, prepared.first_logits,
-                          positions=torch.tensor(prepared.batch.next_positions), attention_mask=prepared.attention_mask,
-                          max_new_tokens=[10], samplings=[request.sampling], eos_token_ids=set(),
-                          step=step).rows[0].token_ids
+            return decode(model, prepared.cache, prepared.first_logits, torch.tensor(prepared.batch.next_positions),
+                          prepared.attention_mask,
+                          DecodeSpec([10], [request.sampling], [set()], step=step)).rows[0].token_ids
 
     plain = answer(replace=False)
     assert answer(replace=True) == plain and len(plain) == 10

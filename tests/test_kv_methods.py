@@ -11,13 +11,13 @@ from tiny import long_context
 from draftkv.api import generate, generate_batch, prepare_batch
 from draftkv.engine.attention import ragged_attention
 from draftkv.engine.cache import PaddedLayer, PerHeadLayer, kv_bytes, ragged_cache
-from draftkv.engine.decoding import decode
+from draftkv.engine.decoding import DecodeSpec, decode
 from draftkv.errors import ConfigError
 from draftkv.flow.steps import eos_ids
 from draftkv.methods import PyramidKV, SnapKV, get_method
 from draftkv.methods.base import adaptive_positions
 from draftkv.prompt import encode_prompt
-from draftkv.types import Request, Sampling
+from draftkv.types import Request
 
 CONTEXT = long_context(300, seed=21)
 QUESTION = "what is the magic number?"
@@ -76,9 +76,8 @@ def test_ragged_cache_equals_the_uniform_cache_when_budgets_are_equal(qwen_pair)
 
     def run(cache):
         with torch.inference_mode(), ragged_attention(model, cache):
-            return decode(model, cache, uniform.first_logits, positions=torch.tensor([n]), attention_mask=None,
-                          max_new_tokens=[10], samplings=[Sampling()], eos_token_ids=eos_ids(model, qwen_pair.tokenizer)
-                          ).rows[0].token_ids
+            return decode(model, cache, uniform.first_logits, torch.tensor([n]), None,
+                          DecodeSpec.greedy([10], eos_ids(model, qwen_pair.tokenizer))).rows[0].token_ids
 
     def ragged(valid, layout):
         return ragged_cache(prepare_batch(qwen_pair, [request], "dense").cache, index, valid, layout)

@@ -30,7 +30,7 @@ from .api import generate_batch
 from .errors import ConfigError, DraftKVError
 from .flow import StageEvent, run
 from .jsonl import append_row, drop_torn_tail, exclusive, read_rows, writing
-from .methods import Method, budget_kinds, get_method
+from .methods import Method, budget_params, budget_settings, get_method
 from .plotting import line_styles
 from .progress import progress_bar
 from .prompt import encode_prompt
@@ -79,10 +79,8 @@ def method_configs(methods: list[str], budget: int | float, prompt_budget: int |
     """Each method with the budgets that apply to it (KV budget, prompt budget, or both)."""
     chosen = []
     for name in methods:
-        takes_kv, takes_prompt = budget_kinds(name)  # fails fast on an unknown name
-        params = {"budget": budget} if takes_kv else {}
-        if takes_prompt:
-            params["prompt_budget" if takes_kv else "budget"] = prompt_budget
+        (kv, prompt), = budget_settings(name, [budget], [prompt_budget])  # fails fast on an unknown name
+        params = budget_params(name, kv, prompt)
         get_method(name, **params)  # a budget the method refuses fails before the sweep
         chosen.append((name, params))
     if "dense" not in [name for name, _ in chosen]:

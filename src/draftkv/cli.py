@@ -22,7 +22,7 @@ from .errors import ConfigError, DraftKVError, PromptError
 from .eval import agreement, longbench, report, ruler, runner
 from .flow import check_fits
 from .jsonl import check_free, writing
-from .methods import METHODS, Method, help_of, method_with_budgets
+from .methods import METHODS, Method, help_of, method_with_budgets, names
 from .models import DEFAULT_DRAFT, DEFAULT_TARGET, cache_dir, embedded_status, load_pair, load_tokenizer
 from .models.embedded import verify_cache
 from .prompt import encode_prompt
@@ -257,7 +257,7 @@ def compress(
     question: Question = "",
     context: Context = None,
     context_file: ContextFile = None,
-    method: Annotated[str, typer.Option("--method", "-m", help="A prompt method: specpc, specprefill, lingua, keep-last, keep-ends, speckv-pc.")] = "specpc",
+    method: Annotated[str, typer.Option("--method", "-m", help=f"A prompt method: {', '.join(names('prompt'))}.")] = "specpc",
     budget: BudgetOption = None,
     compression_ratio: CompressionRatio = None,
     window: Window = None,

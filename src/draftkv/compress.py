@@ -16,7 +16,7 @@ from .api import check_pair, compress_batch
 from .engine.cache import has_sliding_layers
 from .errors import ConfigError
 from .flow import Observer
-from .methods import METHODS, Method, get_method
+from .methods import Method, get_method, names
 from .prompt import kept_text
 from .types import Request
 
@@ -62,7 +62,7 @@ class CompressedPrompt:
 
 
 def prompt_methods() -> list[str]:
-    return [name for name in METHODS if get_method(name).compresses_prompt]
+    return names("prompt")
 
 
 def compress_prompt(pair: ModelPair, context: str = "", question: str = "", *, method: str | Method = "specpc",

@@ -19,7 +19,7 @@ import torch
 from .api import check_pair
 from .engine.attention import ragged_attention
 from .engine.cache import checkpoint
-from .engine.decoding import decode
+from .engine.decoding import DecodeSpec, decode
 from .errors import ConfigError, PromptError
 from .flow import Prepared, check_fits, eos_ids, guessed, prepare_each, row_stats
 from .methods import Method, get_method
@@ -75,11 +75,11 @@ class CompressedContext:
                             cache=cache, use_cache=True, logits_to_keep=1)
                 read = time.perf_counter()
                 stream = (lambda _row, text: on_text(text)) if on_text is not None else None
-                decoded = decode(model, cache, out.logits[:, -1], positions=torch.tensor([start + len(ids)], device=model.device),
-                                 attention_mask=None, max_new_tokens=[max_new_tokens],
-                                 samplings=[Sampling(temperature, top_p, top_k, seed)], eos_token_ids=eos_ids(model, tokenizer),
-                                 tokenizer=tokenizer, stops=[tuple(s for s in stop if s)], on_text=stream,
-                                 backend=self.pair.decode)
+                spec = DecodeSpec([max_new_tokens], [Sampling(temperature, top_p, top_k, seed)],
+                                  [eos_ids(model, tokenizer)], tokenizer=tokenizer, stops=[tuple(s for s in stop if s)],
+                                  on_text=stream, backend=self.pair.decode)
+                decoded = decode(model, cache, out.logits[:, -1], torch.tensor([start + len(ids)], device=model.device),
+                                 None, spec)
         finally:
             restore()  # the question and its answer go again: the next question starts clean
         finished = time.perf_counter()

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch.nn.attention import sdpa_kernel
@@ -141,6 +142,41 @@ class IncrementalText:
         return after[len(before):]
 
 
+class DecodeStep(Protocol):
+    """One decoding step: logits [B, V] after `tokens` [B, 1] at `positions` [B, 1]."""
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor: ...
+
+    def select(self, rows: list[int], taken: int) -> DecodeStep:
+        """The same step for the batch rows `rows` alone, after `taken` steps (finished rows dropped)."""
+
+
+@dataclass
+class DecodeSpec:
+    """What a decode generates and how: per row its length, sampling, stop tokens and strings and
+    log-probabilities; the text stream and cancellation; eviction; the step's backend."""
+
+    max_new_tokens: list[int]
+    samplings: list[Sampling]
+    eos_token_ids: list[set[int]]
+    tokenizer: Any = None  # without one, text is left empty (the draft's lookahead only needs ids)
+    stops: list[tuple[str, ...]] | None = None
+    logprobs: list[int | None] | None = None  # per row: report this many likeliest tokens (None: not)
+    on_text: TextCallback | None = None
+    cancelled: Callable[[int], bool] | None = None  # a row for which it turns true stops at its next token
+    after_step: Callable[[DynamicCache], None] | None = None  # sees the cache after every forward pass (eviction)
+    backend: str = "eager"
+    compact: bool = True  # once half the rows are finished, go on with the others alone
+    consume: bool = False  # the cache is not needed afterwards (the static step may let go of it as it copies)
+    step: DecodeStep | None = field(default=None, repr=False)  # the step itself (default: the backend's)
+
+    @classmethod
+    def greedy(cls, max_new_tokens: list[int], eos: set[int], backend: str = "eager", **given: Any) -> DecodeSpec:
+        """Greedy tokens with one stop set for every row (a guess of the answer)."""
+        return cls(max_new_tokens, [Sampling()] * len(max_new_tokens), [eos] * len(max_new_tokens), backend=backend,
+                   **given)
+
+
 class EagerStep:
     """One decoding step on any device: the model reads one token per row over `cache`.
 
@@ -192,8 +228,7 @@ def check_backend(backend: str) -> str:
 
 
 def make_step(backend: str, model: torch.nn.Module, cache: DynamicCache | None, attention_mask: torch.Tensor | None,
-              steps: int, evicting: bool = False, consume: bool = False,
-              ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+              steps: int, evicting: bool = False, consume: bool = False) -> DecodeStep:
     """The decode step of a backend: "eager", "static" (fixed shapes, a CUDA graph on CUDA: see
     draftkv.engine.static), or "auto" (static on CUDA, eager elsewhere). A decode the static step cannot
     take (a sliding window, decode-time eviction, flex attention) takes the eager step. `consume`: the
@@ -264,51 +299,25 @@ class RowOutput:
         return piece
 
 
-def decode(
-    model: torch.nn.Module,
-    cache: DynamicCache,
-    first_logits: torch.Tensor,
-    *,
-    positions: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    max_new_tokens: list[int],
-    samplings: list[Sampling],
-    eos_token_ids: set[int] | list[set[int]],
-    tokenizer=None,
-    stops: list[tuple[str, ...]] | None = None,
-    on_text: TextCallback | None = None,
-    after_step: Callable[[DynamicCache], None] | None = None,
-    cancelled: Callable[[int], bool] | None = None,
-    step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    backend: str = "eager",
-    logprobs: list[int | None] | None = None,
-    compact: bool = True,
-    consume: bool = False,
-) -> DecodeOutput:
-    """Generate from `first_logits` [B, V] (the prefill's last position) and a filled `cache`.
+def decode(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.Tensor, positions: torch.Tensor,
+           attention_mask: torch.Tensor | None, spec: DecodeSpec) -> DecodeOutput:
+    """Generate from `first_logits` [B, V] (the prefill's last position) and a filled `cache`, as `spec` says.
 
-    positions: [B] logical position of the next token per row. eos_token_ids: one set for every row
-    or a set per row. attention_mask: [B, physical cache length] (None when no row has padding).
-    Without a tokenizer, text is left empty (the draft's lookahead only needs ids). `after_step` sees
-    the cache after every forward pass (decode-time eviction cuts it there). A row for which
-    `cancelled(row)` turns true stops at the next token with finish reason "cancelled" (a server's
-    client went away or ran out of time). `step`: the decode step (default: `backend`'s, see make_step).
-    `logprobs[row]`: report that row's tokens' log-probabilities with this many likeliest (None: not).
-    `compact`: once half the rows are finished, go on with the others alone (not while collectors read
-    every row's queries each step). `consume`: the cache is not needed afterwards (the static step may
-    let go of it as it copies it).
+    positions: [B] logical position of the next token per row. attention_mask: [B, physical cache
+    length] (None when no row has padding). A cancelled row ends with finish reason "cancelled" (a
+    server's client went away or ran out of time).
     """
     batch = first_logits.shape[0]
-    row_eos = eos_token_ids if isinstance(eos_token_ids, list) else [eos_token_ids] * batch
-    wanted = logprobs if logprobs is not None and any(k is not None for k in logprobs) else None
-    rows = [RowOutput(tokenizer, limit, eos, row_stops, logprobs=wanted is not None and wanted[row] is not None)
-            for row, (limit, eos, row_stops) in enumerate(zip(max_new_tokens, row_eos, stops or [()] * batch,
-                                                              strict=True))]
+    max_new_tokens, samplings, cancelled, after_step = spec.max_new_tokens, spec.samplings, spec.cancelled, spec.after_step
+    wanted = spec.logprobs if spec.logprobs is not None and any(k is not None for k in spec.logprobs) else None
+    rows = [RowOutput(spec.tokenizer, limit, eos, row_stops, logprobs=wanted is not None and wanted[row] is not None)
+            for row, (limit, eos, row_stops) in enumerate(zip(max_new_tokens, spec.eos_token_ids,
+                                                              spec.stops or [()] * batch, strict=True))]
     generators = make_generators(samplings, first_logits.device)
     logits = first_logits
     positions = positions.clone().view(batch, 1)
-    step = step or make_step(backend, model, cache, attention_mask, max(max_new_tokens, default=0),
-                             evicting=after_step is not None, consume=consume)
+    step = spec.step or make_step(spec.backend, model, cache, attention_mask, max(max_new_tokens, default=0),
+                                  evicting=after_step is not None, consume=spec.consume)
     first_token_at = 0.0
     steps = 0
     live = list(range(batch))  # the original row of each row the step still runs
@@ -325,14 +334,14 @@ def decode(
                 row.end("cancelled")
                 continue
             row.take(token, logprob)
-            if on_text is not None and (piece := row.new_text()):
-                on_text(number, piece)
+            if spec.on_text is not None and (piece := row.new_text()):
+                spec.on_text(number, piece)
         running = [at for at, number in enumerate(live) if rows[number].finish is None]
         if not running:
             break
         # Finished rows are fed a token too while they are few; once half the rows are done, the step
         # goes on with the running rows alone (decode-time eviction keeps its batch whole).
-        if compact and len(running) <= len(live) // 2 and after_step is None and hasattr(step, "select"):
+        if spec.compact and len(running) <= len(live) // 2 and after_step is None:
             step = step.select(running, steps)
             live = [live[at] for at in running]
             positions = positions[running]

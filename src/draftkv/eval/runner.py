@@ -20,7 +20,7 @@ from ..context import compress_context_each
 from ..errors import ConfigError
 from ..flow import run_each
 from ..jsonl import append_row, drop_torn_tail, exclusive, read_rows, writing
-from ..methods import Budget, Method, budget_kinds, budget_params, method_with_budgets
+from ..methods import Budget, Method, budget_kinds, budget_params, budget_settings, method_with_budgets
 from ..progress import progress_bar
 from . import metrics
 from .ruler import Sample
@@ -67,16 +67,7 @@ def settings(methods: list[str], budgets: list[Budget], prompt_budgets: list[Bud
         if "@" in name:
             result.append(_pinned(name))
             continue
-        takes_kv, takes_prompt = budget_kinds(name)  # fails fast on an unknown name
-        if takes_kv and takes_prompt:
-            result += [Setting(name, b, p) for p in prompt_budgets for b in budgets
-                       if isinstance(b, float) or isinstance(p, float) or b <= p]  # a ratio's count varies
-        elif takes_kv:
-            result += [Setting(name, b) for b in budgets]
-        elif takes_prompt:
-            result += [Setting(name, None, p) for p in prompt_budgets]
-        else:
-            result.append(Setting(name))
+        result += [Setting(name, b, p) for b, p in budget_settings(name, budgets, prompt_budgets)]
     if not result:
         raise ConfigError("nothing to run: give methods and the budgets that apply to them")
     for setting in result:

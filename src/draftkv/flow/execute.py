@@ -29,7 +29,7 @@ from ..engine.attention import WindowCollector
 from ..engine.cache import bytes_per_entry, clone_cache, compressed_layers, kv_bytes, layer_entry_bytes
 from ..engine.decoding import TextCallback
 from ..errors import ConfigError, TokenizerMismatchError
-from ..methods import KVScorer, Method, get_method
+from ..methods import KVScorer, Method, get_method, names
 from ..prompt import EncodedPrompt, encode_prompts
 from ..types import Request, Result
 from .batch import DraftView, PaddedBatch, lookahead_view, pad_prompts, pad_token
@@ -236,8 +236,8 @@ def draft_pass(pair: ModelPair, requests: list[Request], prompts: list[EncodedPr
         if cross and consumers[i].probes_lookahead:
             raise TokenizerMismatchError(
                 f"method {consumers[i].method.name!r} passes the draft's lookahead tokens to the target, which needs "
-                f"the same tokenizer ({pair.tokenizer_mismatch}); prompt methods (specpc, specprefill, lingua) work "
-                "across tokenizers")
+                f"the same tokenizer ({pair.tokenizer_mismatch}); prompt methods "
+                f"({', '.join(m for m in names('prompt') if m not in names('kv'))}) work across tokenizers")
     draft_tokenizer = pair.draft.tokenizer
     draft_prompts, draft_batch = prompts, batch
     if cross:  # the draft reads the prompt in its own tokens; station 1 crosses back as text

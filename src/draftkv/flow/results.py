@@ -11,7 +11,7 @@ from transformers import DynamicCache
 
 from ..engine.attention import capture, ragged_attention
 from ..engine.cache import stacked_cache
-from ..engine.decoding import Decoded, TextCallback, decode
+from ..engine.decoding import Decoded, DecodeSpec, TextCallback, decode
 from ..engine.eviction import DecodeEviction
 from ..methods import Method
 from ..prompt import EncodedPrompt
@@ -98,21 +98,26 @@ def finish(pair: ModelPair, prepared: Prepared, on_text: TextCallback | None = N
     target, clock = pair.target.model, prepared.clock
     eviction = DecodeEviction(prepared.method, planned.budget) if planned is not None else None
     decoding = clock.start("decode")
+    spec = answer_spec(pair, requests, on_text=on_text, cancelled=cancelled,
+                       after_step=eviction.after_step if eviction is not None else None)
     with ragged_attention(target, prepared.cache), capture(target, eviction):
-        output = decode(
-            target, prepared.cache, prepared.first_logits,
-            positions=torch.tensor(prepared.batch.next_positions, device=target.device),
-            attention_mask=prepared.attention_mask, max_new_tokens=[r.max_new_tokens for r in requests],
-            samplings=[r.sampling for r in requests],
-            eos_token_ids=[set() if r.ignore_eos else eos_ids(target, pair.tokenizer) for r in requests],
-            tokenizer=pair.tokenizer, stops=[r.stop for r in requests], on_text=on_text,
-            after_step=eviction.after_step if eviction is not None else None, cancelled=cancelled,
-            backend=pair.decode, logprobs=[r.logprobs for r in requests], consume=True,
-        )
+        output = decode(target, prepared.cache, prepared.first_logits,
+                        torch.tensor(prepared.batch.next_positions, device=target.device), prepared.attention_mask, spec)
     finished = clock.now()
     clock.add("decode", finished - max(decoding, output.first_token_at))
     notes = [f"decode-time eviction ran {eviction.evictions} times"] if eviction is not None else []
     return results_of(pair, prepared, output.rows, output.first_token_at, finished, peak_memory(target.device), notes)
+
+
+def answer_spec(pair: ModelPair, requests: list[Request], *, on_text: TextCallback | None = None,
+                cancelled: Callable[[int], bool] | None = None,
+                after_step: Callable[[DynamicCache], None] | None = None) -> DecodeSpec:
+    """How the requests' answers are decoded: the one place a request becomes a decode."""
+    eos = eos_ids(pair.target.model, pair.tokenizer)
+    return DecodeSpec([r.max_new_tokens for r in requests], [r.sampling for r in requests],
+                      [set() if r.ignore_eos else eos for r in requests], tokenizer=pair.tokenizer,
+                      stops=[r.stop for r in requests], logprobs=[r.logprobs for r in requests], on_text=on_text,
+                      cancelled=cancelled, after_step=after_step, backend=pair.decode, consume=True)
 
 
 def guessed(pair: ModelPair, prepared: Prepared, row: int) -> str | None:
@@ -182,16 +187,10 @@ def _decode_group(pair: ModelPair, batches: list[Prepared]) -> list[list[Result]
     for prepared in batches:
         prepared.target.cache = None  # the stacked copy replaces it
     requests = [request for prepared in batches for request in prepared.requests]
-    eos = eos_ids(target, pair.tokenizer)
     with ragged_attention(target, cache):
-        output = decode(
-            target, cache, torch.cat([p.first_logits for p in batches]),
-            positions=torch.tensor([pos for p in batches for pos in p.batch.next_positions], device=target.device),
-            attention_mask=None, max_new_tokens=[r.max_new_tokens for r in requests],
-            samplings=[r.sampling for r in requests], eos_token_ids=[set() if r.ignore_eos else eos for r in requests],
-            tokenizer=pair.tokenizer, stops=[r.stop for r in requests], backend=pair.decode,
-            logprobs=[r.logprobs for r in requests], consume=True,
-        )
+        output = decode(target, cache, torch.cat([p.first_logits for p in batches]),
+                        torch.tensor([pos for p in batches for pos in p.batch.next_positions], device=target.device),
+                        None, answer_spec(pair, requests))
     finished = clock.now()
     clock.add("decode", finished - max(started, output.first_token_at))
     memory = peak_memory(target.device)

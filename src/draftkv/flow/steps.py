@@ -16,10 +16,9 @@ from transformers import DynamicCache
 
 from ..engine.attention import Collector, RowSlot, WindowCollector, capture
 from ..engine.cache import checkpoint, clone_cache, gathered_copy
-from ..engine.decoding import decode, takes_static
+from ..engine.decoding import DecodeSpec, decode, takes_static
 from ..errors import PromptError
 from ..methods import PseudoAnswer
-from ..types import Sampling
 from .batch import DraftView, PaddedBatch, left_padded, lookahead_view
 from .select import row_mask, select_kv
 
@@ -184,14 +183,11 @@ def run_draft(model: torch.nn.Module, batch: PaddedBatch, needs: list[DraftNeed]
         prefilled = clock.now()
         prefill_scoring = scoring_seconds()
         clock.add("draft_prefill", prefilled - started - prefill_scoring)
-        decoded = decode(
-            model, cache, last_logits, positions=torch.tensor(batch.next_positions, device=device),
-            attention_mask=batch.attention_mask, max_new_tokens=steps,
-            samplings=[Sampling()] * len(steps), eos_token_ids=eos,
-            # Collectors read every step's queries in Python: a replayed graph would skip them, and they
-            # keep every row's scores, so the batch stays whole.
-            backend="eager" if active else backend, compact=not active,
-        )
+        # Collectors read every step's queries in Python: a replayed graph would skip them, and they keep
+        # every row's scores, so the batch stays whole.
+        decoded = decode(model, cache, last_logits, torch.tensor(batch.next_positions, device=device),
+                         batch.attention_mask,
+                         DecodeSpec.greedy(steps, eos, "eager" if active else backend, compact=not active))
     del cache
     clock.add("draft_lookahead", clock.now() - prefilled - (scoring_seconds() - prefill_scoring))
     scoring_started = clock.now()
@@ -268,9 +264,8 @@ def pseudo_answer(model: torch.nn.Module, cache: DynamicCache, first_logits: tor
     else:  # the static step reads the cache into its own slots and leaves it as it was: no copy needed
         copy = cache if takes_static(backend, model, cache) else clone_cache(cache)
         mask = batch.attention_mask
-    decoded = decode(model, copy, first_logits, positions=torch.tensor(batch.next_positions, device=first_logits.device),
-                     attention_mask=mask, max_new_tokens=[guess.tokens if row.drops_entries else 0 for row in rows],
-                     samplings=[Sampling()] * len(rows), eos_token_ids=eos, backend=backend)
+    decoded = decode(model, copy, first_logits, torch.tensor(batch.next_positions, device=first_logits.device), mask,
+                     DecodeSpec.greedy([guess.tokens if row.drops_entries else 0 for row in rows], eos, backend))
     clock.add("pseudo_answer", clock.now() - started)
     return lookahead_view([row.token_ids for row in decoded.rows], pad_id, first_logits.device)
 

@@ -72,6 +72,13 @@ def compression_as_budget(name: str, allowed: list[str], params: dict[str, Any])
     return {**params, "budget": 1.0 - float(ratio)}
 
 
+def names(stage: str = "any") -> list[str]:
+    """The registered methods that fill `stage`: "prompt" (station 1), "kv" (station 2) or "any"."""
+    chosen = {name: get_method(name) for name in METHODS}
+    return [name for name, method in chosen.items()
+            if stage == "any" or (method.compresses_prompt if stage == "prompt" else method.compresses_kv)]
+
+
 def budget_kinds(method: str) -> tuple[bool, bool]:
     """Whether `method` takes a KV budget and whether it takes a prompt budget (speckv-pc: both)."""
     chosen = get_method(method)
@@ -87,7 +94,7 @@ def budget_params(method: str, budget: Budget | None = None, prompt_budget: Budg
     if prompt_budget is not None:
         if not takes_prompt:
             raise ConfigError(f"method {method!r} keeps no prompt tokens, so it takes no prompt_budget; "
-                              "prompt methods: specpc, speckv-pc, specprefill, lingua, keep-last, keep-ends")
+                              f"prompt methods: {', '.join(names('prompt'))}")
         if not takes_kv and budget is not None:
             raise ConfigError(f"method {method!r} has one budget (prompt tokens): give budget or prompt_budget, "
                               "not both")
@@ -95,6 +102,22 @@ def budget_params(method: str, budget: Budget | None = None, prompt_budget: Budg
     if budget is not None:
         params["budget"] = budget
     return params
+
+
+def budget_settings(method: str, budgets: list[Budget], prompt_budgets: list[Budget],
+                    ) -> list[tuple[Budget | None, Budget | None]]:
+    """Each (KV budget, prompt budget) a sweep runs `method` at: every KV budget for a KV method, every prompt
+    budget for a prompt method, each KV budget within each prompt budget for both (speckv-pc), one run
+    (None, None) for a method with no budget. The one place a sweep's budgets are routed to a method."""
+    takes_kv, takes_prompt = budget_kinds(method)
+    if takes_kv and takes_prompt:  # a ratio's count varies with the prompt, so only counts are compared
+        return [(b, p) for p in prompt_budgets for b in budgets
+                if isinstance(b, float) or isinstance(p, float) or b <= p]
+    if takes_kv:
+        return [(b, None) for b in budgets]
+    if takes_prompt:
+        return [(None, p) for p in prompt_budgets]
+    return [(None, None)]
 
 
 def method_with_budgets(method: str, budget: Budget | None = None, prompt_budget: Budget | None = None,
@@ -106,5 +129,5 @@ def method_with_budgets(method: str, budget: Budget | None = None, prompt_budget
 __all__ = [
     "AdaSnapKV", "AdaSpecKV", "H2O", "KVMethod", "KVzip", "KeyDiff", "LAQ", "PyramidKV", "METHODS", "StreamingLLM", "Budget", "Dense", "DraftAttention", "DraftScorer", "KVScorer", "SelfInformation", "TargetReading", "WindowScorer", "KeepEnds", "KeepLast", "Lingua", "Method", "PromptMethod",
     "PseudoAnswer", "SnapKV",
-    "SpecKV", "SpecKVPC", "SpecPC", "SpecPrefill", "WindowKVMethod", "budget_kinds", "budget_params", "get_method", "help_of", "method_with_budgets",
+    "SpecKV", "SpecKVPC", "SpecPC", "SpecPrefill", "WindowKVMethod", "budget_kinds", "budget_params", "budget_settings", "names", "get_method", "help_of", "method_with_budgets",
 ]

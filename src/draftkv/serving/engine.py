@@ -29,7 +29,7 @@ from ..compress import compress_prompts
 from ..errors import DraftKVError
 from ..flow import Consumer, LayerKinds, Observer, StageEvent, check_fits, run
 from ..likelihood import Scored, score_continuations
-from ..methods import Method
+from ..methods import Method, names
 from ..prompt import encode_prompt
 from ..types import Request
 from .protocol import ServeError
@@ -367,5 +367,6 @@ def run_proxy(pair: ModelPair, batch: list[Job], hook: Hook | None = None) -> No
 def check_proxy_method(method: Method) -> None:
     if method.compresses_kv:
         raise ServeError(400, f"method {method.name!r} compresses the target's KV cache, which runs upstream in proxy "
-                         "mode; use a prompt method (specpc, specprefill, lingua, keep-last, keep-ends) or dense",
+                         f"mode; use a prompt method ({', '.join(m for m in names('prompt') if m not in names('kv'))}) "
+                         "or dense",
                          param="method", code="invalid_parameter")
