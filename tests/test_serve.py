@@ -95,6 +95,9 @@ def test_per_request_methods_and_budgets(live, pair):
         ("specpc", {"prompt_budget": 96, "window": 16, "start_layer": 0}, lambda stats: stats["kept_prompt_tokens"] == 96),
         ("speckv-pc", {"budget": 48, "prompt_budget": 128, "start_layer": 0}, lambda stats: stats["kv_entries"] == 48
          and stats["kept_prompt_tokens"] == 128),
+        ("kvzip", {"budget": 40, "chunk": 128}, lambda stats: stats["kv_entries"] == 40
+         and stats["timings"]["reconstruction"] > 0),
+        ("keydiff", {"compression_ratio": 0.75}, lambda stats: stats["kv_entries"] == -(-stats["prompt_tokens"] // 4)),
     ]:
         reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8,
                                                extra_body={"method": method, **body})
