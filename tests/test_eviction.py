@@ -8,6 +8,7 @@ from tiny import long_context
 from transformers import DynamicCache
 
 from draftkv.api import generate, generate_batch
+from draftkv.engine.cache import SlotLayer, cache_of_layers
 from draftkv.engine.eviction import DecodeEviction
 from draftkv.errors import ConfigError
 from draftkv.methods import H2O, StreamingLLM, get_method
@@ -47,7 +48,7 @@ def test_no_eviction_when_k_exceeds_the_answer(qwen_pair, method, params):
 def cache_of_positions(length: int, heads: int = 2, layers: int = 2) -> DynamicCache:
     """A cache whose keys hold their own position, so what survives eviction can be read back."""
     positions = torch.arange(length, dtype=torch.float).view(1, 1, length, 1).expand(1, heads, length, 4)
-    return DynamicCache([(positions.clone(), positions.clone()) for _ in range(layers)])
+    return cache_of_layers([SlotLayer(positions.clone(), positions.clone(), room=8) for _ in range(layers)])
 
 
 def test_streamingllm_eviction_keeps_sinks_and_the_recent_tokens():

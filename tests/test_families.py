@@ -221,3 +221,24 @@ def test_a_draft_of_another_family_with_the_same_tokenizer_works():
     for method in ("speckv", "specpc", "speckv-pc"):
         result = generate(pair, CONTEXT, QUESTION, method=method, max_new_tokens=NEW_TOKENS, **budgets(method))
         assert result.stats.compressed and result.stats.lookahead_tokens >= 1, method
+
+
+def test_a_model_of_sliding_windows_only_asks_the_draft_for_nothing_a_kv_budget_would_use():
+    """Mistral with every layer a sliding window: no KV budget applies, so the plan asks the draft for no
+    lookahead and attaches no scorer; the answer is dense's and the note says why."""
+    pair = tiny_pair("mistral")
+    calls = {"draft": 0, "target": 0}
+    hooks = [model.register_forward_pre_hook(lambda *_a, role=role: calls.__setitem__(role, calls[role] + 1))
+             for role, model in (("draft", pair.draft.model), ("target", pair.target.model))]
+    try:
+        dense = generate(pair, CONTEXT, QUESTION, method="dense", max_new_tokens=NEW_TOKENS)
+        dense_calls = dict(calls)
+        for method in ("speckv", "kvzip", "laq"):
+            calls.update(draft=0, target=0)
+            result = generate(pair, CONTEXT, QUESTION, method=method, budget=KV_BUDGET, max_new_tokens=NEW_TOKENS)
+            assert result.token_ids == dense.token_ids and not result.stats.compressed, method
+            assert "every layer is a sliding window" in result.stats.note and result.stats.lookahead_tokens == 0
+            assert calls == dense_calls == {"draft": 0, "target": dense_calls["target"]}, method  # no probe at all
+    finally:
+        for hook in hooks:
+            hook.remove()

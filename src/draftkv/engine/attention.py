@@ -23,7 +23,6 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .cache import RAGGED_LAYERS
 from .scoring import Reduction, reduced_count, window_scores
 
 # cuDNN attention (PyTorch's first choice on Hopper GPUs) builds an execution plan for every new
@@ -304,7 +303,7 @@ def _capturing(implementation: str) -> Callable:
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         ragged = _active_ragged.get()
-        if ragged is not None and isinstance(layer := ragged.layers[module.layer_idx], RAGGED_LAYERS):
+        if ragged is not None and (layer := ragged.layers[module.layer_idx]).brings_mask:
             # A ragged layer: each KV head has its own real entries, so it brings its own mask.
             attention_mask = layer.mask(query.shape[2], query.shape[1] // key.shape[1])
             if attention_mask is not None and implementation != "sdpa":  # eager adds its mask to the logits
@@ -366,7 +365,7 @@ def follow_ragged(old: DynamicCache, new: DynamicCache) -> None:
 @contextmanager
 def ragged_attention(model: torch.nn.Module, cache: DynamicCache) -> Iterator[None]:
     """Decode over a ragged cache: its layers' per-head masks replace the model's (none needed then)."""
-    if not any(isinstance(layer, RAGGED_LAYERS) for layer in cache.layers):
+    if not any(layer.brings_mask for layer in cache.layers):
         yield
         return
     previous, wrapped = wrapped_implementation(model)

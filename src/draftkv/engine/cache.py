@@ -2,8 +2,11 @@
 
 One layer class per layout, behind transformers' cache-layer interface (update, crop, seq length):
 `SlotLayer` (uniform: every head keeps the same entries), `PaddedLayer` (ragged, padded to the longest
-head and masked) and `PerHeadLayer` (ragged, every head stored exactly). The first two have
-preallocated room that decoding writes into in place (`reserve`).
+head and masked), `PerHeadLayer` (ragged, every head stored exactly), `WindowLayer` (a sliding window)
+and `FixedSlotLayer` (the static decode step's). Every layer of a cache the flow makes is one of them
+(`new_cache`), and each knows how to copy itself, keep some entries, give some batch rows, list its
+entries, count its bytes, checkpoint itself and bring its own mask: a new layer kind is one class.
+`SlotLayer` and `PaddedLayer` have preallocated room that decoding writes into in place (`reserve`).
 
 Entries keep the RoPE of their original positions (keys are cached after RoPE), so decoding goes
 on at the logical position n, n+1, ... while the physical cache holds fewer entries. The decode
@@ -24,18 +27,21 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 
 class SlotLayer(DynamicLayer):
     """A uniform layer with preallocated room: new entries are written into free slots in place and the
     model reads a view of the filled ones, so a decoding step copies nothing that is already cached
-    (transformers' DynamicLayer concatenates the whole layer every step)."""
+    (transformers' DynamicLayer concatenates the whole layer every step). Empty until its first update."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int = 0) -> None:
+    brings_mask = False  # the model's own attention mask applies (a row mask for a padded batch)
+
+    def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None, room: int = 0) -> None:
         super().__init__()
-        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-        self._place(keys, values, room)
+        if keys is not None:
+            self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+            self._place(keys, values, room)
 
     def _place(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
         """Copy the entries into new slots with `room` free after them."""
@@ -57,10 +63,14 @@ class SlotLayer(DynamicLayer):
 
     def reserve(self, room: int) -> None:
         """Make room for `room` more entries (one copy, only when there is too little)."""
-        if self.filled + room > self.capacity:
+        if self.is_initialized and self.filled + room > self.capacity:
             self._place(self.keys, self.values, room)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+            self._place(key_states, value_states, 0)
+            return self.keys, self.values
         new = key_states.shape[2]
         self.reserve(max(new, self.filled) if self.filled + new > self.capacity else 0)
         self.key_slots[:, :, self.filled: self.filled + new].copy_(key_states)
@@ -74,10 +84,107 @@ class SlotLayer(DynamicLayer):
             self.filled = max(self.filled + tokens_to_remove, 0)
             self._show()
 
-    def keep(self, index: torch.Tensor) -> None:
-        """Keep only the entries at `index` ([B, H_kv, K]), in order (decode-time eviction)."""
-        gather = index.to(self.device)[..., None].expand(-1, -1, -1, self.keys.shape[-1])
-        self._place(self.keys.gather(2, gather), self.values.gather(2, gather), self.capacity - index.shape[-1])
+    def gathered(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values at `index` ([B, H_kv, K]), in order."""
+        gather = index.to(self.keys.device)[..., None].expand(-1, -1, -1, self.keys.shape[-1])
+        return self.keys.gather(2, gather), self.values.gather(2, gather)
+
+    def keep(self, index: torch.Tensor, room: int = 0) -> None:
+        """Keep only the entries at `index` ([B, H_kv, K]), in order, with `room` free slots after them."""
+        keys, values = self.gathered(index)
+        if room:
+            self._place(keys, values, room)
+        else:
+            self._hold(keys, values)
+
+    def _hold(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Make `keys` and `values` the slots themselves (no copy, no room)."""
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self.key_slots, self.value_slots, self.filled = keys, values, keys.shape[2]
+        self._show()
+
+    @classmethod
+    def holding(cls, keys: torch.Tensor, values: torch.Tensor) -> SlotLayer:
+        """A layer whose slots are `keys` and `values` themselves."""
+        layer = cls()
+        layer._hold(keys, values)
+        return layer
+
+    def copy(self) -> SlotLayer:
+        """A copy with its own tensors."""
+        return SlotLayer(self.keys, self.values)
+
+    def rows(self, rows: torch.Tensor, room: int, trim: bool = False) -> SlotLayer:
+        """A copy holding only the batch rows `rows`, with room for `room` more entries (`trim`: see PaddedLayer)."""
+        return SlotLayer(self.keys[rows], self.values[rows], room)
+
+    def entries(self, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values [B, H_kv, K, d] and which slots hold a real entry [B, H_kv, K]: here the batch's row
+        mask ([B, K], None: all real)."""
+        batch, heads, length = self.keys.shape[:3]
+        if attention_mask is None:
+            valid = torch.ones(batch, heads, length, dtype=torch.bool, device=self.keys.device)
+        else:
+            valid = attention_mask.bool()[:, None, :].expand(batch, heads, length)
+        return self.keys, self.values, valid
+
+    def storage_bytes(self) -> int:
+        """Bytes of the entries held (a ragged layer's padding included)."""
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    def checkpoint(self) -> Callable[[], None]:
+        """A way back to the layer as it is now, copying nothing (updates write past the filled slots)."""
+        filled = self.filled
+
+        def restore() -> None:
+            self.filled = filled
+            self._show()
+
+        return restore
+
+    def mask(self, num_queries: int, group: int) -> torch.Tensor | None:
+        """The layer's own per-head mask [B, H_q, q, K], for layers that bring one (`brings_mask`)."""
+        return None
+
+
+class WindowLayer(DynamicSlidingWindowLayer):
+    """transformers' sliding-window layer (it keeps its last window of entries), with the behaviour the
+    flow asks of every layer. A KV budget does not apply to it: it keeps its window."""
+
+    brings_mask = False
+
+    def reserve(self, room: int) -> None:
+        """Nothing to reserve: the window rolls."""
+
+    def copy(self) -> WindowLayer:
+        copied = copy.copy(self)  # its counters too
+        if self.is_initialized:
+            copied.keys, copied.values = self.keys.clone(), self.values.clone()
+        return copied
+
+    def rows(self, rows: torch.Tensor, room: int, trim: bool = False) -> WindowLayer:
+        copied = copy.copy(self)  # its counters hold for every row
+        if self.is_initialized:
+            copied.keys, copied.values = self.keys[rows], self.values[rows]
+        return copied
+
+    def storage_bytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    def checkpoint(self) -> Callable[[], None]:
+        """Updates make new tensors, so keeping the present ones by reference also brings back what the
+        window lets go of."""
+        keys, values, cumulative = self.keys, self.values, self.cumulative_length
+
+        def restore() -> None:
+            self.keys, self.values, self.cumulative_length = keys, values, cumulative
+
+        return restore
+
+    def mask(self, num_queries: int, group: int) -> torch.Tensor | None:
+        return None
 
 
 def ragged_mask(valid: torch.Tensor, num_queries: int, group: int) -> torch.Tensor:
@@ -91,9 +198,18 @@ def ragged_mask(valid: torch.Tensor, num_queries: int, group: int) -> torch.Tens
     return valid & causal
 
 
+def _first_used_slot(valid: torch.Tensor) -> int:
+    """The first slot that some row and head of `valid` [B, H_kv, K] uses: the slots before it are
+    padding that a wider row, now gone, needed."""
+    used = valid.any(dim=1).any(dim=0).nonzero()
+    return int(used[0]) if used.numel() else 0
+
+
 class PaddedLayer(SlotLayer):
     """Keys and values [B, H_kv, K, d] padded to the longest head; `valid` [B, H_kv, K] marks real
     entries. Empty slots come first, so new tokens append at the end of every head."""
+
+    brings_mask = True
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, room: int = 0) -> None:
         self.full = bool(valid.all())  # no empty slot: a decoding step needs no mask (and gets the flash kernel)
@@ -118,8 +234,21 @@ class PaddedLayer(SlotLayer):
         # The new entries' slots are marked real already (free slots are made True).
         return super().update(key_states, value_states)
 
-    def keep(self, index: torch.Tensor) -> None:
+    def keep(self, index: torch.Tensor, room: int = 0) -> None:
         raise NotImplementedError("decode-time eviction keeps a uniform cache")
+
+    def copy(self) -> PaddedLayer:
+        return PaddedLayer(self.keys, self.values, self.valid)
+
+    def rows(self, rows: torch.Tensor, room: int, trim: bool = False) -> PaddedLayer:
+        """`trim`: also drop the leading slots that none of these rows uses (safe only where the layers bring
+        their own masks, not under a batch-wide attention mask of the old width)."""
+        valid = self.valid[rows]
+        first = _first_used_slot(valid) if trim else 0  # sliced before the rows are gathered: no copy of the padding
+        return PaddedLayer(self.keys[rows, :, first:], self.values[rows, :, first:], valid[:, :, first:], room)
+
+    def entries(self, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.keys, self.values, self.valid
 
     def mask(self, num_queries: int, group: int) -> torch.Tensor | None:
         """The layer's per-head mask; None for a single new token when every slot is real."""
@@ -127,14 +256,12 @@ class PaddedLayer(SlotLayer):
             return None
         return ragged_mask(self.valid, num_queries, group)
 
-    def storage_bytes(self) -> int:
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
-
 
 class PerHeadLayer(DynamicLayer):
     """Every (row, KV head) stored exactly; each step works on a transient padded copy."""
 
     full = False
+    brings_mask = True
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
         super().__init__()
@@ -175,13 +302,44 @@ class PerHeadLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return max(k.shape[0] for row in self.head_keys for k in row)
 
-    def mask(self, num_queries: int, group: int) -> torch.Tensor:
-        return ragged_mask(self.valid, num_queries, group)
+    def reserve(self, room: int) -> None:
+        """Nothing to reserve: each step makes its own padded copy."""
+
+    def copy(self) -> PerHeadLayer:
+        copied = copy.copy(self)
+        copied.head_keys = [[keys.clone() for keys in row] for row in self.head_keys]
+        copied.head_values = [[values.clone() for values in row] for row in self.head_values]
+        return copied
+
+    def rows(self, rows: torch.Tensor, room: int, trim: bool = False) -> PerHeadLayer:
+        chosen = rows.tolist()
+        copied = copy.copy(self)
+        copied.head_keys = [self.head_keys[b] for b in chosen]
+        copied.head_values = [self.head_values[b] for b in chosen]
+        copied.valid = self.valid[rows]
+        return copied
+
+    def entries(self, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        keys, values = self._padded()
+        return keys, values, self.valid
 
     def storage_bytes(self) -> int:
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
                    for row_k, row_v in zip(self.head_keys, self.head_values, strict=True)
                    for k, v in zip(row_k, row_v, strict=True))
+
+    def checkpoint(self) -> Callable[[], None]:
+        lengths = [[len(keys) for keys in row] for row in self.head_keys]
+
+        def restore() -> None:
+            for row_keys, row_values, row_lengths in zip(self.head_keys, self.head_values, lengths, strict=True):
+                for head, length in enumerate(row_lengths):
+                    row_keys[head], row_values[head] = row_keys[head][:length], row_values[head][:length]
+
+        return restore
+
+    def mask(self, num_queries: int, group: int) -> torch.Tensor:
+        return ragged_mask(self.valid, num_queries, group)
 
 
 class FixedSlotLayer(DynamicLayer):
@@ -191,6 +349,7 @@ class FixedSlotLayer(DynamicLayer):
     addresses never change, so a step can be captured once and replayed (a CUDA graph)."""
 
     full = False
+    brings_mask = True
 
     def __init__(self, capacity: int, keys: torch.Tensor, values: torch.Tensor, step: torch.Tensor) -> None:
         super().__init__()
@@ -227,24 +386,40 @@ class FixedSlotLayer(DynamicLayer):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.capacity, 0
 
-    def mask(self, num_queries: int, group: int) -> torch.Tensor:
-        return ragged_mask(self.valid, num_queries, group)
+    @property
+    def filled(self) -> int:
+        return self.base + int(self.step)
+
+    def entries(self, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        filled = self.filled
+        return self.keys[:, :, :filled], self.values[:, :, :filled], self.valid[:, :, :filled]
+
+    def rows(self, rows: torch.Tensor, room: int, trim: bool = False) -> PaddedLayer:
+        """The filled slots of the batch rows `rows` as a padded layer (see PaddedLayer.rows)."""
+        keys, values, valid = self.entries(None)
+        valid = valid[rows]
+        first = _first_used_slot(valid) if trim else 0
+        return PaddedLayer(keys[rows, :, first:], values[rows, :, first:], valid[:, :, first:], room)
 
     def storage_bytes(self) -> int:
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
 
+    def mask(self, num_queries: int, group: int) -> torch.Tensor:
+        return ragged_mask(self.valid, num_queries, group)
 
-RAGGED_LAYERS = (PaddedLayer, PerHeadLayer, FixedSlotLayer)  # layers that bring their own per-head mask
+
+def new_cache(config) -> DynamicCache:
+    """An empty cache for a model of `config` whose layers are ours: a sliding window where the model
+    has one (its `is_sliding` layers), a slot layer everywhere else."""
+    cache = DynamicCache(config=config.get_text_config())
+    cache.layers = [WindowLayer(layer.sliding_window) if layer.is_sliding else SlotLayer() for layer in cache.layers]
+    return cache
 
 
 def reserve(cache: DynamicCache, room: int) -> None:
-    """Give every uniform or padded layer room for `room` more entries, written in place; plain
-    transformers layers become slot layers (one copy each, a layer at a time)."""
-    for index, layer in enumerate(cache.layers):
-        if isinstance(layer, SlotLayer):
-            layer.reserve(room)
-        elif type(layer) is DynamicLayer and layer.is_initialized:
-            cache.layers[index] = SlotLayer(layer.keys, layer.values, room)
+    """Give every layer room for `room` more entries, written in place (one copy a layer, at most)."""
+    for layer in cache.layers:
+        layer.reserve(room)
 
 
 LAYOUTS = {"padded": PaddedLayer, "per-head": PerHeadLayer}
@@ -253,29 +428,17 @@ LAYOUTS = {"padded": PaddedLayer, "per-head": PerHeadLayer}
 def compressed_layers(cache: DynamicCache) -> list[int]:
     """The layers a KV budget applies to: full attention. A sliding-window layer already holds at most
     its window, so it keeps its window."""
-    return [index for index, layer in enumerate(cache.layers) if not getattr(layer, "is_sliding", False)]
+    return [index for index, layer in enumerate(cache.layers) if not layer.is_sliding]
 
 
 def has_sliding_layers(config) -> bool:
     """Whether a model of this config caches any layer as a sliding window."""
-    return any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=config.get_text_config()).layers)
-
-
-def copy_layer(layer: DynamicLayer) -> DynamicLayer:
-    """A copy of a layer with its own tensors, of the same kind and state (a sliding window's count too)."""
-    if isinstance(layer, PaddedLayer):
-        return PaddedLayer(layer.keys, layer.values, layer.valid)
-    if isinstance(layer, SlotLayer):
-        return SlotLayer(layer.keys, layer.values)
-    copied = copy.copy(layer)
-    if layer.is_initialized:
-        copied.keys, copied.values = layer.keys.clone(), layer.values.clone()
-    return copied
+    return any(layer.is_sliding for layer in DynamicCache(config=config.get_text_config()).layers)
 
 
 def clone_cache(cache: DynamicCache) -> DynamicCache:
     """A copy of the whole cache (dense's own, while other consumers still read the prefill's)."""
-    return cache_of_layers([copy_layer(layer) for layer in cache.layers])
+    return cache_of_layers([layer.copy() for layer in cache.layers])
 
 
 def cache_of_layers(layers: list[DynamicLayer]) -> DynamicCache:
@@ -287,12 +450,7 @@ def cache_of_layers(layers: list[DynamicLayer]) -> DynamicCache:
 def _uncompressed_copies(cache: DynamicCache) -> list[DynamicLayer | None]:
     """Copies of the layers a budget does not apply to (sliding windows); None where one does."""
     compressed = set(compressed_layers(cache))
-    return [None if at in compressed else copy_layer(layer) for at, layer in enumerate(cache.layers)]
-
-
-def _gathered(layer: DynamicLayer, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    index = kept.to(layer.keys.device)[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
-    return layer.keys.gather(2, index), layer.values.gather(2, index)
+    return [None if at in compressed else layer.copy() for at, layer in enumerate(cache.layers)]
 
 
 def ragged_cache(cache: DynamicCache, index: list[torch.Tensor], valid: list[torch.Tensor],
@@ -301,7 +459,7 @@ def ragged_cache(cache: DynamicCache, index: list[torch.Tensor], valid: list[tor
     compressed layer l; the other layers are copied as they are."""
     layers = _uncompressed_copies(cache)
     for at, layer_index, layer_valid in zip(compressed_layers(cache), index, valid, strict=True):
-        keys, values = _gathered(cache.layers[at], layer_index)
+        keys, values = cache.layers[at].gathered(layer_index)
         # A layer with no empty slot (PyramidKV's, one row at a time) has nothing to store per head:
         # padded, it holds the same bytes without a per-head copy each step (H100: 24 vs 37 ms per token).
         kind = PaddedLayer if bool(layer_valid.all()) else LAYOUTS[layout]
@@ -309,59 +467,10 @@ def ragged_cache(cache: DynamicCache, index: list[torch.Tensor], valid: list[tor
     return cache_of_layers(layers)
 
 
-def layer_entries(layer: DynamicLayer, attention_mask: torch.Tensor | None,
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A full-attention layer's keys, values [B, H_kv, K, d] and which slots hold a real entry
-    [B, H_kv, K]: a ragged layer's own, or a uniform layer's row mask ([B, K], None: all real)."""
-    if isinstance(layer, PerHeadLayer):
-        keys, values = layer._padded()
-        return keys, values, layer.valid
-    if isinstance(layer, PaddedLayer):
-        return layer.keys, layer.values, layer.valid
-    batch, heads, length = layer.keys.shape[:3]
-    if attention_mask is None:
-        valid = torch.ones(batch, heads, length, dtype=torch.bool, device=layer.keys.device)
-    else:
-        valid = attention_mask.bool()[:, None, :].expand(batch, heads, length)
-    return layer.keys, layer.values, valid
-
-
-def _first_used_slot(valid: torch.Tensor) -> int:
-    """The first slot that some row and head of `valid` [B, H_kv, K] uses: the slots before it are
-    padding that a wider row, now gone, needed."""
-    used = valid.any(dim=1).any(dim=0).nonzero()
-    return int(used[0]) if used.numel() else 0
-
-
-def rows_of(layer: DynamicLayer, rows: torch.Tensor, room: int, trim: bool = False) -> DynamicLayer:
-    """A copy of a layer holding only the batch rows `rows`, with room for `room` more entries. `trim`:
-    a padded layer also drops the leading slots that none of these rows uses (safe only where the
-    layers bring their own masks, not under a batch-wide attention mask of the old width)."""
-    if isinstance(layer, PerHeadLayer):
-        chosen = rows.tolist()
-        copied = copy.copy(layer)
-        copied.head_keys = [layer.head_keys[b] for b in chosen]
-        copied.head_values = [layer.head_values[b] for b in chosen]
-        copied.valid = layer.valid[rows]
-        return copied
-    if isinstance(layer, PaddedLayer | FixedSlotLayer):
-        filled = layer.base + int(layer.step) if isinstance(layer, FixedSlotLayer) else layer.keys.shape[2]
-        valid = layer.valid[rows, :, :filled]
-        first = _first_used_slot(valid) if trim else 0  # sliced before the rows are gathered: no copy of the padding
-        return PaddedLayer(layer.keys[rows, :, first:filled], layer.values[rows, :, first:filled], valid[:, :, first:],
-                           room)
-    if isinstance(layer, SlotLayer):
-        return SlotLayer(layer.keys[rows], layer.values[rows], room)
-    copied = copy.copy(layer)  # a transformers layer (a sliding window): its counters hold for every row
-    if layer.is_initialized:
-        copied.keys, copied.values = layer.keys[rows], layer.values[rows]
-    return copied
-
-
 def select_rows(cache: DynamicCache, rows: torch.Tensor, room: int, trim: bool = False) -> DynamicCache:
     """A new cache of the batch rows `rows` (the others are dropped: finished rows of a decode); `trim`:
-    see rows_of."""
-    return cache_of_layers([rows_of(layer, rows, room, trim) for layer in cache.layers])
+    see PaddedLayer.rows."""
+    return cache_of_layers([layer.rows(rows, room, trim) for layer in cache.layers])
 
 
 def stacked_cache(caches: list[DynamicCache], attention_masks: list[torch.Tensor | None]) -> DynamicCache:
@@ -370,7 +479,7 @@ def stacked_cache(caches: list[DynamicCache], attention_masks: list[torch.Tensor
     at its own positions, exactly as it would alone up to float arithmetic over the padding."""
     layers = []
     for at in range(len(caches[0].layers)):
-        parts = [layer_entries(cache.layers[at], mask) for cache, mask in zip(caches, attention_masks, strict=True)]
+        parts = [cache.layers[at].entries(mask) for cache, mask in zip(caches, attention_masks, strict=True)]
         width = max(keys.shape[2] for keys, _, _ in parts)
         keys = torch.cat([F.pad(keys, (0, 0, width - keys.shape[2], 0)) for keys, _, _ in parts])
         values = torch.cat([F.pad(values, (0, 0, width - values.shape[2], 0)) for _, values, _ in parts])
@@ -381,13 +490,7 @@ def stacked_cache(caches: list[DynamicCache], attention_masks: list[torch.Tensor
 
 def kv_bytes(cache: DynamicCache) -> int:
     """Bytes held by the cache's key and value tensors (ragged layers: their storage, padding included)."""
-    total = 0
-    for layer in cache.layers:
-        if isinstance(layer, RAGGED_LAYERS):
-            total += layer.storage_bytes()
-        elif layer.is_initialized:
-            total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-    return total
+    return sum(layer.storage_bytes() for layer in cache.layers)
 
 
 def layer_entry_bytes(layer: DynamicLayer) -> int:
@@ -403,44 +506,24 @@ def bytes_per_entry(cache: DynamicCache) -> int:
 
 def checkpoint(cache: DynamicCache) -> Callable[[], None]:
     """A way back to the cache as it is now (before a probe, or a question and its answer), copying
-    nothing: a layer's tensors are kept by reference (updates make new ones or write past the filled
-    slots), which also brings back what a sliding window has let go of."""
-    layers = list(cache.layers)  # decoding may put slot layers in their place
-    states = []
-    for layer in cache.layers:
-        if isinstance(layer, PerHeadLayer):
-            states.append([[len(keys) for keys in row] for row in layer.head_keys])
-        elif isinstance(layer, SlotLayer):
-            states.append(layer.filled)
-        else:
-            states.append((layer.keys, layer.values, getattr(layer, "cumulative_length", None)))
+    nothing: each layer keeps its own way back."""
+    layers = list(cache.layers)  # a decode may put other layers in their place
+    restores = [layer.checkpoint() for layer in layers]
 
     def restore() -> None:
         cache.layers[:] = layers
-        for layer, state in zip(layers, states, strict=True):
-            if isinstance(layer, PerHeadLayer):
-                for row_keys, row_values, lengths in zip(layer.head_keys, layer.head_values, state, strict=True):
-                    for head, length in enumerate(lengths):
-                        row_keys[head], row_values[head] = row_keys[head][:length], row_values[head][:length]
-            elif isinstance(layer, SlotLayer):
-                layer.filled = state
-                layer._show()
-            else:
-                layer.keys, layer.values, cumulative = state
-                if cumulative is not None:
-                    layer.cumulative_length = cumulative
+        for layer_restore in restores:
+            layer_restore()
 
     return restore
 
 
-def gather_positions(cache: DynamicCache, kept_per_layer: list[torch.Tensor]) -> None:
-    """Keep, in every compressed layer, the entries at `kept_per_layer[l]` ([B, H_kv, K] indices), in place."""
+def gather_positions(cache: DynamicCache, kept_per_layer: list[torch.Tensor], keep_capacity: bool = False) -> None:
+    """Keep, in every compressed layer, the entries at `kept_per_layer[l]` ([B, H_kv, K] indices), in place;
+    `keep_capacity`: with the free slots a decode reserved (decode-time eviction)."""
     for at, kept in zip(compressed_layers(cache), kept_per_layer, strict=True):
         layer = cache.layers[at]
-        if isinstance(layer, SlotLayer):
-            layer.keep(kept)
-        else:
-            layer.keys, layer.values = _gathered(layer, kept)
+        layer.keep(kept, layer.capacity - kept.shape[-1] if keep_capacity else 0)
 
 
 def gathered_copy(cache: DynamicCache, kept_per_layer: list[torch.Tensor]) -> DynamicCache:
@@ -448,5 +531,5 @@ def gathered_copy(cache: DynamicCache, kept_per_layer: list[torch.Tensor]) -> Dy
     other layers copied as they are; `cache` is kept."""
     layers = _uncompressed_copies(cache)
     for at, kept in zip(compressed_layers(cache), kept_per_layer, strict=True):
-        layers[at] = SlotLayer(*_gathered(cache.layers[at], kept))
+        layers[at] = SlotLayer.holding(*cache.layers[at].gathered(kept))
     return cache_of_layers(layers)

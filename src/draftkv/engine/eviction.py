@@ -85,5 +85,5 @@ class DecodeEviction:
             # Recorded steps follow their entries to the new places (entries a step never saw score 0).
             self.history[layer] = [torch.nn.functional.pad(step, (0, length - step.shape[-1])).gather(2, kept.to(step.device))
                                    for step in self.history.get(layer, [])]
-        gather_positions(cache, index)
+        gather_positions(cache, index, keep_capacity=True)
         self.evictions += 1

@@ -19,7 +19,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from .attention import DECODE_ATTENTION, own_implementation, ragged_attention
-from .cache import FixedSlotLayer, PerHeadLayer, cache_of_layers, layer_entries, select_rows
+from .cache import FixedSlotLayer, cache_of_layers, select_rows
 
 STATIC_IMPLEMENTATIONS = ("sdpa", "eager")  # those whose mask the layers can replace (flex takes a BlockMask)
 _warmed: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # models whose kernels ran once before a capture
@@ -32,7 +32,7 @@ def supports_static(model: torch.nn.Module, cache: DynamicCache | None) -> str |
         return f"the {implementation} attention takes no per-head mask"
     if cache is None or not cache.layers:
         return "no cache"
-    if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+    if any(layer.is_sliding for layer in cache.layers):
         return "a sliding-window layer rolls its entries"
     if any(not layer.is_initialized for layer in cache.layers):
         return "an empty layer"
@@ -53,7 +53,7 @@ class StaticStep:
         self.step = torch.zeros(1, dtype=torch.long, device=model.device)  # new tokens written so far
         layers = []
         for at, layer in enumerate(cache.layers):
-            keys, values, valid = layer_entries(layer, attention_mask if not isinstance(layer, PerHeadLayer) else None)
+            keys, values, valid = layer.entries(attention_mask)
             fixed = FixedSlotLayer(keys.shape[2] + steps, keys, values, self.step)
             fixed.load(keys, values, valid)
             layers.append(fixed)

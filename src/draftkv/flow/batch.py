@@ -36,8 +36,6 @@ class DraftView:
     token_scores: torch.Tensor | None = None  # [B, N] per prompt column, for the prompt stage
 
 
-
-
 def pad_prompts(rows: list[list[int]], pad_id: int, device: torch.device,
                 positions: list[list[int]] | None = None, next_positions: list[int] | None = None) -> PaddedBatch:
     """Left-pad token rows; positions default to 0..len-1 (kept tokens may keep their original ones)."""
@@ -76,8 +74,6 @@ def lookahead_view(token_ids: list[list[int]], pad_id: int, device: torch.device
         ids[row, : lengths[row]] = torch.tensor(row_ids, dtype=torch.long)
         valid[row, : lengths[row]] = True
     return DraftView(ids.to(device), valid.to(device), lengths)
-
-
 
 
 def pad_token(tokenizer) -> int:

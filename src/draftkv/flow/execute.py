@@ -262,7 +262,7 @@ def read_target(pair: ModelPair, consumers: list[Consumer], views: Callable[[], 
     cache = scored.cache
     entry_bytes = bytes_per_entry(cache)
     windows = [(layer.sliding_window, layer_entry_bytes(layer)) for layer in cache.layers
-               if getattr(layer, "is_sliding", False)]
+               if layer.is_sliding]
     last = len(consumers) - 1
     for index, (consumer, scores, own) in enumerate(zip(consumers, scored.scores, own_clocks, strict=True)):
         copy = index < last

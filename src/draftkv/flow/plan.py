@@ -27,7 +27,7 @@ class LayerKinds:
     @classmethod
     def of(cls, config) -> LayerKinds:
         layers = DynamicCache(config=config.get_text_config()).layers
-        sliding = [bool(getattr(layer, "is_sliding", False)) for layer in layers]
+        sliding = [layer.is_sliding for layer in layers]
         return cls(full=not all(sliding), sliding=any(sliding))
 
 

@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from ..engine.attention import Collector, RowSlot, WindowCollector, capture
-from ..engine.cache import checkpoint, clone_cache, gathered_copy
+from ..engine.cache import checkpoint, clone_cache, gathered_copy, new_cache
 from ..engine.decoding import DecodeSpec, decode, takes_static
 from ..errors import PromptError
 from ..methods import PseudoAnswer
@@ -122,7 +122,7 @@ def prefill(model: torch.nn.Module, batch: PaddedBatch, cache: DynamicCache | No
     logits, row_layers = [], []
     for row in range(len(batch.lengths)):
         pad = batch.pad(row)
-        row_cache = DynamicCache(config=model.config) if cache is not None else None
+        row_cache = new_cache(model.config) if cache is not None else None
         for collector in collectors:
             collector.slot = RowSlot(row, pad, len(batch.lengths))
         try:
@@ -143,8 +143,6 @@ def prefill(model: torch.nn.Module, batch: PaddedBatch, cache: DynamicCache | No
                 layers[index] = None
             cache.update(keys, values, index)
     return torch.cat(logits)
-
-
 
 
 def run_draft(model: torch.nn.Module, batch: PaddedBatch, needs: list[DraftNeed], eos: set[int], pad_id: int,
@@ -169,7 +167,7 @@ def run_draft(model: torch.nn.Module, batch: PaddedBatch, needs: list[DraftNeed]
         keep_hidden = model.get_decoder().register_forward_hook(
             lambda _module, _args, output: hidden.append(output.last_hidden_state))
     # Without lookahead steps (LLMLingua-style alone) the draft needs no cache of its own.
-    cache = DynamicCache(config=model.config) if max(steps) > 0 else None
+    cache = new_cache(model.config) if max(steps) > 0 else None
 
     def scoring_seconds() -> float:
         return sum(c.seconds for c in active)
@@ -206,14 +204,12 @@ def run_draft(model: torch.nn.Module, batch: PaddedBatch, needs: list[DraftNeed]
     return views
 
 
-
-
 def target_prefill(model: torch.nn.Module, batch: PaddedBatch, collectors: list[Collector],
                    clock: Clock) -> tuple[DynamicCache, torch.Tensor]:
     """Prefill the prompt alone (so its KV entries are exactly dense prefill's) while the collectors
     score it; returns the cache and the last prompt position's logits."""
     started = clock.start("target_prefill")
-    cache = DynamicCache(config=model.config)
+    cache = new_cache(model.config)
     before = sum(c.seconds for c in collectors)
     with capture(model, *collectors):
         last_logits = prefill(model, batch, cache, collectors)
