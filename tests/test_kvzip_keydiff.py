@@ -8,9 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_same_result, tiny_pair
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tiny import long_context
 
 import draftkv
+from draftkv.engine.scoring import pool_scores
 from draftkv.errors import ConfigError
 from draftkv.flow import prepare
 from draftkv.methods import get_method
@@ -184,3 +187,29 @@ def test_two_budgets_of_kvzip_share_one_reconstruction_and_dense_does_not_pay_fo
         assert_same_result(result, draftkv.generate_batch(qwen_pair, [REQUEST], method)[0])
     assert together[0].stats.timings["reconstruction"] == together[1].stats.timings["reconstruction"] > 0
     assert "reconstruction" not in together[2].stats.timings
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(["kvzip", "keydiff"]), st.integers(1, 4), st.integers(1, 12), st.integers(0, 6),
+       st.integers(1, 40), st.integers(1, 120), st.sampled_from([1, 3]), st.integers(0, 10_000))
+def test_sinks_window_and_best_scores_are_kept(name, heads, window, sink, extra, longer, kernel, seed):
+    """Per head exactly the budget: the first `sink` and the last `window` positions always, and every
+    other kept position scores (pooled) at least as high as every dropped one."""
+    budget = window + sink + extra
+    n = budget + longer
+    method = get_method(name, budget=budget, window=window, sink=sink, kernel=kernel)
+    scores = torch.rand(heads, n - window, generator=torch.Generator().manual_seed(seed))
+    (kept,) = method.keep_positions([scores], n, budget)
+    assert kept.shape == (heads, budget)
+    for head in range(heads):
+        positions = kept[head].tolist()
+        assert positions == sorted(set(positions))
+        assert set(range(sink)) | set(range(n - window, n)) <= set(positions)
+        pooled = pool_scores(scores[head], kernel, "max")
+        chosen = torch.zeros(n - window, dtype=torch.bool)
+        chosen[[p for p in positions if sink <= p < n - window]] = True
+        free = torch.ones(n - window, dtype=torch.bool)
+        free[: sink + kernel // 2] = False  # the sinks' forced scores spread to their pooling neighbours
+        rest, dropped = chosen & free, free & ~chosen
+        if rest.any() and dropped.any():
+            assert pooled[rest].min() >= pooled[dropped].max()
