@@ -46,6 +46,7 @@ class KeyDiff(WindowKVMethod):
     name: ClassVar[str] = "keydiff"
     summary: ClassVar[str] = "KV dropping by key diversity: distance from the head's mean key (no attention, query-agnostic)."
 
+    window: int = param(32, "last prompt tokens always kept (they are not scored)")
     kernel: int = param(1, "odd pooling kernel along keys (1 = none, as in KeyDiff)")
     reduction: str = param("max", "unused: KeyDiff reads no queries")
     sink: int = param(4, "first prompt tokens always kept (attention sinks)")

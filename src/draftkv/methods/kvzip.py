@@ -53,6 +53,7 @@ class KVzip(WindowKVMethod):
     name: ClassVar[str] = "kvzip"
     summary: ClassVar[str] = "KV dropping by context reconstruction: the target's attention while repeating the prompt (query-agnostic)."
 
+    window: int = param(32, "last prompt tokens always kept (they are not scored)")
     kernel: int = param(1, "odd pooling kernel along keys (1 = none, as in KVzip)")
     reduction: str = param("max", "over query heads of a group and the repeated tokens: max (KVzip) or mean")
     sink: int = param(4, "first prompt tokens always kept (attention sinks)")
