@@ -12,8 +12,8 @@ from draftkv import METHODS as METHODS_REGISTRY
 from draftkv.api import generate, generate_batch
 from draftkv.context import compress_context
 from draftkv.engine.attention import WindowCollector, capture
-from draftkv.engine.cache import compressed_layers, has_sliding_layers
-from draftkv.flow import finish, prepare, run
+from draftkv.engine.cache import compressed_layers
+from draftkv.flow import LayerKinds, finish, prepare, run
 from draftkv.methods import budget_kinds, budget_params, get_method
 from draftkv.models import pair_from_models
 from draftkv.prompt import encode_prompt
@@ -200,7 +200,7 @@ def test_every_method_decoded_together_equals_each_decoded_alone(family_pair):
     for method, joined, own in zip(METHODS, together, alone, strict=True):
         assert joined.token_ids == own.token_ids, (family, method)
         assert joined.stats.kv_entries == own.stats.kv_entries
-    sliding = has_sliding_layers(pair.target.model.config)
+    sliding = LayerKinds.of(pair.target.model.config).sliding
     assert any("decoded in one batch" in r.stats.note for r in together) != sliding, family
 
 

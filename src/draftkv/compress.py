@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from .api import check_pair, compress_batch
-from .engine.cache import has_sliding_layers
 from .errors import ConfigError
-from .flow import Observer
+from .flow import LayerKinds, Observer
 from .methods import Method, get_method, names
 from .prompt import kept_text
 from .types import Request
@@ -83,7 +82,7 @@ def compress_prompts(pair: ModelPair, requests: list[Request], method: str | Met
     chosen = get_method(method, **method_params)
     if not chosen.compresses_prompt:
         raise ConfigError(f"method {chosen.name!r} does not compress prompts; use one of: {', '.join(prompt_methods())}")
-    if len(requests) > 1 and pair.draft is not None and has_sliding_layers(pair.draft.model.config):
+    if len(requests) > 1 and pair.draft is not None and LayerKinds.of(pair.draft.model.config).sliding:
         # A sliding window's left padding would differ from the full layers': one request at a time.
         return [compress_prompts(pair, [request], chosen, observer=observer)[0] for request in requests]
     stage = compress_batch(pair, requests, chosen, observer=observer)

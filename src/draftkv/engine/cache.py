@@ -431,11 +431,6 @@ def compressed_layers(cache: DynamicCache) -> list[int]:
     return [index for index, layer in enumerate(cache.layers) if not layer.is_sliding]
 
 
-def has_sliding_layers(config) -> bool:
-    """Whether a model of this config caches any layer as a sliding window."""
-    return any(layer.is_sliding for layer in DynamicCache(config=config.get_text_config()).layers)
-
-
 def clone_cache(cache: DynamicCache) -> DynamicCache:
     """A copy of the whole cache (dense's own, while other consumers still read the prefill's)."""
     return cache_of_layers([layer.copy() for layer in cache.layers])

@@ -264,6 +264,36 @@ class WindowKVMethod(KVMethod):
         return kept
 
 
+@dataclass(frozen=True)
+class SinkKVMethod(WindowKVMethod):
+    """Station 2 by a score its scorer makes once, after the prefill: per layer and KV head the best
+    `budget - window` entries, the first `sink` always among them, plus the window. Such a score says
+    nothing of decoding steps, so there is no decode-time eviction."""
+
+    window: int = param(32, "last prompt tokens always kept (they are not scored)")
+    kernel: int = param(1, "odd pooling kernel along keys (1 = none)")
+    sink: int = param(4, "first prompt tokens always kept (attention sinks)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("sink", self.sink, 0)
+        if isinstance(self.budget, int) and self.sink + self.window >= self.budget:
+            raise ConfigError(f"sink + window ({self.sink + self.window}) must be smaller than the budget "
+                              f"({self.budget})")
+        if self.evict_every:
+            raise ConfigError(f"{self.name} scores the prompt once, after its prefill; decode-time eviction "
+                              "(evict_every) is not supported, give evict_every=0")
+
+    def decode_scorer(self) -> None:
+        return None
+
+    def keep_positions(self, layer_scores: list[torch.Tensor], prompt_length: int, budget: int) -> list[torch.Tensor]:
+        sinks = min(self.sink, layer_scores[0].shape[-1])  # first in line: ties keep the earlier position
+        raised = [scores.index_fill(-1, torch.arange(sinks, device=scores.device), float("inf"))
+                  for scores in layer_scores]
+        return super().keep_positions(raised, prompt_length, budget)
+
+
 def best_positions(scores: torch.Tensor, count: int) -> torch.Tensor:
     """The positions of the `count` highest scores along the last dimension, on the CPU. Ties (max
     pooling makes plateaus) go to the earlier position, so every device keeps the same entries;

@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.attention import WindowCollector
-from ..errors import ConfigError
-from .base import WindowKVMethod, check_int, param
+from .base import SinkKVMethod, param
 from .scorers import TargetReading
 
 
@@ -42,41 +41,11 @@ class KeyDistance:
 
 
 @dataclass(frozen=True)
-class KeyDiff(WindowKVMethod):
+class KeyDiff(SinkKVMethod):
     name: ClassVar[str] = "keydiff"
     summary: ClassVar[str] = "KV dropping by key diversity: distance from the head's mean key (no attention, query-agnostic)."
 
-    window: int = param(32, "last prompt tokens always kept (they are not scored)")
-    kernel: int = param(1, "odd pooling kernel along keys (1 = none, as in KeyDiff)")
     reduction: str = param("max", "unused: KeyDiff reads no queries")
-    sink: int = param(4, "first prompt tokens always kept (attention sinks)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_sink(self)
-        if self.evict_every:
-            raise ConfigError("keydiff scores the prompt's keys once; decode-time eviction (evict_every) is not "
-                              "supported, give evict_every=0")
 
     def kv_scorer(self) -> KeyDistance:
         return KeyDistance(self.window)
-
-    def decode_scorer(self) -> None:
-        return None
-
-    def keep_positions(self, layer_scores: list[torch.Tensor], prompt_length: int, budget: int) -> list[torch.Tensor]:
-        return super().keep_positions(with_sinks(layer_scores, self.sink), prompt_length, budget)
-
-
-def check_sink(method: KeyDiff | WindowKVMethod) -> None:
-    """`sink` first entries are kept besides the window: both fit in a token budget with room to choose."""
-    check_int("sink", method.sink, 0)
-    if isinstance(method.budget, int) and method.sink + method.window >= method.budget:
-        raise ConfigError(f"sink + window ({method.sink + method.window}) must be smaller than the budget "
-                          f"({method.budget})")
-
-
-def with_sinks(layer_scores: list[torch.Tensor], sink: int) -> list[torch.Tensor]:
-    """Scores [H_kv, S] per layer with the first `sink` positions first in line (ties keep the earlier)."""
-    sinks = min(sink, layer_scores[0].shape[-1])
-    return [scores.index_fill(-1, torch.arange(sinks, device=scores.device), float("inf")) for scores in layer_scores]

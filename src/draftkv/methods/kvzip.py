@@ -18,8 +18,7 @@ import torch
 
 from ..engine.attention import WindowCollector
 from ..errors import ConfigError
-from .base import WindowKVMethod, check_int, param
-from .keydiff import check_sink, with_sinks
+from .base import SinkKVMethod, check_int, param
 from .scorers import TargetReading
 
 
@@ -49,32 +48,19 @@ class Reconstruction:
 
 
 @dataclass(frozen=True)
-class KVzip(WindowKVMethod):
+class KVzip(SinkKVMethod):
     name: ClassVar[str] = "kvzip"
     summary: ClassVar[str] = "KV dropping by context reconstruction: the target's attention while repeating the prompt (query-agnostic)."
 
-    window: int = param(32, "last prompt tokens always kept (they are not scored)")
-    kernel: int = param(1, "odd pooling kernel along keys (1 = none, as in KVzip)")
     reduction: str = param("max", "over query heads of a group and the repeated tokens: max (KVzip) or mean")
-    sink: int = param(4, "first prompt tokens always kept (attention sinks)")
     chunk: int = param(2048, "prompt tokens repeated per probe call (the paper's 2K)")
     instruction: str = param("\n\nRepeat the previous context exactly.\n", "text read before the repeated prompt")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_sink(self)
         check_int("chunk", self.chunk, 1)
         if not isinstance(self.instruction, str):
             raise ConfigError(f"instruction must be a string, got {self.instruction!r}")
-        if self.evict_every:
-            raise ConfigError("kvzip scores the prompt once, by reconstruction; decode-time eviction (evict_every) is "
-                              "not supported, give evict_every=0")
 
     def kv_scorer(self) -> Reconstruction:
         return Reconstruction(self.window, self.instruction, self.chunk, self.reduction)
-
-    def decode_scorer(self) -> None:
-        return None
-
-    def keep_positions(self, layer_scores: list[torch.Tensor], prompt_length: int, budget: int) -> list[torch.Tensor]:
-        return super().keep_positions(with_sinks(layer_scores, self.sink), prompt_length, budget)
