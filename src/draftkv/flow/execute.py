@@ -237,7 +237,7 @@ def draft_pass(pair: ModelPair, requests: list[Request], prompts: list[EncodedPr
             raise TokenizerMismatchError(
                 f"method {consumers[i].method.name!r} passes the draft's lookahead tokens to the target, which needs "
                 f"the same tokenizer ({pair.tokenizer_mismatch}); prompt methods "
-                f"({', '.join(m for m in names('prompt') if m not in names('kv'))}) work across tokenizers")
+                f"({', '.join(names('prompt only'))}) work across tokenizers")
     draft_tokenizer = pair.draft.tokenizer
     draft_prompts, draft_batch = prompts, batch
     if cross:  # the draft reads the prompt in its own tokens; station 1 crosses back as text

@@ -73,10 +73,12 @@ def compression_as_budget(name: str, allowed: list[str], params: dict[str, Any])
 
 
 def names(stage: str = "any") -> list[str]:
-    """The registered methods that fill `stage`: "prompt" (station 1), "kv" (station 2) or "any"."""
+    """The registered methods that fill `stage`: "prompt" (station 1), "kv" (station 2), "prompt only"
+    (station 1 and not station 2: they need no target cache of their own) or "any"."""
     chosen = {name: get_method(name) for name in METHODS}
-    return [name for name, method in chosen.items()
-            if stage == "any" or (method.compresses_prompt if stage == "prompt" else method.compresses_kv)]
+    fills = {"any": lambda m: True, "prompt": lambda m: m.compresses_prompt, "kv": lambda m: m.compresses_kv,
+             "prompt only": lambda m: m.compresses_prompt and not m.compresses_kv}
+    return [name for name, method in chosen.items() if fills[stage](method)]
 
 
 def budget_kinds(method: str) -> tuple[bool, bool]:

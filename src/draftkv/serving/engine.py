@@ -367,6 +367,6 @@ def run_proxy(pair: ModelPair, batch: list[Job], hook: Hook | None = None) -> No
 def check_proxy_method(method: Method) -> None:
     if method.compresses_kv:
         raise ServeError(400, f"method {method.name!r} compresses the target's KV cache, which runs upstream in proxy "
-                         f"mode; use a prompt method ({', '.join(m for m in names('prompt') if m not in names('kv'))}) "
+                         f"mode; use a prompt method ({', '.join(names('prompt only'))}) "
                          "or dense",
                          param="method", code="invalid_parameter")
