@@ -78,8 +78,18 @@ def test_kept_entries_are_the_dense_entries_bitwise(pair, method):
     assert kept_rows is not None
     for layer, (compressed, full, kept) in enumerate(zip(prepared.cache.layers, dense.layers, kept_rows, strict=True)):
         index = kept[None, :, :, None].expand(-1, -1, -1, full.keys.shape[-1])
-        assert torch.equal(compressed.keys, full.keys.gather(2, index)), f"keys differ in layer {layer}"
-        assert torch.equal(compressed.values, full.values.gather(2, index)), f"values differ in layer {layer}"
+        # A checked guess's accepted tokens follow the kept entries (generated tokens, outside the budget).
+        assert compressed.keys.shape[2] == kept.shape[-1] + accepted_entries(prepared)
+        assert torch.equal(compressed.keys[:, :, : kept.shape[-1]], full.keys.gather(2, index)), \
+            f"keys differ in layer {layer}"
+        assert torch.equal(compressed.values[:, :, : kept.shape[-1]], full.values.gather(2, index)), \
+            f"values differ in layer {layer}"
+
+
+def accepted_entries(prepared, row: int = 0) -> int:
+    """Entries a checked guess added after the kept ones: its accepted tokens but the last (fed next)."""
+    accepted = prepared.accepted[row]
+    return len(accepted.token_ids) - 1 if accepted is not None else 0
 
 
 @pytest.mark.parametrize("method", KV_METHODS)
@@ -93,15 +103,18 @@ def test_cache_holds_exactly_the_budget_with_window_and_no_probe(pair, method, b
     window = always.get("window", expected - 4)  # StreamingLLM keeps the last budget - sink tokens
     assert prepared.kv_budgets == [expected]
     config = pair.target.model.config
+    extra = accepted_entries(prepared)
     for layer, kept in zip(prepared.cache.layers, prepared.kept_rows[0], strict=True):
-        assert layer.keys.shape == (1, config.num_key_value_heads, expected, config.hidden_size // config.num_attention_heads)
+        assert layer.keys.shape == (1, config.num_key_value_heads, expected + extra,
+                                    config.hidden_size // config.num_attention_heads)
         for head in kept.tolist():
             assert head == sorted(set(head)) and len(head) == expected
             assert set(range(n - window, n)) <= set(head)
             assert max(head) < n  # the draft's lookahead never stays in the cache
             if method == "streamingllm":
                 assert head == [0, 1, 2, 3, *range(n - window, n)]
-    assert kv_bytes(prepared.cache) == expected * prepared.target.entry_bytes
+    assert kv_bytes(prepared.cache) == (expected + extra) * prepared.target.entry_bytes
+    assert prepared.target.stored_bytes == expected * prepared.target.entry_bytes
     if method == "speckv":
         assert prepared.draft is not None and prepared.draft.lengths[0] > 0
 
@@ -121,8 +134,11 @@ def test_decoding_continues_at_the_original_positions(qwen_pair, method):
     finally:
         handle.remove()
     assert result.stats.kv_entries == 48
-    decode_steps = seen[-(len(result.token_ids) - 1):] if len(result.token_ids) > 1 else []
-    assert decode_steps == [[n + step] for step in range(len(decode_steps))]
+    # A checked guess's accepted tokens are in the cache already: decoding goes on after them.
+    accepted = result.stats.accepted_guess_tokens
+    calls = len(result.token_ids) - 1 - accepted
+    decode_steps = seen[-calls:] if calls > 0 else []
+    assert decode_steps == [[n + accepted + step] for step in range(calls)]
 
 
 def test_compressed_stats_measure_the_cache(qwen_pair):

@@ -124,7 +124,7 @@ def compress_context_each(pair: ModelPair, context: str, methods: list[str | Met
     ids = tokenizer(head, add_special_tokens=not (chat_template and getattr(tokenizer, "chat_template", None)))["input_ids"]
     prompt = EncodedPrompt(ids, len(ids), head, None, (0, len(head)))
     request = Request(context=context, max_new_tokens=max_new_tokens, chat_template=chat_template)
-    for index, prepared in prepare_each(pair, [request], methods, prompts=[prompt]):
+    for index, prepared in prepare_each(pair, [request], methods, prompts=[prompt], answers=False):
         stats, _, _ = row_stats(prepared, 0, new_tokens=0, first_token_at=prepared.started,
                                 finished=prepared.clock.now(), memory=None)
         yield index, CompressedContext(pair, prepared, tail, len(ids), stats)

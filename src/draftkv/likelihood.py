@@ -57,7 +57,8 @@ def score_continuations(pair: ModelPair, context_ids: list[int], continuations: 
     # fit its context (lm-eval's windows fill it exactly).
     longest = max((len(c) for c in continuations), default=1)
     request = Request(context="(token ids)", chat_template=False, max_new_tokens=max(longest - 1, 1))
-    prepared = prepare(pair, [request], [method], prompts=[EncodedPrompt(list(context_ids), len(context_ids))])[0]
+    prepared = prepare(pair, [request], [method], prompts=[EncodedPrompt(list(context_ids), len(context_ids))],
+                       answers=False)[0]
     model, cache = pair.target.model, prepared.cache
     start = prepared.batch.next_positions[0]
     scored = []

@@ -145,6 +145,7 @@ class Stats:
     kv_entries_sliding: int = 0  # per sliding-window layer and KV head: its window (or the prompt, if shorter)
     kv_bytes_sliding: int = 0  # what the sliding-window layers hold (part of kv_bytes); 0 without such layers
     lookahead_tokens: int = 0
+    accepted_guess_tokens: int = 0  # guess tokens the target's check kept as the answer's first tokens
     new_tokens: int = 0
     time_to_first_token: float = 0.0
     total_time: float = 0.0
@@ -169,10 +170,11 @@ class Stats:
         """One line for people: prompt, kept, KV bytes and time per stage."""
         stages = ", ".join(f"{name} {seconds:.2f}s" for name, seconds in self.timings.items())
         ratio = self.kv_bytes / self.kv_bytes_dense if self.kv_bytes_dense else 1.0
+        accepted = f"{self.accepted_guess_tokens} of it accepted, " if self.accepted_guess_tokens else ""
         line = (
             f"[{self.method}] prompt {self.prompt_tokens} tok, kept {self.kept_prompt_tokens} tok / "
             f"{self.kv_entries} KV per head, KV {_mib(self.kv_bytes_dense)} -> {_mib(self.kv_bytes)} "
-            f"({ratio:.1%}), lookahead {self.lookahead_tokens}, new {self.new_tokens} tok, "
+            f"({ratio:.1%}), lookahead {self.lookahead_tokens}, {accepted}new {self.new_tokens} tok, "
             f"TTFT {self.time_to_first_token:.2f}s, total {self.total_time:.2f}s ({stages})"
         )
         return f"{line}; {self.note}" if self.note else line

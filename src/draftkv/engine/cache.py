@@ -84,6 +84,11 @@ class SlotLayer(DynamicLayer):
             self.filled = max(self.filled + tokens_to_remove, 0)
             self._show()
 
+    def append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
+        """Add entries [B, H_kv, J, d] after the held ones; `valid` [B, J] marks the real ones (here the
+        batch's row mask must hide the others: see cache.append_entries)."""
+        self.update(keys, values)
+
     def gathered(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values at `index` ([B, H_kv, K]), in order."""
         gather = index.to(self.keys.device)[..., None].expand(-1, -1, -1, self.keys.shape[-1])
@@ -155,6 +160,11 @@ class WindowLayer(DynamicSlidingWindowLayer):
 
     def reserve(self, room: int) -> None:
         """Nothing to reserve: the window rolls."""
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
+        if not bool(valid.all()):
+            raise RuntimeError("a sliding window cannot hide some rows' entries: its batch decodes one row at a time")
+        self.update(keys, values)
 
     def copy(self) -> WindowLayer:
         copied = copy.copy(self)  # its counters too
@@ -234,6 +244,11 @@ class PaddedLayer(SlotLayer):
         # The new entries' slots are marked real already (free slots are made True).
         return super().update(key_states, value_states)
 
+    def append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
+        self.update(keys, values)
+        self.valid_slots[:, :, self.filled - keys.shape[2]: self.filled] = valid[:, None, :].to(self.valid_slots.device)
+        self.full = self.full and bool(valid.all())
+
     def keep(self, index: torch.Tensor, room: int = 0) -> None:
         raise NotImplementedError("decode-time eviction keeps a uniform cache")
 
@@ -293,6 +308,14 @@ class PerHeadLayer(DynamicLayer):
                 row[h] = torch.cat([row[h], key_states[b, h]])
                 self.head_values[b][h] = torch.cat([self.head_values[b][h], value_states[b, h]])
         return self._padded()
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
+        for b, (row_keys, row_values) in enumerate(zip(self.head_keys, self.head_values, strict=True)):
+            real = valid[b].to(keys.device)
+            for h in range(len(row_keys)):
+                row_keys[h] = torch.cat([row_keys[h], keys[b, h][real]])
+                row_values[h] = torch.cat([row_values[h], values[b, h][real]])
+        self._padded()  # its mask follows
 
     def crop(self, tokens_to_remove: int) -> None:
         for row_keys, row_values in zip(self.head_keys, self.head_values, strict=True):
@@ -511,6 +534,29 @@ def checkpoint(cache: DynamicCache) -> Callable[[], None]:
             layer_restore()
 
     return restore
+
+
+def newest_entries(cache: DynamicCache, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of every layer's last `count` entries (a guess just read), [B, H_kv, count, d] each; fewer where
+    a sliding window holds fewer (then every layer gives as many as the smallest holds)."""
+    count = min([count] + [layer.keys.shape[2] for layer in cache.layers])
+    return [(layer.keys[:, :, layer.keys.shape[2] - count:].clone(),
+             layer.values[:, :, layer.values.shape[2] - count:].clone()) for layer in cache.layers]
+
+
+def append_entries(cache: DynamicCache, entries: list[tuple[torch.Tensor, torch.Tensor]], valid: torch.Tensor,
+                   attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Add entries [B, H_kv, J, d] to every layer after the held ones (the tokens a decode starts with);
+    `valid` [B, J] marks each row's real ones. Returns the batch's row mask over the longer cache (None
+    when no row has padding): layers that bring their own masks mark the real entries themselves."""
+    for layer, (keys, values) in zip(cache.layers, entries, strict=True):
+        layer.append(keys, values, valid)
+    full = [cache.layers[at] for at in compressed_layers(cache)]
+    if attention_mask is None and (bool(valid.all()) or all(layer.brings_mask for layer in full)):
+        return None
+    if attention_mask is None:
+        attention_mask = valid.new_ones(valid.shape[0], full[0].keys.shape[2] - valid.shape[1], dtype=torch.long)
+    return torch.cat([attention_mask, valid.to(attention_mask)], dim=1)
 
 
 def gather_positions(cache: DynamicCache, kept_per_layer: list[torch.Tensor], keep_capacity: bool = False) -> None:

@@ -39,10 +39,36 @@ class Decoded:
 
 
 @dataclass
+class Accepted:
+    """A row's first tokens, chosen before its decode by a check of a guessed answer: every token's
+    entries but the last's are in the cache already, so the decode feeds the last one first."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None  # per token, for a row that asked
+    generator: torch.Generator | None = None  # the row's sampler, which chose them: the decode goes on with it
+
+
+@dataclass
 class DecodeOutput:
     rows: list[Decoded]
     first_token_at: float  # time.perf_counter() when the first tokens were picked
     steps: int  # forward passes run
+
+
+def sampling_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """The distribution a sampled row draws its next token from [V]: logits [V] after temperature,
+    top-k and top-p."""
+    scores = logits.float() / sampling.temperature
+    if sampling.top_k:
+        kth_best = torch.topk(scores, min(sampling.top_k, scores.numel())).values[-1]
+        scores = scores.masked_fill(scores < kth_best, float("-inf"))
+    if sampling.top_p < 1:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens before it already reach top_p (the best one always stays).
+        drop_sorted = (cumulative - torch.softmax(sorted_scores, dim=-1)) >= sampling.top_p
+        scores = scores.masked_fill(drop_sorted.scatter(0, order, drop_sorted), float("-inf"))
+    return torch.softmax(scores, dim=-1)
 
 
 def pick_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: list[torch.Generator | None]) -> list[int]:
@@ -54,18 +80,7 @@ def pick_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: lis
         if sampling.greedy:
             tokens.append(int(logits[row].argmax()))
             continue
-        scores = logits[row].float() / sampling.temperature
-        if sampling.top_k:
-            kth_best = torch.topk(scores, min(sampling.top_k, scores.numel())).values[-1]
-            scores = scores.masked_fill(scores < kth_best, float("-inf"))
-        if sampling.top_p < 1:
-            sorted_scores, order = torch.sort(scores, descending=True)
-            cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
-            # Drop a token when the tokens before it already reach top_p (the best one always stays).
-            drop_sorted = (cumulative - torch.softmax(sorted_scores, dim=-1)) >= sampling.top_p
-            scores = scores.masked_fill(drop_sorted.scatter(0, order, drop_sorted), float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        tokens.append(int(torch.multinomial(probs, 1, generator=generator)))
+        tokens.append(int(torch.multinomial(sampling_probs(logits[row], sampling), 1, generator=generator)))
     return tokens
 
 
@@ -169,6 +184,7 @@ class DecodeSpec:
     compact: bool = True  # once half the rows are finished, go on with the others alone
     consume: bool = False  # the cache is not needed afterwards (the static step may let go of it as it copies)
     step: DecodeStep | None = field(default=None, repr=False)  # the step itself (default: the backend's)
+    accepted: list[Accepted | None] | None = None  # per row, the tokens it starts with (positions follow them)
 
     @classmethod
     def greedy(cls, max_new_tokens: list[int], eos: set[int], backend: str = "eager", **given: Any) -> DecodeSpec:
@@ -314,6 +330,10 @@ def decode(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.Tens
             for row, (limit, eos, row_stops) in enumerate(zip(max_new_tokens, spec.eos_token_ids,
                                                               spec.stops or [()] * batch, strict=True))]
     generators = make_generators(samplings, first_logits.device)
+    accepted = spec.accepted or [None] * batch
+    for number, given in enumerate(accepted):
+        if given is not None and given.generator is not None:
+            generators[number] = given.generator
     logits = first_logits
     positions = positions.clone().view(batch, 1)
     step = spec.step or make_step(spec.backend, model, cache, attention_mask, max(max_new_tokens, default=0),
@@ -322,19 +342,31 @@ def decode(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.Tens
     steps = 0
     live = list(range(batch))  # the original row of each row the step still runs
     for index in range(max(max_new_tokens)):
-        next_tokens = pick_tokens(logits, [samplings[r] for r in live], [generators[r] for r in live])
+        given = [accepted[number] if index == 0 else None for number in live]
+        picking = [at for at, tokens in enumerate(given) if tokens is None]
+        picked_logits = logits if len(picking) == len(live) else logits[picking]
+        picked = pick_tokens(picked_logits, [samplings[live[at]] for at in picking],
+                             [generators[live[at]] for at in picking]) if picking else []
         if index == 0:
             first_token_at = time.perf_counter()
-        scored = token_logprobs(logits, next_tokens, [wanted[r] for r in live]) if wanted else [None] * len(live)
-        for number, token, logprob in zip(live, next_tokens, scored, strict=True):
-            row = rows[number]
-            if row.finish is not None:
-                continue
-            if cancelled is not None and cancelled(number):
-                row.end("cancelled")
-                continue
-            row.take(token, logprob)
-            if spec.on_text is not None and (piece := row.new_text()):
+        scored = token_logprobs(picked_logits, picked, [wanted[live[at]] for at in picking]) if wanted and picking \
+            else [None] * len(picking)
+        # Each row takes its picked token, or the tokens it was given (the last of which it is fed next).
+        offered = {at: ([token], [logprob]) for at, token, logprob in zip(picking, picked, scored, strict=True)}
+        next_tokens = []
+        for at, number in enumerate(live):
+            tokens, logprobs = offered[at] if given[at] is None else (given[at].token_ids, given[at].logprobs)
+            next_tokens.append(tokens[-1])
+            row, took = rows[number], False
+            for token, logprob in zip(tokens, logprobs or [None] * len(tokens), strict=True):
+                if row.finish is not None:
+                    break
+                if cancelled is not None and cancelled(number):
+                    row.end("cancelled")
+                    break
+                row.take(token, logprob)
+                took = True
+            if took and spec.on_text is not None and (piece := row.new_text()):
                 spec.on_text(number, piece)
         running = [at for at, number in enumerate(live) if rows[number].finish is None]
         if not running:

@@ -56,7 +56,7 @@ def sample_agreement(pair: ModelPair, sample: Sample, *, budget: int = 128, wind
     common = {"budget": budget, "window": window, "kernel": kernel}
     methods = [get_method("snapkv", **common), get_method("speckv", **common, max_lookahead=max_lookahead),
                get_method("speckv", **common, guesser="target", lookahead=request.max_new_tokens)]
-    snap, spec, oracle = prepare(pair, [request], methods)
+    snap, spec, oracle = prepare(pair, [request], methods, answers=False)
     answer = oracle.guess.lengths[0] if oracle.guess is not None else 0
     rows = []
     chosen = budget - window

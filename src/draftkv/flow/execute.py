@@ -26,8 +26,15 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from ..engine.attention import WindowCollector
-from ..engine.cache import bytes_per_entry, clone_cache, compressed_layers, kv_bytes, layer_entry_bytes
-from ..engine.decoding import TextCallback
+from ..engine.cache import (
+    append_entries,
+    bytes_per_entry,
+    clone_cache,
+    compressed_layers,
+    kv_bytes,
+    layer_entry_bytes,
+)
+from ..engine.decoding import Accepted, TextCallback
 from ..errors import ConfigError, TokenizerMismatchError
 from ..methods import KVScorer, Method, get_method, names
 from ..prompt import EncodedPrompt, encode_prompts
@@ -38,8 +45,10 @@ from .results import Prepared, TargetSide, finish, finish_together
 from .select import KeptPrompt, keep_prompt, kv_stage
 from .steps import (
     Clock,
+    GuessReading,
     Observer,
     check_fits,
+    check_guesses,
     eos_ids,
     probe,
     pseudo_answer,
@@ -101,11 +110,11 @@ def run_each(pair: ModelPair, requests: list[Request], methods: list[str | Metho
 @torch.inference_mode()
 def prepare(pair: ModelPair, requests: list[Request], methods: list[str | Method], *,
             prompts: list[EncodedPrompt] | None = None, observer: Observer | None = None,
-            read: bool = True, beside: bool | None = None) -> list[Prepared]:
+            read: bool = True, beside: bool | None = None, answers: bool = True) -> list[Prepared]:
     """Every consumer's prepared batch, in the order of `methods` (see prepare_each)."""
     prepared: list[Prepared | None] = [None] * len(methods)
     for index, ready in prepare_each(pair, requests, methods, prompts=prompts, observer=observer, read=read,
-                                     beside=beside):
+                                     beside=beside, answers=answers):
         prepared[index] = ready
     return prepared
 
@@ -113,12 +122,14 @@ def prepare(pair: ModelPair, requests: list[Request], methods: list[str | Method
 @torch.inference_mode()
 def prepare_each(pair: ModelPair, requests: list[Request], methods: list[str | Method], *,
                  prompts: list[EncodedPrompt] | None = None, observer: Observer | None = None,
-                 read: bool = True, beside: bool | None = None) -> Iterator[tuple[int, Prepared]]:
+                 read: bool = True, beside: bool | None = None, answers: bool = True,
+                 ) -> Iterator[tuple[int, Prepared]]:
     """The flow up to decoding. Yields (consumer index, its prepared batch) as each is ready; with
     `read=False` it stops after station 1 (no target work: prompt compression alone).
     `prompts`: the requests already encoded (query-agnostic mode encodes only the context).
     `beside`: run the draft beside the target's prefill when nothing before the probe needs it
-    (default: on CUDA)."""
+    (default: on CUDA). `answers`: the caches will be decoded into the requests' answers (see Consumer.of);
+    False for a cache read otherwise (a likelihood, a question asked later)."""
     target = pair.target.model
     device = target.device
     if device.type == "cuda":
@@ -131,7 +142,8 @@ def prepare_each(pair: ModelPair, requests: list[Request], methods: list[str | M
     for request, n in zip(requests, lengths, strict=True):
         check_fits(target.config, "target", n, request.max_new_tokens)
     kinds = LayerKinds.of(target.config)
-    consumers = [Consumer.of(get_method(m), lengths, [r.max_new_tokens for r in requests], kinds) for m in methods]
+    consumers = [Consumer.of(get_method(m), lengths, [r.max_new_tokens for r in requests], kinds, answers)
+                 for m in methods]
     for consumer in consumers:  # the target's own guess (LAQ++'s pseudo-answer) is read at the prompt's end
         if consumer.guess is not None:
             for row in consumer.rows:
@@ -170,7 +182,7 @@ def prepare_each(pair: ModelPair, requests: list[Request], methods: list[str | M
         group_clock = Clock(device, observer)
         uses_draft = any(consumers[i].need.needed for i in group)
         shared = draft_clock.stages if uses_draft else {}
-        for index, target_side in read_target(pair, [consumers[i] for i in group],
+        for index, target_side in read_target(pair, requests, [consumers[i] for i in group],
                                               lambda group=group: [drafted.result()[1][i] for i in group],
                                               kept[group[0]].batch, group_clock, [own_clocks[i] for i in group]):
             yield group[index], prepared(group[index], {**shared, **group_clock.stages}, target_side)
@@ -252,13 +264,15 @@ def draft_pass(pair: ModelPair, requests: list[Request], prompts: list[EncodedPr
     return draft_prompts, views
 
 
-def read_target(pair: ModelPair, consumers: list[Consumer], views: Callable[[], list[DraftView | None]],
-                batch: PaddedBatch, clock: Clock, own_clocks: list[Clock]) -> Iterator[tuple[int, TargetSide]]:
+def read_target(pair: ModelPair, requests: list[Request], consumers: list[Consumer],
+                views: Callable[[], list[DraftView | None]], batch: PaddedBatch, clock: Clock,
+                own_clocks: list[Clock]) -> Iterator[tuple[int, TargetSide]]:
     """One target prefill of `batch` for the consumers that read it, scored for each of them; then
     station 2 per consumer (yielded one at a time, each on its own copy of the cache but the last,
-    which takes the cache itself). `views()`: the consumers' draft views, asked for after the prefill
-    (the draft may still be running beside it)."""
-    scored = score_prompt(pair, consumers, views, batch, clock, own_clocks)
+    which takes the cache itself); a checked guess's accepted tokens join the cache after station 2.
+    `views()`: the consumers' draft views, asked for after the prefill (the draft may still be running
+    beside it)."""
+    scored = score_prompt(pair, requests, consumers, views, batch, clock, own_clocks)
     cache = scored.cache
     entry_bytes = bytes_per_entry(cache)
     windows = [(layer.sliding_window, layer_entry_bytes(layer)) for layer in cache.layers
@@ -273,8 +287,24 @@ def read_target(pair: ModelPair, consumers: list[Consumer], views: Callable[[], 
         else:  # dense: the full cache (a copy of it while others still need it)
             own_cache = clone_cache(cache) if copy else cache
             mask, kept_rows = batch.attention_mask, [None] * len(batch.lengths)
+        stored = kv_bytes(own_cache)
+        accepted = scored.accepted[index]
+        if accepted is not None:  # the guess tokens the target agreed with keep the entries its check made
+            mask = keep_accepted(own_cache, mask, accepted, scored.reads[index])
         yield index, TargetSide(own_cache, scored.first_logits, mask, kept_rows, scores, entry_bytes, windows,
-                                kv_bytes(own_cache), len(consumers) > 1, scored.guesses[index])
+                                stored, len(consumers) > 1, scored.guesses[index], accepted)
+
+
+def keep_accepted(cache: DynamicCache, attention_mask: torch.Tensor | None, accepted: list[Accepted | None],
+                  read: GuessReading) -> torch.Tensor | None:
+    """Add to a consumer's cache the entries of each row's accepted guess tokens (all of a row's accepted
+    tokens but the last, which its decode feeds first); returns the row mask over the longer cache."""
+    counts = [len(row.token_ids) - 1 if row is not None else 0 for row in accepted]
+    if not max(counts):
+        return attention_mask
+    valid = torch.arange(max(counts))[None, :] < torch.tensor(counts)[:, None]
+    entries = [(keys[:, :, : max(counts)], values[:, :, : max(counts)]) for keys, values in read.entries]
+    return append_entries(cache, entries, valid.to(entries[0][0].device), attention_mask)
 
 
 @dataclass
@@ -286,6 +316,8 @@ class ScoredPrompt:
     first_logits: torch.Tensor  # [B, V], the last prompt position's
     scores: list[list[torch.Tensor] | None]  # per consumer: per compressed layer [B, H_kv, S]
     guesses: list[DraftView | None]
+    accepted: list[list[Accepted | None] | None]  # per consumer that checks its guess: per row, its first tokens
+    reads: list[GuessReading | None]  # per consumer: what the target computed while reading its guess
 
 
 @dataclass
@@ -310,11 +342,13 @@ class Reading:
         return [self.cache.layers[at].keys for at in compressed_layers(self.cache)]
 
 
-def score_prompt(pair: ModelPair, consumers: list[Consumer], views: Callable[[], list[DraftView | None]],
-                 batch: PaddedBatch, clock: Clock, own_clocks: list[Clock]) -> ScoredPrompt:
+def score_prompt(pair: ModelPair, requests: list[Request], consumers: list[Consumer],
+                 views: Callable[[], list[DraftView | None]], batch: PaddedBatch, clock: Clock,
+                 own_clocks: list[Clock]) -> ScoredPrompt:
     """The target prefill with every consumer's collectors, then the guesses that probe the full cache:
     the draft's lookahead once, as long as the longest view (each collector counts its own tokens),
-    and each target guess (LAQ++'s pseudo-answer); then each scorer's scores. A scorer's own reading of
+    and each target guess (LAQ++'s pseudo-answer), checked where the consumer checks its guess; then each
+    scorer's scores. A scorer's own reading of
     the target (KVzip's reconstruction) runs once for the consumers that share the scorer, and its stages
     count in their own timings."""
     target, tokenizer = pair.target.model, pair.tokenizer
@@ -331,12 +365,15 @@ def score_prompt(pair: ModelPair, consumers: list[Consumer], views: Callable[[],
     probes = [view if consumer.probes_lookahead and collector is not None and view is not None
               and view.lookahead_ids.shape[1] > 0 else None
               for consumer, collector, view in zip(consumers, collectors, views, strict=True)]
+    reads: list[GuessReading | None] = [None] * len(consumers)  # what a check of each consumer's guess reads
     if any(view is not None for view in probes):
         longest = max((view for view in probes if view is not None), key=lambda v: v.lookahead_ids.shape[1])
         width = longest.lookahead_ids.shape[1]
-        probe(target, cache, batch, longest,
-              [(collector, F.pad(view.lookahead_valid, (0, width - view.lookahead_valid.shape[1])))
-               for collector, view in zip(collectors, probes, strict=True) if view is not None], clock)
+        read = probe(target, cache, batch, longest,
+                     [(collector, F.pad(view.lookahead_valid, (0, width - view.lookahead_valid.shape[1])))
+                      for collector, view in zip(collectors, probes, strict=True) if view is not None], clock,
+                     check=any(c.checks_guess for c, view in zip(consumers, probes, strict=True) if view is not None))
+        reads = [read if view is not None else None for view in probes]
     for index, (consumer, collector) in enumerate(zip(consumers, collectors, strict=True)):
         if consumer.guess is None:
             continue
@@ -345,7 +382,11 @@ def score_prompt(pair: ModelPair, consumers: list[Consumer], views: Callable[[],
             target, cache, first_logits, batch, consumer.guess, stage_one.layer_scores() if stage_one is not None
             else None, consumer.rows, eos_ids(target, tokenizer), pad_token(tokenizer), clock, pair.decode)
         if answer.lookahead_ids.shape[1] > 0:
-            probe(target, cache, batch, answer, [(collector, answer.lookahead_valid)], clock)
+            reads[index] = probe(target, cache, batch, answer, [(collector, answer.lookahead_valid)], clock,
+                                 check=consumer.checks_guess)
+    checked = [check_guesses(view, read, first_logits, requests, consumer.rows)
+               if consumer.checks_guess and read is not None else None
+               for consumer, view, read in zip(consumers, probes, reads, strict=True)]
     scores: list[list[torch.Tensor] | None] = []
     read_once: dict[KVScorer, tuple[list[torch.Tensor], Clock]] = {}  # scorers without a collector of their own
     for consumer, collector, own in zip(consumers, collectors, own_clocks, strict=True):
@@ -363,4 +404,4 @@ def score_prompt(pair: ModelPair, consumers: list[Consumer], views: Callable[[],
         for stage, seconds in reading_clock.stages.items():
             own.stages[stage] = own.stages.get(stage, 0.0) + seconds
         scores.append(shared)
-    return ScoredPrompt(cache, first_logits, scores, probes)
+    return ScoredPrompt(cache, first_logits, scores, probes, checked, reads)

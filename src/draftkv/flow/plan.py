@@ -105,9 +105,14 @@ class Consumer:
     stage_one_scorer: KVScorer | None  # the guess's stage one scores the prefill too
     probes_lookahead: bool  # the draft's lookahead probes the full cache for the scorer
     eviction: Eviction | None  # decode-time eviction (a batch that evicts runs one request at a time)
+    checks_guess: bool  # the target's reading of the guess checks it: what it agrees with starts the answer
 
     @classmethod
-    def of(cls, method: Method, lengths: list[int], max_new_tokens: list[int], target: LayerKinds) -> Consumer:
+    def of(cls, method: Method, lengths: list[int], max_new_tokens: list[int], target: LayerKinds,
+           answers: bool = True) -> Consumer:
+        """The plan of `method` for rows of `lengths`; `answers`: the cache is decoded into the requests'
+        answers (not read for a continuation of its own: a likelihood, a question asked later), so a
+        checked guess may start them."""
         rows = []
         for n, asked in zip(lengths, max_new_tokens, strict=True):
             prompt_budget = method.prompt_tokens(n)
@@ -128,7 +133,8 @@ class Consumer:
         eviction = None
         if method.evicts_during_decode and len(rows) == 1 and rows[0].drops_entries:
             eviction = Eviction(method.evict_every, rows[0].kv_budget)
-        return cls(method, rows, target, need, kv_scorer, guess, stage_one, probes, eviction)
+        checks = answers and method.verify_lookahead and (probes or guess is not None)
+        return cls(method, rows, target, need, kv_scorer, guess, stage_one, probes, eviction, checks)
 
     @property
     def reads_whole_prompt(self) -> bool:

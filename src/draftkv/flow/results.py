@@ -11,7 +11,7 @@ from transformers import DynamicCache
 
 from ..engine.attention import capture, ragged_attention
 from ..engine.cache import stacked_cache
-from ..engine.decoding import Decoded, DecodeSpec, TextCallback, decode
+from ..engine.decoding import Accepted, Decoded, DecodeSpec, TextCallback, decode
 from ..engine.eviction import DecodeEviction
 from ..methods import Method
 from ..prompt import EncodedPrompt
@@ -39,6 +39,7 @@ class TargetSide:
     stored_bytes: int  # what the batch's cache tensors hold right after compression, padding included
     shared_prefill: bool  # the target prefill served other consumers too
     guess: DraftView | None  # the guessed answer that probed the cache: the draft's, or the target's own
+    accepted: list[Accepted | None] | None = None  # per row, the answer's first tokens from the check of the guess
 
 
 @dataclass
@@ -90,6 +91,17 @@ class Prepared:
     def guess(self) -> DraftView | None:
         return self.target.guess if self.target is not None else None
 
+    @property
+    def accepted(self) -> list[Accepted | None]:
+        accepted = self.target.accepted if self.target is not None else None
+        return accepted if accepted is not None else [None] * len(self.requests)
+
+    @property
+    def next_positions(self) -> list[int]:
+        """Where each row's decode goes on: after the prompt and the accepted tokens already in the cache."""
+        return [position + (len(given.token_ids) - 1 if given is not None else 0)
+                for position, given in zip(self.batch.next_positions, self.accepted, strict=True)]
+
 
 def finish(pair: ModelPair, prepared: Prepared, on_text: TextCallback | None = None,
            cancelled: Callable[[int], bool] | None = None) -> list[Result]:
@@ -98,26 +110,28 @@ def finish(pair: ModelPair, prepared: Prepared, on_text: TextCallback | None = N
     target, clock = pair.target.model, prepared.clock
     eviction = DecodeEviction(prepared.method, planned.budget) if planned is not None else None
     decoding = clock.start("decode")
-    spec = answer_spec(pair, requests, on_text=on_text, cancelled=cancelled,
+    spec = answer_spec(pair, requests, prepared.accepted, on_text=on_text, cancelled=cancelled,
                        after_step=eviction.after_step if eviction is not None else None)
     with ragged_attention(target, prepared.cache), capture(target, eviction):
         output = decode(target, prepared.cache, prepared.first_logits,
-                        torch.tensor(prepared.batch.next_positions, device=target.device), prepared.attention_mask, spec)
+                        torch.tensor(prepared.next_positions, device=target.device), prepared.attention_mask, spec)
     finished = clock.now()
     clock.add("decode", finished - max(decoding, output.first_token_at))
     notes = [f"decode-time eviction ran {eviction.evictions} times"] if eviction is not None else []
     return results_of(pair, prepared, output.rows, output.first_token_at, finished, peak_memory(target.device), notes)
 
 
-def answer_spec(pair: ModelPair, requests: list[Request], *, on_text: TextCallback | None = None,
-                cancelled: Callable[[int], bool] | None = None,
+def answer_spec(pair: ModelPair, requests: list[Request], accepted: list[Accepted | None], *,
+                on_text: TextCallback | None = None, cancelled: Callable[[int], bool] | None = None,
                 after_step: Callable[[DynamicCache], None] | None = None) -> DecodeSpec:
-    """How the requests' answers are decoded: the one place a request becomes a decode."""
+    """How the requests' answers are decoded, from the tokens each row starts with (`accepted`): the one
+    place a request becomes a decode."""
     eos = eos_ids(pair.target.model, pair.tokenizer)
     return DecodeSpec([r.max_new_tokens for r in requests], [r.sampling for r in requests],
                       [set() if r.ignore_eos else eos for r in requests], tokenizer=pair.tokenizer,
                       stops=[r.stop for r in requests], logprobs=[r.logprobs for r in requests], on_text=on_text,
-                      cancelled=cancelled, after_step=after_step, backend=pair.decode, consume=True)
+                      cancelled=cancelled, after_step=after_step, backend=pair.decode, consume=True,
+                      accepted=accepted)
 
 
 def guessed(pair: ModelPair, prepared: Prepared, row: int) -> str | None:
@@ -189,8 +203,8 @@ def _decode_group(pair: ModelPair, batches: list[Prepared]) -> list[list[Result]
     requests = [request for prepared in batches for request in prepared.requests]
     with ragged_attention(target, cache):
         output = decode(target, cache, torch.cat([p.first_logits for p in batches]),
-                        torch.tensor([pos for p in batches for pos in p.batch.next_positions], device=target.device),
-                        None, answer_spec(pair, requests))
+                        torch.tensor([pos for p in batches for pos in p.next_positions], device=target.device),
+                        None, answer_spec(pair, requests, [given for p in batches for given in p.accepted]))
     finished = clock.now()
     clock.add("decode", finished - max(started, output.first_token_at))
     memory = peak_memory(target.device)
@@ -233,6 +247,7 @@ def row_stats(prepared: Prepared, row: int, new_tokens: int, first_token_at: flo
         kv_bytes_stored=side.stored_bytes if side is not None else 0, kv_entries_sliding=sliding_entries,
         kv_bytes_sliding=sliding, compressed=planned.drops_tokens or (planned.drops_entries and side is not None),
         lookahead_tokens=prepared.draft.lengths[row] if prepared.draft is not None else 0,
+        accepted_guess_tokens=len(accepted.token_ids) - 1 if (accepted := prepared.accepted[row]) is not None else 0,
         new_tokens=new_tokens, time_to_first_token=first_token_at - prepared.started,
         total_time=finished - prepared.started, timings=dict(prepared.clock.stages), peak_memory_bytes=memory,
         note="; ".join([*planned.notes(prepared.consumer.target.full), *notes, *shared]),

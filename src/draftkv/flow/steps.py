@@ -15,10 +15,12 @@ import torch
 from transformers import DynamicCache
 
 from ..engine.attention import Collector, RowSlot, WindowCollector, capture
-from ..engine.cache import checkpoint, clone_cache, gathered_copy, new_cache
-from ..engine.decoding import DecodeSpec, decode, takes_static
+from ..engine.cache import checkpoint, clone_cache, gathered_copy, new_cache, newest_entries
+from ..engine.decoding import Accepted, DecodeSpec, decode, make_generators, takes_static, token_logprobs
+from ..engine.speculation import check_guess
 from ..errors import PromptError
 from ..methods import PseudoAnswer
+from ..types import Request
 from .batch import DraftView, PaddedBatch, left_padded, lookahead_view
 from .select import row_mask, select_kv
 
@@ -219,10 +221,25 @@ def target_prefill(model: torch.nn.Module, batch: PaddedBatch, collectors: list[
     return cache, last_logits
 
 
+@dataclass
+class GuessReading:
+    """What the target computed while it read a guess: its logits at every guess position [B, L, V] and
+    the guess's own entries per layer ([B, H_kv, J, d], J <= L), for a check of the guess."""
+
+    logits: torch.Tensor
+    entries: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def room(self) -> int:
+        """Guess tokens whose entries were kept (a sliding window may hold fewer than the guess)."""
+        return self.entries[0][0].shape[2]
+
+
 def probe(model: torch.nn.Module, cache: DynamicCache, batch: PaddedBatch, guess: DraftView,
           scorers: list[tuple[WindowCollector, torch.Tensor]], clock: Clock, stage: str = "probe",
-          scoring_stage: str = "scoring") -> None:
-    """Read a guessed answer after the prompt so its queries score the prompt, then drop its entries.
+          scoring_stage: str = "scoring", check: bool = False) -> GuessReading | None:
+    """Read a guessed answer after the prompt so its queries score the prompt, then drop its entries;
+    with `check`, keep what a check of the guess needs (GuessReading).
 
     scorers: each collector with the guess tokens it counts ([B, L] bool); causal attention makes a
     shorter guess exactly the first tokens of a longer one."""
@@ -238,12 +255,36 @@ def probe(model: torch.nn.Module, cache: DynamicCache, batch: PaddedBatch, guess
     started, before = clock.start(stage), sum(c.seconds for c in collectors)
     restore = checkpoint(cache)
     with capture(model, *collectors):
-        model(input_ids=guess.lookahead_ids, attention_mask=mask, position_ids=positions,
-              cache=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=guess.lookahead_ids, attention_mask=mask, position_ids=positions,
+                    cache=cache, use_cache=True, logits_to_keep=0 if check else 1)
+    read = GuessReading(out.logits.float(), newest_entries(cache, width)) if check else None
+    del out
     restore()
     scoring = sum(c.seconds for c in collectors) - before
     clock.add(stage, clock.now() - started - scoring)
     clock.add(scoring_stage, scoring)
+    return read
+
+
+def check_guesses(guess: DraftView, read: GuessReading, first_logits: torch.Tensor, requests: list[Request],
+                  rows: list[RowPlan]) -> list[Accepted | None]:
+    """Per row that dropped entries, the answer's first tokens from the target's check of its guess
+    (engine.speculation.check_guess), with their log-probabilities where the request asks and the
+    row's sampler, which goes on into the decode."""
+    accepted: list[Accepted | None] = []
+    for row, (request, planned) in enumerate(zip(requests, rows, strict=True)):
+        length = min(guess.lengths[row], read.room)
+        if not planned.drops_entries or length == 0:
+            accepted.append(None)
+            continue
+        logits = torch.cat([first_logits[row: row + 1].float(), read.logits[row, :length]])
+        generator = make_generators([request.sampling], first_logits.device)[0]
+        tokens = check_guess(guess.lookahead_ids[row, :length].tolist(), logits, request.sampling, generator)
+        logprobs = None
+        if request.logprobs is not None:
+            logprobs = token_logprobs(logits[: len(tokens)], tokens, [request.logprobs] * len(tokens))
+        accepted.append(Accepted(tokens, logprobs, generator))
+    return accepted
 
 
 def pseudo_answer(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.Tensor, batch: PaddedBatch,

@@ -136,6 +136,12 @@ class Method:
         return 0
 
     @property
+    def verify_lookahead(self) -> bool:
+        """The target checks the guess it reads (the draft's lookahead, or its own pseudo-answer): the
+        guessed tokens it agrees with, and its own next token, start the answer."""
+        return False
+
+    @property
     def evicts_during_decode(self) -> bool:
         return self.evict_every > 0
 
@@ -228,8 +234,7 @@ class WindowKVMethod(KVMethod):
         if self.evict_every and (self.adaptive or type(self).layer_budgets is not WindowKVMethod.layer_budgets):
             raise ConfigError("decode-time eviction keeps a uniform cache: it cannot combine with adaptive or "
                               "per-layer budgets")
-        if not isinstance(self.adaptive, bool):
-            raise ConfigError(f"adaptive must be true or false, got {self.adaptive!r}")
+        check_bool("adaptive", self.adaptive)
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not 0 <= self.alpha <= 1:
             raise ConfigError(f"alpha must be a number in [0, 1], got {self.alpha!r}")
 
@@ -315,6 +320,11 @@ def adaptive_positions(pooled: torch.Tensor, chosen: int, alpha: float, window: 
     per_head = [torch.cat([selected[h].nonzero().flatten(), window]) for h in range(heads)]
     width = max(len(p) for p in per_head)
     return torch.stack([torch.cat([torch.full((width - len(p),), -1, dtype=torch.long), p]) for p in per_head])
+
+
+def check_bool(name: str, value: bool) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
 
 
 def check_int(name: str, value: int, minimum: int) -> None:

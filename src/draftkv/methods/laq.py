@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .base import PseudoAnswer, WindowKVMethod, check_int, param
+from .base import PseudoAnswer, WindowKVMethod, check_bool, check_int, param
 from .snapkv import SnapKV
 
 
@@ -23,10 +23,15 @@ class LAQ(WindowKVMethod):
     window: int = param(8, "last prompt tokens always kept; their queries score with the pseudo-answer")
     pseudo_tokens: int = param(8, "tokens the target generates from the stage-one cache")
     stage_one_window: int = param(32, "SnapKV window of stage one")
+    verify_lookahead: bool = param(False, "the target checks the guess it reads: the guessed tokens it agrees with "
+                                         "(and its own next token) start the answer, from its full cache; false: "
+                                         "the paper's method, which decodes every answer token over the compressed "
+                                         "cache")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("pseudo_tokens", self.pseudo_tokens, 1)
+        check_bool("verify_lookahead", self.verify_lookahead)
         self.guess(1)  # validates the stage-one SnapKV now
 
     def guess(self, max_new_tokens: int) -> PseudoAnswer:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..errors import ConfigError
-from .base import PseudoAnswer, WindowKVMethod, check_choice, param
+from .base import PseudoAnswer, WindowKVMethod, check_bool, check_choice, param
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,10 @@ class SpecKV(WindowKVMethod):
     max_lookahead: int = param(128, "cap on the default lookahead length")
     guesser: str = param("draft", "who writes the lookahead answer: draft (SpecKV), or target: the target's own "
                                   "answer from its full cache, an oracle for analysis that costs a dense decode")
+    verify_lookahead: bool = param(False, "the target checks the guess it reads: the guessed tokens it agrees with "
+                                         "(and its own next token) start the answer, from its full cache; false: "
+                                         "the paper's method, which decodes every answer token over the compressed "
+                                         "cache")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -35,6 +39,7 @@ class SpecKV(WindowKVMethod):
         if isinstance(self.max_lookahead, bool) or not isinstance(self.max_lookahead, int) or self.max_lookahead < 1:
             raise ConfigError(f"max_lookahead must be an int >= 1, got {self.max_lookahead!r}")
         check_choice("guesser", self.guesser, ("draft", "target"))
+        check_bool("verify_lookahead", self.verify_lookahead)
 
     def lookahead_tokens(self, max_new_tokens: int) -> int:
         return self.lookahead if self.lookahead is not None else min(max_new_tokens, self.max_lookahead)

@@ -27,6 +27,7 @@ from ..errors import ConfigError, PromptError
 from .base import (
     PromptMethod,
     best_positions,
+    check_bool,
     check_choice,
     check_int,
     check_kernel,
@@ -85,8 +86,7 @@ class SpecPC(PromptMethod):
         check_int("neighbourhood", self.neighbourhood, 1)
         check_int("sink", self.sink, 0)
         check_kernel(self.kernel)
-        if not isinstance(self.weighted, bool):
-            raise ConfigError(f"weighted must be true or false, got {self.weighted!r}")
+        check_bool("weighted", self.weighted)
         for name in ("head_reduction", "layer_reduction", "step_reduction"):
             check_choice(name, getattr(self, name), ("max", "mean"))
         check_choice("pooling", self.pooling, ("max", "avg"))
