@@ -23,7 +23,7 @@ class LAQ(WindowKVMethod):
     window: int = param(8, "last prompt tokens always kept; their queries score with the pseudo-answer")
     pseudo_tokens: int = param(8, "tokens the target generates from the stage-one cache")
     stage_one_window: int = param(32, "SnapKV window of stage one")
-    verify_lookahead: bool = param(False, "the target checks the guess it reads: the guessed tokens it agrees with "
+    verify_lookahead: bool = param(True, "the target checks the guess it reads: the guessed tokens it agrees with "
                                          "(and its own next token) start the answer, from its full cache; false: "
                                          "the paper's method, which decodes every answer token over the compressed "
                                          "cache")

@@ -26,7 +26,7 @@ class SpecKV(WindowKVMethod):
     max_lookahead: int = param(128, "cap on the default lookahead length")
     guesser: str = param("draft", "who writes the lookahead answer: draft (SpecKV), or target: the target's own "
                                   "answer from its full cache, an oracle for analysis that costs a dense decode")
-    verify_lookahead: bool = param(False, "the target checks the guess it reads: the guessed tokens it agrees with "
+    verify_lookahead: bool = param(True, "the target checks the guess it reads: the guessed tokens it agrees with "
                                          "(and its own next token) start the answer, from its full cache; false: "
                                          "the paper's method, which decodes every answer token over the compressed "
                                          "cache")
