@@ -30,7 +30,7 @@ from .api import generate_batch
 from .errors import ConfigError, DraftKVError
 from .flow import StageEvent, run
 from .jsonl import append_row, drop_torn_tail, exclusive, read_rows, writing
-from .methods import Method, budget_params, budget_settings, get_method
+from .methods import Method, budget_params, budget_settings, get_method, method_spec
 from .plotting import line_styles
 from .progress import progress_bar
 from .prompt import encode_prompt
@@ -51,6 +51,7 @@ COLUMNS = [
     ("KV bytes", "kv_bytes", "KV cache after compression, per request"),
     ("tokens/s", "tokens_per_s", "new tokens of the whole batch per second, end to end"),
     ("draft share", "draft_share", "draft prefill + lookahead + scoring over end-to-end"),
+    ("accepted", "accepted_guess_tokens", "guess tokens the target's check kept as the answer's first, per request"),
 ]
 
 
@@ -76,11 +77,13 @@ class Config:
 
 
 def method_configs(methods: list[str], budget: int | float, prompt_budget: int | float) -> list[tuple[str, dict]]:
-    """Each method with the budgets that apply to it (KV budget, prompt budget, or both)."""
+    """Each method (`name` or `name:key=value:...`) with the budgets that apply to it (KV budget, prompt
+    budget, or both)."""
     chosen = []
-    for name in methods:
-        (kv, prompt), = budget_settings(name, [budget], [prompt_budget])  # fails fast on an unknown name
-        params = budget_params(name, kv, prompt)
+    for text in methods:
+        name, given = method_spec(text)  # fails fast on an unknown name or parameter
+        (kv, prompt), = budget_settings(name, [budget], [prompt_budget])
+        params = {**given, **budget_params(name, kv, prompt)}
         get_method(name, **params)  # a budget the method refuses fails before the sweep
         chosen.append((name, params))
     if "dense" not in [name for name, _ in chosen]:
@@ -123,6 +126,7 @@ def measure(pair: ModelPair, method: Method, requests: list[Request]) -> dict:
         "kv_bytes": stats.kv_bytes, "kv_bytes_dense": stats.kv_bytes_dense, "kv_entries": stats.kv_entries,
         "kv_bytes_stored": stats.kv_bytes_stored,  # what the cache tensors hold: measured, not computed
         "new_tokens": new_tokens, "timings": timings, "correct": all(bool(ANSWER.search(r.text)) for r in results),
+        "accepted_guess_tokens": sum(r.stats.accepted_guess_tokens for r in results) / len(results),
         "answer": results[0].text,
     }
     if device.type == "cuda":

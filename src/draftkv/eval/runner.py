@@ -9,18 +9,27 @@ finished line; a second run into a folder another run is writing to is refused. 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..context import compress_context_each
 from ..errors import ConfigError
 from ..flow import run_each
 from ..jsonl import append_row, drop_torn_tail, exclusive, read_rows, writing
-from ..methods import Budget, Method, budget_kinds, budget_params, budget_settings, method_with_budgets
+from ..methods import (
+    Budget,
+    Method,
+    budget_kinds,
+    budget_params,
+    budget_settings,
+    method_spec,
+    method_with_budgets,
+)
 from ..progress import progress_bar
 from . import metrics
 from .ruler import Sample
@@ -43,31 +52,37 @@ class Setting:
     method: str
     budget: Budget | None = None
     prompt_budget: Budget | None = None
+    given: tuple[tuple[str, Any], ...] = ()  # its other parameters (`name:key=value` on the command line)
 
     @property
     def params(self) -> dict:
-        return budget_params(self.method, self.budget, self.prompt_budget)
+        return {**dict(self.given), **budget_params(self.method, self.budget, self.prompt_budget)}
 
     def make(self) -> Method:
-        return method_with_budgets(self.method, self.budget, self.prompt_budget)
+        return method_with_budgets(self.method, self.budget, self.prompt_budget, **dict(self.given))
 
     @property
     def label(self) -> str:
+        given = ",".join(f"{key}={value}" for key, value in self.given)
         parts = [f"kv={self.budget}" if self.budget is not None else "", f"prompt={self.prompt_budget}"
                  if self.prompt_budget is not None else ""]
-        return " ".join([self.method, *filter(None, parts)])
+        return " ".join([f"{self.method}({given})" if given else self.method, *filter(None, parts)])
 
 
 def settings(methods: list[str], budgets: list[Budget], prompt_budgets: list[Budget]) -> list[Setting]:
     """Each method with the budgets that apply to it: KV budgets, prompt budgets, or both.
 
-    A method written `name@BUDGET` (`speckv-pc@KV/PROMPT`) runs at that budget only, not at the lists'."""
+    A method written `name@BUDGET` (`speckv-pc@KV/PROMPT`) runs at that budget only, not at the lists';
+    `name:key=value@BUDGET` also sets its other parameters (`speckv:verify_lookahead=false`)."""
     result = []
-    for name in methods:
-        if "@" in name:
-            result.append(_pinned(name))
+    for text in methods:
+        spec, _, pinned = text.partition("@")
+        name, given = method_spec(spec)
+        given = tuple(sorted(given.items()))
+        if pinned:
+            result.append(dataclasses.replace(_pinned(f"{name}@{pinned}"), given=given))
             continue
-        result += [Setting(name, b, p) for b, p in budget_settings(name, budgets, prompt_budgets)]
+        result += [Setting(name, b, p, given) for b, p in budget_settings(name, budgets, prompt_budgets)]
     if not result:
         raise ConfigError("nothing to run: give methods and the budgets that apply to them")
     for setting in result:
@@ -173,6 +188,7 @@ def row(sample: Sample, setting: Setting, result, seconds: float) -> dict:
     return {
         "key": key(sample.id, setting), "sample": sample.id, "task": sample.task, "length": sample.length,
         "method": setting.method, "budget": setting.budget, "prompt_budget": setting.prompt_budget,
+        **({"params": dict(setting.given)} if setting.given else {}),
         "prediction": result.text, "answers": sample.answers, "metric": sample.metric,
         "score": score(sample, result.text), "seconds": seconds, "guess": result.guess,
         "stats": result.stats.to_dict(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 from ..errors import ConfigError, UnknownMethodError
@@ -122,6 +123,24 @@ def budget_settings(method: str, budgets: list[Budget], prompt_budgets: list[Bud
     return [(None, None)]
 
 
+def method_spec(text: str) -> tuple[str, dict[str, Any]]:
+    """A method as a sweep names it: `name`, or `name:key=value:key=value` with its other parameters (values
+    read as JSON where they are JSON: true, 64, 0.5; text otherwise). The method is checked now."""
+    name, *given = text.strip().split(":")
+    params: dict[str, Any] = {}
+    for item in given:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{text!r}: write a method's parameters as name:key=value:key=value, "
+                              f"e.g. speckv:verify_lookahead=false")
+        try:
+            params[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key.strip()] = value
+    get_method(name, **params)
+    return name, params
+
+
 def method_with_budgets(method: str, budget: Budget | None = None, prompt_budget: Budget | None = None,
                         **params: Any) -> Method:
     """A method from the two budgets users speak of (see budget_params) and its other parameters."""
@@ -131,5 +150,5 @@ def method_with_budgets(method: str, budget: Budget | None = None, prompt_budget
 __all__ = [
     "AdaSnapKV", "AdaSpecKV", "H2O", "KVMethod", "KVzip", "KeyDiff", "LAQ", "PyramidKV", "METHODS", "StreamingLLM", "Budget", "Dense", "DraftAttention", "DraftScorer", "KVScorer", "SelfInformation", "TargetReading", "WindowScorer", "KeepEnds", "KeepLast", "Lingua", "Method", "PromptMethod",
     "PseudoAnswer", "SnapKV",
-    "SpecKV", "SpecKVPC", "SpecPC", "SpecPrefill", "WindowKVMethod", "budget_kinds", "budget_params", "budget_settings", "names", "get_method", "help_of", "method_with_budgets",
+    "SpecKV", "SpecKVPC", "SpecPC", "SpecPrefill", "WindowKVMethod", "budget_kinds", "budget_params", "budget_settings", "names", "get_method", "help_of", "method_spec", "method_with_budgets",
 ]

@@ -249,7 +249,8 @@ def draftkv_stats(method: Method, result: Result) -> dict:
     stats = result.stats
     return {"method": method.name, "params": method.params(), "prompt_tokens": stats.prompt_tokens,
             "kept_prompt_tokens": stats.kept_prompt_tokens, "kv_entries": stats.kv_entries, "kv_bytes": stats.kv_bytes,
-            "kv_bytes_dense": stats.kv_bytes_dense, "time_to_first_token": stats.time_to_first_token,
+            "kv_bytes_dense": stats.kv_bytes_dense, "lookahead_tokens": stats.lookahead_tokens,
+            "accepted_guess_tokens": stats.accepted_guess_tokens, "time_to_first_token": stats.time_to_first_token,
             "total_time": stats.total_time, "timings": stats.timings, "note": stats.note}
 
 
