@@ -33,6 +33,16 @@ def swept(pair, tmp_path_factory):
     return out, rows, markdown, summary
 
 
+def test_methods_are_named_with_their_parameters():
+    chosen = bench.method_configs(["speckv:verify_lookahead=false", "speckv", "specpc"], 64, 128)
+    assert chosen == [("dense", {}), ("speckv", {"verify_lookahead": False, "budget": 64}), ("speckv", {"budget": 64}),
+                      ("specpc", {"budget": 128})]
+    labels = [bench.Config(name, tuple(sorted(params.items())), 500, 1).label for name, params in chosen]
+    assert len(set(labels)) == len(labels)
+    with pytest.raises(ConfigError, match="has no parameter"):
+        bench.method_configs(["speckv:nope=1"], 64, 128)
+
+
 def test_every_configuration_is_measured_with_every_column(swept):
     out, rows, markdown, summary = swept
     measured = [r for r in rows if "error" not in r]

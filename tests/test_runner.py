@@ -49,6 +49,20 @@ def test_a_method_named_with_its_budget_runs_at_that_budget_only():
         runner.settings(["snapkv", "snapkv@128"], [128], [512])
 
 
+def test_a_method_named_with_its_parameters_is_its_own_setting():
+    runs = runner.settings(["speckv:verify_lookahead=false", "speckv", "speckv-pc:verify_lookahead=false@48/128",
+                            "speckv:lookahead=8:verify_lookahead=false@96"], [48], [128])
+    assert [s.label for s in runs] == [
+        "speckv(verify_lookahead=False) kv=48", "speckv kv=48",
+        "speckv-pc(verify_lookahead=False) kv=48 prompt=128", "speckv(lookahead=8,verify_lookahead=False) kv=96"]
+    assert [s.make().verify_lookahead for s in runs] == [False, True, False, False]
+    assert runs[3].params == {"lookahead": 8, "verify_lookahead": False, "budget": 96}
+    for bad, message in [("speckv:nope=1", "has no parameter 'nope'"), ("speckv:verify", "name:key=value"),
+                         ("speckv:verify_lookahead=maybe", "true or false")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            runner.settings([bad], [48], [128])
+
+
 def count_calls(monkeypatch) -> list:
     """Every setting run (one entry per setting, whether it ran alone or with the sample's others)."""
     calls = []
@@ -176,7 +190,8 @@ def test_eval_ruler_command(tmp_path):
 
 
 def test_shared_and_separate_runs_write_the_same_rows(qwen_pair, samples, tmp_path):
-    settings = SETTINGS + runner.settings(["specprefill", "lingua", "speckv-pc@48/128"], [48], [128])
+    settings = SETTINGS + runner.settings(["specprefill", "lingua", "speckv-pc@48/128", "speckv:verify_lookahead=false"],
+                                          [48], [128])
     shared = runner.read_rows(runner.run(qwen_pair, samples, settings, tmp_path / "shared", {}, share=True))
     separate = runner.read_rows(runner.run(qwen_pair, samples, settings, tmp_path / "separate", {}, share=False))
     unbatched = runner.read_rows(runner.run(qwen_pair, samples, settings, tmp_path / "unbatched", {},
@@ -186,6 +201,9 @@ def test_shared_and_separate_runs_write_the_same_rows(qwen_pair, samples, tmp_pa
             sorted((r["key"], r["prediction"], r["score"]) for r in rows)
     assert any("shared prefill" in r["stats"]["note"] for r in shared)
     assert any("decoded in one batch" in r["stats"]["note"] for r in shared)
+    paper = [r for r in shared if r["key"].endswith("|speckv(verify_lookahead=False) kv=48")]
+    assert len(paper) == len(samples) and all(r["params"] == {"verify_lookahead": False} for r in paper)
+    assert all(r["stats"]["accepted_guess_tokens"] == 0 for r in paper)
     assert not any("decoded in one batch" in r["stats"]["note"] for r in separate + unbatched)
     flags = {name: json.loads((tmp_path / name / "config.json").read_text())["batch_settings"]
              for name in ("shared", "separate", "unbatched")}
