@@ -52,6 +52,7 @@ COLUMNS = [
     ("tokens/s", "tokens_per_s", "new tokens of the whole batch per second, end to end"),
     ("draft share", "draft_share", "draft prefill + lookahead + scoring over end-to-end"),
     ("accepted", "accepted_guess_tokens", "guess tokens the target's check kept as the answer's first, per request"),
+    ("acceptance", "acceptance", "speculation: the share of the draft's proposals the target kept"),
 ]
 
 
@@ -63,11 +64,13 @@ class Config:
     params: tuple[tuple[str, Any], ...]
     length: int
     batch: int
+    speculate: int = 0  # draft tokens proposed per target call while decoding
 
     @property
     def label(self) -> str:
         params = ",".join(f"{key}={value}" for key, value in self.params)
-        return f"{self.method}({params})" if params else self.method
+        label = f"{self.method}({params})" if params else self.method
+        return f"{label} +speculate={self.speculate}" if self.speculate else label
 
     def make(self) -> Method:
         return get_method(self.method, **dict(self.params))
@@ -91,15 +94,16 @@ def method_configs(methods: list[str], budget: int | float, prompt_budget: int |
     return chosen
 
 
-def bench_requests(tokenizer, length: int, batch: int, new_tokens: int) -> list[Request]:
+def bench_requests(tokenizer, length: int, batch: int, new_tokens: int, speculate: int = 0) -> list[Request]:
     """`batch` prompts of `length` tokens (the chat template included): notes with one launch fact at
-    the middle and a question about it, each row with other notes. Exactly `new_tokens` are generated."""
+    the middle and a question about it, each row with other notes. Exactly `new_tokens` are generated
+    (`speculate`: with that many draft proposals per target call)."""
     overhead = len(encode_prompt(tokenizer, Request(context="x", question=LAUNCH_QUESTION)).ids) - 1
     if length <= overhead + 16:
         raise ConfigError(f"a benchmark length must be above {overhead + 16} tokens (the template and question), "
                           f"got {length}")
     return [Request(context=notes_context(length - overhead, tokenizer, seed=length * 100 + row),
-                    question=LAUNCH_QUESTION, max_new_tokens=new_tokens, ignore_eos=True)
+                    question=LAUNCH_QUESTION, max_new_tokens=new_tokens, ignore_eos=True, speculate=speculate)
             for row in range(batch)]
 
 
@@ -127,6 +131,11 @@ def measure(pair: ModelPair, method: Method, requests: list[Request]) -> dict:
         "kv_bytes_stored": stats.kv_bytes_stored,  # what the cache tensors hold: measured, not computed
         "new_tokens": new_tokens, "timings": timings, "correct": all(bool(ANSWER.search(r.text)) for r in results),
         "accepted_guess_tokens": sum(r.stats.accepted_guess_tokens for r in results) / len(results),
+        "proposed_tokens": sum(r.stats.proposed_tokens for r in results),
+        "accepted_proposals": sum(r.stats.accepted_proposals for r in results),
+        "acceptance": (sum(r.stats.accepted_proposals for r in results) / proposed
+                       if (proposed := sum(r.stats.proposed_tokens for r in results)) else None),
+        "target_calls": sum(r.stats.speculation_rounds for r in results),
         "answer": results[0].text,
     }
     if device.type == "cuda":
@@ -188,7 +197,7 @@ def memory_probe(spec: dict) -> dict:
 
     pair = load_pair(spec["target"], spec["draft"], device=spec.get("device"), dtype=spec.get("dtype"),
                      decode=spec.get("decode", "auto"))
-    requests = bench_requests(pair.tokenizer, spec["length"], spec["batch"], spec["new_tokens"])
+    requests = bench_requests(pair.tokenizer, spec["length"], spec["batch"], spec["new_tokens"], spec.get("speculate", 0))
     method = get_method(spec["method"], **spec["params"])
     # Weights loaded from safetensors are mapped lazily: touch every one, so that the pages the run
     # would fault in count as the weights' and not as the run's.
@@ -234,8 +243,9 @@ def probe_in_subprocess(spec: dict) -> dict:
 
 def run_bench(pair: ModelPair, out: Path, *, lengths: list[int], methods: list[tuple[str, dict]],
               batch_sizes: tuple[int, ...] | list[int] = (1,), new_tokens: int = 32, repeats: int = 3,
-              memory_spec: dict | None = None) -> list[dict]:
-    """Sweep lengths x batch sizes x methods, `repeats` times, methods interleaved; append to
+              memory_spec: dict | None = None, speculate: tuple[int, ...] | list[int] = (0,)) -> list[dict]:
+    """Sweep lengths x batch sizes x methods x `speculate` (draft proposals per target call; 0: none),
+    `repeats` times, methods interleaved; append to
     `out/runs.jsonl` and return every row (earlier ones included). `memory_spec` (target, draft,
     device, dtype) lets CPU runs measure peak memory in a subprocess; without it, CPU memory is skipped.
     `repeats=0` runs the memory probes alone (they do not need a quiet machine, the timed rounds do)."""
@@ -247,19 +257,19 @@ def run_bench(pair: ModelPair, out: Path, *, lengths: list[int], methods: list[t
                           "would measure nothing (on CUDA the peak memory comes from the timed repeats)")
     with writing(f"the benchmark rows to {out / 'runs.jsonl'}", "the rows already written are kept, and the same "
                  "command resumes after them"), exclusive(out):
-        return sweep(pair, out, lengths, methods, batch_sizes, new_tokens, repeats, memory_spec, on_cpu)
+        return sweep(pair, out, lengths, methods, batch_sizes, new_tokens, repeats, memory_spec, on_cpu, speculate)
 
 
 def sweep(pair: ModelPair, out: Path, lengths: list[int], methods: list[tuple[str, dict]],
           batch_sizes: tuple[int, ...] | list[int], new_tokens: int, repeats: int, memory_spec: dict | None,
-          on_cpu: bool) -> list[dict]:
+          on_cpu: bool, speculate: tuple[int, ...] | list[int] = (0,)) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "runs.jsonl"
     drop_torn_tail(path)
     rows = read_rows(path)
     done = {row.get("key") for row in rows}
-    configs = [Config(name, tuple(sorted(params.items())), length, batch)
-               for length in lengths for batch in batch_sizes for name, params in methods]
+    configs = [Config(name, tuple(sorted(params.items())), length, batch, proposals)
+               for length in lengths for batch in batch_sizes for name, params in methods for proposals in speculate]
     todo = [(c, r) for r in range(repeats) for c in configs if c.key(r) not in done]
     memory_todo = [c for c in configs if on_cpu and memory_spec is not None and c.key(-1) not in done]
     if todo:  # warm-up: each method still to time once, at the shortest length left, so one-time costs miss the measurements
@@ -270,19 +280,20 @@ def sweep(pair: ModelPair, out: Path, lengths: list[int], methods: list[tuple[st
                     generate_batch(pair, warm, config.make())
     with open(path, "a", encoding="utf-8") as handle, progress_bar() as progress:
         task = progress.add_task("bench", total=len(todo) + len(memory_todo))
-        inputs: dict[tuple[int, int], list[Request] | Exception] = {}
+        inputs: dict[tuple[int, int, int], list[Request] | Exception] = {}
         for config, repeat in todo:  # repeat-major, so methods interleave within each repeat
             progress.update(task, description=f"{config.length} tok x{config.batch} {config.label} #{repeat}")
             row = {"key": config.key(repeat), "method": config.method, "label": config.label,
-                   "params": dict(config.params), "length": config.length, "batch": config.batch, "repeat": repeat}
+                   "params": dict(config.params), "length": config.length, "batch": config.batch, "repeat": repeat,
+                   "speculate": config.speculate}
+            shape = (config.length, config.batch, config.speculate)
             try:
-                if (config.length, config.batch) not in inputs:
+                if shape not in inputs:
                     try:
-                        inputs[config.length, config.batch] = bench_requests(pair.tokenizer, config.length,
-                                                                             config.batch, new_tokens)
+                        inputs[shape] = bench_requests(pair.tokenizer, *shape[:2], new_tokens, config.speculate)
                     except DraftKVError as error:
-                        inputs[config.length, config.batch] = error
-                requests = inputs[config.length, config.batch]
+                        inputs[shape] = error
+                requests = inputs[shape]
                 if isinstance(requests, Exception):
                     raise requests
                 row.update(measure(pair, config.make(), requests))
@@ -294,11 +305,11 @@ def sweep(pair: ModelPair, out: Path, lengths: list[int], methods: list[tuple[st
         for config in memory_todo:
             progress.update(task, description=f"memory {config.length} tok x{config.batch} {config.label}")
             row = {"key": config.key(-1), "method": config.method, "label": config.label, "params": dict(config.params),
-                   "length": config.length, "batch": config.batch, "repeat": -1}
+                   "length": config.length, "batch": config.batch, "repeat": -1, "speculate": config.speculate}
             try:
                 row.update(probe_in_subprocess({**memory_spec, "method": config.method, "params": dict(config.params),
                                                 "length": config.length, "batch": config.batch,
-                                                "new_tokens": new_tokens}))
+                                                "new_tokens": new_tokens, "speculate": config.speculate}))
             except Exception as error:
                 row["error"] = f"{type(error).__name__}: {error}"
             append_row(handle, row)

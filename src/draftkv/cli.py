@@ -23,7 +23,15 @@ from .eval import agreement, longbench, report, ruler, runner
 from .flow import check_fits
 from .jsonl import check_free, writing
 from .methods import METHODS, Method, help_of, method_with_budgets, names
-from .models import DEFAULT_DRAFT, DEFAULT_TARGET, cache_dir, embedded_status, load_pair, load_tokenizer
+from .models import (
+    DEFAULT_DRAFT,
+    DEFAULT_TARGET,
+    cache_dir,
+    check_speculate,
+    embedded_status,
+    load_pair,
+    load_tokenizer,
+)
 from .models.embedded import verify_cache
 from .prompt import encode_prompt
 from .types import Request, Sampling
@@ -133,6 +141,8 @@ def _backend(value: str) -> str:
 
 DecodeBackend = Annotated[str, typer.Option("--decode", callback=_backend, help="Decode step: auto (static on CUDA, eager elsewhere), eager, "
                                                              "or static (fixed shapes; a CUDA graph on CUDA).")]
+Speculate = Annotated[int, typer.Option("--speculate", min=0, max=64, help="Speculative decoding: the draft proposes "
+                                        "this many tokens per target call (0: off; one request at a time).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 
 
@@ -184,6 +194,7 @@ def generate(
     device: Device = None,
     dtype: Dtype = None,
     decode: DecodeBackend = "auto",
+    speculate: Speculate = 0,
     as_json: AsJson = False,
     stream: Annotated[bool, typer.Option(help="Print the answer as it is generated.")] = False,
     ask: Annotated[list[str] | None, typer.Option(
@@ -203,13 +214,13 @@ def generate(
             raise PromptError("an --ask question is empty: give each --ask a question")
         if not ask and not text.strip() and not question.strip():
             raise PromptError("the prompt is empty: give a context, a question or both")
-        needs_draft = chosen.uses_draft(max_new_tokens)
+        needs_draft = chosen.uses_draft(max_new_tokens) or speculate > 0
         request = Request(context=text, question="" if ask else question, system=system,
                           max_new_tokens=max_new_tokens, chat_template=chat_template)
         with err.status("loading models (the first time converts the embedded pair: a few minutes)"):
             pair = load_pair(target, draft if needs_draft else None, device=device, dtype=dtype,
                              allow_tokenizer_mismatch=crosses_as_text(chosen, max_new_tokens), decode=decode,
-                             before_weights=lambda tokenizer, config: check_fits(
+                             speculate=speculate, before_weights=lambda tokenizer, config: check_fits(
                                  config, "target", len(encode_prompt(tokenizer, request).ids), max_new_tokens))
         if ask:
             answer_each(pair, text, ask, chosen, system, chat_template, max_new_tokens, as_json)
@@ -357,6 +368,8 @@ def bench(
     device: Device = None,
     dtype: Dtype = None,
     decode: DecodeBackend = "auto",
+    speculate: Annotated[str, typer.Option(help="Speculative decoding: draft proposals per target call, comma-"
+                                                "separated; each method runs with each (0: without).")] = "0",
 ) -> None:
     """Latency, throughput and memory of each method against dense, over context lengths."""
     from . import bench as benchmark
@@ -364,6 +377,7 @@ def bench(
     try:
         chosen = benchmark.method_configs(_split(methods), parse_budget(budget), parse_budget(prompt_budget))
         length_list, batch_list = _split(lengths, int), _split(batch_sizes, int)
+        proposals = [check_speculate(value) for value in _split(speculate, int, "--speculate")]
         if not length_list or min(length_list) < 1 or not batch_list or min(batch_list) < 1:
             raise ConfigError(f"lengths and batch sizes must be positive integers, got {lengths!r} and {batch_sizes!r}")
         _writable(out)
@@ -372,10 +386,11 @@ def bench(
         spec = {"target": target, "draft": draft, "device": device, "dtype": dtype, "decode": decode} if memory else None
         config = {"lengths": length_list, "methods": chosen, "new_tokens": new_tokens, "repeats": repeats,
                   "batch_sizes": batch_list, "target": target, "draft": draft, "decode": decode,
+                  "speculate": proposals,
                   "device": str(pair.target.model.device), "dtype": str(pair.target.model.dtype),
                   "environment": benchmark.measurement_environment()}
         benchmark.run_bench(pair, out, lengths=length_list, methods=chosen, batch_sizes=batch_list,
-                            new_tokens=new_tokens, repeats=repeats, memory_spec=spec)
+                            new_tokens=new_tokens, repeats=repeats, memory_spec=spec, speculate=proposals or [0])
         markdown, _ = benchmark.report(out, config)
     except DraftKVError as error:
         raise fail(error) from None

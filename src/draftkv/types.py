@@ -93,6 +93,7 @@ class Request:
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks); stop strings still apply
     prompt_ids: list[int] | None = None  # the prompt as the target's token ids, read as they are (no template)
     logprobs: int | None = None  # report each new token's log-probability and this many likeliest (0: none)
+    speculate: int | None = None  # draft tokens proposed per target call while decoding (None: the pair's)
 
     def __post_init__(self) -> None:
         for name in ("context", "question", "answer_prefix"):
@@ -114,6 +115,9 @@ class Request:
         if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
             raise ConfigError(f"logprobs must be None or an int from 0 to 20 (the likeliest tokens to list), "
                               f"got {self.logprobs!r}")
+        if self.speculate is not None and (not is_int(self.speculate) or not 0 <= self.speculate <= 64):
+            raise ConfigError(f"speculate must be None or a whole number of draft tokens per target call from 0 "
+                              f"(off) to 64, got {self.speculate!r}")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         if not isinstance(self.stop, list | tuple) or not all(isinstance(s, str) for s in self.stop):
@@ -146,6 +150,9 @@ class Stats:
     kv_bytes_sliding: int = 0  # what the sliding-window layers hold (part of kv_bytes); 0 without such layers
     lookahead_tokens: int = 0
     accepted_guess_tokens: int = 0  # guess tokens the target's check kept as the answer's first tokens
+    speculation_rounds: int = 0  # target calls that checked draft proposals while decoding
+    proposed_tokens: int = 0  # draft tokens proposed while decoding
+    accepted_proposals: int = 0  # of them, kept by the target
     new_tokens: int = 0
     time_to_first_token: float = 0.0
     total_time: float = 0.0
@@ -171,6 +178,8 @@ class Stats:
         stages = ", ".join(f"{name} {seconds:.2f}s" for name, seconds in self.timings.items())
         ratio = self.kv_bytes / self.kv_bytes_dense if self.kv_bytes_dense else 1.0
         accepted = f"{self.accepted_guess_tokens} of it accepted, " if self.accepted_guess_tokens else ""
+        if self.proposed_tokens:
+            accepted += f"speculation {self.accepted_proposals}/{self.proposed_tokens} accepted, "
         line = (
             f"[{self.method}] prompt {self.prompt_tokens} tok, kept {self.kept_prompt_tokens} tok / "
             f"{self.kv_entries} KV per head, KV {_mib(self.kv_bytes_dense)} -> {_mib(self.kv_bytes)} "

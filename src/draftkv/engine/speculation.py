@@ -1,4 +1,5 @@
-"""Checking a guessed answer: the target's own choice at every guessed position, read from one pass.
+"""Checking a guessed answer: the target's own choice at every guessed position, read from one pass;
+and speculative decoding, where the draft guesses a few tokens at a time and the target checks them.
 
 Greedy: keep the longest prefix of the guess that the target's greedy tokens agree with, then the
 target's own token at the first disagreement (or after the whole guess). Sampling: speculative
@@ -11,11 +12,26 @@ q = one-hot, so a guessed token is kept with probability p(x).
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
+from transformers import DynamicCache
 
 from ..types import Sampling
-from .decoding import sampling_probs
+from .attention import DECODE_ATTENTION
+from .cache import reserve
+from .decoding import (
+    Decoded,
+    DecodeOutput,
+    DecodeSpec,
+    RowOutput,
+    make_generators,
+    sampling_probs,
+    token_logprobs,
+)
 
 
 def acceptance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -52,3 +68,119 @@ def check_guess(guess: list[int], logits: torch.Tensor, sampling: Sampling,
         return [*guess[:at], int(torch.multinomial(residual(p, q), 1, generator=generator))]
     p = sampling_probs(logits[len(guess)], sampling)
     return [*guess, int(torch.multinomial(p, 1, generator=generator))]
+
+
+@dataclass
+class Drafter:
+    """The draft's side of speculative decoding: its model, its cache of the prompt the target read (at the
+    same positions), and how many tokens it proposes per target call."""
+
+    model: torch.nn.Module
+    cache: DynamicCache
+    proposals: int
+
+
+@dataclass
+class SpeculationStats:
+    rounds: int = 0  # target calls that checked proposals
+    proposed: int = 0  # draft tokens proposed
+    accepted: int = 0  # of them, kept
+    draft_seconds: float = 0.0  # the draft's proposing
+
+
+def drop_newest(cache: DynamicCache, count: int) -> None:
+    """Forget every layer's last `count` entries (proposals the target refused)."""
+    if count > 0:
+        for layer in cache.layers:
+            layer.crop(-count)
+
+
+def _call(model: torch.nn.Module, cache: DynamicCache, tokens: list[int], position: int, keep: int) -> torch.Tensor:
+    """The model reads `tokens` at `position`.. over `cache`; the logits of the last `keep` [keep, V]."""
+    device = model.device
+    with torch.inference_mode(), sdpa_kernel(DECODE_ATTENTION):
+        out = model(input_ids=torch.tensor([tokens], device=device),
+                    position_ids=torch.arange(position, position + len(tokens), device=device)[None],
+                    cache=cache, use_cache=True, logits_to_keep=keep)
+    return out.logits[0].float()
+
+
+def speculate(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.Tensor, position: int,
+              spec: DecodeSpec, drafter: Drafter) -> tuple[DecodeOutput, SpeculationStats]:
+    """One row's decode with a draft: each round the draft proposes up to `drafter.proposals` tokens from
+    its own cache, and the target reads its last token and the proposals in one call and keeps what
+    `check_guess` keeps (greedy: the agreeing prefix and its own next token, so exactly its greedy
+    tokens; sampling: speculative sampling, so exactly its distribution). Refused proposals leave both
+    caches again. `position`: the logical position of the row's next token; `spec` holds one row."""
+    sampling, limit = spec.samplings[0], spec.max_new_tokens[0]
+    row = RowOutput(spec.tokenizer, limit, spec.eos_token_ids[0], (spec.stops or [()])[0],
+                    logprobs=spec.logprobs is not None and spec.logprobs[0] is not None)
+    wanted = spec.logprobs[0] if spec.logprobs is not None else None
+    given = spec.accepted[0] if spec.accepted else None
+    generator = given.generator if given is not None and given.generator is not None else \
+        make_generators([sampling], first_logits.device)[0]
+    stats = SpeculationStats()
+    reserve(cache, limit + drafter.proposals + 1)
+    reserve(drafter.cache, limit + drafter.proposals + (len(given.token_ids) if given is not None else 0) + 1)
+    if given is not None:  # a checked guess: its tokens but the last are in the target's cache already
+        chosen, logprobs = given.token_ids, given.logprobs
+    else:
+        chosen = check_guess([], first_logits[:1].float(), sampling, generator)
+        logprobs = token_logprobs(first_logits[:1], chosen, [wanted]) if wanted is not None else None
+    first_token_at = time.perf_counter()
+    answer: list[int] = []  # every token chosen so far
+    target_at = position + len(chosen) - 1  # where the last chosen token goes (not read by the target yet)
+    draft_at = position  # the draft has read the prompt alone
+    steps = 0
+    while True:
+        for token, logprob in zip(chosen, logprobs or [None] * len(chosen), strict=True):
+            if row.finish is not None:
+                break
+            if spec.cancelled is not None and spec.cancelled(0):
+                row.end("cancelled")
+                break
+            row.take(token, logprob)
+        answer += chosen
+        if spec.on_text is not None and (piece := row.new_text()):
+            spec.on_text(0, piece)
+        if row.finish is not None:
+            break
+        # The draft reads what it has not read yet of the answer, then proposes; the last proposal is
+        # not read (it may be refused).
+        count = min(drafter.proposals, limit - len(row.token_ids) - 1)
+        started = time.perf_counter()
+        proposed, guess_probs = [], []
+        feed = answer[draft_at - position:]
+        vocab = first_logits.shape[-1]
+        for _ in range(count):
+            logits = _call(drafter.model, drafter.cache, feed, draft_at, 1)[-1]
+            # The draft proposes among the target's tokens only (a vocabulary padded differently).
+            logits = logits[:vocab] if logits.numel() >= vocab else F.pad(logits, (0, vocab - logits.numel()),
+                                                                            value=float("-inf"))
+            draft_at += len(feed)
+            if sampling.greedy:
+                token = int(logits.argmax())
+            else:
+                probs = sampling_probs(logits, sampling)
+                token = int(torch.multinomial(probs, 1, generator=generator))
+                guess_probs.append(probs)
+            proposed.append(token)
+            feed = [token]
+        stats.draft_seconds += time.perf_counter() - started
+        logits = _call(model, cache, [answer[-1], *proposed], target_at, count + 1)
+        steps += 1
+        chosen = check_guess(proposed, logits, sampling, generator, torch.stack(guess_probs) if guess_probs else None)
+        kept = len(chosen) - 1
+        stats.rounds += count > 0
+        stats.proposed += count
+        stats.accepted += kept
+        logprobs = token_logprobs(logits[: len(chosen)], chosen, [wanted] * len(chosen)) if wanted is not None \
+            else None
+        drop_newest(cache, count - kept)  # the target read its last token and every proposal
+        # The draft read the answer and every proposal but the last: keep what the target kept.
+        read_proposals = max(count - 1, 0)
+        drop_newest(drafter.cache, read_proposals - min(kept, read_proposals))
+        draft_at -= read_proposals - min(kept, read_proposals)
+        target_at += kept + 1
+    decoded = Decoded(row.token_ids, row.shown, row.finish or "length", row.logprobs)
+    return DecodeOutput([decoded], first_token_at, steps), stats

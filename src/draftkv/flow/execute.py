@@ -142,8 +142,11 @@ def prepare_each(pair: ModelPair, requests: list[Request], methods: list[str | M
     for request, n in zip(requests, lengths, strict=True):
         check_fits(target.config, "target", n, request.max_new_tokens)
     kinds = LayerKinds.of(target.config)
-    consumers = [Consumer.of(get_method(m), lengths, [r.max_new_tokens for r in requests], kinds, answers)
-                 for m in methods]
+    speculator = LayerKinds.of(pair.draft.model.config) \
+        if pair.draft is not None and pair.tokenizer_mismatch is None else None
+    asked = [r.speculate if r.speculate is not None else pair.speculate for r in requests]
+    consumers = [Consumer.of(get_method(m), lengths, [r.max_new_tokens for r in requests], kinds, answers,
+                             max(asked), speculator) for m in methods]
     for consumer in consumers:  # the target's own guess (LAQ++'s pseudo-answer) is read at the prompt's end
         if consumer.guess is not None:
             for row in consumer.rows:

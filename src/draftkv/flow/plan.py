@@ -38,6 +38,24 @@ def decodes_alone(method: Method, batch_size: int, target: LayerKinds, draft: La
     return batch_size > 1 and (sliding or method.evicts_during_decode)
 
 
+def speculation_of(speculate: int, batch_size: int, eviction: Eviction | None, target: LayerKinds,
+                   draft: LayerKinds | None) -> tuple[int, str | None]:
+    """The draft tokens a decode proposes per target call, and why none where some were asked for."""
+    if not speculate:
+        return 0, None
+    if draft is None:
+        why = "no draft that reads the target's tokens"
+    elif eviction is not None:
+        why = "decode-time eviction"
+    elif target.sliding or draft.sliding:
+        why = "a sliding-window layer cannot take refused proposals back"
+    elif batch_size > 1:
+        why = "a batch of several requests (one request at a time speculates)"
+    else:
+        return speculate, None
+    return 0, f"decoded without speculation: {why}"
+
+
 @dataclass(frozen=True)
 class RowPlan:
     """One row of one consumer: what each station keeps of it."""
@@ -106,13 +124,16 @@ class Consumer:
     probes_lookahead: bool  # the draft's lookahead probes the full cache for the scorer
     eviction: Eviction | None  # decode-time eviction (a batch that evicts runs one request at a time)
     checks_guess: bool  # the target's reading of the guess checks it: what it agrees with starts the answer
+    speculation: int = 0  # draft tokens proposed per target call while decoding (0: none)
+    speculation_note: str | None = None  # why a decode asked to speculate does not
 
     @classmethod
     def of(cls, method: Method, lengths: list[int], max_new_tokens: list[int], target: LayerKinds,
-           answers: bool = True) -> Consumer:
+           answers: bool = True, speculate: int = 0, draft: LayerKinds | None = None) -> Consumer:
         """The plan of `method` for rows of `lengths`; `answers`: the cache is decoded into the requests'
         answers (not read for a continuation of its own: a likelihood, a question asked later), so a
-        checked guess may start them."""
+        checked guess may start them. `speculate`: the draft proposes that many tokens per target call
+        while decoding, where it can (`draft`: its layer kinds; None without a usable draft)."""
         rows = []
         for n, asked in zip(lengths, max_new_tokens, strict=True):
             prompt_budget = method.prompt_tokens(n)
@@ -134,7 +155,9 @@ class Consumer:
         if method.evicts_during_decode and len(rows) == 1 and rows[0].drops_entries:
             eviction = Eviction(method.evict_every, rows[0].kv_budget)
         checks = answers and method.verify_lookahead and (probes or guess is not None)
-        return cls(method, rows, target, need, kv_scorer, guess, stage_one, probes, eviction, checks)
+        speculation, why_not = speculation_of(speculate, len(rows), eviction, target, draft)
+        return cls(method, rows, target, need, kv_scorer, guess, stage_one, probes, eviction, checks,
+                   speculation if answers else 0, why_not if answers else None)
 
     @property
     def reads_whole_prompt(self) -> bool:

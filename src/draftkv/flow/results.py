@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
 
 from ..engine.attention import capture, ragged_attention
-from ..engine.cache import stacked_cache
+from ..engine.cache import new_cache, stacked_cache
 from ..engine.decoding import Accepted, Decoded, DecodeSpec, TextCallback, decode
 from ..engine.eviction import DecodeEviction
+from ..engine.speculation import Drafter, SpeculationStats, speculate
 from ..methods import Method
 from ..prompt import EncodedPrompt
 from ..types import Request, Result, Stats
 from .batch import DraftView, PaddedBatch
 from .plan import Consumer
 from .select import KeptPrompt
-from .steps import Clock, eos_ids, peak_memory
+from .steps import Clock, eos_ids, peak_memory, prefill
 
 if TYPE_CHECKING:
     from ..models import ModelPair
@@ -105,7 +106,10 @@ class Prepared:
 
 def finish(pair: ModelPair, prepared: Prepared, on_text: TextCallback | None = None,
            cancelled: Callable[[int], bool] | None = None) -> list[Result]:
-    """Decode a prepared batch (with decode-time eviction when the method asks) and build the results."""
+    """Decode a prepared batch (with decode-time eviction when the method asks, with the draft's
+    proposals when the plan speculates) and build the results."""
+    if prepared.consumer.speculation:
+        return finish_speculating(pair, prepared, on_text, cancelled)
     requests, planned = prepared.requests, prepared.consumer.eviction
     target, clock = pair.target.model, prepared.clock
     eviction = DecodeEviction(prepared.method, planned.budget) if planned is not None else None
@@ -119,6 +123,28 @@ def finish(pair: ModelPair, prepared: Prepared, on_text: TextCallback | None = N
     clock.add("decode", finished - max(decoding, output.first_token_at))
     notes = [f"decode-time eviction ran {eviction.evictions} times"] if eviction is not None else []
     return results_of(pair, prepared, output.rows, output.first_token_at, finished, peak_memory(target.device), notes)
+
+
+def finish_speculating(pair: ModelPair, prepared: Prepared, on_text: TextCallback | None = None,
+                       cancelled: Callable[[int], bool] | None = None) -> list[Result]:
+    """Decode one request with the draft proposing tokens (engine.speculation.speculate): the draft first
+    reads what the target read, at the same positions, into a cache of its own."""
+    target, draft, clock = pair.target.model, pair.draft.model, prepared.clock
+    reading = clock.start("speculation_prefill")
+    draft_cache = new_cache(draft.config)
+    prefill(draft, prepared.batch, draft_cache, [])
+    clock.add("speculation_prefill", clock.now() - reading)
+    decoding = clock.start("decode")
+    spec = answer_spec(pair, prepared.requests, prepared.accepted, on_text=on_text, cancelled=cancelled)
+    with ragged_attention(target, prepared.cache):
+        output, speculated = speculate(target, prepared.cache, prepared.first_logits,
+                                       prepared.batch.next_positions[0], spec,
+                                       Drafter(draft, draft_cache, prepared.consumer.speculation))
+    finished = clock.now()
+    clock.add("decode", finished - max(decoding, output.first_token_at) - speculated.draft_seconds)
+    clock.add("draft_decode", speculated.draft_seconds)
+    return results_of(pair, prepared, output.rows, output.first_token_at, finished, peak_memory(target.device), [],
+                      speculated)
 
 
 def answer_spec(pair: ModelPair, requests: list[Request], accepted: list[Accepted | None], *,
@@ -143,12 +169,15 @@ def guessed(pair: ModelPair, prepared: Prepared, row: int) -> str | None:
 
 
 def results_of(pair: ModelPair, prepared: Prepared, rows: list[Decoded], first_token_at: float, finished: float,
-               memory: int | None, notes: list[str]) -> list[Result]:
-    """The results of a prepared batch's decoded rows."""
+               memory: int | None, notes: list[str], speculated: SpeculationStats | None = None) -> list[Result]:
+    """The results of a prepared batch's decoded rows (`speculated`: its one row's speculation)."""
     results = []
     for row, decoded in enumerate(rows):
         stats, kept_tokens, kept_kv = row_stats(prepared, row, len(decoded.token_ids), first_token_at, finished, memory,
                                                 notes)
+        if speculated is not None:
+            stats = replace(stats, speculation_rounds=speculated.rounds, proposed_tokens=speculated.proposed,
+                            accepted_proposals=speculated.accepted)
         results.append(Result(decoded.text, decoded.token_ids, decoded.finish_reason, stats, kept_kv, kept_tokens,
                               decoded.logprobs, guessed(pair, prepared, row)))
     return results
@@ -250,6 +279,7 @@ def row_stats(prepared: Prepared, row: int, new_tokens: int, first_token_at: flo
         accepted_guess_tokens=len(accepted.token_ids) - 1 if (accepted := prepared.accepted[row]) is not None else 0,
         new_tokens=new_tokens, time_to_first_token=first_token_at - prepared.started,
         total_time=finished - prepared.started, timings=dict(prepared.clock.stages), peak_memory_bytes=memory,
-        note="; ".join([*planned.notes(prepared.consumer.target.full), *notes, *shared]),
+        note="; ".join([*planned.notes(prepared.consumer.target.full), *notes, *shared,
+                        *filter(None, [prepared.consumer.speculation_note])]),
     )
     return stats, kept_tokens, kept_kv

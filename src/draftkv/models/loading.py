@@ -71,6 +71,8 @@ class ModelPair:
     tokenizer_mismatch: str | None = None
     # The decode step: "auto" (static with a CUDA graph on CUDA, eager elsewhere), "eager" or "static".
     decode: str = "auto"
+    # Speculative decoding: the draft proposes this many tokens per target call (0: none).
+    speculate: int = 0
 
     @property
     def tokenizer(self) -> Any:
@@ -273,6 +275,7 @@ def load_pair(
     dtype: str | torch.dtype | None = None,
     allow_tokenizer_mismatch: bool = False,
     decode: str = "auto",
+    speculate: int = 0,
     before_weights: BeforeWeights | None = None,
 ) -> ModelPair:
     """Load a target and (unless `draft` is None, for draft-free methods) a draft, and check they pair.
@@ -280,12 +283,21 @@ def load_pair(
     A draft with another tokenizer is refused, unless `allow_tokenizer_mismatch`: then prompt methods
     work at the text level, and methods that pass token ids (SpecKV) refuse to run. `decode`: the
     decode step, "auto" (static with a CUDA graph on CUDA, eager elsewhere), "eager" or "static".
+    `speculate`: the draft proposes that many tokens per target call while decoding (0: none).
     `before_weights(tokenizer, config)`: a check on the target that needs no weights, run before any load.
     """
     check_backend(decode)
+    check_speculate(speculate)
     target_model = load_model(target, device=device, dtype=dtype, before_weights=before_weights)
     draft_model = load_model(draft, device=device, dtype=dtype) if draft is not None else None
-    return replace(_paired(target_model, draft_model, allow_tokenizer_mismatch), decode=decode)
+    return replace(_paired(target_model, draft_model, allow_tokenizer_mismatch), decode=decode, speculate=speculate)
+
+
+def check_speculate(speculate: int) -> int:
+    if isinstance(speculate, bool) or not isinstance(speculate, int) or not 0 <= speculate <= 64:
+        raise ConfigError(f"speculate must be a whole number of draft tokens per target call from 0 (off) to 64, "
+                          f"got {speculate!r}")
+    return speculate
 
 
 def _paired(target: LoadedModel, draft: LoadedModel | None, allow_mismatch: bool) -> ModelPair:
@@ -309,10 +321,11 @@ def _model_name(model: Any) -> str:
 
 def pair_from_models(
     target_model: Any, target_tokenizer: Any, draft_model: Any = None, draft_tokenizer: Any = None,
-    *, allow_tokenizer_mismatch: bool = False, decode: str = "auto",
+    *, allow_tokenizer_mismatch: bool = False, decode: str = "auto", speculate: int = 0,
 ) -> ModelPair:
     """A pair from transformers objects the caller already has; the draft defaults to the target's tokenizer."""
     check_backend(decode)
+    check_speculate(speculate)
     for model in filter(None, (target_model, draft_model)):
         check_family(model.config)
     target = LoadedModel(_model_name(target_model), target_model, target_tokenizer, "objects")
@@ -320,4 +333,4 @@ def pair_from_models(
     if draft_model is not None:
         draft_tokenizer = target_tokenizer if draft_tokenizer is None else draft_tokenizer
         draft = LoadedModel(_model_name(draft_model), draft_model, draft_tokenizer, "objects")
-    return replace(_paired(target, draft, allow_tokenizer_mismatch), decode=decode)
+    return replace(_paired(target, draft, allow_tokenizer_mismatch), decode=decode, speculate=speculate)

@@ -1,0 +1,142 @@
+"""Speculative decoding by the draft: greedy tokens equal the target's own decode for every method,
+sampled tokens follow the target's distribution, and a decode that cannot speculate says why."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from test_checked_guess import near_pair, requests
+from tiny import long_context, make_model, make_tokenizer
+
+from draftkv import METHODS
+from draftkv.engine.cache import new_cache
+from draftkv.engine.decoding import DecodeSpec, sampling_probs
+from draftkv.engine.speculation import Drafter, speculate
+from draftkv.errors import ConfigError
+from draftkv.flow import run
+from draftkv.methods import budget_params, get_method
+from draftkv.models import pair_from_models
+from draftkv.types import Sampling
+
+
+def with_budgets(name: str):
+    method = get_method(name)
+    params = budget_params(name, 48 if method.compresses_kv else None, 160 if method.compresses_prompt else None)
+    if name in ("specpc", "specprefill", "speckv-pc"):
+        params["window"] = 8
+    return get_method(name, **params)
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def near(request):
+    return near_pair(request.param)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_greedy_speculation_gives_the_tokens_of_a_decode_without(near, name):
+    chosen = with_budgets(name)
+    fast = dataclasses.replace(near, speculate=3)
+    proposed = 0
+    for request in requests(2):
+        plain = run(near, [request], [chosen])[0][0]
+        sped = run(fast, [request], [chosen])[0][0]
+        assert sped.token_ids == plain.token_ids
+        assert sped.text == plain.text
+        assert sped.stats.accepted_proposals <= sped.stats.proposed_tokens
+        proposed += sped.stats.proposed_tokens
+    assert proposed > 0
+    assert "draft_decode" in sped.stats.timings and "speculation_prefill" in sped.stats.timings
+
+
+def test_dense_speculation_accepts_proposals_and_saves_target_calls(near):
+    fast = dataclasses.replace(near, speculate=4)
+    request = requests(1, new_tokens=24)[0]
+    calls = []
+    handle = near.target.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        sped = run(fast, [request], ["dense"])[0][0]
+    finally:
+        handle.remove()
+    assert sped.stats.accepted_proposals > 0
+    # One prefill, then one call per round: fewer than one call per new token.
+    assert len(calls) == 1 + sped.stats.speculation_rounds + (sped.stats.new_tokens - 1 - sped.stats.speculation_rounds
+                                                              - sped.stats.accepted_proposals)
+    assert len(calls) < sped.stats.new_tokens
+
+
+def test_a_decode_that_cannot_speculate_decodes_without_and_says_why(near):
+    fast = dataclasses.replace(near, speculate=3)
+    batch = requests(2)
+    together = run(fast, batch, ["dense"])[0]
+    for row, request in enumerate(batch):
+        assert together[row].token_ids == run(near, [request], ["dense"])[0][0].token_ids
+        assert "without speculation: a batch of several requests" in together[row].stats.note
+        assert together[row].stats.proposed_tokens == 0
+    evicting = run(fast, batch[:1], [get_method("snapkv", budget=48, window=8, evict_every=4)])[0][0]
+    assert "without speculation: decode-time eviction" in evicting.stats.note
+    alone = pair_from_models(near.target.model, near.tokenizer, speculate=3)  # no draft
+    assert "without speculation: no draft" in run(alone, batch[:1], ["dense"])[0][0].stats.note
+
+
+def test_speculation_streams_logprobs_and_stops_like_a_decode_without(near):
+    fast = dataclasses.replace(near, speculate=3)
+    request = dataclasses.replace(requests(1, new_tokens=20)[0], logprobs=2)
+    plain = run(near, [request], ["dense"])[0][0]
+    stop = plain.text[len(plain.text) // 2: len(plain.text) // 2 + 3]
+    stopping = dataclasses.replace(request, stop=(stop,)) if stop.strip() else request
+    pieces: list[str] = []
+    sped = run(fast, [stopping], ["dense"], on_text=lambda _row, text: pieces.append(text))[0][0]
+    again = run(near, [stopping], ["dense"])[0][0]
+    assert sped.text == again.text and sped.finish_reason == again.finish_reason
+    assert "".join(pieces) == sped.text
+    assert [entry.token_id for entry in sped.logprobs] == [entry.token_id for entry in again.logprobs]
+    for mine, theirs in zip(sped.logprobs, again.logprobs, strict=True):
+        assert mine.logprob == pytest.approx(theirs.logprob, abs=1e-4)
+
+
+def test_speculate_must_be_a_small_whole_number(near):
+    for bad in (-1, 65, 1.5, True):
+        with pytest.raises(ConfigError, match="speculate must be"):
+            pair_from_models(near.target.model, near.tokenizer, near.draft.model, speculate=bad)
+
+
+def test_sampled_speculation_draws_from_the_targets_distribution():
+    """Monte Carlo: the first two tokens of a sampled decode whose second token came through a sampled
+    draft proposal have the target's joint distribution p(t0) p(t1 | t0), computed exactly."""
+    tokenizer = make_tokenizer()
+    target, draft = make_model("qwen2", layers=2, seed=3), make_model("qwen2", layers=2, seed=4)
+    ids = tokenizer(long_context(30))["input_ids"]
+    sampling = Sampling(temperature=1.0, top_k=3)
+    prompt = torch.tensor([ids])
+    first = target(input_ids=prompt).logits[0, -1]
+    p_first = sampling_probs(first, sampling)
+    exact = torch.zeros(p_first.numel(), p_first.numel())
+    for t0 in p_first.nonzero().flatten().tolist():
+        second = target(input_ids=torch.cat([prompt, torch.tensor([[t0]])], dim=1)).logits[0, -1]
+        exact[t0] = p_first[t0] * sampling_probs(second, sampling)
+    counts = torch.zeros_like(exact)
+    runs = 600
+    for seed in range(runs):
+        caches = []
+        for model in (target, draft):
+            cache = new_cache(model.config)
+            logits = model(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+            caches.append((cache, logits))
+        spec = DecodeSpec([3], [dataclasses.replace(sampling, seed=seed)], [set()])
+        output, speculated = speculate(target, caches[0][0], caches[0][1][None], len(ids), spec,
+                                       Drafter(draft, caches[1][0], 2))
+        assert speculated.proposed == 1  # the second token came through the proposal's check
+        t0, t1 = output.rows[0].token_ids[:2]
+        counts[t0, t1] += 1
+    assert 0.5 * float((counts / runs - exact).abs().sum()) < 0.1
+
+
+def test_speculation_runs_from_the_command_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from draftkv.cli import app
+
+    result = CliRunner().invoke(app, ["generate", "--speculate", "-1", "-q", "x", "--context", "y"])
+    assert result.exit_code != 0 and "speculate" in result.output
