@@ -228,3 +228,16 @@ def test_rows_that_cannot_be_written_keep_the_earlier_ones_and_resume(pair, tmp_
     (tmp_path / "bench.md").symlink_to("/dev/full")  # written, never read
     with pytest.raises(ConfigError, match="cannot write the benchmark report .*runs.jsonl is untouched"):
         bench.report(tmp_path)
+
+
+def test_each_method_runs_with_each_speculation_setting(pair, tmp_path):
+    rows = bench.run_bench(pair, tmp_path, lengths=[500], methods=[("dense", {}), ("speckv", {"budget": 64})],
+                           new_tokens=6, repeats=1, speculate=[0, 2])
+    labels = sorted(row["label"] for row in rows)
+    assert labels == ["dense", "dense +speculate=2", "speckv(budget=64)", "speckv(budget=64) +speculate=2"]
+    for row in rows:
+        assert "error" not in row, row.get("error")
+        assert (row["proposed_tokens"] > 0) == (row["speculate"] > 0)
+        assert row["acceptance"] is None or 0 <= row["acceptance"] <= 1
+    markdown, summary = bench.report(tmp_path, {"note": "test"})
+    assert "dense +speculate=2" in markdown.read_text(encoding="utf-8")

@@ -121,6 +121,15 @@ def test_generate_until_is_the_executors_answer_with_stop_strings(qwen_pair):
     assert texts[0] == expected.text and "e" not in texts[0]
 
 
+def test_generate_until_speculates_with_the_draft_and_gives_the_same_text(qwen_pair):
+    context = long_context(200, seed=4) + "\nQuestion: what comes next?\nAnswer:"
+    asked = requests("generate_until", [(context, {"until": ["\n\n"], "max_gen_toks": 10})])
+    plain = DraftKVLM(pair=qwen_pair, method="dense").generate_until(asked)
+    fast = DraftKVLM(pair=qwen_pair, method="dense", speculate=3)
+    assert fast.pair.speculate == 3
+    assert fast.generate_until(asked) == plain
+
+
 def test_the_chat_template_is_the_tokenizers(qwen_pair):
     model = DraftKVLM(pair=qwen_pair, method="dense")
     history = [{"role": "user", "content": "hi"}]
@@ -170,6 +179,7 @@ def test_rolling_windows_follow_lm_evals_at_any_document_length():
     ({"max_length": 0}, "max_length must be a whole number >= 2, got 0"),
     ({"max_gen_toks": -1}, "max_gen_toks must be a whole number >= 1"),
     ({"decode": "fast"}, "decode"),
+    ({"speculate": 99}, "speculate must be"),
 ])
 def test_bad_model_arguments_are_named_before_any_model_loads(arguments, words):
     with pytest.raises(ConfigError) as raised:

@@ -48,6 +48,20 @@ def live(pair):
     server.stop()
 
 
+def test_a_request_can_ask_for_speculative_decoding(live, pair):
+    plain = live.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12)
+    sped = live.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12,
+                                                 extra_body={"speculate": 3, "method": "speckv", "budget": 40})
+    expected = draftkv.generate(pair, messages=MESSAGES, max_new_tokens=12, method="speckv", budget=40)
+    assert sped.choices[0].message.content == expected.text
+    stats = sped.model_extra["draftkv"]
+    assert stats["proposed_tokens"] > 0 and 0 <= stats["accepted_proposals"] <= stats["proposed_tokens"]
+    assert plain.model_extra["draftkv"]["proposed_tokens"] == 0
+    with pytest.raises(openai.BadRequestError, match="speculate"):
+        live.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4,
+                                              extra_body={"speculate": 65})
+
+
 def test_chat_answer_equals_the_library_and_reports_usage(live, pair):
     expected = draftkv.generate(pair, messages=MESSAGES, max_new_tokens=12)
     reply = live.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from dataclasses import replace
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (lm-eval's own models, registered before ours: it lists them lazily only while none is)
@@ -28,7 +29,7 @@ from .errors import ConfigError
 from .flow import run
 from .likelihood import score_continuations
 from .methods import get_method
-from .models import DEFAULT_DRAFT, DEFAULT_TARGET, ModelPair, load_pair
+from .models import DEFAULT_DRAFT, DEFAULT_TARGET, ModelPair, check_speculate, load_pair
 from .prompt import EncodedPrompt
 from .types import Request, Sampling
 
@@ -41,10 +42,11 @@ class DraftKVLM(LM):
     for `draftkv.load_pair` (default the embedded pair; the draft is loaded only for methods that use
     it), or `pair`: a loaded ModelPair. `method` and any of its parameters
     (`budget`, `prompt_budget`, `compression_ratio`, `window`, ...). `batch_size`: requests generated
-    together. `max_length`: the longest input (default the target's context)."""
+    together. `max_length`: the longest input (default the target's context). `speculate`: the draft
+    proposes that many tokens per target call while generating (with batch_size 1)."""
 
     def __init__(self, target: str = DEFAULT_TARGET, draft: str | None = DEFAULT_DRAFT, method: str = "dense",
-                 device: str | None = None, dtype: str | None = None, decode: str = "auto",
+                 device: str | None = None, dtype: str | None = None, decode: str = "auto", speculate: int = 0,
                  batch_size: int | str = 1, max_length: int | None = None, max_gen_toks: int = 256,
                  pair: ModelPair | None = None, pretrained: str | None = None, **params: Any) -> None:
         super().__init__()
@@ -60,14 +62,17 @@ class DraftKVLM(LM):
         if max_length is not None:
             max_length = whole_number("max_length", max_length, 2)
         check_backend(decode)
+        check_speculate(speculate)
         if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
             # lm-eval passes cuda:0 unless told otherwise (its own HF model falls back the same way)
             logging.getLogger(__name__).warning("CUDA is not available: running on the CPU")
             device = None
         if pair is None:
-            uses_draft = draft is not None and str(draft).lower() != "none" and self.method.uses_draft(self.max_gen_toks)
-            pair = load_pair(target, draft if uses_draft else None, device=device, dtype=dtype, decode=decode)
-        self.pair = pair
+            uses_draft = draft is not None and str(draft).lower() != "none" and (
+                self.method.uses_draft(self.max_gen_toks) or speculate > 0)
+            pair = load_pair(target, draft if uses_draft else None, device=device, dtype=dtype, decode=decode,
+                             speculate=speculate)
+        self.pair = replace(pair, speculate=speculate) if speculate else pair
         self.tokenizer = pair.tokenizer
         limit = getattr(pair.target.model.config.get_text_config(), "max_position_embeddings", None)
         if max_length is not None and limit is not None and max_length > limit:

@@ -250,7 +250,9 @@ def draftkv_stats(method: Method, result: Result) -> dict:
     return {"method": method.name, "params": method.params(), "prompt_tokens": stats.prompt_tokens,
             "kept_prompt_tokens": stats.kept_prompt_tokens, "kv_entries": stats.kv_entries, "kv_bytes": stats.kv_bytes,
             "kv_bytes_dense": stats.kv_bytes_dense, "lookahead_tokens": stats.lookahead_tokens,
-            "accepted_guess_tokens": stats.accepted_guess_tokens, "time_to_first_token": stats.time_to_first_token,
+            "accepted_guess_tokens": stats.accepted_guess_tokens, "speculation_rounds": stats.speculation_rounds,
+            "proposed_tokens": stats.proposed_tokens, "accepted_proposals": stats.accepted_proposals,
+            "time_to_first_token": stats.time_to_first_token,
             "total_time": stats.total_time, "timings": stats.timings, "note": stats.note}
 
 
@@ -333,11 +335,14 @@ class Server:
         if limit is not None and max_new > limit:
             raise ServeError(400, f"max_tokens={max_new} is more than this server allows ({limit}, "
                              "--max-tokens-limit); ask for fewer", param="max_tokens", code="invalid_value")
+        if parsed.speculate and self.settings.proxy:
+            raise ServeError(400, "speculate decodes with the target, which the upstream runs in proxy mode; leave "
+                             "it out", param="speculate", code="unsupported_parameter")
         try:
             sampling = Sampling(temperature, parsed.top_p or 1.0, parsed.top_k or 0, parsed.seed)
             if isinstance(parsed, ChatRequest):
                 return DraftRequest(messages=parsed.chat(), max_new_tokens=max_new, sampling=sampling,
-                                    stop=parsed.stops(), logprobs=logprobs), method
+                                    stop=parsed.stops(), logprobs=logprobs, speculate=parsed.speculate), method
             if parsed.echo and parsed.stream:
                 raise ServeError(400, "echo is returned with whole responses only: leave out stream or echo",
                                  param="echo", code="unsupported_parameter")
@@ -351,7 +356,7 @@ class Server:
             return DraftRequest(context=prompt if isinstance(prompt, str) else "",
                                 prompt_ids=prompt if isinstance(prompt, list) else None, chat_template=False,
                                 sampling=sampling, stop=parsed.stops(), logprobs=logprobs,
-                                max_new_tokens=max_new), method
+                                max_new_tokens=max_new, speculate=parsed.speculate), method
         except DraftKVError as error:
             raise ServeError(400, str(error), code="invalid_request") from None
 

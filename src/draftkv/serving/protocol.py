@@ -86,6 +86,7 @@ class Common(BaseModel):
     budget: int | float | None = Field(None, gt=0)
     prompt_budget: int | float | None = Field(None, gt=0)
     compression_ratio: float | None = Field(None, ge=0, lt=1)  # kvpress's: the share removed
+    speculate: int | None = Field(None, ge=0, le=64)  # draft proposals per target call while decoding
 
     def method_params(self) -> dict[str, Any]:
         """The chosen method's own parameters: every field that is neither OpenAI's nor a budget."""
