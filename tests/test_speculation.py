@@ -47,7 +47,10 @@ def test_greedy_speculation_gives_the_tokens_of_a_decode_without(near, name):
         assert sped.stats.accepted_proposals <= sped.stats.proposed_tokens
         proposed += sped.stats.proposed_tokens
     assert proposed > 0
-    assert "draft_decode" in sped.stats.timings and "speculation_prefill" in sped.stats.timings
+    assert "draft_decode" in sped.stats.timings
+    # A method whose draft pass guessed the answer goes on from that pass's cache; the others read the prompt
+    # into the draft first.
+    assert ("speculation_prefill" in sped.stats.timings) == (chosen.draft_lookahead(16) == 0)
 
 
 def test_dense_speculation_accepts_proposals_and_saves_target_calls(near):
@@ -126,7 +129,7 @@ def test_sampled_speculation_draws_from_the_targets_distribution():
             caches.append((cache, logits))
         spec = DecodeSpec([3], [dataclasses.replace(sampling, seed=seed)], [set()])
         output, speculated = speculate(target, caches[0][0], caches[0][1][None], len(ids), spec,
-                                       Drafter(draft, caches[1][0], 2))
+                                       Drafter(draft, caches[1][0], 2, len(ids)))
         assert speculated.proposed == 1  # the second token came through the proposal's check
         t0, t1 = output.rows[0].token_ids[:2]
         counts[t0, t1] += 1
@@ -140,3 +143,18 @@ def test_speculation_runs_from_the_command_line(tmp_path):
 
     result = CliRunner().invoke(app, ["generate", "--speculate", "-1", "-q", "x", "--context", "y"])
     assert result.exit_code != 0 and "speculate" in result.output
+
+
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_speculation_goes_on_from_the_draft_pass_after_either_decode_step(near, decode):
+    """The eager step leaves the lookahead in the draft's cache (cut back to what the check kept); the
+    static step reads the cache into its own slots and leaves the prompt alone: both go on correctly."""
+    pair = dataclasses.replace(near, decode=decode)
+    same = near_pair("qwen2", decode=decode, noise=0.0)  # a guess accepted whole: the draft's cache is all kept
+    for chosen_pair in (pair, same):
+        request = requests(1, new_tokens=20)[0]
+        chosen = with_budgets("speckv")
+        plain = run(chosen_pair, [request], [chosen])[0][0]
+        sped = run(dataclasses.replace(chosen_pair, speculate=3), [request], [chosen])[0][0]
+        assert sped.token_ids == plain.token_ids
+        assert "speculation_prefill" not in sped.stats.timings

@@ -72,12 +72,15 @@ def check_guess(guess: list[int], logits: torch.Tensor, sampling: Sampling,
 
 @dataclass
 class Drafter:
-    """The draft's side of speculative decoding: its model, its cache of the prompt the target read (at the
-    same positions), and how many tokens it proposes per target call."""
+    """The draft's side of speculative decoding: its model, its cache of the prompt and of the answer's
+    first `read` tokens, the position its first answer token has (its own numbering of the prompt), and
+    how many tokens it proposes per target call."""
 
     model: torch.nn.Module
     cache: DynamicCache
     proposals: int
+    position: int
+    read: int = 0
 
 
 @dataclass
@@ -130,7 +133,7 @@ def speculate(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.T
     first_token_at = time.perf_counter()
     answer: list[int] = []  # every token chosen so far
     target_at = position + len(chosen) - 1  # where the last chosen token goes (not read by the target yet)
-    draft_at = position  # the draft has read the prompt alone
+    read = drafter.read  # answer tokens the draft has read
     steps = 0
     while True:
         for token, logprob in zip(chosen, logprobs or [None] * len(chosen), strict=True):
@@ -150,14 +153,14 @@ def speculate(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.T
         count = min(drafter.proposals, limit - len(row.token_ids) - 1)
         started = time.perf_counter()
         proposed, guess_probs = [], []
-        feed = answer[draft_at - position:]
+        feed = answer[read:]
         vocab = first_logits.shape[-1]
         for _ in range(count):
-            logits = _call(drafter.model, drafter.cache, feed, draft_at, 1)[-1]
+            logits = _call(drafter.model, drafter.cache, feed, drafter.position + read, 1)[-1]
             # The draft proposes among the target's tokens only (a vocabulary padded differently).
             logits = logits[:vocab] if logits.numel() >= vocab else F.pad(logits, (0, vocab - logits.numel()),
                                                                             value=float("-inf"))
-            draft_at += len(feed)
+            read += len(feed)
             if sampling.greedy:
                 token = int(logits.argmax())
             else:
@@ -178,9 +181,9 @@ def speculate(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.T
             else None
         drop_newest(cache, count - kept)  # the target read its last token and every proposal
         # The draft read the answer and every proposal but the last: keep what the target kept.
-        read_proposals = max(count - 1, 0)
-        drop_newest(drafter.cache, read_proposals - min(kept, read_proposals))
-        draft_at -= read_proposals - min(kept, read_proposals)
+        refused = max(count - 1, 0) - min(kept, max(count - 1, 0))
+        drop_newest(drafter.cache, refused)
+        read -= refused
         target_at += kept + 1
     decoded = Decoded(row.token_ids, row.shown, row.finish or "length", row.logprobs)
     return DecodeOutput([decoded], first_token_at, steps), stats

@@ -34,6 +34,17 @@ class DraftView:
     lookahead_valid: torch.Tensor  # [B, L] bool
     lengths: list[int]
     token_scores: torch.Tensor | None = None  # [B, N] per prompt column, for the prompt stage
+    kept: DraftCache | None = None  # the draft's cache, kept for a consumer that speculates (one request)
+
+
+@dataclass
+class DraftCache:
+    """The draft's cache after its pass over one request: the prompt (as the draft read it) and the first
+    `read` lookahead tokens; `position`: where its first answer token goes."""
+
+    cache: object  # a DynamicCache
+    position: int
+    read: int
 
 
 def pad_prompts(rows: list[list[int]], pad_id: int, device: torch.device,

@@ -10,7 +10,7 @@ The executor carries the plan out and the results report it; neither decides aga
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from transformers import DynamicCache
 
@@ -96,6 +96,7 @@ class DraftNeed:
 
     lookahead: list[int]
     scorer: DraftScorer | None = None
+    keeps_cache: bool = False  # the consumer speculates: its decode goes on from the draft's cache
 
     @property
     def needed(self) -> bool:
@@ -156,8 +157,12 @@ class Consumer:
             eviction = Eviction(method.evict_every, rows[0].kv_budget)
         checks = answers and method.verify_lookahead and (probes or guess is not None)
         speculation, why_not = speculation_of(speculate, len(rows), eviction, target, draft)
+        if not answers:
+            speculation, why_not = 0, None
+        if speculation and need.needed:
+            need = replace(need, keeps_cache=True)
         return cls(method, rows, target, need, kv_scorer, guess, stage_one, probes, eviction, checks,
-                   speculation if answers else 0, why_not if answers else None)
+                   speculation, why_not)
 
     @property
     def reads_whole_prompt(self) -> bool:

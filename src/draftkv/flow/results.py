@@ -13,7 +13,7 @@ from ..engine.attention import capture, ragged_attention
 from ..engine.cache import new_cache, stacked_cache
 from ..engine.decoding import Accepted, Decoded, DecodeSpec, TextCallback, decode
 from ..engine.eviction import DecodeEviction
-from ..engine.speculation import Drafter, SpeculationStats, speculate
+from ..engine.speculation import Drafter, SpeculationStats, drop_newest, speculate
 from ..methods import Method
 from ..prompt import EncodedPrompt
 from ..types import Request, Result, Stats
@@ -127,19 +127,29 @@ def finish(pair: ModelPair, prepared: Prepared, on_text: TextCallback | None = N
 
 def finish_speculating(pair: ModelPair, prepared: Prepared, on_text: TextCallback | None = None,
                        cancelled: Callable[[int], bool] | None = None) -> list[Result]:
-    """Decode one request with the draft proposing tokens (engine.speculation.speculate): the draft first
-    reads what the target read, at the same positions, into a cache of its own."""
+    """Decode one request with the draft proposing tokens (engine.speculation.speculate), from the draft
+    pass's cache where the method had one (cut back to the guess tokens the target kept), else from a
+    cache the draft first fills with what the target read, at the same positions."""
     target, draft, clock = pair.target.model, pair.draft.model, prepared.clock
-    reading = clock.start("speculation_prefill")
-    draft_cache = new_cache(draft.config)
-    prefill(draft, prepared.batch, draft_cache, [])
-    clock.add("speculation_prefill", clock.now() - reading)
+    proposals = prepared.consumer.speculation
+    kept = prepared.draft.kept if prepared.draft is not None else None
+    if kept is not None:  # the draft pass's cache, with the guess tokens the target kept
+        accepted = prepared.accepted[0]
+        valid = min(len(accepted.token_ids) - 1 if accepted is not None else 0, kept.read)
+        drop_newest(kept.cache, kept.read - valid)
+        drafter = Drafter(draft, kept.cache, proposals, kept.position, valid)
+        prepared.draft.kept = None  # the decode takes it
+    else:
+        reading = clock.start("speculation_prefill")
+        draft_cache = new_cache(draft.config)
+        prefill(draft, prepared.batch, draft_cache, [])
+        clock.add("speculation_prefill", clock.now() - reading)
+        drafter = Drafter(draft, draft_cache, proposals, prepared.batch.next_positions[0])
     decoding = clock.start("decode")
     spec = answer_spec(pair, prepared.requests, prepared.accepted, on_text=on_text, cancelled=cancelled)
     with ragged_attention(target, prepared.cache):
         output, speculated = speculate(target, prepared.cache, prepared.first_logits,
-                                       prepared.batch.next_positions[0], spec,
-                                       Drafter(draft, draft_cache, prepared.consumer.speculation))
+                                       prepared.batch.next_positions[0], spec, drafter)
     finished = clock.now()
     clock.add("decode", finished - max(decoding, output.first_token_at) - speculated.draft_seconds)
     clock.add("draft_decode", speculated.draft_seconds)

@@ -8,7 +8,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -21,7 +21,7 @@ from ..engine.speculation import check_guess
 from ..errors import PromptError
 from ..methods import PseudoAnswer
 from ..types import Request
-from .batch import DraftView, PaddedBatch, left_padded, lookahead_view
+from .batch import DraftCache, DraftView, PaddedBatch, left_padded, lookahead_view
 from .select import row_mask, select_kv
 
 if TYPE_CHECKING:
@@ -188,6 +188,11 @@ def run_draft(model: torch.nn.Module, batch: PaddedBatch, needs: list[DraftNeed]
         decoded = decode(model, cache, last_logits, torch.tensor(batch.next_positions, device=device),
                          batch.attention_mask,
                          DecodeSpec.greedy(steps, eos, "eager" if active else backend, compact=not active))
+    kept = None
+    if any(need.keeps_cache for need in needs) and len(steps) == 1 and cache is not None:
+        # One request whose decode speculates goes on from this cache: the prompt and the lookahead
+        # tokens the decode fed (none when the static step read the cache into slots of its own).
+        kept = DraftCache(cache, batch.next_positions[0], cache.layers[0].get_seq_length() - batch.width)
     del cache
     clock.add("draft_lookahead", clock.now() - prefilled - (scoring_seconds() - prefill_scoring))
     scoring_started = clock.now()
@@ -200,6 +205,8 @@ def run_draft(model: torch.nn.Module, batch: PaddedBatch, needs: list[DraftNeed]
             # Step 0 is the prefill's window; step t feeds lookahead token t.
             step_valid = torch.cat([torch.ones(len(steps), 1, dtype=torch.bool, device=device), view.lookahead_valid], 1)
             view.token_scores = need.scorer.token_scores(collector, step_valid, information)
+        if need.keeps_cache and kept is not None:  # each consumer that goes on from it has its own
+            view.kept = kept if not any(v.kept is kept for v in views) else replace(kept, cache=clone_cache(kept.cache))
         views.append(view)
     if active or information is not None:
         clock.add("draft_scoring", clock.now() - scoring_started + scoring_seconds())
