@@ -57,7 +57,8 @@ def test_every_configuration_is_measured_with_every_column(swept):
     for cell in good:
         assert cell["repeats"] == 2
         for _, key, _ in bench.COLUMNS:
-            if key != "peak_memory_bytes":  # CPU memory needs the subprocess (tested below)
+            # CPU memory needs the subprocess (tested below); acceptance, speculation (tested below)
+            if key not in ("peak_memory_bytes", "acceptance"):
                 assert key in cell, (cell["label"], key)
                 assert cell[key]["min"] <= cell[key]["median"] <= cell[key]["max"]
 
@@ -241,3 +242,4 @@ def test_each_method_runs_with_each_speculation_setting(pair, tmp_path):
         assert row["acceptance"] is None or 0 <= row["acceptance"] <= 1
     markdown, summary = bench.report(tmp_path, {"note": "test"})
     assert "dense +speculate=2" in markdown.read_text(encoding="utf-8")
+    assert [("acceptance" in cell) for cell in summary] == [cell["label"].endswith("+speculate=2") for cell in summary]

@@ -158,3 +158,18 @@ def test_speculation_goes_on_from_the_draft_pass_after_either_decode_step(near, 
         sped = run(dataclasses.replace(chosen_pair, speculate=3), [request], [chosen])[0][0]
         assert sped.token_ids == plain.token_ids
         assert "speculation_prefill" not in sped.stats.timings
+
+
+def test_the_draft_cache_bytes_reported_are_the_bytes_it_holds(near):
+    config = near.draft.model.config
+    per_entry = config.num_hidden_layers * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) \
+        * 2 * near.draft.model.dtype.itemsize
+    request = requests(1)[0]
+    fast = dataclasses.replace(near, speculate=2)
+    dense = run(fast, [request], ["dense"])[0][0]
+    assert dense.stats.draft_kv_bytes == dense.stats.prompt_tokens * per_entry  # the prompt, read for speculation
+    checked = run(fast, [request], [with_budgets("speckv")])[0][0]
+    # The draft pass's cache: the prompt and the guess tokens the target kept (at most those it read).
+    held = checked.stats.draft_kv_bytes // per_entry - checked.stats.prompt_tokens
+    assert checked.stats.draft_kv_bytes % per_entry == 0
+    assert 0 <= held <= checked.stats.accepted_guess_tokens

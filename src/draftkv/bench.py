@@ -136,6 +136,7 @@ def measure(pair: ModelPair, method: Method, requests: list[Request]) -> dict:
         "acceptance": (sum(r.stats.accepted_proposals for r in results) / proposed
                        if (proposed := sum(r.stats.proposed_tokens for r in results)) else None),
         "target_calls": sum(r.stats.speculation_rounds for r in results),
+        "draft_kv_bytes": sum(r.stats.draft_kv_bytes for r in results),
         "answer": results[0].text,
     }
     if device.type == "cuda":

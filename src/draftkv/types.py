@@ -153,6 +153,7 @@ class Stats:
     speculation_rounds: int = 0  # target calls that checked draft proposals while decoding
     proposed_tokens: int = 0  # draft tokens proposed while decoding
     accepted_proposals: int = 0  # of them, kept by the target
+    draft_kv_bytes: int = 0  # the draft's cache kept for speculation (prompt and answer so far), at its start
     new_tokens: int = 0
     time_to_first_token: float = 0.0
     total_time: float = 0.0

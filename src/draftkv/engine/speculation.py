@@ -22,7 +22,7 @@ from transformers import DynamicCache
 
 from ..types import Sampling
 from .attention import DECODE_ATTENTION
-from .cache import reserve
+from .cache import kv_bytes, reserve
 from .decoding import (
     Decoded,
     DecodeOutput,
@@ -89,6 +89,7 @@ class SpeculationStats:
     proposed: int = 0  # draft tokens proposed
     accepted: int = 0  # of them, kept
     draft_seconds: float = 0.0  # the draft's proposing
+    draft_kv_bytes: int = 0  # what the draft's cache held when the decode started
 
 
 def drop_newest(cache: DynamicCache, count: int) -> None:
@@ -122,7 +123,7 @@ def speculate(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.T
     given = spec.accepted[0] if spec.accepted else None
     generator = given.generator if given is not None and given.generator is not None else \
         make_generators([sampling], first_logits.device)[0]
-    stats = SpeculationStats()
+    stats = SpeculationStats(draft_kv_bytes=kv_bytes(drafter.cache))
     reserve(cache, limit + drafter.proposals + 1)
     reserve(drafter.cache, limit + drafter.proposals + (len(given.token_ids) if given is not None else 0) + 1)
     if given is not None:  # a checked guess: its tokens but the last are in the target's cache already

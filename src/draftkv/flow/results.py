@@ -187,7 +187,7 @@ def results_of(pair: ModelPair, prepared: Prepared, rows: list[Decoded], first_t
                                                 notes)
         if speculated is not None:
             stats = replace(stats, speculation_rounds=speculated.rounds, proposed_tokens=speculated.proposed,
-                            accepted_proposals=speculated.accepted)
+                            accepted_proposals=speculated.accepted, draft_kv_bytes=speculated.draft_kv_bytes)
         results.append(Result(decoded.text, decoded.token_ids, decoded.finish_reason, stats, kept_kv, kept_tokens,
                               decoded.logprobs, guessed(pair, prepared, row)))
     return results

@@ -252,6 +252,7 @@ def draftkv_stats(method: Method, result: Result) -> dict:
             "kv_bytes_dense": stats.kv_bytes_dense, "lookahead_tokens": stats.lookahead_tokens,
             "accepted_guess_tokens": stats.accepted_guess_tokens, "speculation_rounds": stats.speculation_rounds,
             "proposed_tokens": stats.proposed_tokens, "accepted_proposals": stats.accepted_proposals,
+            "draft_kv_bytes": stats.draft_kv_bytes,
             "time_to_first_token": stats.time_to_first_token,
             "total_time": stats.total_time, "timings": stats.timings, "note": stats.note}
 
