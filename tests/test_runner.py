@@ -134,6 +134,16 @@ def test_report_tables_and_plot(tmp_path):
         report.report(tmp_path / "empty")
 
 
+def test_the_report_keeps_settings_apart_that_differ_in_their_parameters(tmp_path):
+    rows = [{"key": f"{i}", "task": "vt", "method": "speckv", "budget": 48, "prompt_budget": None, "score": score,
+             **({"params": {"verify_lookahead": False}} if paper else {})}
+            for i, (paper, score) in enumerate([(True, 20.0), (False, 80.0), (True, 40.0)])]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = report.report(tmp_path)[0].read_text()
+    assert "| speckv(verify_lookahead=False) (kv 48) | 30.0 (n=2) | 30.0 (n=2) |" in text
+    assert "| speckv (kv 48) | 80.0 (n=1) | 80.0 (n=1) |" in text
+
+
 def test_report_scores_the_guesses_that_probed_the_cache(tmp_path):
     def row(key, task, method, guess, answers, score):
         return {"key": key, "sample": key, "task": task, "method": method, "budget": 128, "prompt_budget": None,

@@ -92,7 +92,7 @@ def summarize(rows: list[dict]) -> tuple[list[str], list[tuple[str, int | None, 
     """Tasks, settings (method, kv budget, prompt budget) and {(task, setting): (mean score, count)}."""
     scores: dict[tuple[str, tuple], list[float]] = defaultdict(list)
     for row in rows:
-        setting = (row["method"], row["budget"], row["prompt_budget"])
+        setting = setting_of(row)
         scores[(row["task"], setting)].append(row["score"])
         scores[("average", setting)].append(row["score"])
     tasks = sorted({task for task, _ in scores if task != "average"}) + ["average"]
@@ -100,6 +100,13 @@ def summarize(rows: list[dict]) -> tuple[list[str], list[tuple[str, int | None, 
     found = sorted({setting for _, setting in scores},
                    key=lambda s: (order.get(s[0], 1), s[0], s[1] or 0, s[2] or 0))
     return tasks, found, {k: (sum(v) / len(v), len(v)) for k, v in scores.items()}
+
+
+def setting_of(row: dict) -> tuple[str, int | None, int | None]:
+    """A row's setting: (method, with the other parameters it was run with, kv budget, prompt budget)."""
+    given = row.get("params") or {}
+    method = row["method"] + (f"({','.join(f'{k}={v}' for k, v in given.items())})" if given else "")
+    return method, row["budget"], row["prompt_budget"]
 
 
 def label(setting: tuple) -> str:
@@ -156,7 +163,7 @@ def guesses(rows: list[dict]) -> list[str]:
     for row in probed:
         guessed = metrics.SCORERS[row["metric"]](row["guess"], row["answers"])
         for task in (row["task"], "average"):
-            scores[(task, (row["method"], row["budget"], row["prompt_budget"]))].append((guessed, row["score"]))
+            scores[(task, setting_of(row))].append((guessed, row["score"]))
     tasks, settings, _ = summarize(probed)
     lines = ["", "## The guesses that probed the cache", "",
              "Each cell: the guess scored as if it were the answer / the score of the target's answer (n). A guess "
@@ -227,7 +234,7 @@ def write_by_length(rows: list[dict], agreement_rows: list[dict], out: Path) -> 
     out.mkdir(parents=True, exist_ok=True)
     scores: dict[tuple, list[float]] = defaultdict(list)
     for row in rows:
-        setting = (row["method"], row["budget"], row["prompt_budget"])
+        setting = setting_of(row)
         scores[(row["length"], "average", setting)].append(row["score"])
         scores[(row["length"], row["task"], setting)].append(row["score"])
     table = {key: (sum(values) / len(values), len(values)) for key, values in scores.items()}
@@ -319,7 +326,7 @@ def paired_margin(rows: list[dict], length: int, ours: tuple, theirs: tuple) -> 
     """`ours` minus `theirs` at `length`, over the samples both ran (a partial run compares like with like)."""
     by_setting: dict[tuple, dict[str, float]] = {ours: {}, theirs: {}}
     for row in rows:
-        setting = (row["method"], row["budget"], row["prompt_budget"])
+        setting = setting_of(row)
         if row["length"] == length and setting in by_setting:
             by_setting[setting][row["sample"]] = row["score"]
     differences = [by_setting[ours][s] - by_setting[theirs][s] for s in by_setting[ours] if s in by_setting[theirs]]
