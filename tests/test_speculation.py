@@ -69,14 +69,22 @@ def test_dense_speculation_accepts_proposals_and_saves_target_calls(near):
     assert len(calls) < sped.stats.new_tokens
 
 
+@pytest.mark.parametrize("name", ["dense", "snapkv", "speckv", "ada-speckv", "specpc"])
+def test_a_batch_speculates_each_row_with_its_own_tokens(near, name):
+    fast = dataclasses.replace(near, speculate=3)
+    batch = requests(3)  # prompts of different lengths: a padded batch
+    chosen = with_budgets(name)
+    together = run(fast, batch, [chosen])[0]
+    for row, request in enumerate(batch):
+        alone = run(near, [request], [chosen])[0][0]
+        assert together[row].token_ids == alone.token_ids
+        assert together[row].stats.accepted_guess_tokens == alone.stats.accepted_guess_tokens
+        assert together[row].stats.proposed_tokens > 0
+
+
 def test_a_decode_that_cannot_speculate_decodes_without_and_says_why(near):
     fast = dataclasses.replace(near, speculate=3)
     batch = requests(2)
-    together = run(fast, batch, ["dense"])[0]
-    for row, request in enumerate(batch):
-        assert together[row].token_ids == run(near, [request], ["dense"])[0][0].token_ids
-        assert "without speculation: a batch of several requests" in together[row].stats.note
-        assert together[row].stats.proposed_tokens == 0
     evicting = run(fast, batch[:1], [get_method("snapkv", budget=48, window=8, evict_every=4)])[0][0]
     assert "without speculation: decode-time eviction" in evicting.stats.note
     alone = pair_from_models(near.target.model, near.tokenizer, speculate=3)  # no draft

@@ -484,6 +484,9 @@ def serve(
     dtype: Annotated[str | None, _env("DTYPE", "float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on CUDA).")] = None,
     decode: Annotated[str, _env("DECODE", "Decode step: auto (static on CUDA, eager elsewhere), eager or static.",
                                 callback=_backend)] = "auto",
+    speculate: Annotated[int, _env("SPECULATE", "Speculative decoding for requests that give no speculate field: "
+                                                "draft proposals per target call (0: off; local mode).",
+                                   min=0, max=64)] = 0,
 ) -> None:
     """Serve the OpenAI API: locally (draft and target here), or as a compressing proxy (--upstream)."""
     import logging
@@ -509,6 +512,8 @@ def serve(
             max_guess_tokens=max_guess_tokens, max_logprobs=max_logprobs, max_body_bytes=parse_bytes(max_body_bytes),
             api_key=api_key, temperature=temperature, timeout=timeout,
             memory_limit=parse_bytes(memory_limit) if memory_limit else None)
+        if upstream and speculate:
+            raise ConfigError("--speculate decodes with the target, which the upstream runs in proxy mode; leave it out")
         check_address(host, port)  # free and bindable, before minutes of loading
         method_with_budgets(settings.method, **params)  # a bad default fails before minutes of loading
         with err.status("loading models"):
@@ -517,7 +522,7 @@ def serve(
                 pair = ModelPair(loaded, loaded, decode=decode)
             else:
                 pair = load_pair(target, None if draft.lower() == "none" else draft, device=device, dtype=dtype,
-                                 decode=decode)
+                                 decode=decode, speculate=speculate)
         application = create_app(pair, settings)
     except (DraftKVError, ServeError) as error:
         raise fail(error if isinstance(error, DraftKVError) else ConfigError(error.message)) from None
@@ -620,6 +625,7 @@ def eval_ruler(
     device: Device = None,
     dtype: Dtype = None,
     decode: DecodeBackend = "auto",
+    speculate: Speculate = 0,
 ) -> None:
     """Generate RULER at the given lengths with the target's tokenizer and score every method on it."""
     try:
@@ -645,8 +651,8 @@ def eval_ruler(
                 tokenizer = load_tokenizer(target, before_weights=fits)
         else:
             with err.status("loading models"):
-                pair = load_pair(target, draft if _needs_draft(runs) else None, device=device, dtype=dtype,
-                                 decode=decode, before_weights=fits)
+                pair = load_pair(target, draft if _needs_draft(runs) or speculate else None, device=device,
+                                 dtype=dtype, decode=decode, speculate=speculate, before_weights=fits)
             tokenizer = pair.tokenizer
         dumped = []
         for n in lengths:
@@ -667,7 +673,8 @@ def eval_ruler(
                 continue
             folder = out or Path(f"results/ruler-{n}" + ("-agnostic" if query_agnostic else ""))
             config = {"benchmark": "ruler", "length": n, "samples": samples, "tasks": chosen_tasks, "seed": seed,
-                      "settings": [s.label for s in runs], "target": target, "draft": draft}
+                      "settings": [s.label for s in runs], "target": target, "draft": draft,
+                      **({"speculate": speculate} if speculate else {})}
             runner.run(pair, generated, runs, folder, config, share=share, query_agnostic=query_agnostic,
                        batch_settings=batch_settings)
             summary, _, plot = report.report(folder)
@@ -704,6 +711,7 @@ def eval_longbench(
     device: Device = None,
     dtype: Dtype = None,
     decode: DecodeBackend = "auto",
+    speculate: Speculate = 0,
 ) -> None:
     """Score methods on LongBench tasks read from local files."""
     try:
@@ -715,11 +723,13 @@ def eval_longbench(
             longbench.read_task(data_dir, task)  # fails fast on a missing or malformed file
         _writable(out)
         with err.status("loading models"):
-            pair = load_pair(target, draft if _needs_draft(runs) else None, device=device, dtype=dtype, decode=decode)
+            pair = load_pair(target, draft if _needs_draft(runs) or speculate else None, device=device, dtype=dtype,
+                             decode=decode, speculate=speculate)
         items = [s for task in chosen_tasks for s in longbench.samples(data_dir, task, pair.tokenizer, limit=samples,
                                                                        max_length=max_length)]
         config = {"benchmark": "longbench", "tasks": chosen_tasks, "samples": samples, "max_length": max_length,
-                  "settings": [s.label for s in runs], "target": target, "draft": draft}
+                  "settings": [s.label for s in runs], "target": target, "draft": draft,
+                  **({"speculate": speculate} if speculate else {})}
         runner.run(pair, items, runs, out, config, share=share, query_agnostic=query_agnostic,
                    batch_settings=batch_settings)
         summary, _, plot = report.report(out)

@@ -99,23 +99,27 @@ def drop_newest(cache: DynamicCache, count: int) -> None:
             layer.crop(-count)
 
 
-def _call(model: torch.nn.Module, cache: DynamicCache, tokens: list[int], position: int, keep: int) -> torch.Tensor:
-    """The model reads `tokens` at `position`.. over `cache`; the logits of the last `keep` [keep, V]."""
+def _call(model: torch.nn.Module, cache: DynamicCache, tokens: list[int], position: int, keep: int,
+          attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The model reads `tokens` at `position`.. over `cache` (`attention_mask`: [1, cache + tokens]); the
+    logits of the last `keep` [keep, V]."""
     device = model.device
     with torch.inference_mode(), sdpa_kernel(DECODE_ATTENTION):
         out = model(input_ids=torch.tensor([tokens], device=device),
                     position_ids=torch.arange(position, position + len(tokens), device=device)[None],
-                    cache=cache, use_cache=True, logits_to_keep=keep)
+                    attention_mask=attention_mask, cache=cache, use_cache=True, logits_to_keep=keep)
     return out.logits[0].float()
 
 
 def speculate(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.Tensor, position: int,
-              spec: DecodeSpec, drafter: Drafter) -> tuple[DecodeOutput, SpeculationStats]:
+              spec: DecodeSpec, drafter: Drafter, attention_mask: torch.Tensor | None = None,
+              ) -> tuple[DecodeOutput, SpeculationStats]:
     """One row's decode with a draft: each round the draft proposes up to `drafter.proposals` tokens from
     its own cache, and the target reads its last token and the proposals in one call and keeps what
     `check_guess` keeps (greedy: the agreeing prefix and its own next token, so exactly its greedy
     tokens; sampling: speculative sampling, so exactly its distribution). Refused proposals leave both
-    caches again. `position`: the logical position of the row's next token; `spec` holds one row."""
+    caches again. `position`: the logical position of the row's next token; `spec` holds one row;
+    `attention_mask`: [1, cache length], the row's mask where its cache has slots it hides (padding)."""
     sampling, limit = spec.samplings[0], spec.max_new_tokens[0]
     row = RowOutput(spec.tokenizer, limit, spec.eos_token_ids[0], (spec.stops or [()])[0],
                     logprobs=spec.logprobs is not None and spec.logprobs[0] is not None)
@@ -171,7 +175,9 @@ def speculate(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.T
             proposed.append(token)
             feed = [token]
         stats.draft_seconds += time.perf_counter() - started
-        logits = _call(model, cache, [answer[-1], *proposed], target_at, count + 1)
+        if attention_mask is not None:
+            attention_mask = F.pad(attention_mask, (0, count + 1), value=1)
+        logits = _call(model, cache, [answer[-1], *proposed], target_at, count + 1, attention_mask)
         steps += 1
         chosen = check_guess(proposed, logits, sampling, generator, torch.stack(guess_probs) if guess_probs else None)
         kept = len(chosen) - 1
@@ -181,6 +187,8 @@ def speculate(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.T
         logprobs = token_logprobs(logits[: len(chosen)], chosen, [wanted] * len(chosen)) if wanted is not None \
             else None
         drop_newest(cache, count - kept)  # the target read its last token and every proposal
+        if attention_mask is not None and count > kept:
+            attention_mask = attention_mask[:, : attention_mask.shape[1] - (count - kept)]
         # The draft read the answer and every proposal but the last: keep what the target kept.
         refused = max(count - 1, 0) - min(kept, max(count - 1, 0))
         drop_newest(drafter.cache, refused)

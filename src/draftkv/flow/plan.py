@@ -38,7 +38,7 @@ def decodes_alone(method: Method, batch_size: int, target: LayerKinds, draft: La
     return batch_size > 1 and (sliding or method.evicts_during_decode)
 
 
-def speculation_of(speculate: int, batch_size: int, eviction: Eviction | None, target: LayerKinds,
+def speculation_of(speculate: int, eviction: Eviction | None, target: LayerKinds,
                    draft: LayerKinds | None) -> tuple[int, str | None]:
     """The draft tokens a decode proposes per target call, and why none where some were asked for."""
     if not speculate:
@@ -49,8 +49,6 @@ def speculation_of(speculate: int, batch_size: int, eviction: Eviction | None, t
         why = "decode-time eviction"
     elif target.sliding or draft.sliding:
         why = "a sliding-window layer cannot take refused proposals back"
-    elif batch_size > 1:
-        why = "a batch of several requests (one request at a time speculates)"
     else:
         return speculate, None
     return 0, f"decoded without speculation: {why}"
@@ -156,7 +154,7 @@ class Consumer:
         if method.evicts_during_decode and len(rows) == 1 and rows[0].drops_entries:
             eviction = Eviction(method.evict_every, rows[0].kv_budget)
         checks = answers and method.verify_lookahead and (probes or guess is not None)
-        speculation, why_not = speculation_of(speculate, len(rows), eviction, target, draft)
+        speculation, why_not = speculation_of(speculate, eviction, target, draft)
         if not answers:
             speculation, why_not = 0, None
         if speculation and need.needed:
@@ -176,5 +174,5 @@ class Consumer:
     @property
     def joins_others(self) -> bool:
         """Its decode can join other consumers' in one batch: no eviction, no sliding window (a window's
-        cache cannot be padded to another's)."""
-        return self.eviction is None and not self.target.sliding
+        cache cannot be padded to another's), no speculation (each request speculates on its own)."""
+        return self.eviction is None and not self.target.sliding and not self.speculation

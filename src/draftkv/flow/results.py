@@ -10,7 +10,7 @@ import torch
 from transformers import DynamicCache
 
 from ..engine.attention import capture, ragged_attention
-from ..engine.cache import new_cache, stacked_cache
+from ..engine.cache import new_cache, select_rows, stacked_cache
 from ..engine.decoding import Accepted, Decoded, DecodeSpec, TextCallback, decode
 from ..engine.eviction import DecodeEviction
 from ..engine.speculation import Drafter, SpeculationStats, drop_newest, speculate
@@ -127,34 +127,45 @@ def finish(pair: ModelPair, prepared: Prepared, on_text: TextCallback | None = N
 
 def finish_speculating(pair: ModelPair, prepared: Prepared, on_text: TextCallback | None = None,
                        cancelled: Callable[[int], bool] | None = None) -> list[Result]:
-    """Decode one request with the draft proposing tokens (engine.speculation.speculate), from the draft
-    pass's cache where the method had one (cut back to the guess tokens the target kept), else from a
-    cache the draft first fills with what the target read, at the same positions."""
+    """Decode each request with the draft proposing tokens (engine.speculation.speculate), one row at a
+    time (each from its own rows of the caches). The draft goes on from its pass's cache where the
+    method had one for this request (cut back to the guess tokens the target kept), else it first reads
+    what the target read, at the same positions, into a cache of its own."""
     target, draft, clock = pair.target.model, pair.draft.model, prepared.clock
-    proposals = prepared.consumer.speculation
-    kept = prepared.draft.kept if prepared.draft is not None else None
-    if kept is not None:  # the draft pass's cache, with the guess tokens the target kept
-        accepted = prepared.accepted[0]
-        valid = min(len(accepted.token_ids) - 1 if accepted is not None else 0, kept.read)
-        drop_newest(kept.cache, kept.read - valid)
-        drafter = Drafter(draft, kept.cache, proposals, kept.position, valid)
-        prepared.draft.kept = None  # the decode takes it
-    else:
-        reading = clock.start("speculation_prefill")
-        draft_cache = new_cache(draft.config)
-        prefill(draft, prepared.batch, draft_cache, [])
-        clock.add("speculation_prefill", clock.now() - reading)
-        drafter = Drafter(draft, draft_cache, proposals, prepared.batch.next_positions[0])
-    decoding = clock.start("decode")
-    spec = answer_spec(pair, prepared.requests, prepared.accepted, on_text=on_text, cancelled=cancelled)
-    with ragged_attention(target, prepared.cache):
-        output, speculated = speculate(target, prepared.cache, prepared.first_logits,
-                                       prepared.batch.next_positions[0], spec, drafter)
-    finished = clock.now()
-    clock.add("decode", finished - max(decoding, output.first_token_at) - speculated.draft_seconds)
-    clock.add("draft_decode", speculated.draft_seconds)
-    return results_of(pair, prepared, output.rows, output.first_token_at, finished, peak_memory(target.device), [],
-                      speculated)
+    proposals, batch = prepared.consumer.speculation, prepared.batch
+    rows, stats, first_token_at = [], [], None
+    for row, (request, accepted) in enumerate(zip(prepared.requests, prepared.accepted, strict=True)):
+        kept = prepared.draft.kept if prepared.draft is not None and len(prepared.requests) == 1 else None
+        if kept is not None:
+            valid = min(len(accepted.token_ids) - 1 if accepted is not None else 0, kept.read)
+            drop_newest(kept.cache, kept.read - valid)
+            drafter = Drafter(draft, kept.cache, proposals, kept.position, valid)
+            prepared.draft.kept = None  # the decode takes it
+        else:
+            reading = clock.start("speculation_prefill")
+            draft_cache = new_cache(draft.config)
+            pad = batch.pad(row)  # the row as the target read it, without the batch's padding
+            prefill(draft, PaddedBatch(batch.input_ids[row:row + 1, pad:], None, batch.position_ids[row:row + 1, pad:],
+                                       [batch.lengths[row]], [batch.next_positions[row]]), draft_cache, [])
+            clock.add("speculation_prefill", clock.now() - reading)
+            drafter = Drafter(draft, draft_cache, proposals, batch.next_positions[row])
+        mask = prepared.attention_mask
+        own = select_rows(prepared.cache, torch.tensor([row], device=target.device), 0, trim=mask is None) \
+            if len(prepared.requests) > 1 else prepared.cache
+        decoding = clock.start("decode")
+        spec = answer_spec(pair, [request], [accepted],
+                           on_text=(lambda _r, text, row=row: on_text(row, text)) if on_text is not None else None,
+                           cancelled=(lambda _r, row=row: cancelled(row)) if cancelled is not None else None)
+        with ragged_attention(target, own):
+            output, speculated = speculate(target, own, prepared.first_logits[row:row + 1], batch.next_positions[row],
+                                           spec, drafter, mask[row:row + 1] if mask is not None else None)
+        del own, drafter
+        clock.add("decode", clock.now() - max(decoding, output.first_token_at) - speculated.draft_seconds)
+        clock.add("draft_decode", speculated.draft_seconds)
+        rows += output.rows
+        stats.append(speculated)
+        first_token_at = output.first_token_at if first_token_at is None else first_token_at
+    return results_of(pair, prepared, rows, first_token_at, clock.now(), peak_memory(target.device), [], stats)
 
 
 def answer_spec(pair: ModelPair, requests: list[Request], accepted: list[Accepted | None], *,
@@ -179,15 +190,16 @@ def guessed(pair: ModelPair, prepared: Prepared, row: int) -> str | None:
 
 
 def results_of(pair: ModelPair, prepared: Prepared, rows: list[Decoded], first_token_at: float, finished: float,
-               memory: int | None, notes: list[str], speculated: SpeculationStats | None = None) -> list[Result]:
-    """The results of a prepared batch's decoded rows (`speculated`: its one row's speculation)."""
+               memory: int | None, notes: list[str], speculated: list[SpeculationStats] | None = None) -> list[Result]:
+    """The results of a prepared batch's decoded rows (`speculated`: each row's speculation)."""
     results = []
     for row, decoded in enumerate(rows):
         stats, kept_tokens, kept_kv = row_stats(prepared, row, len(decoded.token_ids), first_token_at, finished, memory,
                                                 notes)
         if speculated is not None:
-            stats = replace(stats, speculation_rounds=speculated.rounds, proposed_tokens=speculated.proposed,
-                            accepted_proposals=speculated.accepted, draft_kv_bytes=speculated.draft_kv_bytes)
+            mine = speculated[row]
+            stats = replace(stats, speculation_rounds=mine.rounds, proposed_tokens=mine.proposed,
+                            accepted_proposals=mine.accepted, draft_kv_bytes=mine.draft_kv_bytes)
         results.append(Result(decoded.text, decoded.token_ids, decoded.finish_reason, stats, kept_kv, kept_tokens,
                               decoded.logprobs, guessed(pair, prepared, row)))
     return results
