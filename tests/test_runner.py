@@ -144,6 +144,29 @@ def test_the_report_keeps_settings_apart_that_differ_in_their_parameters(tmp_pat
     assert "| speckv (kv 48) | 80.0 (n=1) | 80.0 (n=1) |" in text
 
 
+def test_the_report_reads_ratio_budgets_and_plots_them_at_what_they_kept(tmp_path, monkeypatch):
+    rows = [{"key": f"{i}", "task": "vt", "method": method, "budget": budget, "prompt_budget": None, "score": score,
+             "stats": {"kv_entries": kept}}
+            for i, (method, budget, score, kept) in enumerate([
+                ("dense", None, 100.0, 4000), ("kvzip", 256, 20.0, 256), ("kvzip", 0.25, 60.0, 1000),
+                ("kvzip", 0.25, 80.0, 1020), ("snapkv", 1.5, 0.0, 0), ("snapkv", 0, 0.0, 0)])]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plotted = {}
+    real = report.plot
+
+    def spy(table, found, path, kept=None):
+        plotted.update(kept or {})
+        real(table, found, path, kept)
+
+    monkeypatch.setattr(report, "plot", spy)
+    warnings: list[str] = []
+    text = report.write_report(tmp_path, report.load_results([tmp_path], warnings.append))[0].read_text()
+    assert "| kvzip (kv 0.25) | 70.0 (n=2) | 70.0 (n=2) |" in text
+    assert "| kvzip (kv 256) | 20.0 (n=1) | 20.0 (n=1) |" in text
+    assert plotted == {("kvzip", 0.25, None): 1010.0}
+    assert "skipped 2 line(s)" in warnings[0] and "neither a count" in warnings[0]
+
+
 def test_report_scores_the_guesses_that_probed_the_cache(tmp_path):
     def row(key, task, method, guess, answers, score):
         return {"key": key, "sample": key, "task": task, "method": method, "budget": 128, "prompt_budget": None,

@@ -33,8 +33,8 @@ def row_problem(row: object, needs_length: bool) -> str | None:
         return "no score" if "score" not in row else f"score is {score!r}, not a number"
     for name in ("budget", "prompt_budget"):
         value = row.get(name)
-        if value is not None and not is_int(value):
-            return f"{name} is {value!r}, not a whole number"
+        if value is not None and not (is_int(value) and value >= 1) and not (is_number(value) and 0 < value <= 1):
+            return f"{name} is {value!r}, neither a count (a whole number >= 1) nor a ratio in (0, 1]"
     if needs_length and not is_int(row.get("length")):
         return "no length" if "length" not in row else f"length is {row['length']!r}, not a whole number"
     return None
@@ -148,7 +148,7 @@ def write_report(folder: Path, rows: list[dict]) -> tuple[Path, Path, Path]:
             lines.append("| " + " | ".join([label(setting), *cells]) + " |")
     lines += guesses(rows)
     (folder / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    plot(table, found, folder / "accuracy.png")
+    plot(table, found, folder / "accuracy.png", kept_counts(rows))
     return folder / "summary.md", folder / "summary.csv", folder / "accuracy.png"
 
 
@@ -177,8 +177,23 @@ def guesses(rows: list[dict]) -> list[str]:
     return lines
 
 
-def plot(table: dict, found: list[tuple], path: Path) -> None:
-    """Average accuracy against budget, one line per method (dense as a horizontal reference)."""
+def kept_counts(rows: list[dict]) -> dict[tuple, float]:
+    """Per setting whose budget is a ratio of the prompt: the mean count it kept (KV entries per head, or
+    prompt tokens for a prompt budget), where the plot puts it on the budget axis."""
+    kept: dict[tuple, list[float]] = defaultdict(list)
+    for row in rows:
+        setting, stats = setting_of(row), row.get("stats") or {}
+        if isinstance(row["budget"], float) and is_number(stats.get("kv_entries")):
+            kept[setting].append(stats["kv_entries"])
+        elif row["budget"] is None and isinstance(row["prompt_budget"], float) \
+                and is_number(stats.get("kept_prompt_tokens")):
+            kept[setting].append(stats["kept_prompt_tokens"])
+    return {setting: sum(values) / len(values) for setting, values in kept.items()}
+
+
+def plot(table: dict, found: list[tuple], path: Path, kept: dict[tuple, float] | None = None) -> None:
+    """Average accuracy against budget, one line per method (dense as a horizontal reference). A ratio
+    budget stands at the mean count it kept (`kept`), or is left out without one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,14 +207,19 @@ def plot(table: dict, found: list[tuple], path: Path) -> None:
         if method == "dense":
             axis.axhline(mean, color="black", linestyle="--", label="dense")
         else:
+            at = budget if budget is not None else prompt_budget
+            if isinstance(at, float):
+                if setting not in (kept or {}):
+                    continue
+                at = kept[setting]
             by_method[method if budget is None or prompt_budget is None else f"{method} (prompt {prompt_budget})"
-                      ].append((budget if budget is not None else prompt_budget, mean))
+                      ].append((at, mean))
     styles = line_styles(sorted(by_method))
     for method, points in sorted(by_method.items()):
         points.sort()
         axis.plot([p[0] for p in points], [p[1] for p in points], label=method, **styles[method])
     axis.set_xscale("log", base=2)
-    axis.set_xlabel("budget (KV entries per head, or prompt tokens for prompt methods)")
+    axis.set_xlabel("budget (KV entries per head, or prompt tokens for prompt methods; a ratio at what it kept)")
     axis.set_ylabel("average score")
     axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.tight_layout()
