@@ -111,6 +111,8 @@ def test_speculate_must_be_a_small_whole_number(near):
     for bad in (-1, 65, 1.5, True):
         with pytest.raises(ConfigError, match="speculate must be"):
             pair_from_models(near.target.model, near.tokenizer, near.draft.model, speculate=bad)
+    with pytest.raises(ConfigError, match="draft_cache must be one of compressed, whole, window"):
+        pair_from_models(near.target.model, near.tokenizer, near.draft.model, speculate=2, draft_cache="half")
 
 
 def test_sampled_speculation_draws_from_the_targets_distribution():
@@ -176,8 +178,14 @@ def test_the_draft_cache_bytes_reported_are_the_bytes_it_holds(near):
     fast = dataclasses.replace(near, speculate=2)
     dense = run(fast, [request], ["dense"])[0][0]
     assert dense.stats.draft_kv_bytes == dense.stats.prompt_tokens * per_entry  # the prompt, read for speculation
+    for how, kept in [("compressed", 48), ("window", 48), ("whole", dense.stats.prompt_tokens)]:
+        snap = run(dataclasses.replace(fast, draft_cache=how), [request], [with_budgets("snapkv")])[0][0]
+        assert snap.stats.draft_kv_bytes == kept * per_entry, how  # SnapKV's budget, or all of the prompt
+        assert snap.token_ids == run(near, [request], [with_budgets("snapkv")])[0][0].token_ids
     checked = run(fast, [request], [with_budgets("speckv")])[0][0]
-    # The draft pass's cache: the prompt and the guess tokens the target kept (at most those it read).
-    held = checked.stats.draft_kv_bytes // per_entry - checked.stats.prompt_tokens
+    # The draft pass's cache, cut to the budget: and the guess tokens the target kept (at most those it read).
+    held = checked.stats.draft_kv_bytes // per_entry - 48
     assert checked.stats.draft_kv_bytes % per_entry == 0
     assert 0 <= held <= checked.stats.accepted_guess_tokens
+    whole = run(dataclasses.replace(fast, draft_cache="whole"), [request], [with_budgets("speckv")])[0][0]
+    assert whole.stats.draft_kv_bytes // per_entry - whole.stats.prompt_tokens == held

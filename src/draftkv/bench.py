@@ -197,7 +197,7 @@ def memory_probe(spec: dict) -> dict:
     from .models import load_pair
 
     pair = load_pair(spec["target"], spec["draft"], device=spec.get("device"), dtype=spec.get("dtype"),
-                     decode=spec.get("decode", "auto"))
+                     decode=spec.get("decode", "auto"), draft_cache=spec.get("draft_cache", "compressed"))
     requests = bench_requests(pair.tokenizer, spec["length"], spec["batch"], spec["new_tokens"], spec.get("speculate", 0))
     method = get_method(spec["method"], **spec["params"])
     # Weights loaded from safetensors are mapped lazily: touch every one, so that the pages the run

@@ -143,6 +143,9 @@ DecodeBackend = Annotated[str, typer.Option("--decode", callback=_backend, help=
                                                              "or static (fixed shapes; a CUDA graph on CUDA).")]
 Speculate = Annotated[int, typer.Option("--speculate", min=0, max=64, help="Speculative decoding: the draft proposes "
                                         "this many tokens per target call (0: off; one request at a time).")]
+DraftCacheKept = Annotated[str, typer.Option("--draft-cache", help="With --speculate: what the draft's cache keeps of "
+                                           "the prompt: compressed (the method's budget, by the draft's own "
+                                           "attention), whole, or window (its first and last entries).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 
 
@@ -195,6 +198,7 @@ def generate(
     dtype: Dtype = None,
     decode: DecodeBackend = "auto",
     speculate: Speculate = 0,
+    draft_cache: DraftCacheKept = "compressed",
     as_json: AsJson = False,
     stream: Annotated[bool, typer.Option(help="Print the answer as it is generated.")] = False,
     ask: Annotated[list[str] | None, typer.Option(
@@ -220,7 +224,8 @@ def generate(
         with err.status("loading models (the first time converts the embedded pair: a few minutes)"):
             pair = load_pair(target, draft if needs_draft else None, device=device, dtype=dtype,
                              allow_tokenizer_mismatch=crosses_as_text(chosen, max_new_tokens), decode=decode,
-                             speculate=speculate, before_weights=lambda tokenizer, config: check_fits(
+                             speculate=speculate, draft_cache=draft_cache,
+                             before_weights=lambda tokenizer, config: check_fits(
                                  config, "target", len(encode_prompt(tokenizer, request).ids), max_new_tokens))
         if ask:
             answer_each(pair, text, ask, chosen, system, chat_template, max_new_tokens, as_json)
@@ -370,6 +375,7 @@ def bench(
     decode: DecodeBackend = "auto",
     speculate: Annotated[str, typer.Option(help="Speculative decoding: draft proposals per target call, comma-"
                                                 "separated; each method runs with each (0: without).")] = "0",
+    draft_cache: DraftCacheKept = "compressed",
 ) -> None:
     """Latency, throughput and memory of each method against dense, over context lengths."""
     from . import bench as benchmark
@@ -382,11 +388,12 @@ def bench(
             raise ConfigError(f"lengths and batch sizes must be positive integers, got {lengths!r} and {batch_sizes!r}")
         _writable(out)
         with err.status("loading models"):
-            pair = load_pair(target, draft, device=device, dtype=dtype, decode=decode)
-        spec = {"target": target, "draft": draft, "device": device, "dtype": dtype, "decode": decode} if memory else None
+            pair = load_pair(target, draft, device=device, dtype=dtype, decode=decode, draft_cache=draft_cache)
+        spec = {"target": target, "draft": draft, "device": device, "dtype": dtype, "decode": decode,
+                "draft_cache": draft_cache} if memory else None
         config = {"lengths": length_list, "methods": chosen, "new_tokens": new_tokens, "repeats": repeats,
                   "batch_sizes": batch_list, "target": target, "draft": draft, "decode": decode,
-                  "speculate": proposals,
+                  "speculate": proposals, "draft_cache": draft_cache,
                   "device": str(pair.target.model.device), "dtype": str(pair.target.model.dtype),
                   "environment": benchmark.measurement_environment()}
         benchmark.run_bench(pair, out, lengths=length_list, methods=chosen, batch_sizes=batch_list,
@@ -487,6 +494,8 @@ def serve(
     speculate: Annotated[int, _env("SPECULATE", "Speculative decoding for requests that give no speculate field: "
                                                 "draft proposals per target call (0: off; local mode).",
                                    min=0, max=64)] = 0,
+    draft_cache: Annotated[str, _env("DRAFT_CACHE", "With --speculate: what the draft's cache keeps of the prompt: "
+                                                    "compressed, whole or window.")] = "compressed",
 ) -> None:
     """Serve the OpenAI API: locally (draft and target here), or as a compressing proxy (--upstream)."""
     import logging
@@ -522,7 +531,7 @@ def serve(
                 pair = ModelPair(loaded, loaded, decode=decode)
             else:
                 pair = load_pair(target, None if draft.lower() == "none" else draft, device=device, dtype=dtype,
-                                 decode=decode, speculate=speculate)
+                                 decode=decode, speculate=speculate, draft_cache=draft_cache)
         application = create_app(pair, settings)
     except (DraftKVError, ServeError) as error:
         raise fail(error if isinstance(error, DraftKVError) else ConfigError(error.message)) from None
@@ -626,6 +635,7 @@ def eval_ruler(
     dtype: Dtype = None,
     decode: DecodeBackend = "auto",
     speculate: Speculate = 0,
+    draft_cache: DraftCacheKept = "compressed",
 ) -> None:
     """Generate RULER at the given lengths with the target's tokenizer and score every method on it."""
     try:
@@ -652,7 +662,8 @@ def eval_ruler(
         else:
             with err.status("loading models"):
                 pair = load_pair(target, draft if _needs_draft(runs) or speculate else None, device=device,
-                                 dtype=dtype, decode=decode, speculate=speculate, before_weights=fits)
+                                 dtype=dtype, decode=decode, speculate=speculate, draft_cache=draft_cache,
+                                 before_weights=fits)
             tokenizer = pair.tokenizer
         dumped = []
         for n in lengths:
@@ -712,6 +723,7 @@ def eval_longbench(
     dtype: Dtype = None,
     decode: DecodeBackend = "auto",
     speculate: Speculate = 0,
+    draft_cache: DraftCacheKept = "compressed",
 ) -> None:
     """Score methods on LongBench tasks read from local files."""
     try:
@@ -724,7 +736,7 @@ def eval_longbench(
         _writable(out)
         with err.status("loading models"):
             pair = load_pair(target, draft if _needs_draft(runs) or speculate else None, device=device, dtype=dtype,
-                             decode=decode, speculate=speculate)
+                             decode=decode, speculate=speculate, draft_cache=draft_cache)
         items = [s for task in chosen_tasks for s in longbench.samples(data_dir, task, pair.tokenizer, limit=samples,
                                                                        max_length=max_length)]
         config = {"benchmark": "longbench", "tasks": chosen_tasks, "samples": samples, "max_length": max_length,

@@ -29,7 +29,7 @@ from .errors import ConfigError
 from .flow import run
 from .likelihood import score_continuations
 from .methods import get_method
-from .models import DEFAULT_DRAFT, DEFAULT_TARGET, ModelPair, check_speculate, load_pair
+from .models import DEFAULT_DRAFT, DEFAULT_TARGET, ModelPair, check_draft_cache, check_speculate, load_pair
 from .prompt import EncodedPrompt
 from .types import Request, Sampling
 
@@ -43,10 +43,12 @@ class DraftKVLM(LM):
     it), or `pair`: a loaded ModelPair. `method` and any of its parameters
     (`budget`, `prompt_budget`, `compression_ratio`, `window`, ...). `batch_size`: requests generated
     together. `max_length`: the longest input (default the target's context). `speculate`: the draft
-    proposes that many tokens per target call while generating (with batch_size 1)."""
+    proposes that many tokens per target call while generating, from a cache that keeps what
+    `draft_cache` says (compressed, whole or window)."""
 
     def __init__(self, target: str = DEFAULT_TARGET, draft: str | None = DEFAULT_DRAFT, method: str = "dense",
                  device: str | None = None, dtype: str | None = None, decode: str = "auto", speculate: int = 0,
+                 draft_cache: str = "compressed",
                  batch_size: int | str = 1, max_length: int | None = None, max_gen_toks: int = 256,
                  pair: ModelPair | None = None, pretrained: str | None = None, **params: Any) -> None:
         super().__init__()
@@ -63,6 +65,7 @@ class DraftKVLM(LM):
             max_length = whole_number("max_length", max_length, 2)
         check_backend(decode)
         check_speculate(speculate)
+        check_draft_cache(draft_cache)
         if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
             # lm-eval passes cuda:0 unless told otherwise (its own HF model falls back the same way)
             logging.getLogger(__name__).warning("CUDA is not available: running on the CPU")
@@ -71,8 +74,8 @@ class DraftKVLM(LM):
             uses_draft = draft is not None and str(draft).lower() != "none" and (
                 self.method.uses_draft(self.max_gen_toks) or speculate > 0)
             pair = load_pair(target, draft if uses_draft else None, device=device, dtype=dtype, decode=decode,
-                             speculate=speculate)
-        self.pair = replace(pair, speculate=speculate) if speculate else pair
+                             speculate=speculate, draft_cache=draft_cache)
+        self.pair = replace(pair, speculate=speculate, draft_cache=draft_cache) if speculate else pair
         self.tokenizer = pair.tokenizer
         limit = getattr(pair.target.model.config.get_text_config(), "max_position_embeddings", None)
         if max_length is not None and limit is not None and max_length > limit:

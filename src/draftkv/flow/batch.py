@@ -45,6 +45,7 @@ class DraftCache:
     cache: object  # a DynamicCache
     position: int
     read: int
+    scores: list[torch.Tensor] | None = None  # per full layer [1, H_kv, N]: the draft's own window and lookahead
 
 
 def pad_prompts(rows: list[list[int]], pad_id: int, device: torch.device,

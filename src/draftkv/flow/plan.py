@@ -70,6 +70,12 @@ class RowPlan:
         return self.drops_tokens or self.drops_entries
 
     @property
+    def draft_budget(self) -> int | None:
+        """What the draft's cache keeps of the prompt when the decode speculates: the row's KV budget where
+        station 2 drops entries, else its prompt budget where station 1 drops tokens (None: all of it)."""
+        return self.kv_budget if self.drops_entries else self.prompt_budget if self.drops_tokens else None
+
+    @property
     def stage_length(self) -> int:
         """The tokens the target reads: station 1's budget where it drops tokens (exactly what it keeps
         in the target's own tokens), else the whole row."""

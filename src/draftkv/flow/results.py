@@ -10,17 +10,17 @@ import torch
 from transformers import DynamicCache
 
 from ..engine.attention import capture, ragged_attention
-from ..engine.cache import new_cache, select_rows, stacked_cache
+from ..engine.cache import gather_positions, new_cache, select_rows, stacked_cache
 from ..engine.decoding import Accepted, Decoded, DecodeSpec, TextCallback, decode
 from ..engine.eviction import DecodeEviction
 from ..engine.speculation import Drafter, SpeculationStats, drop_newest, speculate
-from ..methods import Method
+from ..methods import Method, SpecKV
 from ..prompt import EncodedPrompt
 from ..types import Request, Result, Stats
 from .batch import DraftView, PaddedBatch
 from .plan import Consumer
 from .select import KeptPrompt
-from .steps import Clock, eos_ids, peak_memory, prefill
+from .steps import DRAFT_WINDOW, Clock, eos_ids, own_scorer, peak_memory, prefill
 
 if TYPE_CHECKING:
     from ..models import ModelPair
@@ -136,17 +136,23 @@ def finish_speculating(pair: ModelPair, prepared: Prepared, on_text: TextCallbac
     rows, stats, first_token_at = [], [], None
     for row, (request, accepted) in enumerate(zip(prepared.requests, prepared.accepted, strict=True)):
         kept = prepared.draft.kept if prepared.draft is not None and len(prepared.requests) == 1 else None
+        budget = prepared.consumer.rows[row].draft_budget
         if kept is not None:
             valid = min(len(accepted.token_ids) - 1 if accepted is not None else 0, kept.read)
+            width = kept.cache.layers[0].get_seq_length() - kept.read
             drop_newest(kept.cache, kept.read - valid)
+            keep_of_draft(kept.cache, kept.scores, width, valid, budget, pair.draft_cache)
             drafter = Drafter(draft, kept.cache, proposals, kept.position, valid)
             prepared.draft.kept = None  # the decode takes it
         else:
             reading = clock.start("speculation_prefill")
-            draft_cache = new_cache(draft.config)
+            draft_cache, own = new_cache(draft.config), own_scorer(batch.lengths[row], DRAFT_WINDOW)
             pad = batch.pad(row)  # the row as the target read it, without the batch's padding
-            prefill(draft, PaddedBatch(batch.input_ids[row:row + 1, pad:], None, batch.position_ids[row:row + 1, pad:],
-                                       [batch.lengths[row]], [batch.next_positions[row]]), draft_cache, [])
+            with capture(draft, own):
+                prefill(draft, PaddedBatch(batch.input_ids[row:row + 1, pad:], None,
+                                           batch.position_ids[row:row + 1, pad:], [batch.lengths[row]],
+                                           [batch.next_positions[row]]), draft_cache, [own])
+            keep_of_draft(draft_cache, own.layer_scores(), batch.lengths[row], 0, budget, pair.draft_cache)
             clock.add("speculation_prefill", clock.now() - reading)
             drafter = Drafter(draft, draft_cache, proposals, batch.next_positions[row])
         mask = prepared.attention_mask
@@ -166,6 +172,27 @@ def finish_speculating(pair: ModelPair, prepared: Prepared, on_text: TextCallbac
         stats.append(speculated)
         first_token_at = output.first_token_at if first_token_at is None else first_token_at
     return results_of(pair, prepared, rows, first_token_at, clock.now(), peak_memory(target.device), [], stats)
+
+
+def keep_of_draft(cache: DynamicCache, scores: list[torch.Tensor], width: int, read: int, budget: int | None,
+                  how: str) -> None:
+    """Cut the draft's cache for speculation to `budget` of its `width` prompt entries, as `how` says:
+    "compressed" keeps what the draft's own window and lookahead attend to most (SpecKV applied to the
+    draft), "window" the first and the last entries, "whole" everything; the `read` answer tokens after
+    the prompt always stay."""
+    if how == "whole" or budget is None or budget >= width or budget < 2:
+        return
+    window = min(DRAFT_WINDOW, budget // 2)
+    if how == "window":
+        sink = min(4, budget - window)
+        chosen = [torch.cat([torch.arange(sink), torch.arange(width - (budget - sink), width)])
+                  .expand(layer.shape[1], -1) for layer in scores]
+    else:
+        chosen = SpecKV(budget=budget, window=window).keep_positions([layer[0].float() for layer in scores], width,
+                                                                     budget)
+    after = torch.arange(width, width + read)
+    gather_positions(cache, [torch.cat([positions, after.expand(positions.shape[0], -1)], dim=-1)[None]
+                             for positions in chosen])
 
 
 def answer_spec(pair: ModelPair, requests: list[Request], accepted: list[Accepted | None], *,

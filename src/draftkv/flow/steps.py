@@ -158,7 +158,11 @@ def run_draft(model: torch.nn.Module, batch: PaddedBatch, needs: list[DraftNeed]
     started = clock.start("draft_prefill")
     collectors = [need.scorer.collector(batch.width, model.config.num_hidden_layers) if need.scorer is not None
                   else None for need in needs]
-    active = [c for c in collectors if c is not None]
+    # One request whose decode will speculate keeps the draft's cache: its own window and lookahead
+    # queries score it, so it can be compressed like SpecKV compresses the target's.
+    keeping = any(need.keeps_cache for need in needs) and len(batch.lengths) == 1
+    own = own_scorer(batch.width, DRAFT_WINDOW) if keeping else None
+    active = [c for c in [*collectors, own] if c is not None]
     # When the lookahead scores the prompt, each lookahead token must be fed too: one step more.
     steps = [max(length + 1 if collector is not None and length > 0 else length
                  for need, collector in zip(needs, collectors, strict=True) for length in [need.lookahead[row]])
@@ -189,10 +193,11 @@ def run_draft(model: torch.nn.Module, batch: PaddedBatch, needs: list[DraftNeed]
                          batch.attention_mask,
                          DecodeSpec.greedy(steps, eos, "eager" if active else backend, compact=not active))
     kept = None
-    if any(need.keeps_cache for need in needs) and len(steps) == 1 and cache is not None:
-        # One request whose decode speculates goes on from this cache: the prompt and the lookahead
-        # tokens the decode fed (none when the static step read the cache into slots of its own).
-        kept = DraftCache(cache, batch.next_positions[0], cache.layers[0].get_seq_length() - batch.width)
+    if keeping and cache is not None:
+        # The request's decode goes on from this cache: the prompt and the lookahead tokens the decode
+        # fed (none when the static step read the cache into slots of its own).
+        kept = DraftCache(cache, batch.next_positions[0], cache.layers[0].get_seq_length() - batch.width,
+                          own.layer_scores())
     del cache
     clock.add("draft_lookahead", clock.now() - prefilled - (scoring_seconds() - prefill_scoring))
     scoring_started = clock.now()
@@ -211,6 +216,17 @@ def run_draft(model: torch.nn.Module, batch: PaddedBatch, needs: list[DraftNeed]
     if active or information is not None:
         clock.add("draft_scoring", clock.now() - scoring_started + scoring_seconds())
     return views
+
+
+DRAFT_WINDOW = 32  # the draft's own window queries, which score its cache for speculation
+
+
+def own_scorer(width: int, window: int) -> WindowCollector:
+    """A collector of the draft's own last `window` prompt queries and every lookahead query over its
+    `width` prompt columns, for compressing the draft's cache (SpecKV applied to the draft)."""
+    collector = WindowCollector(width, "max")
+    collector.score_last(window)
+    return collector
 
 
 def target_prefill(model: torch.nn.Module, batch: PaddedBatch, collectors: list[Collector],

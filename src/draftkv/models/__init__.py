@@ -15,6 +15,7 @@ from draftkv.models.embedded import (
 from draftkv.models.loading import (
     LoadedModel,
     ModelPair,
+    check_draft_cache,
     check_family,
     check_speculate,
     check_tokenizers,
@@ -34,6 +35,7 @@ __all__ = [
     "LoadedModel",
     "ModelPair",
     "cache_dir",
+    "check_draft_cache",
     "check_family",
     "check_speculate",
     "check_tokenizers",

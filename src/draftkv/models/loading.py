@@ -71,8 +71,11 @@ class ModelPair:
     tokenizer_mismatch: str | None = None
     # The decode step: "auto" (static with a CUDA graph on CUDA, eager elsewhere), "eager" or "static".
     decode: str = "auto"
-    # Speculative decoding: the draft proposes this many tokens per target call (0: none).
+    # Speculative decoding: the draft proposes this many tokens per target call (0: none), from a cache
+    # that keeps the method's budget of the prompt by its own attention ("compressed"), all of it
+    # ("whole"), or its first and last entries ("window").
     speculate: int = 0
+    draft_cache: str = "compressed"
 
     @property
     def tokenizer(self) -> Any:
@@ -276,6 +279,7 @@ def load_pair(
     allow_tokenizer_mismatch: bool = False,
     decode: str = "auto",
     speculate: int = 0,
+    draft_cache: str = "compressed",
     before_weights: BeforeWeights | None = None,
 ) -> ModelPair:
     """Load a target and (unless `draft` is None, for draft-free methods) a draft, and check they pair.
@@ -283,14 +287,26 @@ def load_pair(
     A draft with another tokenizer is refused, unless `allow_tokenizer_mismatch`: then prompt methods
     work at the text level, and methods that pass token ids (SpecKV) refuse to run. `decode`: the
     decode step, "auto" (static with a CUDA graph on CUDA, eager elsewhere), "eager" or "static".
-    `speculate`: the draft proposes that many tokens per target call while decoding (0: none).
+    `speculate`: the draft proposes that many tokens per target call while decoding (0: none), from a
+    cache that keeps what `draft_cache` says (see ModelPair).
     `before_weights(tokenizer, config)`: a check on the target that needs no weights, run before any load.
     """
     check_backend(decode)
     check_speculate(speculate)
+    check_draft_cache(draft_cache)
     target_model = load_model(target, device=device, dtype=dtype, before_weights=before_weights)
     draft_model = load_model(draft, device=device, dtype=dtype) if draft is not None else None
-    return replace(_paired(target_model, draft_model, allow_tokenizer_mismatch), decode=decode, speculate=speculate)
+    return replace(_paired(target_model, draft_model, allow_tokenizer_mismatch), decode=decode, speculate=speculate,
+                   draft_cache=draft_cache)
+
+
+DRAFT_CACHES = ("compressed", "whole", "window")
+
+
+def check_draft_cache(draft_cache: str) -> str:
+    if draft_cache not in DRAFT_CACHES:
+        raise ConfigError(f"draft_cache must be one of {', '.join(DRAFT_CACHES)}, got {draft_cache!r}")
+    return draft_cache
 
 
 def check_speculate(speculate: int) -> int:
@@ -322,10 +338,12 @@ def _model_name(model: Any) -> str:
 def pair_from_models(
     target_model: Any, target_tokenizer: Any, draft_model: Any = None, draft_tokenizer: Any = None,
     *, allow_tokenizer_mismatch: bool = False, decode: str = "auto", speculate: int = 0,
+    draft_cache: str = "compressed",
 ) -> ModelPair:
     """A pair from transformers objects the caller already has; the draft defaults to the target's tokenizer."""
     check_backend(decode)
     check_speculate(speculate)
+    check_draft_cache(draft_cache)
     for model in filter(None, (target_model, draft_model)):
         check_family(model.config)
     target = LoadedModel(_model_name(target_model), target_model, target_tokenizer, "objects")
@@ -333,4 +351,5 @@ def pair_from_models(
     if draft_model is not None:
         draft_tokenizer = target_tokenizer if draft_tokenizer is None else draft_tokenizer
         draft = LoadedModel(_model_name(draft_model), draft_model, draft_tokenizer, "objects")
-    return replace(_paired(target, draft, allow_tokenizer_mismatch), decode=decode, speculate=speculate)
+    return replace(_paired(target, draft, allow_tokenizer_mismatch), decode=decode, speculate=speculate,
+                   draft_cache=draft_cache)
