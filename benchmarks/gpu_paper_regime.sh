@@ -3,7 +3,9 @@
 # batch 1 and 8; (b) Qwen2.5-0.5B -> Qwen2.5-14B (YaRN x4) at 32k and 64k, batch 1. Random weights
 # built on the device from configs (benchmarks/paper_bench.py); about 7 minutes on an H100/H200. (b) also
 # runs the paper's SpecKV (speckv:verify_lookahead=false) beside today's checked guess, for the check's cost
-# (random weights: the draft's guesses are not accepted, so only the cost shows).
+# (random weights: the draft's guesses are not accepted, so only the cost shows); (c) the same 14B pair at
+# 32k with and without speculative decoding (4 proposals per target call, eager step): with random
+# weights nothing is accepted, so it measures what a round costs against a plain step.
 #
 #   bash benchmarks/gpu_paper_regime.sh prepare    # here, once: .gpu/ (the pair's configs and tokenizer)
 #                                                  # and .whl/ (transformers 5.24, regex), both git-ignored
@@ -39,12 +41,12 @@ case "$mode" in
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:$PWD/src
     device=cuda; dtype=bfloat16; shrink=()
-    lengths_a=8192,32768; batches_a=1,8; lengths_b=32768,65536; new_tokens=32; repeats=2 ;;
+    lengths_a=8192,32768; batches_a=1,8; lengths_b=32768,65536; length_c=32768; new_tokens=32; repeats=2 ;;
   rehearse)
     device=cpu; dtype=float32
     shrink=(--override num_hidden_layers=2 --override hidden_size=64 --override intermediate_size=128
             --override num_attention_heads=4 --override num_key_value_heads=2)
-    lengths_a=512,1024; batches_a=1,2; lengths_b=1024,2048; new_tokens=8; repeats=1 ;;
+    lengths_a=512,1024; batches_a=1,2; lengths_b=1024,2048; length_c=1024; new_tokens=8; repeats=1 ;;
   *)
     echo "usage: $0 prepare|run|rehearse" >&2; exit 2 ;;
 esac
@@ -68,7 +70,14 @@ python3 benchmarks/paper_bench.py run --target benchmarks/paper/qwen2.5-14b-inst
   "${common[@]}" --out "$WORK/b"
 echo "(b) took $((SECONDS - start)) s" | tee -a "$WORK/environment.txt"
 
-python3 benchmarks/paper_bench.py report "$WORK/a-eager" "$WORK/a-static" "$WORK/b-static" --out "$WORK/report"
+start=$SECONDS
+python3 benchmarks/paper_bench.py run --target benchmarks/paper/qwen2.5-14b-instruct.json \
+  --draft benchmarks/paper/qwen2.5-0.5b-instruct.json --tokenizer "$target" --decode eager \
+  --lengths "$length_c" --batch-sizes 1 --methods dense,speckv --speculate 0,4 "${common[@]}" --out "$WORK/c"
+echo "(c) took $((SECONDS - start)) s" | tee -a "$WORK/environment.txt"
+
+python3 benchmarks/paper_bench.py report "$WORK/a-eager" "$WORK/a-static" "$WORK/b-static" "$WORK/c-eager" \
+  --out "$WORK/report"
 cp "$WORK/report/bench.md" "$OUT/bench.md"
 tar czf "$OUT/bench-gpu-paper.tar.gz" -C "$WORK" .
 echo "wrote $OUT/bench-gpu-paper.tar.gz"

@@ -44,17 +44,19 @@ def run(args: argparse.Namespace) -> None:
     methods = bench.method_configs(args.methods.split(","), args.budget, args.prompt_budget)
     lengths = [int(n) for n in args.lengths.split(",")]
     batches = [int(n) for n in args.batch_sizes.split(",")]
+    speculate = [int(n) for n in args.speculate.split(",")]
     for decode in args.decode.split(","):
         pair = pair_from_models(target, tokenizer, draft, tokenizer, decode=decode)
         out = Path(f"{args.out}-{decode}")
         config = {"target": str(args.target), "draft": str(args.draft), "decode": decode, "lengths": lengths,
                   "batch_sizes": batches, "methods": methods, "new_tokens": args.new_tokens, "repeats": args.repeats,
+                  "speculate": speculate,
                   "device": str(target.device), "dtype": args.dtype, "overrides": args.override,
                   "target_parameters": sum(p.numel() for p in target.parameters()),
                   "draft_parameters": sum(p.numel() for p in draft.parameters()),
                   "environment": bench.measurement_environment()}
         bench.run_bench(pair, out, lengths=lengths, methods=methods, batch_sizes=batches, new_tokens=args.new_tokens,
-                        repeats=args.repeats)
+                        repeats=args.repeats, speculate=speculate)
         bench.report(out, config)
         print(f"{out}: done")
 
@@ -167,6 +169,7 @@ def main() -> None:
     measure.add_argument("--budget", type=int, default=256)
     measure.add_argument("--prompt-budget", type=int, default=1024)
     measure.add_argument("--new-tokens", type=int, default=32)
+    measure.add_argument("--speculate", default="0", help="draft proposals per target call, comma-separated (0: none)")
     measure.add_argument("--repeats", type=int, default=2)
     measure.add_argument("--device", default="cuda")
     measure.add_argument("--dtype", default="bfloat16")

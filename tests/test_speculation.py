@@ -189,3 +189,4 @@ def test_the_draft_cache_bytes_reported_are_the_bytes_it_holds(near):
     assert 0 <= held <= checked.stats.accepted_guess_tokens
     whole = run(dataclasses.replace(fast, draft_cache="whole"), [request], [with_budgets("speckv")])[0][0]
     assert whole.stats.draft_kv_bytes // per_entry - whole.stats.prompt_tokens == held
+

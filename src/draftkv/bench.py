@@ -124,7 +124,9 @@ def measure(pair: ModelPair, method: Method, requests: list[Request]) -> dict:
     row = {
         "prompt_tokens": stats.prompt_tokens, "kept_prompt_tokens": stats.kept_prompt_tokens,
         "ttft_s": stats.time_to_first_token, "e2e_s": stats.total_time, "wall_s": wall,
-        "decode_ms_per_token": 1000 * timings.get("decode", 0.0) / steps,
+        # Speculation's draft steps (and its reading of the prompt) are part of decoding.
+        "decode_ms_per_token": 1000 * sum(timings.get(stage, 0.0) for stage in ("decode", "draft_decode",
+                                                                                "speculation_prefill")) / steps,
         "tokens_per_s": new_tokens / stats.total_time if stats.total_time else 0.0,
         "draft_share": draft / stats.total_time if stats.total_time else 0.0,
         "kv_bytes": stats.kv_bytes, "kv_bytes_dense": stats.kv_bytes_dense, "kv_entries": stats.kv_entries,

@@ -30,7 +30,10 @@ from .scoring import Reduction, reduced_count, window_scores
 # before took ~120 ms instead of ~20 (results/bench-gpu/README.md). The other kernels need no plans.
 DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
-_active_ragged: contextvars.ContextVar[DynamicCache | None] = contextvars.ContextVar("draftkv_ragged", default=None)
+# The ragged cache a decode reads, with the ids of its model's attention modules: another model running
+# meanwhile (the draft proposing tokens) reads its own cache with its own masks.
+_active_ragged: contextvars.ContextVar[tuple[DynamicCache, frozenset[int]] | None] = contextvars.ContextVar(
+    "draftkv_ragged", default=None)
 _active_collectors: contextvars.ContextVar[tuple[Collector, ...]] = contextvars.ContextVar(
     "draftkv_active_collectors", default=()
 )
@@ -303,7 +306,7 @@ def _capturing(implementation: str) -> Callable:
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         ragged = _active_ragged.get()
-        if ragged is not None and (layer := ragged.layers[module.layer_idx]).brings_mask:
+        if ragged is not None and id(module) in ragged[1] and (layer := ragged[0].layers[module.layer_idx]).brings_mask:
             # A ragged layer: each KV head has its own real entries, so it brings its own mask.
             attention_mask = layer.mask(query.shape[2], query.shape[1] // key.shape[1])
             if attention_mask is not None and implementation != "sdpa":  # eager adds its mask to the logits
@@ -358,8 +361,9 @@ def capture(model: torch.nn.Module, *collectors: Collector | None) -> Iterator[N
 
 def follow_ragged(old: DynamicCache, new: DynamicCache) -> None:
     """The decode goes on over `new` (the rows of `old` still running): its layers bring the masks now."""
-    if _active_ragged.get() is old:
-        _active_ragged.set(new)
+    active = _active_ragged.get()
+    if active is not None and active[0] is old:
+        _active_ragged.set((new, active[1]))
 
 
 @contextmanager
@@ -370,7 +374,8 @@ def ragged_attention(model: torch.nn.Module, cache: DynamicCache) -> Iterator[No
         return
     previous, wrapped = wrapped_implementation(model)
     model.set_attn_implementation(wrapped)
-    token = _active_ragged.set(cache)
+    token = _active_ragged.set((cache, frozenset(id(module) for module in model.modules()
+                                                 if hasattr(module, "layer_idx"))))
     try:
         yield
     finally:

@@ -13,6 +13,7 @@ q = one-hot, so a guessed token is kept with probability p(x).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +82,7 @@ class Drafter:
     proposals: int
     position: int
     read: int = 0
+    fill: Callable[[], None] | None = None  # fills `cache` before the first proposal (after the first token)
 
 
 @dataclass
@@ -127,9 +129,8 @@ def speculate(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.T
     given = spec.accepted[0] if spec.accepted else None
     generator = given.generator if given is not None and given.generator is not None else \
         make_generators([sampling], first_logits.device)[0]
-    stats = SpeculationStats(draft_kv_bytes=kv_bytes(drafter.cache))
+    stats = SpeculationStats()
     reserve(cache, limit + drafter.proposals + 1)
-    reserve(drafter.cache, limit + drafter.proposals + (len(given.token_ids) if given is not None else 0) + 1)
     if given is not None:  # a checked guess: its tokens but the last are in the target's cache already
         chosen, logprobs = given.token_ids, given.logprobs
     else:
@@ -156,6 +157,12 @@ def speculate(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.T
         # The draft reads what it has not read yet of the answer, then proposes; the last proposal is
         # not read (it may be refused).
         count = min(drafter.proposals, limit - len(row.token_ids) - 1)
+        if count and drafter.fill is not None:  # the draft reads the prompt only once a proposal is wanted
+            drafter.fill()
+            drafter.fill = None
+        if count and not stats.draft_kv_bytes:
+            stats.draft_kv_bytes = kv_bytes(drafter.cache)
+            reserve(drafter.cache, limit + drafter.proposals + len(answer) + 1)
         started = time.perf_counter()
         proposed, guess_probs = [], []
         feed = answer[read:]

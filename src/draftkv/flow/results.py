@@ -144,17 +144,20 @@ def finish_speculating(pair: ModelPair, prepared: Prepared, on_text: TextCallbac
             keep_of_draft(kept.cache, kept.scores, width, valid, budget, pair.draft_cache)
             drafter = Drafter(draft, kept.cache, proposals, kept.position, valid)
             prepared.draft.kept = None  # the decode takes it
-        else:
-            reading = clock.start("speculation_prefill")
-            draft_cache, own = new_cache(draft.config), own_scorer(batch.lengths[row], DRAFT_WINDOW)
-            pad = batch.pad(row)  # the row as the target read it, without the batch's padding
-            with capture(draft, own):
-                prefill(draft, PaddedBatch(batch.input_ids[row:row + 1, pad:], None,
-                                           batch.position_ids[row:row + 1, pad:], [batch.lengths[row]],
-                                           [batch.next_positions[row]]), draft_cache, [own])
-            keep_of_draft(draft_cache, own.layer_scores(), batch.lengths[row], 0, budget, pair.draft_cache)
-            clock.add("speculation_prefill", clock.now() - reading)
-            drafter = Drafter(draft, draft_cache, proposals, batch.next_positions[row])
+        else:  # the draft reads the row as the target read it (without the batch's padding), once needed
+            draft_cache = new_cache(draft.config)
+
+            def fill(row: int = row, budget: int | None = budget, draft_cache: DynamicCache = draft_cache) -> None:
+                reading = clock.start("speculation_prefill")
+                own, pad = own_scorer(batch.lengths[row], DRAFT_WINDOW), batch.pad(row)
+                with capture(draft, own):
+                    prefill(draft, PaddedBatch(batch.input_ids[row:row + 1, pad:], None,
+                                               batch.position_ids[row:row + 1, pad:], [batch.lengths[row]],
+                                               [batch.next_positions[row]]), draft_cache, [own])
+                keep_of_draft(draft_cache, own.layer_scores(), batch.lengths[row], 0, budget, pair.draft_cache)
+                clock.add("speculation_prefill", clock.now() - reading)
+
+            drafter = Drafter(draft, draft_cache, proposals, batch.next_positions[row], fill=fill)
         mask = prepared.attention_mask
         own = select_rows(prepared.cache, torch.tensor([row], device=target.device), 0, trim=mask is None) \
             if len(prepared.requests) > 1 else prepared.cache
@@ -162,11 +165,13 @@ def finish_speculating(pair: ModelPair, prepared: Prepared, on_text: TextCallbac
         spec = answer_spec(pair, [request], [accepted],
                            on_text=(lambda _r, text, row=row: on_text(row, text)) if on_text is not None else None,
                            cancelled=(lambda _r, row=row: cancelled(row)) if cancelled is not None else None)
+        before = clock.stages.get("speculation_prefill", 0.0)
         with ragged_attention(target, own):
             output, speculated = speculate(target, own, prepared.first_logits[row:row + 1], batch.next_positions[row],
                                            spec, drafter, mask[row:row + 1] if mask is not None else None)
         del own, drafter
-        clock.add("decode", clock.now() - max(decoding, output.first_token_at) - speculated.draft_seconds)
+        filling = clock.stages.get("speculation_prefill", 0.0) - before
+        clock.add("decode", clock.now() - max(decoding, output.first_token_at) - speculated.draft_seconds - filling)
         clock.add("draft_decode", speculated.draft_seconds)
         rows += output.rows
         stats.append(speculated)
