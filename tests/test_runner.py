@@ -220,6 +220,12 @@ def test_eval_ruler_command(tmp_path):
         [r["prediction"] for r in runner.read_rows(tmp_path / "out" / "results.jsonl")]
     bad = cli.invoke(app, [*base[:-2], "--tasks", "niah_single_9"])
     assert bad.exit_code == 2 and "unknown RULER task" in bad.stderr
+    sped = cli.invoke(app, [*base[:-1], str(tmp_path / "sped"), "--speculate", "2", "--draft-cache", "window"])
+    assert sped.exit_code == 0, sped.output
+    assert json.loads((tmp_path / "sped" / "config.json").read_text())["speculate"] == 2
+    rows = runner.read_rows(tmp_path / "sped" / "results.jsonl")
+    assert [r["prediction"] for r in rows] == [r["prediction"] for r in runner.read_rows(tmp_path / "out" / "results.jsonl")]
+    assert all(r["stats"]["proposed_tokens"] > 0 for r in rows)
 
 
 def test_shared_and_separate_runs_write_the_same_rows(qwen_pair, samples, tmp_path):
@@ -241,6 +247,18 @@ def test_shared_and_separate_runs_write_the_same_rows(qwen_pair, samples, tmp_pa
     flags = {name: json.loads((tmp_path / name / "config.json").read_text())["batch_settings"]
              for name in ("shared", "separate", "unbatched")}
     assert flags == {"shared": True, "separate": False, "unbatched": False}
+
+
+def test_a_speculating_run_writes_the_same_predictions(qwen_pair, samples, tmp_path):
+    import dataclasses
+
+    settings = runner.settings(["dense", "speckv"], [48], [128])
+    plain = runner.read_rows(runner.run(qwen_pair, samples[:2], settings, tmp_path / "plain", {}))
+    fast = runner.read_rows(runner.run(dataclasses.replace(qwen_pair, speculate=2), samples[:2], settings,
+                                       tmp_path / "fast", {}))
+    assert sorted((r["key"], r["prediction"]) for r in fast) == sorted((r["key"], r["prediction"]) for r in plain)
+    assert all(r["stats"]["proposed_tokens"] > 0 for r in fast)
+    assert not any("decoded in one batch" in r["stats"]["note"] for r in fast)  # each speculates on its own
 
 
 def test_eval_longbench_command(tmp_path):

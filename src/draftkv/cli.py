@@ -685,7 +685,7 @@ def eval_ruler(
             folder = out or Path(f"results/ruler-{n}" + ("-agnostic" if query_agnostic else ""))
             config = {"benchmark": "ruler", "length": n, "samples": samples, "tasks": chosen_tasks, "seed": seed,
                       "settings": [s.label for s in runs], "target": target, "draft": draft,
-                      **({"speculate": speculate} if speculate else {})}
+                      **({"speculate": speculate, "draft_cache": draft_cache} if speculate else {})}
             runner.run(pair, generated, runs, folder, config, share=share, query_agnostic=query_agnostic,
                        batch_settings=batch_settings)
             summary, _, plot = report.report(folder)
@@ -741,7 +741,7 @@ def eval_longbench(
                                                                        max_length=max_length)]
         config = {"benchmark": "longbench", "tasks": chosen_tasks, "samples": samples, "max_length": max_length,
                   "settings": [s.label for s in runs], "target": target, "draft": draft,
-                  **({"speculate": speculate} if speculate else {})}
+                  **({"speculate": speculate, "draft_cache": draft_cache} if speculate else {})}
         runner.run(pair, items, runs, out, config, share=share, query_agnostic=query_agnostic,
                    batch_settings=batch_settings)
         summary, _, plot = report.report(out)
