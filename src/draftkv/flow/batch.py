@@ -4,8 +4,12 @@ draft's guesses of the answer per row."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
 
 
 @dataclass
@@ -42,7 +46,7 @@ class DraftCache:
     """The draft's cache after its pass over one request: the prompt (as the draft read it) and the first
     `read` lookahead tokens; `position`: where its first answer token goes."""
 
-    cache: object  # a DynamicCache
+    cache: DynamicCache
     position: int
     read: int
     scores: list[torch.Tensor] | None = None  # per full layer [1, H_kv, N]: the draft's own window and lookahead

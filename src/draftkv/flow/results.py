@@ -10,17 +10,17 @@ import torch
 from transformers import DynamicCache
 
 from ..engine.attention import capture, ragged_attention
-from ..engine.cache import gather_positions, new_cache, select_rows, stacked_cache
+from ..engine.cache import new_cache, select_rows, stacked_cache
 from ..engine.decoding import Accepted, Decoded, DecodeSpec, TextCallback, decode
 from ..engine.eviction import DecodeEviction
 from ..engine.speculation import Drafter, SpeculationStats, drop_newest, speculate
-from ..methods import Method, SpecKV
+from ..methods import Method
 from ..prompt import EncodedPrompt
 from ..types import Request, Result, Stats
 from .batch import DraftView, PaddedBatch
 from .plan import Consumer
-from .select import KeptPrompt
-from .steps import DRAFT_WINDOW, Clock, eos_ids, own_scorer, peak_memory, prefill
+from .select import DRAFT_WINDOW, KeptPrompt, keep_of_draft
+from .steps import Clock, eos_ids, own_scorer, peak_memory, prefill
 
 if TYPE_CHECKING:
     from ..models import ModelPair
@@ -177,27 +177,6 @@ def finish_speculating(pair: ModelPair, prepared: Prepared, on_text: TextCallbac
         stats.append(speculated)
         first_token_at = output.first_token_at if first_token_at is None else first_token_at
     return results_of(pair, prepared, rows, first_token_at, clock.now(), peak_memory(target.device), [], stats)
-
-
-def keep_of_draft(cache: DynamicCache, scores: list[torch.Tensor], width: int, read: int, budget: int | None,
-                  how: str) -> None:
-    """Cut the draft's cache for speculation to `budget` of its `width` prompt entries, as `how` says:
-    "compressed" keeps what the draft's own window and lookahead attend to most (SpecKV applied to the
-    draft), "window" the first and the last entries, "whole" everything; the `read` answer tokens after
-    the prompt always stay."""
-    if how == "whole" or budget is None or budget >= width or budget < 2:
-        return
-    window = min(DRAFT_WINDOW, budget // 2)
-    if how == "window":
-        sink = min(4, budget - window)
-        chosen = [torch.cat([torch.arange(sink), torch.arange(width - (budget - sink), width)])
-                  .expand(layer.shape[1], -1) for layer in scores]
-    else:
-        chosen = SpecKV(budget=budget, window=window).keep_positions([layer[0].float() for layer in scores], width,
-                                                                     budget)
-    after = torch.arange(width, width + read)
-    gather_positions(cache, [torch.cat([positions, after.expand(positions.shape[0], -1)], dim=-1)[None]
-                             for positions in chosen])
 
 
 def answer_spec(pair: ModelPair, requests: list[Request], accepted: list[Accepted | None], *,

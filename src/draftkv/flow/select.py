@@ -12,7 +12,7 @@ import torch
 from transformers import DynamicCache
 
 from ..engine.cache import compressed_layers, gather_positions, gathered_copy, ragged_cache
-from ..methods import Method
+from ..methods import Method, SpecKV
 from ..prompt import EncodedPrompt, encode_prompt, kept_text, user_turn
 from ..types import Request
 from .batch import DraftView, PaddedBatch, pad_prompts
@@ -137,3 +137,27 @@ def kv_stage(method: Method, cache: DynamicCache, batch: PaddedBatch, scores: li
     if attention_mask is not None:
         attention_mask = attention_mask.to(batch.input_ids.device)
     return cache, attention_mask, kept_rows
+
+
+DRAFT_WINDOW = 32  # the draft's own window queries, which score its cache for speculation
+
+
+def keep_of_draft(cache: DynamicCache, scores: list[torch.Tensor], width: int, read: int, budget: int | None,
+                  how: str) -> None:
+    """Cut the draft's cache for speculation to `budget` of its `width` prompt entries, as `how` says:
+    "compressed" keeps what the draft's own window and lookahead attend to most (SpecKV applied to the
+    draft), "window" the first and the last entries, "whole" everything; the `read` answer tokens after
+    the prompt always stay."""
+    if how == "whole" or budget is None or budget >= width or budget < 2:
+        return
+    window = min(DRAFT_WINDOW, budget // 2)
+    if how == "window":
+        sink = min(4, budget - window)
+        chosen = [torch.cat([torch.arange(sink), torch.arange(width - (budget - sink), width)])
+                  .expand(layer.shape[1], -1) for layer in scores]
+    else:
+        chosen = SpecKV(budget=budget, window=window).keep_positions([layer[0].float() for layer in scores], width,
+                                                                     budget)
+    after = torch.arange(width, width + read)
+    gather_positions(cache, [torch.cat([positions, after.expand(positions.shape[0], -1)], dim=-1)[None]
+                             for positions in chosen])

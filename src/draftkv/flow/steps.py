@@ -22,7 +22,7 @@ from ..errors import PromptError
 from ..methods import PseudoAnswer
 from ..types import Request
 from .batch import DraftCache, DraftView, PaddedBatch, left_padded, lookahead_view
-from .select import row_mask, select_kv
+from .select import DRAFT_WINDOW, row_mask, select_kv
 
 if TYPE_CHECKING:
     from .plan import DraftNeed, RowPlan
@@ -216,9 +216,6 @@ def run_draft(model: torch.nn.Module, batch: PaddedBatch, needs: list[DraftNeed]
     if active or information is not None:
         clock.add("draft_scoring", clock.now() - scoring_started + scoring_seconds())
     return views
-
-
-DRAFT_WINDOW = 32  # the draft's own window queries, which score its cache for speculation
 
 
 def own_scorer(width: int, window: int) -> WindowCollector:
