@@ -49,6 +49,7 @@ COLUMNS = [
     ("end-to-end", "e2e_s", "all stages and every new token, s"),
     ("peak memory", "peak_memory_bytes", "what the run adds to memory at its peak (weights excluded)"),
     ("KV bytes", "kv_bytes", "KV cache after compression, per request"),
+    ("draft KV", "draft_kv_bytes", "speculation: the draft's cache when decoding starts, per request"),
     ("tokens/s", "tokens_per_s", "new tokens of the whole batch per second, end to end"),
     ("draft share", "draft_share", "draft prefill + lookahead + scoring over end-to-end"),
     ("accepted", "accepted_guess_tokens", "guess tokens the target's check kept as the answer's first, per request"),
@@ -138,7 +139,7 @@ def measure(pair: ModelPair, method: Method, requests: list[Request]) -> dict:
         "acceptance": (sum(r.stats.accepted_proposals for r in results) / proposed
                        if (proposed := sum(r.stats.proposed_tokens for r in results)) else None),
         "target_calls": sum(r.stats.speculation_rounds for r in results),
-        "draft_kv_bytes": sum(r.stats.draft_kv_bytes for r in results),
+        "draft_kv_bytes": sum(r.stats.draft_kv_bytes for r in results) / len(results),
         "answer": results[0].text,
     }
     if device.type == "cuda":
