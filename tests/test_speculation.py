@@ -16,6 +16,7 @@ from draftkv.engine.decoding import DecodeSpec, sampling_probs
 from draftkv.engine.speculation import Drafter, speculate
 from draftkv.errors import ConfigError
 from draftkv.flow import run
+from draftkv.flow.plan import Consumer, LayerKinds
 from draftkv.methods import budget_params, get_method
 from draftkv.models import pair_from_models
 from draftkv.types import Sampling
@@ -190,3 +191,20 @@ def test_the_draft_cache_bytes_reported_are_the_bytes_it_holds(near):
     whole = run(dataclasses.replace(fast, draft_cache="whole"), [request], [with_budgets("speckv")])[0][0]
     assert whole.stats.draft_kv_bytes // per_entry - whole.stats.prompt_tokens == held
 
+
+
+def test_the_draft_scores_its_own_cache_only_when_speculation_keeps_it_compressed():
+    """Scoring the draft's cache costs an eager lookahead: the plan asks for it only where a compressed
+    draft cache drops entries."""
+    kinds = LayerKinds(full=True, sliding=False)
+
+    def plan(how: str, length: int = 200, proposals: int = 3, name: str = "speckv") -> Consumer:
+        return Consumer.of(with_budgets(name), [length], [16], kinds, True, proposals, kinds, how)
+
+    assert plan("compressed").draft_scored and plan("compressed").need.scores_cache
+    assert plan("compressed").rows[0].draft_budget == 48
+    for unscored in (plan("whole"), plan("window"), plan("compressed", length=40), plan("compressed", proposals=0),
+                     plan("compressed", name="dense")):
+        assert not unscored.draft_scored and not unscored.need.scores_cache
+    assert plan("compressed", length=40).rows[0].draft_budget is None  # the budget holds the whole prompt
+    assert plan("window").rows[0].draft_budget == 48  # a window keeps the budget, unscored

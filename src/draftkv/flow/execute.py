@@ -146,7 +146,7 @@ def prepare_each(pair: ModelPair, requests: list[Request], methods: list[str | M
         if pair.draft is not None and pair.tokenizer_mismatch is None else None
     asked = [r.speculate if r.speculate is not None else pair.speculate for r in requests]
     consumers = [Consumer.of(get_method(m), lengths, [r.max_new_tokens for r in requests], kinds, answers,
-                             max(asked), speculator) for m in methods]
+                             max(asked), speculator, pair.draft_cache) for m in methods]
     for consumer in consumers:  # the target's own guess (LAQ++'s pseudo-answer) is read at the prompt's end
         if consumer.guess is not None:
             for row in consumer.rows:

@@ -72,8 +72,10 @@ class RowPlan:
     @property
     def draft_budget(self) -> int | None:
         """What the draft's cache keeps of the prompt when the decode speculates: the row's KV budget where
-        station 2 drops entries, else its prompt budget where station 1 drops tokens (None: all of it)."""
-        return self.kv_budget if self.drops_entries else self.prompt_budget if self.drops_tokens else None
+        station 2 drops entries, else its prompt budget where station 1 drops tokens (None: all of it, as
+        for a budget too small to hold a window)."""
+        budget = self.kv_budget if self.drops_entries else self.prompt_budget if self.drops_tokens else None
+        return budget if budget is not None and 2 <= budget < self.prompt_length else None
 
     @property
     def stage_length(self) -> int:
@@ -101,6 +103,7 @@ class DraftNeed:
     lookahead: list[int]
     scorer: DraftScorer | None = None
     keeps_cache: bool = False  # the consumer speculates: its decode goes on from the draft's cache
+    scores_cache: bool = False  # and the draft's own queries score that cache, to compress it
 
     @property
     def needed(self) -> bool:
@@ -131,14 +134,17 @@ class Consumer:
     checks_guess: bool  # the target's reading of the guess checks it: what it agrees with starts the answer
     speculation: int = 0  # draft tokens proposed per target call while decoding (0: none)
     speculation_note: str | None = None  # why a decode asked to speculate does not
+    draft_scored: bool = False  # the draft's cache for speculation is compressed by its own attention
 
     @classmethod
     def of(cls, method: Method, lengths: list[int], max_new_tokens: list[int], target: LayerKinds,
-           answers: bool = True, speculate: int = 0, draft: LayerKinds | None = None) -> Consumer:
+           answers: bool = True, speculate: int = 0, draft: LayerKinds | None = None,
+           draft_cache: str = "compressed") -> Consumer:
         """The plan of `method` for rows of `lengths`; `answers`: the cache is decoded into the requests'
         answers (not read for a continuation of its own: a likelihood, a question asked later), so a
         checked guess may start them. `speculate`: the draft proposes that many tokens per target call
-        while decoding, where it can (`draft`: its layer kinds; None without a usable draft)."""
+        while decoding, where it can (`draft`: its layer kinds; None without a usable draft);
+        `draft_cache`: what the draft's cache keeps for it (models.DRAFT_CACHES)."""
         rows = []
         for n, asked in zip(lengths, max_new_tokens, strict=True):
             prompt_budget = method.prompt_tokens(n)
@@ -163,10 +169,12 @@ class Consumer:
         speculation, why_not = speculation_of(speculate, eviction, target, draft)
         if not answers:
             speculation, why_not = 0, None
+        # Only a compressed draft cache needs the draft's attention (its scorer keeps the lookahead eager).
+        scored = bool(speculation) and draft_cache == "compressed" and any(row.draft_budget for row in rows)
         if speculation and need.needed:
-            need = replace(need, keeps_cache=True)
+            need = replace(need, keeps_cache=True, scores_cache=scored)
         return cls(method, rows, target, need, kv_scorer, guess, stage_one, probes, eviction, checks,
-                   speculation, why_not)
+                   speculation, why_not, scored)
 
     @property
     def reads_whole_prompt(self) -> bool:

@@ -149,12 +149,14 @@ def finish_speculating(pair: ModelPair, prepared: Prepared, on_text: TextCallbac
 
             def fill(row: int = row, budget: int | None = budget, draft_cache: DynamicCache = draft_cache) -> None:
                 reading = clock.start("speculation_prefill")
-                own, pad = own_scorer(batch.lengths[row], DRAFT_WINDOW), batch.pad(row)
-                with capture(draft, own):
+                own = [own_scorer(batch.lengths[row], DRAFT_WINDOW)] if prepared.consumer.draft_scored else []
+                pad = batch.pad(row)
+                with capture(draft, *own):
                     prefill(draft, PaddedBatch(batch.input_ids[row:row + 1, pad:], None,
                                                batch.position_ids[row:row + 1, pad:], [batch.lengths[row]],
-                                               [batch.next_positions[row]]), draft_cache, [own])
-                keep_of_draft(draft_cache, own.layer_scores(), batch.lengths[row], 0, budget, pair.draft_cache)
+                                               [batch.next_positions[row]]), draft_cache, own)
+                keep_of_draft(draft_cache, own[0].layer_scores() if own else None, batch.lengths[row], 0, budget,
+                              pair.draft_cache)
                 clock.add("speculation_prefill", clock.now() - reading)
 
             drafter = Drafter(draft, draft_cache, proposals, batch.next_positions[row], fill=fill)

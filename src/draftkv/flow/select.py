@@ -142,19 +142,20 @@ def kv_stage(method: Method, cache: DynamicCache, batch: PaddedBatch, scores: li
 DRAFT_WINDOW = 32  # the draft's own window queries, which score its cache for speculation
 
 
-def keep_of_draft(cache: DynamicCache, scores: list[torch.Tensor], width: int, read: int, budget: int | None,
-                  how: str) -> None:
+def keep_of_draft(cache: DynamicCache, scores: list[torch.Tensor] | None, width: int, read: int,
+                  budget: int | None, how: str) -> None:
     """Cut the draft's cache for speculation to `budget` of its `width` prompt entries, as `how` says:
     "compressed" keeps what the draft's own window and lookahead attend to most (SpecKV applied to the
-    draft), "window" the first and the last entries, "whole" everything; the `read` answer tokens after
-    the prompt always stay."""
-    if how == "whole" or budget is None or budget >= width or budget < 2:
+    draft; `scores`: theirs, per layer), "window" the first and the last entries, "whole" everything;
+    the `read` answer tokens after the prompt always stay. `budget`: the plan's (RowPlan.draft_budget;
+    None keeps everything)."""
+    if how == "whole" or budget is None:
         return
     window = min(DRAFT_WINDOW, budget // 2)
     if how == "window":
         sink = min(4, budget - window)
         chosen = [torch.cat([torch.arange(sink), torch.arange(width - (budget - sink), width)])
-                  .expand(layer.shape[1], -1) for layer in scores]
+                  .expand(layer.keys.shape[1], -1) for layer in cache.layers]
     else:
         chosen = SpecKV(budget=budget, window=window).keep_positions([layer[0].float() for layer in scores], width,
                                                                      budget)

@@ -161,7 +161,7 @@ def run_draft(model: torch.nn.Module, batch: PaddedBatch, needs: list[DraftNeed]
     # One request whose decode will speculate keeps the draft's cache: its own window and lookahead
     # queries score it, so it can be compressed like SpecKV compresses the target's.
     keeping = any(need.keeps_cache for need in needs) and len(batch.lengths) == 1
-    own = own_scorer(batch.width, DRAFT_WINDOW) if keeping else None
+    own = own_scorer(batch.width, DRAFT_WINDOW) if keeping and any(need.scores_cache for need in needs) else None
     active = [c for c in [*collectors, own] if c is not None]
     # When the lookahead scores the prompt, each lookahead token must be fed too: one step more.
     steps = [max(length + 1 if collector is not None and length > 0 else length
@@ -197,7 +197,7 @@ def run_draft(model: torch.nn.Module, batch: PaddedBatch, needs: list[DraftNeed]
         # The request's decode goes on from this cache: the prompt and the lookahead tokens the decode
         # fed (none when the static step read the cache into slots of its own).
         kept = DraftCache(cache, batch.next_positions[0], cache.layers[0].get_seq_length() - batch.width,
-                          own.layer_scores())
+                          own.layer_scores() if own is not None else None)
     del cache
     clock.add("draft_lookahead", clock.now() - prefilled - (scoring_seconds() - prefill_scoring))
     scoring_started = clock.now()
