@@ -15,6 +15,8 @@ from conftest import tiny_pair
 from live import MODEL, metric, post, serve
 from tiny import long_context
 
+from draftkv.engine import speculation
+from draftkv.engine.speculation import check_guess
 from draftkv.flow.steps import StageEvent
 
 QUESTION = [{"role": "user", "content": long_context(300, seed=3) + " what is the magic number?"}]
@@ -104,6 +106,40 @@ def test_a_failure_at_any_stage_fails_that_request_and_the_next_equals_a_fresh_s
             assert reply["choices"][0]["message"]["content"] == fresh_answers[other], (stage, other)
     finally:
         scheduler.hook = None
+
+
+SPECULATING = [("speculation_prefill", "dense"), ("draft_decode", "dense"), ("draft_decode", "speckv"),
+               ("mid-decode", "dense"), ("mid-decode", "speckv")]
+
+
+@pytest.mark.parametrize(("stage", "method"), SPECULATING, ids=[f"{s}-{m}" for s, m in SPECULATING])
+def test_a_failure_inside_a_speculating_decode_fails_that_request_alone(live, fresh_answers, stage, method,
+                                                                         monkeypatch):
+    """The draft's caches and the target's rows that a speculating decode holds go with its failure: the next
+    speculating request answers as a fresh server does (greedy speculation gives the plain decode's tokens)."""
+    scheduler = live.app.state.server.scheduler
+    if stage == "mid-decode":  # the target's check of the second round of proposals fails
+        checks = []
+
+        def failing(*args, **kwargs):
+            checks.append(1)
+            if len(checks) == 3:
+                raise Injected("injected at mid-decode")
+            return check_guess(*args, **kwargs)
+
+        monkeypatch.setattr(speculation, "check_guess", failing)
+    else:
+        scheduler.hook = fail_once(stage)
+    try:
+        assert_internal_error(post(live, "/chat/completions", body(method, speculate=3)), f"injected at {stage}")
+    finally:
+        scheduler.hook = None
+        monkeypatch.undo()
+    assert httpx.get(f"{live.root}/health").json()["status"] == "ok"
+    for other in (method, "dense", "speckv"):
+        reply = post(live, "/chat/completions", body(other, speculate=3)).json()
+        assert reply["choices"][0]["message"]["content"] == fresh_answers[other], (stage, other)
+        assert reply["draftkv"]["proposed_tokens"] > 0
 
 
 def test_a_stream_that_fails_midway_ends_with_an_error_event_and_the_server_goes_on(live, fresh_answers):
