@@ -3,6 +3,7 @@ memory subprocess and the command line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -243,3 +244,18 @@ def test_each_method_runs_with_each_speculation_setting(pair, tmp_path):
     markdown, summary = bench.report(tmp_path, {"note": "test"})
     assert "dense +speculate=2" in markdown.read_text(encoding="utf-8")
     assert [("acceptance" in cell) for cell in summary] == [cell["label"].endswith("+speculate=2") for cell in summary]
+
+
+def test_auto_speculation_runs_in_the_sweep_and_says_when_it_decoded_plainly(pair, tmp_path):
+    from draftkv.engine.speculation import CallCosts
+
+    gains = CallCosts({n: 0.03 for n in (1, 2, 3, 5, 9)}, 0.001)  # a call costs the same whatever it reads
+    loses = CallCosts({n: 0.03 * n for n in (1, 2, 3, 5, 9)}, 0.03)
+    for costs, speculates in [(gains, True), (loses, False)]:
+        out = tmp_path / str(speculates)
+        rows = bench.run_bench(dataclasses.replace(pair, call_costs=costs), out, lengths=[500],
+                               methods=[("dense", {})], new_tokens=6, repeats=1, speculate=["auto"])
+        row = next(row for row in rows if row["repeat"] == 0)
+        assert row["label"] == "dense +speculate=auto" and row["speculate"] == "auto"
+        assert (row["proposed_tokens"] > 0) == speculates
+        assert ("auto measured no gain" in row["note"]) == (not speculates)

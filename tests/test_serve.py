@@ -57,9 +57,13 @@ def test_a_request_can_ask_for_speculative_decoding(live, pair):
     stats = sped.model_extra["draftkv"]
     assert stats["proposed_tokens"] > 0 and 0 <= stats["accepted_proposals"] <= stats["proposed_tokens"]
     assert plain.model_extra["draftkv"]["proposed_tokens"] == 0
-    with pytest.raises(openai.BadRequestError, match="speculate"):
-        live.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4,
-                                              extra_body={"speculate": 65})
+    for bad in (65, "often"):
+        with pytest.raises(openai.BadRequestError, match="speculate"):
+            live.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4,
+                                                  extra_body={"speculate": bad})
+    auto = live.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12,
+                                                 extra_body={"speculate": "auto", "method": "speckv", "budget": 40})
+    assert auto.choices[0].message.content == expected.text  # sped up or not, auto decodes the same tokens
 
 
 def test_chat_answer_equals_the_library_and_reports_usage(live, pair):

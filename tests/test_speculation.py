@@ -13,13 +13,14 @@ from tiny import long_context, make_model, make_tokenizer
 from draftkv import METHODS
 from draftkv.engine.cache import new_cache
 from draftkv.engine.decoding import DecodeSpec, sampling_probs
-from draftkv.engine.speculation import Drafter, speculate
+from draftkv.engine.speculation import CallCosts, Drafter, speculate
 from draftkv.errors import ConfigError
 from draftkv.flow import run
+from draftkv.flow.execute import speculation_asked
 from draftkv.flow.plan import Consumer, LayerKinds
 from draftkv.methods import budget_params, get_method
-from draftkv.models import pair_from_models
-from draftkv.types import Sampling
+from draftkv.models import pair_from_models, parse_speculate
+from draftkv.types import Request, Sampling
 
 
 def with_budgets(name: str):
@@ -109,9 +110,16 @@ def test_speculation_streams_logprobs_and_stops_like_a_decode_without(near):
 
 
 def test_speculate_must_be_a_small_whole_number(near):
-    for bad in (-1, 65, 1.5, True):
+    for bad in (-1, 65, 1.5, True, "fast"):
         with pytest.raises(ConfigError, match="speculate must be"):
             pair_from_models(near.target.model, near.tokenizer, near.draft.model, speculate=bad)
+        with pytest.raises(ConfigError, match="speculate must be None, 'auto' or a whole number"):
+            Request(question="q", speculate=bad)
+    assert pair_from_models(near.target.model, near.tokenizer, near.draft.model, speculate="auto").speculate == "auto"
+    for text, value in [("auto", "auto"), (" 4", 4), ("0", 0)]:
+        assert parse_speculate(text) == value
+    with pytest.raises(ConfigError, match="or 'auto', got 'sometimes'"):
+        parse_speculate("sometimes")
     with pytest.raises(ConfigError, match="draft_cache must be one of compressed, whole, window"):
         pair_from_models(near.target.model, near.tokenizer, near.draft.model, speculate=2, draft_cache="half")
 
@@ -152,8 +160,11 @@ def test_speculation_runs_from_the_command_line(tmp_path):
 
     from draftkv.cli import app
 
-    result = CliRunner().invoke(app, ["generate", "--speculate", "-1", "-q", "x", "--context", "y"])
-    assert result.exit_code != 0 and "speculate" in result.output
+    for bad in ("-1", "often"):
+        result = CliRunner().invoke(app, ["generate", "--speculate", bad, "-q", "x", "--context", "y"])
+        assert result.exit_code != 0 and "or 'auto'" in result.output
+    result = CliRunner().invoke(app, ["bench", "--speculate", "0,auto,x", "--out", str(tmp_path / "b")])
+    assert result.exit_code != 0 and "got 'x'" in result.output
 
 
 @pytest.mark.parametrize("decode", ["eager", "static"])
@@ -208,3 +219,83 @@ def test_the_draft_scores_its_own_cache_only_when_speculation_keeps_it_compresse
         assert not unscored.draft_scored and not unscored.need.scores_cache
     assert plan("compressed", length=40).rows[0].draft_budget is None  # the budget holds the whole prompt
     assert plan("window").rows[0].draft_budget == 48  # a window keeps the budget, unscored
+
+
+def costs_of(one: float, per_extra: float, draft_step: float, acceptance: float) -> CallCosts:
+    """Costs where a target call reading n tokens takes one + (n - 1) * per_extra seconds, at an acceptance
+    rate held with a large weight."""
+    costs = CallCosts({n: one + (n - 1) * per_extra for n in (1, 2, 3, 5, 9)}, draft_step)
+    costs.accepted, costs.proposed = acceptance * 1e6, 1e6
+    return costs
+
+
+def test_auto_speculates_where_the_cost_model_says_it_decodes_faster():
+    # A GPU-like device: a (k + 1)-token call costs about a 1-token call, a draft step a tenth of it.
+    gpu = costs_of(0.030, 0.0005, 0.003, 0.7)
+    assert gpu.best(8) >= 3 and gpu.gain(gpu.best(8)) > 1.5
+    # The closed form: 4 proposals at a = 0.7 give (1 - 0.7^5) / 0.3 tokens for 4 draft steps and a 5-token call.
+    assert gpu.gain(4) == pytest.approx((1 - 0.7 ** 5) / 0.3 * 0.030 / (4 * 0.003 + 0.032))
+    # Costs like this CPU's for the embedded pair at 2k (598 ms for 1 token, 1,079 for 5, 1,391 for 9, 209 per
+    # draft step; 2 and 3 tokens cost more than 5): no k gains at 70% acceptance, so auto decodes plainly.
+    cpu = CallCosts({1: 0.598, 2: 1.2, 3: 1.15, 5: 1.079, 9: 1.391}, 0.209)
+    assert cpu.best(8) == 0
+    assert cpu.target_call(4) == pytest.approx((1.15 + 1.079) / 2)  # between the widths timed
+    assert cpu.target_call(13) == pytest.approx(1.391 + 4 * (1.391 - 1.079) / 4)  # past them
+    # A draft that is never right never pays; one that always is pays with the most proposals a flat cost allows.
+    assert costs_of(0.030, 0.0005, 0.003, 0.0).best(8) == 0
+    assert costs_of(0.030, 0.0, 0.0, 1.0).best(8) == 8
+    cpu.checked(100, 100)  # the pair's acceptance moves with what it accepts
+    assert cpu.acceptance == pytest.approx((0.7 * 8 + 100) / 108)
+
+
+def test_auto_in_the_plan_speculates_with_measured_gains_and_says_why_not():
+    kinds = LayerKinds(full=True, sliding=False)
+
+    def plan(costs: CallCosts) -> Consumer:
+        return Consumer.of(with_budgets("speckv"), [200], [16], kinds, True, "auto", kinds, "compressed", costs)
+
+    fast = plan(costs_of(0.030, 0.0005, 0.003, 0.7))
+    assert fast.speculation == 8 and fast.adapts and fast.speculation_note is None
+    slow = plan(CallCosts({1: 0.598, 2: 1.2, 3: 1.15, 5: 1.079, 9: 1.391}, 0.209))
+    assert slow.speculation == 0 and not slow.adapts
+    assert slow.speculation_note.startswith("decoded without speculation: auto measured no gain (target call 598 ms")
+    fixed = Consumer.of(with_budgets("speckv"), [200], [16], kinds, True, 3, kinds)
+    assert fixed.speculation == 3 and not fixed.adapts
+
+
+def test_auto_gives_the_tokens_of_a_decode_without_and_measures_once(near):
+    request = requests(1, new_tokens=24)[0]
+    plain = run(near, [request], ["dense"])[0][0]
+    measured = dataclasses.replace(near, speculate="auto")
+    first = run(measured, [request], ["dense"])[0][0]
+    assert first.token_ids == plain.token_ids
+    assert set(measured.call_costs.target) == {1, 2, 3, 5, 9}
+    assert all(seconds > 0 for seconds in measured.call_costs.target.values()) and measured.call_costs.draft_step > 0
+    assert "speculation_costs" in first.stats.timings
+    again = run(measured, [request], ["dense"])[0][0]
+    assert "speculation_costs" not in again.stats.timings  # timed once per pair
+    for costs, speculates in [(costs_of(0.030, 0.0005, 0.003, 0.7), True), (costs_of(0.03, 0.03, 0.03, 0.7), False)]:
+        pair = dataclasses.replace(near, speculate="auto", call_costs=costs)
+        for chosen in ("dense", with_budgets("speckv")):
+            sped = run(pair, [request], [chosen])[0][0]
+            assert sped.token_ids == run(near, [request], [chosen])[0][0].token_ids
+            assert (sped.stats.proposed_tokens > 0) == speculates
+            assert ("auto measured no gain" in sped.stats.note) == (not speculates)
+    # A request's own value wins over the pair's; a batch with a fixed value and `auto` takes the fixed one.
+    assert run(dataclasses.replace(near, speculate="auto", call_costs=costs_of(0.03, 0.03, 0.03, 0.7)),
+               [dataclasses.replace(request, speculate=2)], ["dense"])[0][0].stats.proposed_tokens > 0
+    assert speculation_asked(["auto", 3, 0]) == 3 and speculation_asked(["auto", 0]) == "auto"
+    assert speculation_asked([0, 0]) == 0
+
+
+def test_auto_adapts_to_a_draft_that_is_never_right():
+    """A draft with random weights of its own never agrees: after a few rounds the pair's acceptance
+    falls, and the rest of the answer decodes without proposals (same tokens)."""
+    far = near_pair("qwen2", noise=10.0)
+    request = requests(1, new_tokens=40)[0]
+    costs = costs_of(0.030, 0.0005, 0.003, 0.7)
+    costs.accepted, costs.proposed = 0.7 * 8, 8.0  # the prior's weight
+    sped = run(dataclasses.replace(far, speculate="auto", call_costs=costs), [request], ["dense"])[0][0]
+    assert sped.token_ids == run(far, [request], ["dense"])[0][0].token_ids
+    assert 0 < sped.stats.proposed_tokens < 8 * 39 / 2
+    assert costs.acceptance < 0.3

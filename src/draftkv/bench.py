@@ -65,7 +65,7 @@ class Config:
     params: tuple[tuple[str, Any], ...]
     length: int
     batch: int
-    speculate: int = 0  # draft tokens proposed per target call while decoding
+    speculate: int | str = 0  # draft tokens proposed per target call while decoding, or "auto"
 
     @property
     def label(self) -> str:
@@ -95,7 +95,7 @@ def method_configs(methods: list[str], budget: int | float, prompt_budget: int |
     return chosen
 
 
-def bench_requests(tokenizer, length: int, batch: int, new_tokens: int, speculate: int = 0) -> list[Request]:
+def bench_requests(tokenizer, length: int, batch: int, new_tokens: int, speculate: int | str = 0) -> list[Request]:
     """`batch` prompts of `length` tokens (the chat template included): notes with one launch fact at
     the middle and a question about it, each row with other notes. Exactly `new_tokens` are generated
     (`speculate`: with that many draft proposals per target call)."""
@@ -141,6 +141,7 @@ def measure(pair: ModelPair, method: Method, requests: list[Request]) -> dict:
         "target_calls": sum(r.stats.speculation_rounds for r in results),
         "draft_kv_bytes": sum(r.stats.draft_kv_bytes for r in results) / len(results),
         "answer": results[0].text,
+        "note": stats.note,  # e.g. why a decode asked to speculate did not
     }
     if device.type == "cuda":
         row["peak_memory_bytes"] = (stats.peak_memory_bytes or 0) - before
@@ -247,7 +248,7 @@ def probe_in_subprocess(spec: dict) -> dict:
 
 def run_bench(pair: ModelPair, out: Path, *, lengths: list[int], methods: list[tuple[str, dict]],
               batch_sizes: tuple[int, ...] | list[int] = (1,), new_tokens: int = 32, repeats: int = 3,
-              memory_spec: dict | None = None, speculate: tuple[int, ...] | list[int] = (0,)) -> list[dict]:
+              memory_spec: dict | None = None, speculate: tuple[int | str, ...] | list[int | str] = (0,)) -> list[dict]:
     """Sweep lengths x batch sizes x methods x `speculate` (draft proposals per target call; 0: none),
     `repeats` times, methods interleaved; append to
     `out/runs.jsonl` and return every row (earlier ones included). `memory_spec` (target, draft,
@@ -266,7 +267,7 @@ def run_bench(pair: ModelPair, out: Path, *, lengths: list[int], methods: list[t
 
 def sweep(pair: ModelPair, out: Path, lengths: list[int], methods: list[tuple[str, dict]],
           batch_sizes: tuple[int, ...] | list[int], new_tokens: int, repeats: int, memory_spec: dict | None,
-          on_cpu: bool, speculate: tuple[int, ...] | list[int] = (0,)) -> list[dict]:
+          on_cpu: bool, speculate: tuple[int | str, ...] | list[int | str] = (0,)) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "runs.jsonl"
     drop_torn_tail(path)
@@ -282,6 +283,8 @@ def sweep(pair: ModelPair, out: Path, lengths: list[int], methods: list[tuple[st
             for config in {c.label: c for c, _ in todo}.values():
                 with contextlib.suppress(DraftKVError):
                     generate_batch(pair, warm, config.make())
+            if pair.draft is not None and any(c.speculate == "auto" for c, _ in todo):
+                pair.speculation_costs()  # timed once per pair, before the runs that use it
     with open(path, "a", encoding="utf-8") as handle, progress_bar() as progress:
         task = progress.add_task("bench", total=len(todo) + len(memory_todo))
         inputs: dict[tuple[int, int, int], list[Request] | Exception] = {}

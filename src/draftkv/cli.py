@@ -27,10 +27,10 @@ from .models import (
     DEFAULT_DRAFT,
     DEFAULT_TARGET,
     cache_dir,
-    check_speculate,
     embedded_status,
     load_pair,
     load_tokenizer,
+    parse_speculate,
 )
 from .models.embedded import verify_cache
 from .prompt import encode_prompt
@@ -141,8 +141,17 @@ def _backend(value: str) -> str:
 
 DecodeBackend = Annotated[str, typer.Option("--decode", callback=_backend, help="Decode step: auto (static on CUDA, eager elsewhere), eager, "
                                                              "or static (fixed shapes; a CUDA graph on CUDA).")]
-Speculate = Annotated[int, typer.Option("--speculate", min=0, max=64, help="Speculative decoding: the draft proposes "
-                                        "this many tokens per target call (0: off; one request at a time).")]
+def _speculate(value: str) -> int | str:
+    try:
+        return parse_speculate(value)
+    except ConfigError as error:
+        raise typer.BadParameter(str(error)) from None
+
+
+SPECULATE_HELP = ("Speculative decoding: the draft proposes this many tokens per target call (0: off; one request at "
+                  "a time), or auto (as many as the costs measured on this device say decode fastest; none where none "
+                  "does).")
+Speculate = Annotated[str, typer.Option("--speculate", callback=_speculate, help=SPECULATE_HELP)]
 DraftCacheKept = Annotated[str, typer.Option("--draft-cache", help="With --speculate: what the draft's cache keeps of "
                                            "the prompt: compressed (the method's budget, by the draft's own "
                                            "attention), whole, or window (its first and last entries).")]
@@ -197,7 +206,7 @@ def generate(
     device: Device = None,
     dtype: Dtype = None,
     decode: DecodeBackend = "auto",
-    speculate: Speculate = 0,
+    speculate: Speculate = "0",
     draft_cache: DraftCacheKept = "compressed",
     as_json: AsJson = False,
     stream: Annotated[bool, typer.Option(help="Print the answer as it is generated.")] = False,
@@ -218,7 +227,7 @@ def generate(
             raise PromptError("an --ask question is empty: give each --ask a question")
         if not ask and not text.strip() and not question.strip():
             raise PromptError("the prompt is empty: give a context, a question or both")
-        needs_draft = chosen.uses_draft(max_new_tokens) or speculate > 0
+        needs_draft = chosen.uses_draft(max_new_tokens) or bool(speculate)
         request = Request(context=text, question="" if ask else question, system=system,
                           max_new_tokens=max_new_tokens, chat_template=chat_template)
         with err.status("loading models (the first time converts the embedded pair: a few minutes)"):
@@ -374,7 +383,7 @@ def bench(
     dtype: Dtype = None,
     decode: DecodeBackend = "auto",
     speculate: Annotated[str, typer.Option(help="Speculative decoding: draft proposals per target call, comma-"
-                                                "separated; each method runs with each (0: without).")] = "0",
+                                                "separated, or auto; each method runs with each (0: without).")] = "0",
     draft_cache: DraftCacheKept = "compressed",
 ) -> None:
     """Latency, throughput and memory of each method against dense, over context lengths."""
@@ -383,7 +392,7 @@ def bench(
     try:
         chosen = benchmark.method_configs(_split(methods), parse_budget(budget), parse_budget(prompt_budget))
         length_list, batch_list = _split(lengths, int), _split(batch_sizes, int)
-        proposals = [check_speculate(value) for value in _split(speculate, int, "--speculate")]
+        proposals = [parse_speculate(value) for value in _split(speculate, str, "--speculate")]
         if not length_list or min(length_list) < 1 or not batch_list or min(batch_list) < 1:
             raise ConfigError(f"lengths and batch sizes must be positive integers, got {lengths!r} and {batch_sizes!r}")
         _writable(out)
@@ -491,9 +500,9 @@ def serve(
     dtype: Annotated[str | None, _env("DTYPE", "float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on CUDA).")] = None,
     decode: Annotated[str, _env("DECODE", "Decode step: auto (static on CUDA, eager elsewhere), eager or static.",
                                 callback=_backend)] = "auto",
-    speculate: Annotated[int, _env("SPECULATE", "Speculative decoding for requests that give no speculate field: "
-                                                "draft proposals per target call (0: off; local mode).",
-                                   min=0, max=64)] = 0,
+    speculate: Annotated[str, _env("SPECULATE", "Speculative decoding for requests that give no speculate field: "
+                                                "draft proposals per target call (0: off; local mode), or auto.",
+                                   callback=_speculate)] = "0",
     draft_cache: Annotated[str, _env("DRAFT_CACHE", "With --speculate: what the draft's cache keeps of the prompt: "
                                                     "compressed, whole or window.")] = "compressed",
 ) -> None:
@@ -634,7 +643,7 @@ def eval_ruler(
     device: Device = None,
     dtype: Dtype = None,
     decode: DecodeBackend = "auto",
-    speculate: Speculate = 0,
+    speculate: Speculate = "0",
     draft_cache: DraftCacheKept = "compressed",
 ) -> None:
     """Generate RULER at the given lengths with the target's tokenizer and score every method on it."""
@@ -722,7 +731,7 @@ def eval_longbench(
     device: Device = None,
     dtype: Dtype = None,
     decode: DecodeBackend = "auto",
-    speculate: Speculate = 0,
+    speculate: Speculate = "0",
     draft_cache: DraftCacheKept = "compressed",
 ) -> None:
     """Score methods on LongBench tasks read from local files."""

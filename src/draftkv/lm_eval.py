@@ -43,11 +43,12 @@ class DraftKVLM(LM):
     it), or `pair`: a loaded ModelPair. `method` and any of its parameters
     (`budget`, `prompt_budget`, `compression_ratio`, `window`, ...). `batch_size`: requests generated
     together. `max_length`: the longest input (default the target's context). `speculate`: the draft
-    proposes that many tokens per target call while generating, from a cache that keeps what
+    proposes that many tokens per target call while generating (or `auto`: as the costs measured on the
+    device say), from a cache that keeps what
     `draft_cache` says (compressed, whole or window)."""
 
     def __init__(self, target: str = DEFAULT_TARGET, draft: str | None = DEFAULT_DRAFT, method: str = "dense",
-                 device: str | None = None, dtype: str | None = None, decode: str = "auto", speculate: int = 0,
+                 device: str | None = None, dtype: str | None = None, decode: str = "auto", speculate: int | str = 0,
                  draft_cache: str = "compressed",
                  batch_size: int | str = 1, max_length: int | None = None, max_gen_toks: int = 256,
                  pair: ModelPair | None = None, pretrained: str | None = None, **params: Any) -> None:
@@ -72,7 +73,7 @@ class DraftKVLM(LM):
             device = None
         if pair is None:
             uses_draft = draft is not None and str(draft).lower() != "none" and (
-                self.method.uses_draft(self.max_gen_toks) or speculate > 0)
+                self.method.uses_draft(self.max_gen_toks) or bool(speculate))
             pair = load_pair(target, draft if uses_draft else None, device=device, dtype=dtype, decode=decode,
                              speculate=speculate, draft_cache=draft_cache)
         self.pair = replace(pair, speculate=speculate, draft_cache=draft_cache) if speculate else pair

@@ -93,7 +93,7 @@ class Request:
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks); stop strings still apply
     prompt_ids: list[int] | None = None  # the prompt as the target's token ids, read as they are (no template)
     logprobs: int | None = None  # report each new token's log-probability and this many likeliest (0: none)
-    speculate: int | None = None  # draft tokens proposed per target call while decoding (None: the pair's)
+    speculate: int | str | None = None  # draft tokens proposed per target call while decoding, or "auto" (None: the pair's)
 
     def __post_init__(self) -> None:
         for name in ("context", "question", "answer_prefix"):
@@ -115,9 +115,9 @@ class Request:
         if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
             raise ConfigError(f"logprobs must be None or an int from 0 to 20 (the likeliest tokens to list), "
                               f"got {self.logprobs!r}")
-        if self.speculate is not None and (not is_int(self.speculate) or not 0 <= self.speculate <= 64):
-            raise ConfigError(f"speculate must be None or a whole number of draft tokens per target call from 0 "
-                              f"(off) to 64, got {self.speculate!r}")
+        if self.speculate not in (None, "auto") and (not is_int(self.speculate) or not 0 <= self.speculate <= 64):
+            raise ConfigError(f"speculate must be None, 'auto' or a whole number of draft tokens per target call "
+                              f"from 0 (off) to 64, got {self.speculate!r}")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         if not isinstance(self.stop, list | tuple) or not all(isinstance(s, str) for s in self.stop):

@@ -8,6 +8,13 @@ min(1, p(x) / q(x)), where p is the target's distribution and q the guesser's; a
 not kept, the target's token is drawn from the residual max(0, p - q), normalised; after a guess kept
 whole, from p. The tokens so chosen have exactly the target's distribution. A greedy guess is
 q = one-hot, so a guessed token is kept with probability p(x).
+
+`auto` speculation decides from measured costs (CallCosts): k proposals pay k draft steps and one
+target call that reads k + 1 tokens, and yield on average (1 - a^(k+1)) / (1 - a) tokens at a per-token
+acceptance rate a; plain decoding pays one 1-token target call per token. The calls are timed once, over
+a short cache (what matters is their ratio), and a is what the pair has accepted so far. The k with the
+most tokens per second is chosen each round, and none (plain decoding) where no k beats plain decoding
+by a margin.
 """
 
 from __future__ import annotations
@@ -71,6 +78,97 @@ def check_guess(guess: list[int], logits: torch.Tensor, sampling: Sampling,
     return [*guess, int(torch.multinomial(p, 1, generator=generator))]
 
 
+AUTO_MOST = 8  # the most proposals per target call that `auto` considers
+TIMED_WIDTHS = (1, 2, 3, 5, 9)  # the target call widths timed up front (k + 1 for k = 0, 1, 2, 4, 8)
+PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.7, 8.0  # before a pair has speculated: a rate, held as that many proposals
+GAIN_NEEDED = 1.05  # speculate only where the cost model expects this much more than plain decoding's speed
+CALIBRATION_TOKENS = 128  # the cache the costs are timed over
+
+
+@dataclass
+class CallCosts:
+    """What speculation costs on this device: seconds of one target call by the number of tokens it
+    reads and of one draft step (timed once, over the same short cache), and the acceptance rate the
+    pair has shown (a prior until it speculates)."""
+
+    target: dict[int, float]
+    draft_step: float
+    accepted: float = PRIOR_ACCEPTANCE * PRIOR_WEIGHT
+    proposed: float = PRIOR_WEIGHT
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.proposed
+
+    def target_call(self, width: int) -> float:
+        """A target call reading `width` tokens: as timed, else interpolated between the nearest widths
+        timed (extrapolated from the widest two past them)."""
+        if width in self.target:
+            return self.target[width]
+        widths = sorted(self.target)
+        below = max((w for w in widths if w < width), default=widths[0])
+        above = min((w for w in widths if w > width), default=None)
+        if above is None:
+            below, above = (widths[-2], widths[-1]) if len(widths) > 1 else (widths[0], widths[0])
+        if above == below:
+            return self.target[below]
+        slope = (self.target[above] - self.target[below]) / (above - below)
+        return max(self.target[below] + slope * (width - below), self.target[widths[0]])
+
+    def gain(self, proposals: int) -> float:
+        """Expected tokens per second with `proposals` per target call, over plain decoding's."""
+        rate = min(self.acceptance, 1 - 1e-6)
+        tokens = (1 - rate ** (proposals + 1)) / (1 - rate)
+        return tokens * self.target_call(1) / (proposals * self.draft_step + self.target_call(proposals + 1))
+
+    def best(self, most: int) -> int:
+        """The proposals per target call (1..most) expected to decode fastest, or 0 where none gains enough."""
+        gains = {k: self.gain(k) for k in range(1, most + 1)}
+        chosen = max(gains, key=gains.__getitem__, default=0)
+        return chosen if chosen and gains[chosen] >= GAIN_NEEDED else 0
+
+    def checked(self, proposed: int, accepted: int) -> None:
+        self.proposed += proposed
+        self.accepted += accepted
+
+    def summary(self) -> str:
+        k = max(range(1, AUTO_MOST + 1), key=self.gain)
+        return (f"target call {self.target_call(1) * 1e3:.0f} ms for 1 token, {self.target_call(k + 1) * 1e3:.0f} ms for "
+                f"{k + 1}; draft step {self.draft_step * 1e3:.0f} ms; acceptance {self.acceptance:.0%}: "
+                f"{k} proposed per call would decode at {self.gain(k):.2f}x plain decoding's speed")
+
+
+def _synchronized(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def measure_costs(target: torch.nn.Module, draft: torch.nn.Module) -> CallCosts:
+    """Time a target call at each width of TIMED_WIDTHS, and a draft step, over a cache of
+    CALIBRATION_TOKENS (the best of two after a warm-up; refused tokens are cropped as speculation does)."""
+    from .cache import new_cache
+
+    def timings(model: torch.nn.Module, widths: tuple[int, ...]) -> dict[int, float]:
+        vocab = min(model.config.get_text_config().vocab_size, 1000)
+        generator = torch.Generator().manual_seed(0)
+        prompt = torch.randint(0, vocab, (CALIBRATION_TOKENS,), generator=generator).tolist()
+        cache = new_cache(model.config)
+        _call(model, cache, prompt, 0, 1)
+        seconds = {}
+        for width in (widths[0], *widths):
+            runs = []
+            for _ in range(2):
+                started = _synchronized(model.device)
+                _call(model, cache, prompt[:width], CALIBRATION_TOKENS, 1)
+                runs.append(_synchronized(model.device) - started)
+                drop_newest(cache, width)
+            seconds[width] = min(runs)
+        return seconds
+
+    return CallCosts(timings(target, TIMED_WIDTHS), timings(draft, (1,))[1])
+
+
 @dataclass
 class Drafter:
     """The draft's side of speculative decoding: its model, its cache of the prompt and of the answer's
@@ -83,6 +181,7 @@ class Drafter:
     position: int
     read: int = 0
     fill: Callable[[], None] | None = None  # fills `cache` before the first proposal (after the first token)
+    costs: CallCosts | None = None  # `auto`: each round proposes what these costs say decodes fastest
 
 
 @dataclass
@@ -156,7 +255,8 @@ def speculate(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.T
             break
         # The draft reads what it has not read yet of the answer, then proposes; the last proposal is
         # not read (it may be refused).
-        count = min(drafter.proposals, limit - len(row.token_ids) - 1)
+        count = min(drafter.proposals if drafter.costs is None else drafter.costs.best(drafter.proposals),
+                    limit - len(row.token_ids) - 1)
         if count and drafter.fill is not None:  # the draft reads the prompt only once a proposal is wanted
             drafter.fill()
             drafter.fill = None
@@ -188,6 +288,8 @@ def speculate(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.T
         steps += 1
         chosen = check_guess(proposed, logits, sampling, generator, torch.stack(guess_probs) if guess_probs else None)
         kept = len(chosen) - 1
+        if drafter.costs is not None:
+            drafter.costs.checked(count, kept)
         stats.rounds += count > 0
         stats.proposed += count
         stats.accepted += kept

@@ -141,19 +141,26 @@ def prepare_each(pair: ModelPair, requests: list[Request], methods: list[str | M
     lengths = [len(p.ids) for p in prompts]
     for request, n in zip(requests, lengths, strict=True):
         check_fits(target.config, "target", n, request.max_new_tokens)
+    batch = pad_prompts([p.ids for p in prompts], pad_token(pair.tokenizer), device)
+    clock.add("tokenize", clock.now() - started)
     kinds = LayerKinds.of(target.config)
     speculator = LayerKinds.of(pair.draft.model.config) \
         if pair.draft is not None and pair.tokenizer_mismatch is None else None
-    asked = [r.speculate if r.speculate is not None else pair.speculate for r in requests]
+    speculate = speculation_asked([r.speculate if r.speculate is not None else pair.speculate for r in requests])
+    costs = None
+    if speculate == "auto" and speculator is not None and answers:
+        if pair.call_costs is None:  # timed once per pair, by the first request that asks
+            measuring = clock.start("speculation_costs")
+            pair.speculation_costs()
+            clock.add("speculation_costs", clock.now() - measuring)
+        costs = pair.call_costs
     consumers = [Consumer.of(get_method(m), lengths, [r.max_new_tokens for r in requests], kinds, answers,
-                             max(asked), speculator, pair.draft_cache) for m in methods]
+                             speculate, speculator, pair.draft_cache, costs) for m in methods]
     for consumer in consumers:  # the target's own guess (LAQ++'s pseudo-answer) is read at the prompt's end
         if consumer.guess is not None:
             for row in consumer.rows:
                 if row.drops_entries:
                     check_fits(target.config, "target", row.prompt_length, consumer.guess.tokens)
-    batch = pad_prompts([p.ids for p in prompts], pad_token(pair.tokenizer), device)
-    clock.add("tokenize", clock.now() - started)
 
     draft_clock = Clock(device, observer)
     # When only KV methods use the draft, the target's prefill does not wait for it: on CUDA the draft
@@ -189,6 +196,14 @@ def prepare_each(pair: ModelPair, requests: list[Request], methods: list[str | M
                                               lambda group=group: [drafted.result()[1][i] for i in group],
                                               kept[group[0]].batch, group_clock, [own_clocks[i] for i in group]):
             yield group[index], prepared(group[index], {**shared, **group_clock.stages}, target_side)
+
+
+
+def speculation_asked(asked: list[int | str]) -> int | str:
+    """What a batch speculates with, from what each request asked: the most proposals a request fixed,
+    else `auto` where one asked for it, else none."""
+    fixed = [value for value in asked if value != "auto"]
+    return max(fixed) if any(fixed) or "auto" not in asked else "auto"
 
 
 class Beside:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 from transformers import DynamicCache
 
+from ..engine.speculation import AUTO_MOST, CallCosts
 from ..methods import DraftScorer, KVScorer, Method, PseudoAnswer
 
 
@@ -38,9 +39,10 @@ def decodes_alone(method: Method, batch_size: int, target: LayerKinds, draft: La
     return batch_size > 1 and (sliding or method.evicts_during_decode)
 
 
-def speculation_of(speculate: int, eviction: Eviction | None, target: LayerKinds,
-                   draft: LayerKinds | None) -> tuple[int, str | None]:
-    """The draft tokens a decode proposes per target call, and why none where some were asked for."""
+def speculation_of(speculate: int | str, eviction: Eviction | None, target: LayerKinds,
+                   draft: LayerKinds | None, costs: CallCosts | None = None) -> tuple[int, str | None]:
+    """The draft tokens a decode proposes per target call (at most, for `auto`), and why none where some
+    were asked for. `auto` speculates where `costs` (measured on this device) say it decodes faster."""
     if not speculate:
         return 0, None
     if draft is None:
@@ -49,8 +51,12 @@ def speculation_of(speculate: int, eviction: Eviction | None, target: LayerKinds
         why = "decode-time eviction"
     elif target.sliding or draft.sliding:
         why = "a sliding-window layer cannot take refused proposals back"
-    else:
+    elif speculate != "auto":
         return speculate, None
+    elif costs is not None and costs.best(AUTO_MOST):
+        return AUTO_MOST, None
+    else:
+        why = f"auto measured no gain ({costs.summary()})" if costs is not None else "auto had no costs measured"
     return 0, f"decoded without speculation: {why}"
 
 
@@ -133,18 +139,19 @@ class Consumer:
     eviction: Eviction | None  # decode-time eviction (a batch that evicts runs one request at a time)
     checks_guess: bool  # the target's reading of the guess checks it: what it agrees with starts the answer
     speculation: int = 0  # draft tokens proposed per target call while decoding (0: none)
+    adapts: bool = False  # `auto`: each round proposes what the measured costs say decodes fastest
     speculation_note: str | None = None  # why a decode asked to speculate does not
     draft_scored: bool = False  # the draft's cache for speculation is compressed by its own attention
 
     @classmethod
     def of(cls, method: Method, lengths: list[int], max_new_tokens: list[int], target: LayerKinds,
-           answers: bool = True, speculate: int = 0, draft: LayerKinds | None = None,
-           draft_cache: str = "compressed") -> Consumer:
+           answers: bool = True, speculate: int | str = 0, draft: LayerKinds | None = None,
+           draft_cache: str = "compressed", costs: CallCosts | None = None) -> Consumer:
         """The plan of `method` for rows of `lengths`; `answers`: the cache is decoded into the requests'
         answers (not read for a continuation of its own: a likelihood, a question asked later), so a
         checked guess may start them. `speculate`: the draft proposes that many tokens per target call
-        while decoding, where it can (`draft`: its layer kinds; None without a usable draft);
-        `draft_cache`: what the draft's cache keeps for it (models.DRAFT_CACHES)."""
+        while decoding, where it can (`draft`: its layer kinds; None without a usable draft), or "auto" as
+        the measured `costs` say; `draft_cache`: what the draft's cache keeps for it (models.DRAFT_CACHES)."""
         rows = []
         for n, asked in zip(lengths, max_new_tokens, strict=True):
             prompt_budget = method.prompt_tokens(n)
@@ -166,7 +173,7 @@ class Consumer:
         if method.evicts_during_decode and len(rows) == 1 and rows[0].drops_entries:
             eviction = Eviction(method.evict_every, rows[0].kv_budget)
         checks = answers and method.verify_lookahead and (probes or guess is not None)
-        speculation, why_not = speculation_of(speculate, eviction, target, draft)
+        speculation, why_not = speculation_of(speculate, eviction, target, draft, costs)
         if not answers:
             speculation, why_not = 0, None
         # Only a compressed draft cache needs the draft's attention (its scorer keeps the lookahead eager).
@@ -174,7 +181,7 @@ class Consumer:
         if speculation and need.needed:
             need = replace(need, keeps_cache=True, scores_cache=scored)
         return cls(method, rows, target, need, kv_scorer, guess, stage_one, probes, eviction, checks,
-                   speculation, why_not, scored)
+                   speculation, speculate == "auto" and speculation > 0, why_not, scored)
 
     @property
     def reads_whole_prompt(self) -> bool:

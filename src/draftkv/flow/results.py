@@ -133,6 +133,7 @@ def finish_speculating(pair: ModelPair, prepared: Prepared, on_text: TextCallbac
     what the target read, at the same positions, into a cache of its own."""
     target, draft, clock = pair.target.model, pair.draft.model, prepared.clock
     proposals, batch = prepared.consumer.speculation, prepared.batch
+    costs = pair.speculation_costs() if prepared.consumer.adapts else None
     rows, stats, first_token_at = [], [], None
     for row, (request, accepted) in enumerate(zip(prepared.requests, prepared.accepted, strict=True)):
         kept = prepared.draft.kept if prepared.draft is not None and len(prepared.requests) == 1 else None
@@ -142,7 +143,7 @@ def finish_speculating(pair: ModelPair, prepared: Prepared, on_text: TextCallbac
             width = kept.cache.layers[0].get_seq_length() - kept.read
             drop_newest(kept.cache, kept.read - valid)
             keep_of_draft(kept.cache, kept.scores, width, valid, budget, pair.draft_cache)
-            drafter = Drafter(draft, kept.cache, proposals, kept.position, valid)
+            drafter = Drafter(draft, kept.cache, proposals, kept.position, valid, costs=costs)
             prepared.draft.kept = None  # the decode takes it
         else:  # the draft reads the row as the target read it (without the batch's padding), once needed
             draft_cache = new_cache(draft.config)
@@ -159,7 +160,7 @@ def finish_speculating(pair: ModelPair, prepared: Prepared, on_text: TextCallbac
                               pair.draft_cache)
                 clock.add("speculation_prefill", clock.now() - reading)
 
-            drafter = Drafter(draft, draft_cache, proposals, batch.next_positions[row], fill=fill)
+            drafter = Drafter(draft, draft_cache, proposals, batch.next_positions[row], fill=fill, costs=costs)
         mask = prepared.attention_mask
         own = select_rows(prepared.cache, torch.tensor([row], device=target.device), 0, trim=mask is None) \
             if len(prepared.requests) > 1 else prepared.cache

@@ -23,6 +23,7 @@ from draftkv.models.loading import (
     load_pair,
     load_tokenizer,
     pair_from_models,
+    parse_speculate,
     resolve_device,
     resolve_dtype,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "check_draft_cache",
     "check_family",
     "check_speculate",
+    "parse_speculate",
     "check_tokenizers",
     "convert_gguf",
     "embedded_status",

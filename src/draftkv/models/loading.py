@@ -5,13 +5,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from draftkv.engine.decoding import check_backend
+from draftkv.engine.speculation import CallCosts, measure_costs
 from draftkv.errors import (
     ConfigError,
     DraftKVError,
@@ -71,11 +72,20 @@ class ModelPair:
     tokenizer_mismatch: str | None = None
     # The decode step: "auto" (static with a CUDA graph on CUDA, eager elsewhere), "eager" or "static".
     decode: str = "auto"
-    # Speculative decoding: the draft proposes this many tokens per target call (0: none), from a cache
+    # Speculative decoding: the draft proposes this many tokens per target call (0: none; "auto": as
+    # many as the costs measured on this device say decode fastest, none where none does), from a cache
     # that keeps the method's budget of the prompt by its own attention ("compressed"), all of it
     # ("whole"), or its first and last entries ("window").
-    speculate: int = 0
+    speculate: int | str = 0
     draft_cache: str = "compressed"
+    # `auto`'s costs, measured on the first request that asks for it and kept up to date by every decode.
+    call_costs: CallCosts | None = field(default=None, repr=False, compare=False)
+
+    def speculation_costs(self) -> CallCosts:
+        """The measured costs of speculation with this pair (timed once, on first use)."""
+        if self.call_costs is None:
+            self.call_costs = measure_costs(self.target.model, self.draft.model)
+        return self.call_costs
 
     @property
     def tokenizer(self) -> Any:
@@ -278,7 +288,7 @@ def load_pair(
     dtype: str | torch.dtype | None = None,
     allow_tokenizer_mismatch: bool = False,
     decode: str = "auto",
-    speculate: int = 0,
+    speculate: int | str = 0,
     draft_cache: str = "compressed",
     before_weights: BeforeWeights | None = None,
 ) -> ModelPair:
@@ -287,7 +297,8 @@ def load_pair(
     A draft with another tokenizer is refused, unless `allow_tokenizer_mismatch`: then prompt methods
     work at the text level, and methods that pass token ids (SpecKV) refuse to run. `decode`: the
     decode step, "auto" (static with a CUDA graph on CUDA, eager elsewhere), "eager" or "static".
-    `speculate`: the draft proposes that many tokens per target call while decoding (0: none), from a
+    `speculate`: the draft proposes that many tokens per target call while decoding (0: none; "auto": as
+    many as the costs measured on this device say decode fastest), from a
     cache that keeps what `draft_cache` says (see ModelPair).
     `before_weights(tokenizer, config)`: a check on the target that needs no weights, run before any load.
     """
@@ -309,11 +320,23 @@ def check_draft_cache(draft_cache: str) -> str:
     return draft_cache
 
 
-def check_speculate(speculate: int) -> int:
+def check_speculate(speculate: int | str) -> int | str:
+    if speculate == "auto":
+        return speculate
     if isinstance(speculate, bool) or not isinstance(speculate, int) or not 0 <= speculate <= 64:
         raise ConfigError(f"speculate must be a whole number of draft tokens per target call from 0 (off) to 64, "
-                          f"got {speculate!r}")
+                          f"or 'auto', got {speculate!r}")
     return speculate
+
+
+def parse_speculate(text: str) -> int | str:
+    """A speculate value as written on a command line or in model args: 'auto' or a whole number."""
+    text = str(text).strip()
+    try:
+        return check_speculate("auto" if text == "auto" else int(text))
+    except ValueError:
+        raise ConfigError(f"speculate must be a whole number of draft tokens per target call from 0 (off) to 64, "
+                          f"or 'auto', got {text!r}") from None
 
 
 def _paired(target: LoadedModel, draft: LoadedModel | None, allow_mismatch: bool) -> ModelPair:
@@ -337,7 +360,7 @@ def _model_name(model: Any) -> str:
 
 def pair_from_models(
     target_model: Any, target_tokenizer: Any, draft_model: Any = None, draft_tokenizer: Any = None,
-    *, allow_tokenizer_mismatch: bool = False, decode: str = "auto", speculate: int = 0,
+    *, allow_tokenizer_mismatch: bool = False, decode: str = "auto", speculate: int | str = 0,
     draft_cache: str = "compressed",
 ) -> ModelPair:
     """A pair from transformers objects the caller already has; the draft defaults to the target's tokenizer."""

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -86,7 +86,8 @@ class Common(BaseModel):
     budget: int | float | None = Field(None, gt=0)
     prompt_budget: int | float | None = Field(None, gt=0)
     compression_ratio: float | None = Field(None, ge=0, lt=1)  # kvpress's: the share removed
-    speculate: int | None = Field(None, ge=0, le=64)  # draft proposals per target call while decoding
+    # Draft proposals per target call while decoding, or "auto".
+    speculate: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] | None = None
 
     def method_params(self) -> dict[str, Any]:
         """The chosen method's own parameters: every field that is neither OpenAI's nor a budget."""
