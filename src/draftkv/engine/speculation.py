@@ -144,15 +144,15 @@ def _synchronized(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def measure_costs(target: torch.nn.Module, draft: torch.nn.Module) -> CallCosts:
-    """Time a target call at each width of TIMED_WIDTHS, and a draft step, over a cache of
-    CALIBRATION_TOKENS (the best of two after a warm-up; refused tokens are cropped as speculation does)."""
+def measure_costs(target: torch.nn.Module, draft: torch.nn.Module, tokens: int = CALIBRATION_TOKENS) -> CallCosts:
+    """Time a target call at each width of TIMED_WIDTHS, and a draft step, over a cache of `tokens`
+    (the best of two after a warm-up; refused tokens are cropped as speculation does)."""
     from .cache import new_cache
 
     def timings(model: torch.nn.Module, widths: tuple[int, ...]) -> dict[int, float]:
         vocab = min(model.config.get_text_config().vocab_size, 1000)
         generator = torch.Generator().manual_seed(0)
-        prompt = torch.randint(0, vocab, (CALIBRATION_TOKENS,), generator=generator).tolist()
+        prompt = torch.randint(0, vocab, (tokens,), generator=generator).tolist()
         cache = new_cache(model.config)
         _call(model, cache, prompt, 0, 1)
         seconds = {}
@@ -160,7 +160,7 @@ def measure_costs(target: torch.nn.Module, draft: torch.nn.Module) -> CallCosts:
             runs = []
             for _ in range(2):
                 started = _synchronized(model.device)
-                _call(model, cache, prompt[:width], CALIBRATION_TOKENS, 1)
+                _call(model, cache, prompt[:width], tokens, 1)
                 runs.append(_synchronized(model.device) - started)
                 drop_newest(cache, width)
             seconds[width] = min(runs)
