@@ -4,8 +4,9 @@
 # built on the device from configs (benchmarks/paper_bench.py); about 7 minutes on an H100/H200. (b) also
 # runs the paper's SpecKV (speckv:verify_lookahead=false) beside today's checked guess, for the check's cost
 # (random weights: the draft's guesses are not accepted, so only the cost shows); (c) the same 14B pair at
-# 32k with and without speculative decoding (4 proposals per target call, eager step): with random
-# weights nothing is accepted, so it measures what a round costs against a plain step.
+# 32k with and without speculative decoding (4 proposals per target call, and auto; eager step): with
+# random weights nothing is accepted, so it measures what a round costs against a plain step, and the
+# call costs auto decides from (bench.json's config, `speculation_costs`).
 #
 #   bash benchmarks/gpu_paper_regime.sh prepare    # here, once: .gpu/ (the pair's configs and tokenizer)
 #                                                  # and .whl/ (transformers 5.24, regex), both git-ignored
@@ -73,7 +74,7 @@ echo "(b) took $((SECONDS - start)) s" | tee -a "$WORK/environment.txt"
 start=$SECONDS
 python3 benchmarks/paper_bench.py run --target benchmarks/paper/qwen2.5-14b-instruct.json \
   --draft benchmarks/paper/qwen2.5-0.5b-instruct.json --tokenizer "$target" --decode eager \
-  --lengths "$length_c" --batch-sizes 1 --methods dense,speckv --speculate 0,4 "${common[@]}" --out "$WORK/c"
+  --lengths "$length_c" --batch-sizes 1 --methods dense,speckv --speculate 0,4,auto "${common[@]}" --out "$WORK/c"
 echo "(c) took $((SECONDS - start)) s" | tee -a "$WORK/environment.txt"
 
 python3 benchmarks/paper_bench.py report "$WORK/a-eager" "$WORK/a-static" "$WORK/b-static" "$WORK/c-eager" \

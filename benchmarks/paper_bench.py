@@ -23,7 +23,7 @@ from random_weights import load_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from draftkv import bench
-from draftkv.models import pair_from_models
+from draftkv.models import pair_from_models, parse_speculate
 
 TARGETS = {"decode_ms": 8.0, "speckv_ttft_ratio": 1.15, "specpc_vs_laq": 0.25, "specpc_vs_dense": 0.5,
            "memory_below_laq_gb": 25.0}
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> None:
     methods = bench.method_configs(args.methods.split(","), args.budget, args.prompt_budget)
     lengths = [int(n) for n in args.lengths.split(",")]
     batches = [int(n) for n in args.batch_sizes.split(",")]
-    speculate = [int(n) for n in args.speculate.split(",")]
+    speculate = [parse_speculate(n) for n in args.speculate.split(",")]
     for decode in args.decode.split(","):
         pair = pair_from_models(target, tokenizer, draft, tokenizer, decode=decode)
         out = Path(f"{args.out}-{decode}")
@@ -57,6 +57,11 @@ def run(args: argparse.Namespace) -> None:
                   "environment": bench.measurement_environment()}
         bench.run_bench(pair, out, lengths=lengths, methods=methods, batch_sizes=batches, new_tokens=args.new_tokens,
                         repeats=args.repeats, speculate=speculate)
+        if pair.call_costs is not None:  # what `auto` measured, and chose from
+            costs = pair.call_costs
+            config["speculation_costs"] = {"target_ms": {width: 1e3 * s for width, s in costs.target.items()},
+                                           "draft_step_ms": 1e3 * costs.draft_step,
+                                           "acceptance": costs.acceptance, "summary": costs.summary()}
         bench.report(out, config)
         print(f"{out}: done")
 
@@ -169,7 +174,8 @@ def main() -> None:
     measure.add_argument("--budget", type=int, default=256)
     measure.add_argument("--prompt-budget", type=int, default=1024)
     measure.add_argument("--new-tokens", type=int, default=32)
-    measure.add_argument("--speculate", default="0", help="draft proposals per target call, comma-separated (0: none)")
+    measure.add_argument("--speculate", default="0", help="draft proposals per target call, comma-separated (0: none; "
+                                                          "auto: as measured)")
     measure.add_argument("--repeats", type=int, default=2)
     measure.add_argument("--device", default="cuda")
     measure.add_argument("--dtype", default="bfloat16")
