@@ -7,6 +7,7 @@ lent GPU machine.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -134,7 +135,7 @@ def test_the_captured_static_step_gives_the_eager_steps_tokens(pairs, method):
     finally:
         decoding.StaticStep = real
     assert fixed.token_ids == eager.token_ids, method
-    assert steps and all(step.graph is not None for step in steps)  # captured and replayed
+    assert steps and all(step.shapes[1].graph is not None for step in steps)  # captured and replayed
 
 
 def test_the_draft_beside_the_target_on_its_own_stream(pairs):
@@ -147,3 +148,25 @@ def test_the_draft_beside_the_target_on_its_own_stream(pairs):
     beside = [finish(cuda, p)[0] for p in prepare(cuda, [request], methods, beside=True)]
     for a, b in zip(alone, beside, strict=True):
         assert_same_result(b, a)
+
+
+@pytest.mark.parametrize("method", ["dense", "speckv"])
+def test_speculation_on_the_captured_static_step_gives_the_eager_steps_tokens(pairs, method, monkeypatch):
+    """The target's check of k + 1 tokens and the draft's steps are captured once per width and replayed."""
+    from draftkv.engine import speculation
+
+    cuda = pairs["cuda"]
+    steps = []
+    real = speculation.StaticStep
+
+    def spy(*args, **kwargs):
+        steps.append(real(*args, **kwargs))
+        return steps[-1]
+
+    eager = run(dataclasses.replace(cuda, decode="eager", speculate=3), method)
+    monkeypatch.setattr(speculation, "StaticStep", spy)
+    fixed = run(dataclasses.replace(cuda, decode="static", speculate=3), method)
+    assert fixed.token_ids == eager.token_ids == run(cuda, method).token_ids
+    assert fixed.stats.proposed_tokens > 0
+    assert len(steps) == 2 and all(shape.graph is not None for step in steps for shape in step.shapes.values())
+    assert 4 in steps[0].shapes  # the target's check of three proposals

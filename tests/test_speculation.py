@@ -14,6 +14,7 @@ from draftkv import METHODS
 from draftkv.engine.cache import new_cache
 from draftkv.engine.decoding import DecodeSpec, sampling_probs
 from draftkv.engine.speculation import CallCosts, Drafter, speculate
+from draftkv.engine.static import StaticStep
 from draftkv.errors import ConfigError
 from draftkv.flow import run
 from draftkv.flow.execute import speculation_asked
@@ -299,3 +300,53 @@ def test_auto_adapts_to_a_draft_that_is_never_right():
     assert sped.token_ids == run(far, [request], ["dense"])[0][0].token_ids
     assert 0 < sped.stats.proposed_tokens < 8 * 39 / 2
     assert costs.acceptance < 0.3
+
+
+@pytest.mark.parametrize("name", ["dense", "snapkv", "speckv", "ada-speckv", "specpc"])
+def test_the_static_step_speculates_with_the_tokens_of_the_eager_one(near, name, monkeypatch):
+    """The static step reads k + 1 tokens into its fixed slots and frees the refused ones; on a CPU it runs
+    uncaptured and must give the eager step's tokens, alone and in a padded batch, for both models."""
+    widths = []
+    real = StaticStep.read
+
+    def spy(self, tokens, positions):
+        widths.append(tokens.shape[1])
+        return real(self, tokens, positions)
+
+    monkeypatch.setattr(StaticStep, "read", spy)
+    chosen = with_budgets(name)
+    batch = requests(2)  # different lengths
+    eager = run(dataclasses.replace(near, speculate=3, decode="eager"), batch, [chosen])[0]
+    assert not widths
+    fixed = run(dataclasses.replace(near, speculate=3, decode="static"), batch, [chosen])[0]
+    for row, request in enumerate(batch):
+        assert fixed[row].token_ids == eager[row].token_ids == run(near, [request], [chosen])[0][0].token_ids
+        assert fixed[row].stats.accepted_proposals == eager[row].stats.accepted_proposals
+    assert 4 in widths and 1 in widths  # the target's checks of 3 proposals and the draft's steps
+
+
+def test_the_static_step_reads_several_tokens_and_takes_refused_ones_back(near):
+    """Reading k + 1 tokens at once equals reading them one by one, and after taking tokens back the next
+    read equals one over a cache that never had them."""
+    model = near.target.model
+    prompt = torch.arange(3, 40)[None]
+
+    def prefilled():
+        cache = new_cache(model.config)
+        with torch.inference_mode():
+            model(input_ids=prompt, cache=cache, use_cache=True)
+        return cache
+
+    step = StaticStep(model, prefilled(), None, 12)
+    at = prompt.shape[1]
+    together = step.read(torch.tensor([[5, 6, 7, 8]]), torch.arange(at, at + 4)[None])[0]
+    single = StaticStep(model, prefilled(), None, 12)
+    for offset, token in enumerate([5, 6, 7, 8]):
+        one = single.read(torch.tensor([[token]]), torch.tensor([[at + offset]]))[0, -1]
+        torch.testing.assert_close(together[offset], one, rtol=1e-4, atol=1e-4)
+    step.take_back(2)  # 7 and 8 refused: 9 follows 6
+    after = step.read(torch.tensor([[9]]), torch.tensor([[at + 2]]))[0, -1]
+    fresh = StaticStep(model, prefilled(), None, 12)
+    fresh.read(torch.tensor([[5, 6]]), torch.arange(at, at + 2)[None])
+    torch.testing.assert_close(after, fresh.read(torch.tensor([[9]]), torch.tensor([[at + 2]]))[0, -1],
+                               rtol=1e-4, atol=1e-4)

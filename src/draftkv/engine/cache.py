@@ -398,10 +398,17 @@ class FixedSlotLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         at = self.step + self.base
+        if key_states.shape[2] > 1:  # several tokens (speculation's check): consecutive slots
+            at = at + torch.arange(key_states.shape[2], device=self.device)
         self.keys.index_copy_(2, at, key_states)
         self.values.index_copy_(2, at, value_states)
         self.valid.index_fill_(2, at, True)
         return self.keys, self.values
+
+    def forget(self, count: int) -> None:
+        """Free the last `count` slots written (refused proposals); the caller moves `step` back."""
+        filled = self.filled
+        self.valid[:, :, filled - count:filled] = False
 
     def get_seq_length(self) -> int:
         return self.capacity
@@ -428,7 +435,13 @@ class FixedSlotLayer(DynamicLayer):
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
 
     def mask(self, num_queries: int, group: int) -> torch.Tensor:
-        return ragged_mask(self.valid, num_queries, group)
+        if num_queries == 1:
+            return ragged_mask(self.valid, num_queries, group)
+        # The new tokens' slots (written from `base + step` on) are not the last ones: query i sees the
+        # slots up to its own.
+        newest = self.step + self.base + torch.arange(num_queries, device=self.device)
+        seen = torch.arange(self.capacity, device=self.device)[None, :] <= newest[:, None]
+        return ragged_mask(self.valid, 1, group).expand(-1, -1, num_queries, -1) & seen
 
 
 def new_cache(config) -> DynamicCache:

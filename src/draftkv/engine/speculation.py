@@ -38,8 +38,10 @@ from .decoding import (
     RowOutput,
     make_generators,
     sampling_probs,
+    takes_static,
     token_logprobs,
 )
+from .static import StaticStep
 
 
 def acceptance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -212,6 +214,53 @@ def _call(model: torch.nn.Module, cache: DynamicCache, tokens: list[int], positi
     return out.logits[0].float()
 
 
+class EagerReader:
+    """A model reading tokens over a cache that grows by them (the eager step); refused ones are cropped.
+    `attention_mask`: [1, cache length], the row's mask where its cache has slots it hides (padding)."""
+
+    def __init__(self, model: torch.nn.Module, cache: DynamicCache, attention_mask: torch.Tensor | None,
+                 room: int) -> None:
+        reserve(cache, room)
+        self.model, self.cache, self.mask = model, cache, attention_mask
+
+    def read(self, tokens: list[int], position: int, keep: int) -> torch.Tensor:
+        """The logits of the last `keep` of `tokens`, read at `position`.. [keep, V]."""
+        if self.mask is not None:
+            self.mask = F.pad(self.mask, (0, len(tokens)), value=1)
+        return _call(self.model, self.cache, tokens, position, keep, self.mask)
+
+    def take_back(self, count: int) -> None:
+        drop_newest(self.cache, count)
+        if self.mask is not None and count > 0:
+            self.mask = self.mask[:, : self.mask.shape[1] - count]
+
+
+class StaticReader:
+    """The same over the static step's fixed slots (a CUDA graph per number of tokens read, on CUDA); the
+    cache is copied into them and let go of."""
+
+    def __init__(self, model: torch.nn.Module, cache: DynamicCache, attention_mask: torch.Tensor | None,
+                 room: int) -> None:
+        self.step = StaticStep(model, cache, attention_mask, room, consume=True)
+        self.device = model.device
+
+    def read(self, tokens: list[int], position: int, keep: int) -> torch.Tensor:
+        logits = self.step.read(torch.tensor([tokens], device=self.device),
+                                torch.arange(position, position + len(tokens), device=self.device)[None])
+        return logits[0, -keep:].float()
+
+    def take_back(self, count: int) -> None:
+        self.step.take_back(count)
+
+
+def reader(backend: str, model: torch.nn.Module, cache: DynamicCache, attention_mask: torch.Tensor | None,
+           room: int) -> EagerReader | StaticReader:
+    """How a model reads during speculation: the decode backend's step (decoding.takes_static), with room
+    for `room` more tokens."""
+    chosen = StaticReader if takes_static(backend, model, cache) else EagerReader
+    return chosen(model, cache, attention_mask, room)
+
+
 def speculate(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.Tensor, position: int,
               spec: DecodeSpec, drafter: Drafter, attention_mask: torch.Tensor | None = None,
               ) -> tuple[DecodeOutput, SpeculationStats]:
@@ -229,7 +278,8 @@ def speculate(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.T
     generator = given.generator if given is not None and given.generator is not None else \
         make_generators([sampling], first_logits.device)[0]
     stats = SpeculationStats()
-    reserve(cache, limit + drafter.proposals + 1)
+    target = reader(spec.backend, model, cache, attention_mask, limit + drafter.proposals + 1)
+    draft = None  # the draft's reader, made when it first proposes
     if given is not None:  # a checked guess: its tokens but the last are in the target's cache already
         chosen, logprobs = given.token_ids, given.logprobs
     else:
@@ -257,18 +307,19 @@ def speculate(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.T
         # not read (it may be refused).
         count = min(drafter.proposals if drafter.costs is None else drafter.costs.best(drafter.proposals),
                     limit - len(row.token_ids) - 1)
-        if count and drafter.fill is not None:  # the draft reads the prompt only once a proposal is wanted
-            drafter.fill()
-            drafter.fill = None
-        if count and not stats.draft_kv_bytes:
+        if count and draft is None:
+            if drafter.fill is not None:  # the draft reads the prompt only once a proposal is wanted
+                drafter.fill()
+                drafter.fill = None
             stats.draft_kv_bytes = kv_bytes(drafter.cache)
-            reserve(drafter.cache, limit + drafter.proposals + len(answer) + 1)
+            draft = reader(spec.backend, drafter.model, drafter.cache, None,
+                           limit + drafter.proposals + len(answer) + 1)
         started = time.perf_counter()
         proposed, guess_probs = [], []
         feed = answer[read:]
         vocab = first_logits.shape[-1]
         for _ in range(count):
-            logits = _call(drafter.model, drafter.cache, feed, drafter.position + read, 1)[-1]
+            logits = draft.read(feed, drafter.position + read, 1)[-1]
             # The draft proposes among the target's tokens only (a vocabulary padded differently).
             logits = logits[:vocab] if logits.numel() >= vocab else F.pad(logits, (0, vocab - logits.numel()),
                                                                             value=float("-inf"))
@@ -282,25 +333,22 @@ def speculate(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.T
             proposed.append(token)
             feed = [token]
         stats.draft_seconds += time.perf_counter() - started
-        if attention_mask is not None:
-            attention_mask = F.pad(attention_mask, (0, count + 1), value=1)
-        logits = _call(model, cache, [answer[-1], *proposed], target_at, count + 1, attention_mask)
+        logits = target.read([answer[-1], *proposed], target_at, count + 1)
         steps += 1
         chosen = check_guess(proposed, logits, sampling, generator, torch.stack(guess_probs) if guess_probs else None)
         kept = len(chosen) - 1
-        if drafter.costs is not None:
-            drafter.costs.checked(count, kept)
         stats.rounds += count > 0
         stats.proposed += count
         stats.accepted += kept
+        if drafter.costs is not None:
+            drafter.costs.checked(count, kept)
         logprobs = token_logprobs(logits[: len(chosen)], chosen, [wanted] * len(chosen)) if wanted is not None \
             else None
-        drop_newest(cache, count - kept)  # the target read its last token and every proposal
-        if attention_mask is not None and count > kept:
-            attention_mask = attention_mask[:, : attention_mask.shape[1] - (count - kept)]
+        target.take_back(count - kept)  # the target read its last token and every proposal
         # The draft read the answer and every proposal but the last: keep what the target kept.
         refused = max(count - 1, 0) - min(kept, max(count - 1, 0))
-        drop_newest(drafter.cache, refused)
+        if draft is not None:
+            draft.take_back(refused)
         read -= refused
         target_at += kept + 1
     decoded = Decoded(row.token_ids, row.shown, row.finish or "length", row.logprobs)

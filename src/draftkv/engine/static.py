@@ -12,6 +12,7 @@ On other devices the same step runs uncaptured and gives the eager step's tokens
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 
 import torch
 from torch.nn.attention import sdpa_kernel
@@ -22,7 +23,8 @@ from .attention import DECODE_ATTENTION, own_implementation, ragged_attention
 from .cache import FixedSlotLayer, cache_of_layers, select_rows
 
 STATIC_IMPLEMENTATIONS = ("sdpa", "eager")  # those whose mask the layers can replace (flex takes a BlockMask)
-_warmed: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # models whose kernels ran once before a capture
+# Per model, the call widths whose kernels ran once before a capture.
+_warmed: weakref.WeakKeyDictionary[torch.nn.Module, set[int]] = weakref.WeakKeyDictionary()
 
 
 def supports_static(model: torch.nn.Module, cache: DynamicCache | None) -> str | None:
@@ -61,11 +63,8 @@ class StaticStep:
                 del keys, values, valid
                 cache.layers[at] = DynamicLayer()
         self.cache = cache_of_layers(layers)
-        batch = layers[0].keys.shape[0]
-        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
-        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
-        self.logits: torch.Tensor | None = None  # [B, V], written by every step
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.batch = layers[0].keys.shape[0]
+        self.shapes: dict[int, _Shape] = {}  # by the tokens a call reads: 1 for a decode step, k + 1 to check k
 
     def select(self, rows: list[int], taken: int) -> StaticStep:
         """A new static step for the batch rows `rows` alone, after `taken` steps (finished rows dropped)."""
@@ -75,44 +74,73 @@ class StaticStep:
         chosen.steps = self.steps  # of the whole decode, as `taken` counts
         return chosen
 
-    def _forward(self) -> None:
+    def _forward(self, shape: _Shape) -> None:
         with sdpa_kernel(DECODE_ATTENTION), ragged_attention(self.model, self.cache):
-            out = self.model(input_ids=self.tokens, position_ids=self.positions, cache=self.cache, use_cache=True,
-                             logits_to_keep=1)
-        if self.logits is None:
-            self.logits = torch.empty_like(out.logits[:, -1])
-        self.logits.copy_(out.logits[:, -1])
-        self.step.add_(1)
+            out = self.model(input_ids=shape.tokens, position_ids=shape.positions, cache=self.cache, use_cache=True,
+                             logits_to_keep=shape.width)
+        if shape.logits is None:
+            shape.logits = torch.empty_like(out.logits)
+        shape.logits.copy_(out.logits)
+        self.step.add_(shape.width)
 
-    def _capture(self) -> None:
-        """Capture one step as a CUDA graph. A model's first capture is preceded by one step on a side
-        stream (lazy kernel set-up must not happen during a capture), whose writes are then undone."""
+    def _capture(self, shape: _Shape) -> None:
+        """Capture a call of this shape as a CUDA graph. A model's first capture of a width is preceded by
+        one call on a side stream (lazy kernel set-up must not happen during a capture), whose writes are
+        then undone."""
         device = self.model.device
-        if self.model not in _warmed:
+        if shape.width not in _warmed.setdefault(self.model, set()):
+            step = self.step.clone()
             saved = [layer.valid.clone() for layer in self.cache.layers]
             side = torch.cuda.Stream(device=device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
-                self._forward()
+                self._forward(shape)
             torch.cuda.current_stream(device).wait_stream(side)
-            self.step.zero_()
+            self.step.copy_(step)
             for layer, valid in zip(self.cache.layers, saved, strict=True):
                 layer.valid.copy_(valid)
-            _warmed.add(self.model)
-        self.graph = torch.cuda.CUDAGraph()
+            _warmed[self.model].add(shape.width)
+        shape.graph = torch.cuda.CUDAGraph()
         # thread_local: the draft may decode in another thread while the target prefills (execute.py)
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self._forward()
+        with torch.cuda.graph(shape.graph, capture_error_mode="thread_local"):
+            self._forward(shape)
 
     @torch.inference_mode()
+    def read(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits [B, W, V] after `tokens` [B, W] at `positions` [B, W], written to the next W slots."""
+        width = tokens.shape[1]
+        if width not in self.shapes:
+            self.shapes[width] = _Shape(width, torch.zeros(self.batch, width, dtype=torch.long, device=self.model.device),
+                                        torch.zeros(self.batch, width, dtype=torch.long, device=self.model.device))
+        shape = self.shapes[width]
+        shape.tokens.copy_(tokens)
+        shape.positions.copy_(positions)
+        if not self.graphs:
+            self._forward(shape)
+        else:
+            if shape.graph is None:
+                self._capture(shape)
+            shape.graph.replay()
+        return shape.logits.clone()
+
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] after `tokens` [B, 1] at `positions` [B, 1]."""
-        self.tokens.copy_(tokens)
-        self.positions.copy_(positions)
-        if not self.graphs:
-            self._forward()
-        else:
-            if self.graph is None:
-                self._capture()
-            self.graph.replay()
-        return self.logits.clone()
+        return self.read(tokens, positions)[:, -1]
+
+    def take_back(self, count: int) -> None:
+        """Forget the last `count` tokens read (refused proposals): their slots are written again next."""
+        if count > 0:
+            for layer in self.cache.layers:
+                layer.forget(count)
+            self.step.sub_(count)
+
+
+@dataclass
+class _Shape:
+    """The buffers (and, on CUDA, the graph) of calls that read `width` tokens per row."""
+
+    width: int
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    logits: torch.Tensor | None = None
+    graph: torch.cuda.CUDAGraph | None = None
