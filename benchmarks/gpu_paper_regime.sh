@@ -4,7 +4,7 @@
 # built on the device from configs (benchmarks/paper_bench.py); about 7 minutes on an H100/H200. (b) also
 # runs the paper's SpecKV (speckv:verify_lookahead=false) beside today's checked guess, for the check's cost
 # (random weights: the draft's guesses are not accepted, so only the cost shows); (c) the same 14B pair at
-# 32k with and without speculative decoding (4 proposals per target call, and auto; eager step): with
+# 32k with and without speculative decoding (4 proposals per target call, and auto; static step): with
 # random weights nothing is accepted, so it measures what a round costs against a plain step, and the
 # call costs auto decides from (bench.json's config, `speculation_costs`).
 #
@@ -73,11 +73,11 @@ echo "(b) took $((SECONDS - start)) s" | tee -a "$WORK/environment.txt"
 
 start=$SECONDS
 python3 benchmarks/paper_bench.py run --target benchmarks/paper/qwen2.5-14b-instruct.json \
-  --draft benchmarks/paper/qwen2.5-0.5b-instruct.json --tokenizer "$target" --decode eager \
+  --draft benchmarks/paper/qwen2.5-0.5b-instruct.json --tokenizer "$target" --decode static \
   --lengths "$length_c" --batch-sizes 1 --methods dense,speckv --speculate 0,4,auto "${common[@]}" --out "$WORK/c"
 echo "(c) took $((SECONDS - start)) s" | tee -a "$WORK/environment.txt"
 
-python3 benchmarks/paper_bench.py report "$WORK/a-eager" "$WORK/a-static" "$WORK/b-static" "$WORK/c-eager" \
+python3 benchmarks/paper_bench.py report "$WORK/a-eager" "$WORK/a-static" "$WORK/b-static" "$WORK/c-static" \
   --out "$WORK/report"
 cp "$WORK/report/bench.md" "$OUT/bench.md"
 tar czf "$OUT/bench-gpu-paper.tar.gz" -C "$WORK" .
