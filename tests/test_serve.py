@@ -3,6 +3,7 @@ official `openai` client."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from draftkv.errors import ConfigError
 from draftkv.methods import get_method
 from draftkv.models import ModelPair
 from draftkv.prompt import encode_prompt
-from draftkv.serving.engine import estimate_bytes
+from draftkv.serving.engine import entry_bytes, estimate_bytes
 from draftkv.types import Request
 
 
@@ -380,6 +381,16 @@ def test_memory_estimate_grows_with_the_prompt_and_shrinks_with_prompt_methods(p
     specpc = get_method("specpc", budget=128, window=16)
     target_only = ModelPair(pair.target)
     assert estimate_bytes(target_only, specpc, 1000, 16) < estimate_bytes(target_only, dense, 1000, 16)
+    # Speculation adds the draft's cache: all of the prompt for dense, the budget where it is compressed.
+    draft_entry = entry_bytes(pair.draft.model)
+    plain, sped = estimate_bytes(pair, dense, 1000, 16), estimate_bytes(pair, dense, 1000, 16, speculate=4)
+    assert sped - plain >= (1000 + 16 + 4) * draft_entry
+    assert estimate_bytes(pair, dense, 1000, 16, speculate="auto") > sped  # auto at its most proposals
+    speckv = get_method("speckv", budget=64)
+    compressed = estimate_bytes(pair, speckv, 1000, 16, speculate=4)
+    whole = estimate_bytes(dataclasses.replace(pair, draft_cache="whole"), speckv, 1000, 16, speculate=4)
+    assert whole - compressed == (1000 - 64) * draft_entry
+    assert estimate_bytes(target_only, dense, 1000, 16, speculate=4) == estimate_bytes(target_only, dense, 1000, 16)
 
 
 def test_cancelled_rows_stop_decoding(pair):

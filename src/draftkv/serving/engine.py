@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..compress import compress_prompts
+from ..engine.speculation import AUTO_MOST
 from ..errors import DraftKVError
 from ..flow import Consumer, LayerKinds, Observer, StageEvent, check_fits, run
 from ..likelihood import Scored, score_continuations
@@ -100,10 +101,16 @@ def activation_bytes(model: torch.nn.Module, tokens: int) -> int:
     return tokens * width * next(model.parameters()).element_size()
 
 
-def estimate_bytes(pair: ModelPair, method: Method, prompt_tokens: int, new_tokens: int) -> int:
+def estimate_bytes(pair: ModelPair, method: Method, prompt_tokens: int, new_tokens: int,
+                   speculate: int | str = 0) -> int:
     """What a request adds to memory while it runs, from the executor's plan for it: the draft's pass
-    (when the plan asks for one) and the target's cache and activations for what station 1 leaves."""
-    consumer = Consumer.of(method, [prompt_tokens], [new_tokens], LayerKinds.of(pair.target.model.config))
+    (when the plan asks for one), the target's cache and activations for what station 1 leaves, and the
+    draft's cache for speculation (`auto` counted at its most proposals)."""
+    speculator = LayerKinds.of(pair.draft.model.config) \
+        if pair.draft is not None and pair.tokenizer_mismatch is None else None
+    consumer = Consumer.of(method, [prompt_tokens], [new_tokens], LayerKinds.of(pair.target.model.config),
+                           speculate=AUTO_MOST if speculate == "auto" else speculate, draft=speculator,
+                           draft_cache=pair.draft_cache)
     total = 0
     target_tokens = consumer.rows[0].stage_length
     if consumer.need.needed and pair.draft is not None:
@@ -112,7 +119,14 @@ def estimate_bytes(pair: ModelPair, method: Method, prompt_tokens: int, new_toke
         total += draft_tokens * entry_bytes(draft) + activation_bytes(draft, prompt_tokens)
     if pair.target.model is not (pair.draft.model if pair.draft else None):  # proxy mode runs no target
         target = pair.target.model
-        total += (target_tokens + new_tokens) * entry_bytes(target) + activation_bytes(target, target_tokens)
+        total += (target_tokens + new_tokens + consumer.speculation) * entry_bytes(target) \
+            + activation_bytes(target, target_tokens)
+    if consumer.speculation:  # the draft's cache for it: what it keeps of the prompt, and the answer
+        draft = pair.draft.model
+        kept = consumer.rows[0].draft_budget if pair.draft_cache != "whole" else None
+        total += ((kept or prompt_tokens) + new_tokens + consumer.speculation) * entry_bytes(draft)
+        if not consumer.need.needed:  # the draft reads the prompt for it alone
+            total += activation_bytes(draft, prompt_tokens)
     return total
 
 
@@ -230,7 +244,8 @@ class Scheduler:
         try:
             guess = job.method.guess(asked)  # asked of the method, whether or not this prompt needs it
             self.check_guess(job.method, n, job.method.draft_lookahead(asked), guess.tokens if guess else 0)
-            job.memory = estimate_bytes(self.pair, job.method, n, asked)
+            speculate = job.request.speculate if job.request.speculate is not None else self.pair.speculate
+            job.memory = estimate_bytes(self.pair, job.method, n, asked, speculate)
         except DraftKVError as error:  # a budget or a guess that does not fit this prompt
             raise ServeError(400, str(error), param="budget", code="invalid_parameter") from None
         if job.memory > self.memory_limit:
