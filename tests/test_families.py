@@ -3,6 +3,8 @@ softcapping, sinks, sliding windows, QK-norm), on tiny random models built from 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from tiny import long_context, make_tokenizer
@@ -190,6 +192,22 @@ def test_a_two_row_batch_equals_one_by_one(family_pair):
         for request, result in zip(requests, together, strict=True):
             alone = generate_batch(pair, [request], method, **budgets(method))[0]
             assert result.token_ids == alone.token_ids, (family, method)
+
+
+def test_a_speculating_batch_gives_each_rows_tokens_or_says_why_it_cannot(family_pair):
+    """Speculation through each family's attention: a two-row batch in step (the static step's fixed
+    slots), or, where a sliding window cannot take refused proposals back, no proposals and a note."""
+    family, pair = family_pair
+    requests = [Request(context=CONTEXT, question=QUESTION, max_new_tokens=NEW_TOKENS),
+                Request(context=long_context(150, seed=42), question="when is the launch?", max_new_tokens=NEW_TOKENS)]
+    sliding = LayerKinds.of(pair.target.model.config).sliding
+    for method in ("dense", "speckv"):
+        sped = generate_batch(dataclasses.replace(pair, speculate=2), requests, method, **budgets(method))
+        for request, result in zip(requests, sped, strict=True):
+            assert result.token_ids == generate_batch(pair, [request], method, **budgets(method))[0].token_ids, \
+                (family, method)
+            assert (result.stats.proposed_tokens > 0) == (not sliding), (family, method)
+            assert ("sliding-window layer cannot take refused proposals back" in result.stats.note) == sliding
 
 
 def test_every_method_decoded_together_equals_each_decoded_alone(family_pair):

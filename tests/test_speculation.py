@@ -148,9 +148,9 @@ def test_sampled_speculation_draws_from_the_targets_distribution():
             logits = model(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
             caches.append((cache, logits))
         spec = DecodeSpec([3], [dataclasses.replace(sampling, seed=seed)], [set()])
-        output, speculated = speculate(target, caches[0][0], caches[0][1][None], len(ids), spec,
-                                       Drafter(draft, caches[1][0], 2, len(ids)))
-        assert speculated.proposed == 1  # the second token came through the proposal's check
+        output, speculated = speculate(target, caches[0][0], caches[0][1][None], [len(ids)], spec,
+                                       Drafter(draft, caches[1][0], 2, [len(ids)], [0]))
+        assert speculated[0].proposed == 1  # the second token came through the proposal's check
         t0, t1 = output.rows[0].token_ids[:2]
         counts[t0, t1] += 1
     assert 0.5 * float((counts / runs - exact).abs().sum()) < 0.1
@@ -304,8 +304,9 @@ def test_auto_adapts_to_a_draft_that_is_never_right():
 
 @pytest.mark.parametrize("name", ["dense", "snapkv", "speckv", "ada-speckv", "specpc"])
 def test_the_static_step_speculates_with_the_tokens_of_the_eager_one(near, name, monkeypatch):
-    """The static step reads k + 1 tokens into its fixed slots and frees the refused ones; on a CPU it runs
-    uncaptured and must give the eager step's tokens, alone and in a padded batch, for both models."""
+    """The static step reads k + 1 tokens into its fixed slots and takes the refused ones back (a batch, in
+    step, frees them per row); on a CPU it runs uncaptured and must give the eager step's tokens, alone
+    and in a padded batch, for both models. A batch always takes the static step."""
     widths = []
     real = StaticStep.read
 
@@ -316,13 +317,20 @@ def test_the_static_step_speculates_with_the_tokens_of_the_eager_one(near, name,
     monkeypatch.setattr(StaticStep, "read", spy)
     chosen = with_budgets(name)
     batch = requests(2)  # different lengths
-    eager = run(dataclasses.replace(near, speculate=3, decode="eager"), batch, [chosen])[0]
+    eager = [run(dataclasses.replace(near, speculate=3, decode="eager"), [request], [chosen])[0][0]
+             for request in batch]
     assert not widths
-    fixed = run(dataclasses.replace(near, speculate=3, decode="static"), batch, [chosen])[0]
-    for row, request in enumerate(batch):
-        assert fixed[row].token_ids == eager[row].token_ids == run(near, [request], [chosen])[0][0].token_ids
-        assert fixed[row].stats.accepted_proposals == eager[row].stats.accepted_proposals
+    fixed = [run(dataclasses.replace(near, speculate=3, decode="static"), [request], [chosen])[0][0]
+             for request in batch]
     assert 4 in widths and 1 in widths  # the target's checks of 3 proposals and the draft's steps
+    widths.clear()
+    together = run(dataclasses.replace(near, speculate=3, decode="eager"), batch, [chosen])[0]
+    assert 4 in widths
+    for row, request in enumerate(batch):
+        plain = run(near, [request], [chosen])[0][0].token_ids
+        assert fixed[row].token_ids == eager[row].token_ids == together[row].token_ids == plain
+        assert fixed[row].stats.accepted_proposals == eager[row].stats.accepted_proposals
+        assert together[row].stats.proposed_tokens > 0
 
 
 def test_the_static_step_reads_several_tokens_and_takes_refused_ones_back(near):

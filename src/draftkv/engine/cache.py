@@ -405,6 +405,13 @@ class FixedSlotLayer(DynamicLayer):
         self.valid.index_fill_(2, at, True)
         return self.keys, self.values
 
+    def free_rows(self, counts: torch.Tensor) -> None:
+        """Free the last `counts[b]` slots written of each row b, the slots kept as they are."""
+        filled = self.filled
+        slots = torch.arange(self.capacity, device=self.device)
+        freed = (slots[None, :] >= filled - counts[:, None]) & (slots[None, :] < filled)
+        self.valid &= ~freed[:, None, :]
+
     def forget(self, count: int) -> None:
         """Free the last `count` slots written (refused proposals); the caller moves `step` back."""
         filled = self.filled

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 from transformers import DynamicCache
 
+from ..errors import ConfigError
 from ..types import Sampling
 from .attention import DECODE_ATTENTION
 from .cache import kv_bytes, reserve
@@ -41,7 +42,7 @@ from .decoding import (
     takes_static,
     token_logprobs,
 )
-from .static import StaticStep
+from .static import StaticStep, supports_static
 
 
 def acceptance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -173,17 +174,18 @@ def measure_costs(target: torch.nn.Module, draft: torch.nn.Module, tokens: int =
 
 @dataclass
 class Drafter:
-    """The draft's side of speculative decoding: its model, its cache of the prompt and of the answer's
-    first `read` tokens, the position its first answer token has (its own numbering of the prompt), and
-    how many tokens it proposes per target call."""
+    """The draft's side of speculative decoding: its model, its cache of each row's prompt and of the
+    answer's first `read` tokens, the position each row's first answer token has (its own numbering of
+    the prompt), and how many tokens it proposes per target call."""
 
     model: torch.nn.Module
-    cache: DynamicCache
+    cache: DynamicCache | None
     proposals: int
-    position: int
-    read: int = 0
+    positions: list[int]
+    read: list[int]
     fill: Callable[[], None] | None = None  # fills `cache` before the first proposal (after the first token)
     costs: CallCosts | None = None  # `auto`: each round proposes what these costs say decodes fastest
+    row_bytes: list[int] | None = None  # each row's share of `cache` (None: all of it, one row)
 
 
 @dataclass
@@ -223,133 +225,194 @@ class EagerReader:
         reserve(cache, room)
         self.model, self.cache, self.mask = model, cache, attention_mask
 
-    def read(self, tokens: list[int], position: int, keep: int) -> torch.Tensor:
-        """The logits of the last `keep` of `tokens`, read at `position`.. [keep, V]."""
+    def read(self, tokens: list[list[int]], positions: list[int], keep: int) -> torch.Tensor:
+        """The logits of the last `keep` of each row's `tokens`, read at its position.. [B, keep, V]."""
         if self.mask is not None:
-            self.mask = F.pad(self.mask, (0, len(tokens)), value=1)
-        return _call(self.model, self.cache, tokens, position, keep, self.mask)
+            self.mask = F.pad(self.mask, (0, len(tokens[0])), value=1)
+        return _call(self.model, self.cache, tokens[0], positions[0], keep, self.mask)[None]
 
-    def take_back(self, count: int) -> None:
-        drop_newest(self.cache, count)
-        if self.mask is not None and count > 0:
-            self.mask = self.mask[:, : self.mask.shape[1] - count]
+    def take_back(self, counts: list[int]) -> None:
+        """Forget the last `counts[0]` tokens read (one row: the eager cache cannot drop per row)."""
+        drop_newest(self.cache, counts[0])
+        if self.mask is not None and counts[0] > 0:
+            self.mask = self.mask[:, : self.mask.shape[1] - counts[0]]
 
 
 class StaticReader:
     """The same over the static step's fixed slots (a CUDA graph per number of tokens read, on CUDA); the
-    cache is copied into them and let go of."""
+    cache is copied into them and let go of. One row takes refused tokens back and writes there again; in
+    a batch each row's are only freed, since the rows share the slot they write next."""
 
     def __init__(self, model: torch.nn.Module, cache: DynamicCache, attention_mask: torch.Tensor | None,
                  room: int) -> None:
         self.step = StaticStep(model, cache, attention_mask, room, consume=True)
         self.device = model.device
 
-    def read(self, tokens: list[int], position: int, keep: int) -> torch.Tensor:
-        logits = self.step.read(torch.tensor([tokens], device=self.device),
-                                torch.arange(position, position + len(tokens), device=self.device)[None])
-        return logits[0, -keep:].float()
+    def read(self, tokens: list[list[int]], positions: list[int], keep: int) -> torch.Tensor:
+        width = len(tokens[0])
+        logits = self.step.read(torch.tensor(tokens, device=self.device),
+                                torch.tensor(positions, device=self.device)[:, None]
+                                + torch.arange(width, device=self.device))
+        return logits[:, -keep:].float()
 
-    def take_back(self, count: int) -> None:
-        self.step.take_back(count)
+    def take_back(self, counts: list[int]) -> None:
+        if len(counts) == 1:
+            self.step.take_back(counts[0])
+        else:
+            self.step.free(counts)
 
 
 def reader(backend: str, model: torch.nn.Module, cache: DynamicCache, attention_mask: torch.Tensor | None,
-           room: int) -> EagerReader | StaticReader:
+           room: int, rows: int) -> EagerReader | StaticReader:
     """How a model reads during speculation: the decode backend's step (decoding.takes_static), with room
-    for `room` more tokens."""
-    chosen = StaticReader if takes_static(backend, model, cache) else EagerReader
+    for `room` more tokens; a batch always takes the static step, whose slots free per row."""
+    if rows > 1 and (why := supports_static(model, cache)) is not None:
+        raise ConfigError(f"a batch speculates through the static step, which this model cannot take ({why}); "
+                          "send its requests one at a time, or without speculate")
+    chosen = StaticReader if rows > 1 or takes_static(backend, model, cache) else EagerReader
     return chosen(model, cache, attention_mask, room)
 
 
-def speculate(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.Tensor, position: int,
+FILLER = 0  # the token a row that has nothing to read feeds in a batch's call; its entry is freed after
+
+
+def speculate(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.Tensor, positions: list[int],
               spec: DecodeSpec, drafter: Drafter, attention_mask: torch.Tensor | None = None,
-              ) -> tuple[DecodeOutput, SpeculationStats]:
-    """One row's decode with a draft: each round the draft proposes up to `drafter.proposals` tokens from
-    its own cache, and the target reads its last token and the proposals in one call and keeps what
-    `check_guess` keeps (greedy: the agreeing prefix and its own next token, so exactly its greedy
-    tokens; sampling: speculative sampling, so exactly its distribution). Refused proposals leave both
-    caches again. `position`: the logical position of the row's next token; `spec` holds one row;
-    `attention_mask`: [1, cache length], the row's mask where its cache has slots it hides (padding)."""
-    sampling, limit = spec.samplings[0], spec.max_new_tokens[0]
-    row = RowOutput(spec.tokenizer, limit, spec.eos_token_ids[0], (spec.stops or [()])[0],
-                    logprobs=spec.logprobs is not None and spec.logprobs[0] is not None)
-    wanted = spec.logprobs[0] if spec.logprobs is not None else None
-    given = spec.accepted[0] if spec.accepted else None
-    generator = given.generator if given is not None and given.generator is not None else \
-        make_generators([sampling], first_logits.device)[0]
-    stats = SpeculationStats()
-    target = reader(spec.backend, model, cache, attention_mask, limit + drafter.proposals + 1)
+              ) -> tuple[DecodeOutput, list[SpeculationStats]]:
+    """A batch's decode with a draft, its rows in step: each round the draft proposes up to
+    `drafter.proposals` tokens per row from its own cache, and the target reads each row's last token and
+    its proposals in one call and keeps what `check_guess` keeps (greedy: the agreeing prefix and its own
+    next token, so exactly its greedy tokens; sampling: speculative sampling, so exactly its
+    distribution). Each row advances by its own count; refused proposals leave both caches again, and a
+    finished row feeds fillers whose entries are freed. `positions`: each row's logical position of its
+    next token; `attention_mask`: [B, cache length] where the cache has slots a row hides (padding)."""
+    batch = len(positions)
+    rows = [RowOutput(spec.tokenizer, spec.max_new_tokens[r], spec.eos_token_ids[r], (spec.stops or [()] * batch)[r],
+                      logprobs=spec.logprobs is not None and spec.logprobs[r] is not None) for r in range(batch)]
+    wanted = [spec.logprobs[r] if spec.logprobs is not None else None for r in range(batch)]
+    given = spec.accepted or [None] * batch
+    made = make_generators(spec.samplings, first_logits.device)
+    generators = [g.generator if g is not None and g.generator is not None else made[r] for r, g in enumerate(given)]
+    stats = [SpeculationStats() for _ in range(batch)]
+    longest = max(spec.max_new_tokens)
+    # One row writes again where refused tokens were; a batch's rows share the next slot, so every call
+    # takes new ones.
+    room = longest + drafter.proposals + 1 if batch == 1 else (longest + 1) * (drafter.proposals + 1)
+    target = reader(spec.backend, model, cache, attention_mask, room, batch)
     draft = None  # the draft's reader, made when it first proposes
-    if given is not None:  # a checked guess: its tokens but the last are in the target's cache already
-        chosen, logprobs = given.token_ids, given.logprobs
-    else:
-        chosen = check_guess([], first_logits[:1].float(), sampling, generator)
-        logprobs = token_logprobs(first_logits[:1], chosen, [wanted]) if wanted is not None else None
+    chosen, logprobs = [], []
+    for r in range(batch):
+        if given[r] is not None:  # a checked guess: its tokens but the last are in the target's cache already
+            chosen.append(given[r].token_ids)
+            logprobs.append(given[r].logprobs)
+        else:
+            chosen.append(check_guess([], first_logits[r:r + 1].float(), spec.samplings[r], generators[r]))
+            logprobs.append(token_logprobs(first_logits[r:r + 1], chosen[r], [wanted[r]])
+                            if wanted[r] is not None else None)
     first_token_at = time.perf_counter()
-    answer: list[int] = []  # every token chosen so far
-    target_at = position + len(chosen) - 1  # where the last chosen token goes (not read by the target yet)
-    read = drafter.read  # answer tokens the draft has read
+    answers: list[list[int]] = [[] for _ in range(batch)]  # every token each row has chosen so far
+    target_at = [p + len(c) - 1 for p, c in zip(positions, chosen, strict=True)]  # each row's last chosen token
+    read = list(drafter.read)  # answer tokens the draft has read, per row
     steps = 0
+    vocab = first_logits.shape[-1]
     while True:
-        for token, logprob in zip(chosen, logprobs or [None] * len(chosen), strict=True):
+        for r, row in enumerate(rows):
             if row.finish is not None:
-                break
-            if spec.cancelled is not None and spec.cancelled(0):
-                row.end("cancelled")
-                break
-            row.take(token, logprob)
-        answer += chosen
-        if spec.on_text is not None and (piece := row.new_text()):
-            spec.on_text(0, piece)
-        if row.finish is not None:
+                continue
+            for token, logprob in zip(chosen[r], logprobs[r] or [None] * len(chosen[r]), strict=True):
+                if row.finish is not None:
+                    break
+                if spec.cancelled is not None and spec.cancelled(r):
+                    row.end("cancelled")
+                    break
+                row.take(token, logprob)
+            answers[r] += chosen[r]
+            if spec.on_text is not None and (piece := row.new_text()):
+                spec.on_text(r, piece)
+        active = [row.finish is None for row in rows]
+        if not any(active):
             break
-        # The draft reads what it has not read yet of the answer, then proposes; the last proposal is
-        # not read (it may be refused).
-        count = min(drafter.proposals if drafter.costs is None else drafter.costs.best(drafter.proposals),
-                    limit - len(row.token_ids) - 1)
+        left = max(row.max_new_tokens - len(row.token_ids) - 1 for row, on in zip(rows, active, strict=True) if on)
+        count = min(drafter.proposals if drafter.costs is None else drafter.costs.best(drafter.proposals), left)
         if count and draft is None:
             if drafter.fill is not None:  # the draft reads the prompt only once a proposal is wanted
                 drafter.fill()
                 drafter.fill = None
-            stats.draft_kv_bytes = kv_bytes(drafter.cache)
+            for r, held in enumerate(drafter.row_bytes or [kv_bytes(drafter.cache)]):
+                stats[r].draft_kv_bytes = held
+            unread = max(len(answer) - done for answer, done in zip(answers, read, strict=True))
             draft = reader(spec.backend, drafter.model, drafter.cache, None,
-                           limit + drafter.proposals + len(answer) + 1)
+                           room + unread + (longest + 1) * (batch > 1), batch)
         started = time.perf_counter()
-        proposed, guess_probs = [], []
-        feed = answer[read:]
-        vocab = first_logits.shape[-1]
-        for _ in range(count):
-            logits = draft.read(feed, drafter.position + read, 1)[-1]
-            # The draft proposes among the target's tokens only (a vocabulary padded differently).
-            logits = logits[:vocab] if logits.numel() >= vocab else F.pad(logits, (0, vocab - logits.numel()),
-                                                                            value=float("-inf"))
-            read += len(feed)
-            if sampling.greedy:
-                token = int(logits.argmax())
-            else:
-                probs = sampling_probs(logits, sampling)
-                token = int(torch.multinomial(probs, 1, generator=generator))
-                guess_probs.append(probs)
-            proposed.append(token)
-            feed = [token]
-        stats.draft_seconds += time.perf_counter() - started
-        logits = target.read([answer[-1], *proposed], target_at, count + 1)
+        proposed: list[list[int]] = [[] for _ in range(batch)]
+        guess_probs: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+        if count:
+            # The draft reads what it has not read yet of each answer: one row all at once, a batch a token
+            # per call (a row with nothing left feeds a filler). The last token read gives the first proposal.
+            feeds = [answer[done:] if on else [] for answer, done, on in zip(answers, read, active, strict=True)]
+            if batch == 1:
+                logits = draft.read(feeds, [drafter.positions[0] + read[0]], 1)[:, -1]
+                read[0] += len(feeds[0])
+            else:  # right-aligned, so every row reads its last token in the last call
+                calls = max(len(feed) for feed in feeds)
+                for call in range(calls):
+                    fed = [call >= calls - len(feed) for feed in feeds]
+                    tokens = [[feed[call - calls + len(feed)]] if on else [FILLER] for feed, on in zip(feeds, fed,
+                                                                                                    strict=True)]
+                    logits = draft.read(tokens, [drafter.positions[r] + read[r] for r in range(batch)], 1)[:, -1]
+                    draft.take_back([0 if on else 1 for on in fed])
+                    for r, on in enumerate(fed):
+                        read[r] += on
+            for step in range(count):
+                for r in range(batch):
+                    if not active[r]:
+                        continue
+                    # The draft proposes among the target's tokens only (a vocabulary padded differently).
+                    row_logits = logits[r, :vocab] if logits.shape[-1] >= vocab else \
+                        F.pad(logits[r], (0, vocab - logits.shape[-1]), value=float("-inf"))
+                    if spec.samplings[r].greedy:
+                        token = int(row_logits.argmax())
+                    else:
+                        probs = sampling_probs(row_logits, spec.samplings[r])
+                        token = int(torch.multinomial(probs, 1, generator=generators[r]))
+                        guess_probs[r].append(probs)
+                    proposed[r].append(token)
+                if step + 1 == count:
+                    break  # the last proposal is not read (it may be refused)
+                tokens = [[proposed[r][-1]] if active[r] else [FILLER] for r in range(batch)]
+                logits = draft.read(tokens, [drafter.positions[r] + read[r] for r in range(batch)], 1)[:, -1]
+                draft.take_back([0 if on else 1 for on in active])
+                for r in range(batch):
+                    read[r] += active[r]
+        draft_seconds = time.perf_counter() - started
+        tokens = [[answers[r][-1], *proposed[r]] if active[r] else [FILLER] * (count + 1) for r in range(batch)]
+        logits = target.read(tokens, target_at, count + 1)
         steps += 1
-        chosen = check_guess(proposed, logits, sampling, generator, torch.stack(guess_probs) if guess_probs else None)
-        kept = len(chosen) - 1
-        stats.rounds += count > 0
-        stats.proposed += count
-        stats.accepted += kept
-        if drafter.costs is not None:
-            drafter.costs.checked(count, kept)
-        logprobs = token_logprobs(logits[: len(chosen)], chosen, [wanted] * len(chosen)) if wanted is not None \
-            else None
-        target.take_back(count - kept)  # the target read its last token and every proposal
-        # The draft read the answer and every proposal but the last: keep what the target kept.
-        refused = max(count - 1, 0) - min(kept, max(count - 1, 0))
+        refused_by_target, refused_by_draft = [], []
+        for r in range(batch):
+            if not active[r]:
+                refused_by_target.append(count + 1)
+                refused_by_draft.append(0)
+                continue
+            sampled = torch.stack(guess_probs[r]) if guess_probs[r] else None
+            chosen[r] = check_guess(proposed[r], logits[r], spec.samplings[r], generators[r], sampled)
+            kept = len(chosen[r]) - 1
+            stats[r].rounds += count > 0
+            stats[r].proposed += count
+            stats[r].accepted += kept
+            stats[r].draft_seconds += draft_seconds / sum(active)
+            if drafter.costs is not None:
+                drafter.costs.checked(count, kept)
+            logprobs[r] = token_logprobs(logits[r, : len(chosen[r])], chosen[r], [wanted[r]] * len(chosen[r])) \
+                if wanted[r] is not None else None
+            refused_by_target.append(count - kept)  # the target read the last token and every proposal
+            # The draft read the answer and every proposal but the last: keep what the target kept.
+            refused_by_draft.append(max(count - 1, 0) - min(kept, max(count - 1, 0)))
+            target_at[r] += kept + 1
+        target.take_back(refused_by_target)
         if draft is not None:
-            draft.take_back(refused)
-        read -= refused
-        target_at += kept + 1
-    decoded = Decoded(row.token_ids, row.shown, row.finish or "length", row.logprobs)
-    return DecodeOutput([decoded], first_token_at, steps), stats
+            draft.take_back(refused_by_draft)
+        for r, refused in enumerate(refused_by_draft):
+            read[r] -= refused
+    decoded = [Decoded(row.token_ids, row.shown, row.finish or "length", row.logprobs) for row in rows]
+    return DecodeOutput(decoded, first_token_at, steps), stats

@@ -127,6 +127,14 @@ class StaticStep:
         """Logits [B, V] after `tokens` [B, 1] at `positions` [B, 1]."""
         return self.read(tokens, positions)[:, -1]
 
+    def free(self, counts: list[int]) -> None:
+        """Free each row's last `counts[row]` tokens read (a batch's refused proposals and fillers); the
+        rows go on writing at the shared next slot."""
+        if any(counts):
+            last = torch.tensor(counts, device=self.model.device)
+            for layer in self.cache.layers:
+                layer.free_rows(last)
+
     def take_back(self, count: int) -> None:
         """Forget the last `count` tokens read (refused proposals): their slots are written again next."""
         if count > 0:

@@ -10,7 +10,7 @@ import torch
 from transformers import DynamicCache
 
 from ..engine.attention import capture, ragged_attention
-from ..engine.cache import new_cache, select_rows, stacked_cache
+from ..engine.cache import kv_bytes, new_cache, stacked_cache
 from ..engine.decoding import Accepted, Decoded, DecodeSpec, TextCallback, decode
 from ..engine.eviction import DecodeEviction
 from ..engine.speculation import Drafter, SpeculationStats, drop_newest, speculate
@@ -127,59 +127,55 @@ def finish(pair: ModelPair, prepared: Prepared, on_text: TextCallback | None = N
 
 def finish_speculating(pair: ModelPair, prepared: Prepared, on_text: TextCallback | None = None,
                        cancelled: Callable[[int], bool] | None = None) -> list[Result]:
-    """Decode each request with the draft proposing tokens (engine.speculation.speculate), one row at a
-    time (each from its own rows of the caches). The draft goes on from its pass's cache where the
-    method had one for this request (cut back to the guess tokens the target kept), else it first reads
-    what the target read, at the same positions, into a cache of its own."""
+    """Decode the batch with the draft proposing tokens (engine.speculation.speculate), its rows in step.
+    A single request's draft goes on from its pass's cache where the method had one (cut back to the
+    guess tokens the target kept); otherwise the draft first reads each row as the target read it, at
+    the same positions, into a cache of the row's own, and the rows' caches are stacked."""
     target, draft, clock = pair.target.model, pair.draft.model, prepared.clock
-    proposals, batch = prepared.consumer.speculation, prepared.batch
-    costs = pair.speculation_costs() if prepared.consumer.adapts else None
-    rows, stats, first_token_at = [], [], None
-    for row, (request, accepted) in enumerate(zip(prepared.requests, prepared.accepted, strict=True)):
-        kept = prepared.draft.kept if prepared.draft is not None and len(prepared.requests) == 1 else None
-        budget = prepared.consumer.rows[row].draft_budget
-        if kept is not None:
-            valid = min(len(accepted.token_ids) - 1 if accepted is not None else 0, kept.read)
-            width = kept.cache.layers[0].get_seq_length() - kept.read
-            drop_newest(kept.cache, kept.read - valid)
-            keep_of_draft(kept.cache, kept.scores, width, valid, budget, pair.draft_cache)
-            drafter = Drafter(draft, kept.cache, proposals, kept.position, valid, costs=costs)
-            prepared.draft.kept = None  # the decode takes it
-        else:  # the draft reads the row as the target read it (without the batch's padding), once needed
-            draft_cache = new_cache(draft.config)
-
-            def fill(row: int = row, budget: int | None = budget, draft_cache: DynamicCache = draft_cache) -> None:
-                reading = clock.start("speculation_prefill")
+    batch, rows = prepared.batch, len(prepared.requests)
+    drafter = Drafter(draft, None, prepared.consumer.speculation, list(batch.next_positions), [0] * rows,
+                      costs=pair.speculation_costs() if prepared.consumer.adapts else None)
+    kept = prepared.draft.kept if prepared.draft is not None and rows == 1 else None
+    if kept is not None:
+        accepted = prepared.accepted[0]
+        valid = min(len(accepted.token_ids) - 1 if accepted is not None else 0, kept.read)
+        width = kept.cache.layers[0].get_seq_length() - kept.read
+        drop_newest(kept.cache, kept.read - valid)
+        keep_of_draft(kept.cache, kept.scores, width, valid, prepared.consumer.rows[0].draft_budget, pair.draft_cache)
+        drafter.cache, drafter.positions, drafter.read = kept.cache, [kept.position], [valid]
+        prepared.draft.kept = None  # the decode takes it
+    else:
+        def fill() -> None:  # the draft reads each row without the batch's padding, once a proposal is wanted
+            reading = clock.start("speculation_prefill")
+            caches = []
+            for row in range(rows):
+                cache = new_cache(draft.config)
                 own = [own_scorer(batch.lengths[row], DRAFT_WINDOW)] if prepared.consumer.draft_scored else []
                 pad = batch.pad(row)
                 with capture(draft, *own):
                     prefill(draft, PaddedBatch(batch.input_ids[row:row + 1, pad:], None,
                                                batch.position_ids[row:row + 1, pad:], [batch.lengths[row]],
-                                               [batch.next_positions[row]]), draft_cache, own)
-                keep_of_draft(draft_cache, own[0].layer_scores() if own else None, batch.lengths[row], 0, budget,
-                              pair.draft_cache)
-                clock.add("speculation_prefill", clock.now() - reading)
+                                               [batch.next_positions[row]]), cache, own)
+                keep_of_draft(cache, own[0].layer_scores() if own else None, batch.lengths[row], 0,
+                              prepared.consumer.rows[row].draft_budget, pair.draft_cache)
+                caches.append(cache)
+            drafter.row_bytes = [kv_bytes(cache) for cache in caches]
+            drafter.cache = caches[0] if rows == 1 else stacked_cache(caches, [None] * rows)
+            clock.add("speculation_prefill", clock.now() - reading)
 
-            drafter = Drafter(draft, draft_cache, proposals, batch.next_positions[row], fill=fill, costs=costs)
-        mask = prepared.attention_mask
-        own = select_rows(prepared.cache, torch.tensor([row], device=target.device), 0, trim=mask is None) \
-            if len(prepared.requests) > 1 else prepared.cache
-        decoding = clock.start("decode")
-        spec = answer_spec(pair, [request], [accepted],
-                           on_text=(lambda _r, text, row=row: on_text(row, text)) if on_text is not None else None,
-                           cancelled=(lambda _r, row=row: cancelled(row)) if cancelled is not None else None)
-        before = clock.stages.get("speculation_prefill", 0.0)
-        with ragged_attention(target, own):
-            output, speculated = speculate(target, own, prepared.first_logits[row:row + 1], batch.next_positions[row],
-                                           spec, drafter, mask[row:row + 1] if mask is not None else None)
-        del own, drafter
-        filling = clock.stages.get("speculation_prefill", 0.0) - before
-        clock.add("decode", clock.now() - max(decoding, output.first_token_at) - speculated.draft_seconds - filling)
-        clock.add("draft_decode", speculated.draft_seconds)
-        rows += output.rows
-        stats.append(speculated)
-        first_token_at = output.first_token_at if first_token_at is None else first_token_at
-    return results_of(pair, prepared, rows, first_token_at, clock.now(), peak_memory(target.device), [], stats)
+        drafter.fill = fill
+    decoding = clock.start("decode")
+    spec = answer_spec(pair, prepared.requests, prepared.accepted, on_text=on_text, cancelled=cancelled)
+    with ragged_attention(target, prepared.cache):
+        output, speculated = speculate(target, prepared.cache, prepared.first_logits, list(batch.next_positions),
+                                       spec, drafter, prepared.attention_mask)
+    drafter.cache = None  # the draft's cache goes with the decode
+    drafting = sum(row.draft_seconds for row in speculated)
+    clock.add("decode", clock.now() - max(decoding, output.first_token_at) - drafting
+              - clock.stages.get("speculation_prefill", 0.0))
+    clock.add("draft_decode", drafting)
+    return results_of(pair, prepared, output.rows, output.first_token_at, clock.now(), peak_memory(target.device), [],
+                      speculated)
 
 
 def answer_spec(pair: ModelPair, requests: list[Request], accepted: list[Accepted | None], *,
