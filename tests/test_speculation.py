@@ -358,3 +358,25 @@ def test_the_static_step_reads_several_tokens_and_takes_refused_ones_back(near):
     fresh.read(torch.tensor([[5, 6]]), torch.arange(at, at + 2)[None])
     torch.testing.assert_close(after, fresh.read(torch.tensor([[9]]), torch.tensor([[at + 2]]))[0, -1],
                                rtol=1e-4, atol=1e-4)
+
+
+def test_finished_rows_leave_a_speculating_batch(near, monkeypatch):
+    """Once half the rows are finished both models go on with the running rows alone (the static step's
+    slots copied for them), and every row keeps the tokens it has alone."""
+    held = []
+    real = StaticStep.read
+
+    def spy(self, tokens, positions):
+        held.append(tokens.shape[0])
+        return real(self, tokens, positions)
+
+    monkeypatch.setattr(StaticStep, "read", spy)
+    batch = [dataclasses.replace(request, max_new_tokens=new, ignore_eos=True)
+             for request, new in zip(requests(3), (3, 5, 24), strict=True)]
+    together = run(dataclasses.replace(near, speculate=3), batch, ["dense"])[0]
+    assert held[0] == 3 and held[-1] == 1 and 2 not in held  # 3 rows, then the one left (2 <= 3 // 2 finished)
+    for row, request in enumerate(batch):
+        alone = run(near, [request], ["dense"])[0][0]
+        assert together[row].token_ids == alone.token_ids
+        assert len(together[row].token_ids) == request.max_new_tokens
+    assert together[2].stats.proposed_tokens > together[0].stats.proposed_tokens

@@ -31,7 +31,7 @@ from transformers import DynamicCache
 from ..errors import ConfigError
 from ..types import Sampling
 from .attention import DECODE_ATTENTION
-from .cache import kv_bytes, reserve
+from .cache import kv_bytes, reserve, select_rows
 from .decoding import (
     Decoded,
     DecodeOutput,
@@ -261,6 +261,10 @@ class StaticReader:
         else:
             self.step.free(counts)
 
+    def keep_rows(self, rows: list[int]) -> None:
+        """Go on with the batch rows `rows` alone (the others finished), in the slots left."""
+        self.step = self.step.rows_alone(rows)
+
 
 def reader(backend: str, model: torch.nn.Module, cache: DynamicCache, attention_mask: torch.Tensor | None,
            room: int, rows: int) -> EagerReader | StaticReader:
@@ -283,9 +287,10 @@ def speculate(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.T
     `drafter.proposals` tokens per row from its own cache, and the target reads each row's last token and
     its proposals in one call and keeps what `check_guess` keeps (greedy: the agreeing prefix and its own
     next token, so exactly its greedy tokens; sampling: speculative sampling, so exactly its
-    distribution). Each row advances by its own count; refused proposals leave both caches again, and a
-    finished row feeds fillers whose entries are freed. `positions`: each row's logical position of its
-    next token; `attention_mask`: [B, cache length] where the cache has slots a row hides (padding)."""
+    distribution). Each row advances by its own count; refused proposals leave both caches again. A
+    finished row feeds fillers whose entries are freed, until half the rows are finished: then both
+    models go on with the running rows alone (`spec.compact`). `positions`: each row's logical position
+    of its next token; `attention_mask`: [B, cache length] where the cache has slots a row hides (padding)."""
     batch = len(positions)
     rows = [RowOutput(spec.tokenizer, spec.max_new_tokens[r], spec.eos_token_ids[r], (spec.stops or [()] * batch)[r],
                       logprobs=spec.logprobs is not None and spec.logprobs[r] is not None) for r in range(batch)]
@@ -300,6 +305,7 @@ def speculate(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.T
     room = longest + drafter.proposals + 1 if batch == 1 else (longest + 1) * (drafter.proposals + 1)
     target = reader(spec.backend, model, cache, attention_mask, room, batch)
     draft = None  # the draft's reader, made when it first proposes
+    live = list(range(batch))  # the rows both readers hold, in their order
     chosen, logprobs = [], []
     for r in range(batch):
         if given[r] is not None:  # a checked guess: its tokens but the last are in the target's cache already
@@ -316,7 +322,8 @@ def speculate(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.T
     steps = 0
     vocab = first_logits.shape[-1]
     while True:
-        for r, row in enumerate(rows):
+        for r in live:
+            row = rows[r]
             if row.finish is not None:
                 continue
             for token, logprob in zip(chosen[r], logprobs[r] or [None] * len(chosen[r]), strict=True):
@@ -329,10 +336,17 @@ def speculate(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.T
             answers[r] += chosen[r]
             if spec.on_text is not None and (piece := row.new_text()):
                 spec.on_text(r, piece)
-        active = [row.finish is None for row in rows]
-        if not any(active):
+        running = [r for r in live if rows[r].finish is None]
+        if not running:
             break
-        left = max(row.max_new_tokens - len(row.token_ids) - 1 for row, on in zip(rows, active, strict=True) if on)
+        if spec.compact and len(running) <= len(live) // 2:
+            kept_rows = [live.index(r) for r in running]
+            target.keep_rows(kept_rows)
+            if draft is not None:
+                draft.keep_rows(kept_rows)
+            live = running
+        on = [rows[r].finish is None for r in live]  # a finished row still held feeds fillers
+        left = max(rows[r].max_new_tokens - len(rows[r].token_ids) - 1 for r in running)
         count = min(drafter.proposals if drafter.costs is None else drafter.costs.best(drafter.proposals), left)
         if count and draft is None:
             if drafter.fill is not None:  # the draft reads the prompt only once a proposal is wanted
@@ -340,36 +354,40 @@ def speculate(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.T
                 drafter.fill = None
             for r, held in enumerate(drafter.row_bytes or [kv_bytes(drafter.cache)]):
                 stats[r].draft_kv_bytes = held
-            unread = max(len(answer) - done for answer, done in zip(answers, read, strict=True))
+            if len(live) < batch:
+                drafter.cache = select_rows(drafter.cache, torch.tensor(live, device=first_logits.device), 0, trim=True)
+            unread = max(len(answers[r]) - read[r] for r in live)
+            # A batch's draft reads through the static step even once one row is left: its padded cache
+            # needs the step's per-row masks.
             draft = reader(spec.backend, drafter.model, drafter.cache, None,
-                           room + unread + (longest + 1) * (batch > 1), batch)
+                           room + unread + (longest + 1) * (len(live) > 1), batch)
         started = time.perf_counter()
         proposed: list[list[int]] = [[] for _ in range(batch)]
         guess_probs: list[list[torch.Tensor]] = [[] for _ in range(batch)]
         if count:
             # The draft reads what it has not read yet of each answer: one row all at once, a batch a token
             # per call (a row with nothing left feeds a filler). The last token read gives the first proposal.
-            feeds = [answer[done:] if on else [] for answer, done, on in zip(answers, read, active, strict=True)]
-            if batch == 1:
-                logits = draft.read(feeds, [drafter.positions[0] + read[0]], 1)[:, -1]
-                read[0] += len(feeds[0])
+            feeds = [answers[r][read[r]:] if going else [] for r, going in zip(live, on, strict=True)]
+            if len(live) == 1:
+                logits = draft.read(feeds, [drafter.positions[live[0]] + read[live[0]]], 1)[:, -1]
+                read[live[0]] += len(feeds[0])
             else:  # right-aligned, so every row reads its last token in the last call
                 calls = max(len(feed) for feed in feeds)
                 for call in range(calls):
                     fed = [call >= calls - len(feed) for feed in feeds]
-                    tokens = [[feed[call - calls + len(feed)]] if on else [FILLER] for feed, on in zip(feeds, fed,
-                                                                                                    strict=True)]
-                    logits = draft.read(tokens, [drafter.positions[r] + read[r] for r in range(batch)], 1)[:, -1]
-                    draft.take_back([0 if on else 1 for on in fed])
-                    for r, on in enumerate(fed):
-                        read[r] += on
+                    tokens = [[feed[call - calls + len(feed)]] if feeding else [FILLER]
+                              for feed, feeding in zip(feeds, fed, strict=True)]
+                    logits = draft.read(tokens, [drafter.positions[r] + read[r] for r in live], 1)[:, -1]
+                    draft.take_back([0 if feeding else 1 for feeding in fed])
+                    for r, feeding in zip(live, fed, strict=True):
+                        read[r] += feeding
             for step in range(count):
-                for r in range(batch):
-                    if not active[r]:
+                for at, r in enumerate(live):
+                    if not on[at]:
                         continue
                     # The draft proposes among the target's tokens only (a vocabulary padded differently).
-                    row_logits = logits[r, :vocab] if logits.shape[-1] >= vocab else \
-                        F.pad(logits[r], (0, vocab - logits.shape[-1]), value=float("-inf"))
+                    row_logits = logits[at, :vocab] if logits.shape[-1] >= vocab else \
+                        F.pad(logits[at], (0, vocab - logits.shape[-1]), value=float("-inf"))
                     if spec.samplings[r].greedy:
                         token = int(row_logits.argmax())
                     else:
@@ -379,31 +397,32 @@ def speculate(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.T
                     proposed[r].append(token)
                 if step + 1 == count:
                     break  # the last proposal is not read (it may be refused)
-                tokens = [[proposed[r][-1]] if active[r] else [FILLER] for r in range(batch)]
-                logits = draft.read(tokens, [drafter.positions[r] + read[r] for r in range(batch)], 1)[:, -1]
-                draft.take_back([0 if on else 1 for on in active])
-                for r in range(batch):
-                    read[r] += active[r]
+                tokens = [[proposed[r][-1]] if going else [FILLER] for r, going in zip(live, on, strict=True)]
+                logits = draft.read(tokens, [drafter.positions[r] + read[r] for r in live], 1)[:, -1]
+                draft.take_back([0 if going else 1 for going in on])
+                for r, going in zip(live, on, strict=True):
+                    read[r] += going
         draft_seconds = time.perf_counter() - started
-        tokens = [[answers[r][-1], *proposed[r]] if active[r] else [FILLER] * (count + 1) for r in range(batch)]
-        logits = target.read(tokens, target_at, count + 1)
+        tokens = [[answers[r][-1], *proposed[r]] if going else [FILLER] * (count + 1)
+                  for r, going in zip(live, on, strict=True)]
+        logits = target.read(tokens, [target_at[r] for r in live], count + 1)
         steps += 1
         refused_by_target, refused_by_draft = [], []
-        for r in range(batch):
-            if not active[r]:
+        for at, r in enumerate(live):
+            if not on[at]:
                 refused_by_target.append(count + 1)
                 refused_by_draft.append(0)
                 continue
             sampled = torch.stack(guess_probs[r]) if guess_probs[r] else None
-            chosen[r] = check_guess(proposed[r], logits[r], spec.samplings[r], generators[r], sampled)
+            chosen[r] = check_guess(proposed[r], logits[at], spec.samplings[r], generators[r], sampled)
             kept = len(chosen[r]) - 1
             stats[r].rounds += count > 0
             stats[r].proposed += count
             stats[r].accepted += kept
-            stats[r].draft_seconds += draft_seconds / sum(active)
+            stats[r].draft_seconds += draft_seconds / sum(on)
             if drafter.costs is not None:
                 drafter.costs.checked(count, kept)
-            logprobs[r] = token_logprobs(logits[r, : len(chosen[r])], chosen[r], [wanted[r]] * len(chosen[r])) \
+            logprobs[r] = token_logprobs(logits[at, : len(chosen[r])], chosen[r], [wanted[r]] * len(chosen[r])) \
                 if wanted[r] is not None else None
             refused_by_target.append(count - kept)  # the target read the last token and every proposal
             # The draft read the answer and every proposal but the last: keep what the target kept.
@@ -412,7 +431,7 @@ def speculate(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.T
         target.take_back(refused_by_target)
         if draft is not None:
             draft.take_back(refused_by_draft)
-        for r, refused in enumerate(refused_by_draft):
+        for r, refused in zip(live, refused_by_draft, strict=True):
             read[r] -= refused
     decoded = [Decoded(row.token_ids, row.shown, row.finish or "length", row.logprobs) for row in rows]
     return DecodeOutput(decoded, first_token_at, steps), stats

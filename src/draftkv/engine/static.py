@@ -68,11 +68,18 @@ class StaticStep:
 
     def select(self, rows: list[int], taken: int) -> StaticStep:
         """A new static step for the batch rows `rows` alone, after `taken` steps (finished rows dropped)."""
-        index = torch.tensor(rows, device=self.model.device)
-        remaining = self.steps - taken
-        chosen = StaticStep(self.model, select_rows(self.cache, index, remaining, trim=True), None, remaining, self.graphs)
+        chosen = self.rows_alone(rows, self.steps - taken)
         chosen.steps = self.steps  # of the whole decode, as `taken` counts
         return chosen
+
+    def rows_alone(self, rows: list[int], room: int | None = None) -> StaticStep:
+        """A new static step of the batch rows `rows` alone, with slots for `room` more tokens (default: as
+        many as this step has left). The rows' entries are copied out of this step's slots."""
+        layer = self.cache.layers[0]
+        room = layer.capacity - layer.filled if room is None else room
+        index = torch.tensor(rows, device=self.model.device)
+        return StaticStep(self.model, select_rows(self.cache, index, room, trim=True), None, room, self.graphs,
+                          consume=True)
 
     def _forward(self, shape: _Shape) -> None:
         with sdpa_kernel(DECODE_ATTENTION), ragged_attention(self.model, self.cache):
