@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_pair
 from typer.testing import CliRunner
 
-from draftkv import bench
+from draftkv import api, bench
 from draftkv.api import generate_batch
 from draftkv.cli import app
 from draftkv.errors import ConfigError
@@ -88,7 +88,7 @@ def test_a_failing_configuration_is_reported_and_the_sweep_goes_on(swept):
 def test_targets_are_checked_from_the_summary(swept):
     _, _, markdown, _ = swept
     text = markdown.read_text()
-    assert "SpecKV at" in text and "budget / prompt" in text and "scoring" in text
+    assert "speckv(budget=" in text and "budget / prompt" in text and "scoring" in text  # each SpecKV setting by name
     assert "target within 1%: met" in text
 
 
@@ -99,7 +99,7 @@ def test_a_second_run_resumes_and_measures_nothing(swept, pair, monkeypatch):
         raise AssertionError("measured again")
 
     monkeypatch.setattr(bench, "measure", forbidden)
-    monkeypatch.setattr(bench, "generate_batch", forbidden)  # not even the warm-up
+    monkeypatch.setattr(api, "generate_batch", forbidden)  # not even the warm-up
     again = bench.run_bench(pair, out, lengths=[500, 900], methods=[*METHODS, ("specpc", {"budget": 128, "start_layer": 8})],
                             new_tokens=4, repeats=2)
     assert len(again) == len(rows)
@@ -174,7 +174,7 @@ def test_repeats_zero_runs_only_the_memory_probes(pair, tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench, "probe_in_subprocess", probe)
     monkeypatch.setattr(bench, "measure", forbidden)
-    monkeypatch.setattr(bench, "generate_batch", forbidden)
+    monkeypatch.setattr(api, "generate_batch", forbidden)
     spec = {"target": "t", "draft": "d", "device": "cpu", "dtype": None}
     rows = bench.run_bench(pair, tmp_path, lengths=[300], methods=[("dense", {}), ("speckv", {"budget": 64})],
                            new_tokens=3, repeats=0, memory_spec=spec)
@@ -192,8 +192,8 @@ def test_repeats_zero_runs_only_the_memory_probes(pair, tmp_path, monkeypatch):
 def test_a_resumed_sweep_warms_up_only_what_is_left(pair, tmp_path, monkeypatch):
     bench.run_bench(pair, tmp_path, lengths=[300], methods=[("dense", {})], new_tokens=2, repeats=1)
     ran = []
-    generate = bench.generate_batch
-    monkeypatch.setattr(bench, "generate_batch", lambda pair, requests, method, **kw:
+    generate = api.generate_batch
+    monkeypatch.setattr(api, "generate_batch", lambda pair, requests, method, **kw:
                         ran.append(method.name) or generate(pair, requests, method, **kw))
     rows = bench.run_bench(pair, tmp_path, lengths=[300], methods=[("dense", {}), ("snapkv", {"budget": 64})],
                            new_tokens=2, repeats=1)

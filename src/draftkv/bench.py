@@ -26,9 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .api import generate_batch
 from .errors import ConfigError, DraftKVError
-from .flow import StageEvent, run
 from .jsonl import append_row, drop_torn_tail, exclusive, read_rows, writing
 from .methods import Method, budget_params, budget_settings, get_method, method_spec
 from .plotting import line_styles
@@ -38,6 +36,7 @@ from .synthetic import LAUNCH_QUESTION, notes_context
 from .types import Request
 
 if TYPE_CHECKING:
+    from .flow import StageEvent
     from .models import ModelPair
 
 DRAFT_STAGES = ("draft_prefill", "draft_lookahead", "draft_scoring")
@@ -111,6 +110,8 @@ def bench_requests(tokenizer, length: int, batch: int, new_tokens: int, speculat
 def measure(pair: ModelPair, method: Method, requests: list[Request]) -> dict:
     """One run of a batch: the figures of one row of the sweep."""
     import torch
+
+    from .api import generate_batch
 
     device = pair.target.model.device
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
@@ -198,6 +199,7 @@ def memory_probe(spec: dict) -> dict:
     """Run one configuration once in this (fresh) process and report the peak memory it added."""
     import torch
 
+    from .flow import run
     from .models import load_pair
 
     pair = load_pair(spec["target"], spec["draft"], device=spec.get("device"), dtype=spec.get("dtype"),
@@ -268,6 +270,8 @@ def run_bench(pair: ModelPair, out: Path, *, lengths: list[int], methods: list[t
 def sweep(pair: ModelPair, out: Path, lengths: list[int], methods: list[tuple[str, dict]],
           batch_sizes: tuple[int, ...] | list[int], new_tokens: int, repeats: int, memory_spec: dict | None,
           on_cpu: bool, speculate: tuple[int | str, ...] | list[int | str] = (0,)) -> list[dict]:
+    from .api import generate_batch
+
     out.mkdir(parents=True, exist_ok=True)
     path = out / "runs.jsonl"
     drop_torn_tail(path)
@@ -430,7 +434,7 @@ def targets(summary: list[dict]) -> list[str]:
         timings = c["timings"]
         scoring = timings.get("scoring", 0.0) / timings["target_prefill"] if timings.get("target_prefill") else 0.0
         probe = timings.get("probe", 0.0) / timings["target_prefill"] if timings.get("target_prefill") else 0.0
-        lines.append(f"- SpecKV at {c['prompt_tokens']} tokens: cache tensors hold {stored / dense:.4f} of dense's "
+        lines.append(f"- {c['label']} at {c['prompt_tokens']} tokens: cache tensors hold {stored / dense:.4f} of dense's "
                      f"KV bytes, budget / prompt "
                      f"= {want:.4f} (off by {error:.2%}; target within 1%: {'met' if error <= 0.01 else 'missed'}); "
                      f"scoring {scoring:.1%} of the target prefill (target <= 5%: "
