@@ -141,12 +141,12 @@ def test_query_agnostic_answers_several_questions(folders):
 
 def no_models(monkeypatch):
     """Fail the test if a model is loaded: these checks need none."""
-    import draftkv.cli as cli
+    from draftkv.models import loading
 
     def refuse(*_args, **_kwargs):
         raise AssertionError("a model was loaded before a check that needs none")
 
-    monkeypatch.setattr(cli, "load_pair", refuse)
+    monkeypatch.setattr(loading, "load_pair", refuse)
 
 
 BAD_EVAL = [  # arguments of `draftkv eval ruler`, words the error must say
@@ -212,15 +212,16 @@ def test_generate_arguments_are_checked_before_any_model_loads(monkeypatch, fold
 
 
 def test_eval_loads_a_draft_only_for_methods_that_use_it(monkeypatch, tmp_path):
-    import draftkv.cli as cli
+    from draftkv.errors import ConfigError
+    from draftkv.models import loading
 
     asked = []
 
     def record(target, draft, **_kwargs):
         asked.append(draft)
-        raise cli.ConfigError("stop here")
+        raise ConfigError("stop here")
 
-    monkeypatch.setattr(cli, "load_pair", record)
+    monkeypatch.setattr(loading, "load_pair", record)
     for methods, draft in (("keep-last,dense,snapkv", None), ("keep-last,speckv", "qwen2.5-coder-0.5b-instruct")):
         runner.invoke(app, ["eval", "ruler", "--length", "2048", "--methods", methods, "--out", str(tmp_path)])
         assert asked[-1] == draft
@@ -280,3 +281,32 @@ def test_output_that_cannot_be_written_is_one_line_not_a_traceback(folders):
     assert result.returncode == 1
     assert "cannot write the output (No space left on device)" in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
+
+
+FAST = [  # commands that need no model, so they must answer without torch or transformers
+    ["--help"], ["methods"], ["models"], ["generate", "--help"], ["eval", "ruler", "--help"],
+    ["generate", "-m", "nosuch", "-q", "x"], ["generate", "--budget", "0", "-q", "x"],
+    ["generate", "--temperature", "-1", "-q", "x"], ["compress", "--decode", "fast", "-q", "x"],
+    ["eval", "ruler", "--length", "2048", "--samples", "0"], ["eval", "ruler", "--methods", "snapkv,snapkv"],
+    ["bench", "--speculate", "99"], ["bench", "--lengths", ","],
+]
+
+
+@pytest.mark.parametrize("args", FAST, ids=" ".join)
+def test_commands_that_need_no_model_import_no_torch(args):
+    """`draftkv --help`, the registries and every argument check answer without the heavy imports."""
+    import subprocess
+    import sys
+
+    probe = ("import atexit, sys\n"
+             "atexit.register(lambda: print('HEAVY', sorted(m for m in ('torch', 'transformers') if m in sys.modules)))\n"
+             "from draftkv.cli import run\n"
+             f"sys.argv = ['draftkv', *{args!r}]\n"
+             "run()\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode in (0, 2), done.stderr[-2000:]
+    assert "HEAVY []" in done.stdout, done.stdout[-500:] + done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    if done.returncode == 2:
+        assert "error" in done.stderr.lower()

@@ -67,6 +67,30 @@ def test_a_request_can_ask_for_speculative_decoding(live, pair):
     assert auto.choices[0].message.content == expected.text  # sped up or not, auto decodes the same tokens
 
 
+def test_a_request_can_ask_what_was_kept_of_each_prompt_token(live, pair, tmp_path):
+    messages = [{"role": "user", "content": long_context(200, seed=3) + " what is the magic number?"}]
+    for method, body in (("snapkv", {"budget": 40, "window": 8}), ("specpc", {"budget": 60, "window": 8})):
+        reply = live.client().chat.completions.create(model=MODEL, messages=messages, max_tokens=6,
+                                                      extra_body={"method": method, **body, "inspect": True})
+        block = reply.model_extra["draftkv"]
+        expected = draftkv.generate(pair, messages=messages, max_new_tokens=6, method=method, **body)
+        inspection = draftkv.Inspection.from_dict(block["inspect"])
+        (view,) = inspection.views
+        assert len(inspection.tokens) == len(view.kept_share) == block["prompt_tokens"]
+        assert view.answer == expected.text == reply.choices[0].message.content
+        if method == "snapkv":  # each token: the share of layers and heads that kept it
+            assert sum(view.kept_share) == pytest.approx(expected.stats.kv_entries, abs=0.01)
+        else:
+            assert [i for i, s in enumerate(view.kept_share) if s] == expected.kept_tokens.tolist()
+        assert "what is the magic number?" in "".join(inspection.tokens)
+        assert view.label.startswith(method) and view.label in inspection.to_html()
+    plain = live.client().chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+    assert "inspect" not in plain.model_extra["draftkv"]
+    with pytest.raises(openai.BadRequestError, match="inspect"):
+        live.client().chat.completions.create(model=MODEL, messages=messages, max_tokens=2,
+                                              extra_body={"inspect": "yes"})
+
+
 def test_chat_answer_equals_the_library_and_reports_usage(live, pair):
     expected = draftkv.generate(pair, messages=MESSAGES, max_new_tokens=12)
     reply = live.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12)
@@ -540,6 +564,8 @@ def test_proxy_sends_the_compressed_prompt_upstream_and_streams_the_answer(pair,
         # KV methods need the target, which runs upstream.
         with pytest.raises(openai.BadRequestError, match="prompt method"):
             proxy.client().chat.completions.create(model=MODEL, messages=messages, extra_body={"method": "snapkv"})
+        with pytest.raises(openai.BadRequestError, match="inspect"):  # what was kept is the upstream's to say
+            proxy.client().chat.completions.create(model=MODEL, messages=messages, extra_body={"inspect": True})
     finally:
         proxy.stop()
 

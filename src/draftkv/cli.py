@@ -14,27 +14,18 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .api import generate as run_generate
-from .compress import compress_prompt
-from .context import compress_context
-from .engine.decoding import check_backend
 from .errors import ConfigError, DraftKVError, PromptError
-from .eval import agreement, longbench, report, ruler, runner
-from .flow import check_fits
+from .eval import ruler
 from .jsonl import check_free, writing
 from .methods import METHODS, Method, help_of, method_with_budgets, names
-from .models import (
-    DEFAULT_DRAFT,
-    DEFAULT_TARGET,
-    cache_dir,
-    embedded_status,
-    load_pair,
-    load_tokenizer,
-    parse_speculate,
-)
+from .models import DEFAULT_DRAFT, DEFAULT_TARGET, cache_dir, embedded_status, parse_speculate
 from .models.embedded import verify_cache
+from .options import check_backend
 from .prompt import encode_prompt
 from .types import Request, Sampling
+
+# Only what answers without a model is imported above (no torch, no transformers): help, the method list,
+# the model registry and every argument check answer at once. Each command imports what runs its models.
 
 app = typer.Typer(
     help="Draft-based approximate inference for long-context LLMs (SpecKV, SnapKV, ...).",
@@ -230,6 +221,9 @@ def generate(
         needs_draft = chosen.uses_draft(max_new_tokens) or bool(speculate)
         request = Request(context=text, question="" if ask else question, system=system,
                           max_new_tokens=max_new_tokens, chat_template=chat_template)
+        from .api import generate as run_generate
+        from .flow import check_fits
+        from .models import load_pair
         with err.status("loading models (the first time converts the embedded pair: a few minutes)"):
             pair = load_pair(target, draft if needs_draft else None, device=device, dtype=dtype,
                              allow_tokenizer_mismatch=crosses_as_text(chosen, max_new_tokens), decode=decode,
@@ -262,6 +256,8 @@ def generate(
 def answer_each(pair, context: str, questions: list[str], method: Method, system: str | None, chat_template: bool,
                 max_new_tokens: int, as_json: bool) -> None:
     """Query-agnostic mode: one compression of the context, then every question against it."""
+    from .context import compress_context
+
     with err.status(f"compressing the context with {method.name}"):
         compressed = compress_context(pair, context, method=method, system=system, chat_template=chat_template,
                                       max_new_tokens=max_new_tokens)
@@ -304,6 +300,8 @@ def compress(
         chosen = method_from_options(method, param, budget=budget, window=window, kernel=kernel, lookahead=lookahead,
                                      compression_ratio=compression_ratio)
         text = read_context(context, context_file)
+        from .compress import compress_prompt
+        from .models import load_pair
         with err.status("loading models"):
             pair = load_pair(target, draft, device=device, dtype=dtype,
                              allow_tokenizer_mismatch=crosses_as_text(chosen, 128), decode=decode)
@@ -396,6 +394,7 @@ def bench(
         if not length_list or min(length_list) < 1 or not batch_list or min(batch_list) < 1:
             raise ConfigError(f"lengths and batch sizes must be positive integers, got {lengths!r} and {batch_sizes!r}")
         _writable(out)
+        from .models import load_pair
         with err.status("loading models"):
             pair = load_pair(target, draft, device=device, dtype=dtype, decode=decode, draft_cache=draft_cache)
         spec = {"target": target, "draft": draft, "device": device, "dtype": dtype, "decode": decode,
@@ -511,7 +510,7 @@ def serve(
 
     import uvicorn
 
-    from .models import ModelPair, load_model
+    from .models import ModelPair, load_model, load_pair
     from .serving import ServeSettings, create_app
     from .serving.protocol import ServeError
 
@@ -647,6 +646,8 @@ def eval_ruler(
     draft_cache: DraftCacheKept = "compressed",
 ) -> None:
     """Generate RULER at the given lengths with the target's tokenizer and score every method on it."""
+    from .eval import report, runner
+
     try:
         lengths = _split(length, int, "--length")
         _at_least_one("--samples", samples)
@@ -660,6 +661,8 @@ def eval_ruler(
         else:
             _writable(dump.parent, "--dump", one_run=False)
         longest_answer = max(ruler.TASKS[task][0] for task in chosen_tasks)
+        from .flow import check_fits
+        from .models import load_pair, load_tokenizer
 
         def fits(_tokenizer: Any, config: Any) -> None:
             for n in lengths:
@@ -735,6 +738,8 @@ def eval_longbench(
     draft_cache: DraftCacheKept = "compressed",
 ) -> None:
     """Score methods on LongBench tasks read from local files."""
+    from .eval import longbench, report, runner
+
     try:
         runs = runner.settings(_split(methods, str, "--methods"), _split(budgets, budget, "--budgets"),
                                _split(prompt_budgets, budget, "--prompt-budgets"))
@@ -743,6 +748,7 @@ def eval_longbench(
         for task in chosen_tasks:
             longbench.read_task(data_dir, task)  # fails fast on a missing or malformed file
         _writable(out)
+        from .models import load_pair
         with err.status("loading models"):
             pair = load_pair(target, draft if _needs_draft(runs) or speculate else None, device=device, dtype=dtype,
                              decode=decode, speculate=speculate, draft_cache=draft_cache)
@@ -773,6 +779,8 @@ def eval_report(
     different lengths): the cross-length report in --out (averages, shares of dense, margins against
     length, the paper's methods against dense, verdicts; with --agreement, the draft's agreement with the
     target against length)."""
+    from .eval import report
+
     try:
         if agreement_folders and len(folders) == 1:
             raise ConfigError("--agreement belongs to the cross-length report: give two or more results folders "
@@ -816,6 +824,8 @@ def analyze_agreement(
         _at_least_one("--length", length)
         folder = out or Path(f"results/agreement-{length}")
         _writable(folder)
+        from .eval import agreement
+        from .models import load_pair
         with err.status("loading models"):
             pair = load_pair(target, draft, device=device, dtype=dtype, decode=decode)
         generated = [s for task in chosen_tasks for s in ruler.generate(
@@ -825,3 +835,61 @@ def analyze_agreement(
         raise fail(error) from None
     typer.echo(summary.read_text(encoding="utf-8"))
     err.print(f"results in {folder} (agreement.md, agreement.csv, agreement.png)", markup=False, highlight=False)
+
+
+@app.command("inspect")
+def inspect_command(
+    question: Question = "",
+    context: Context = None,
+    context_file: ContextFile = None,
+    methods: Annotated[str, typer.Option(help="Comma-separated methods, each at the budgets that apply to it, or "
+                                         "pinned: snapkv@256, specpc@1024, speckv-pc@256/1024.")] =
+        "dense,snapkv@256,speckv@256,specpc@1024",
+    budgets: KVBudgets = "256",
+    prompt_budgets: PromptBudgets = "1024",
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens of each answer (greedy).", min=1)] = 64,
+    answer_prefix: Annotated[str, typer.Option(help="Text that starts the answer (as RULER's prompts have).")] = "",
+    system: System = None,
+    chat_template: ChatTemplate = True,
+    out: Annotated[Path, typer.Option(help="The HTML page to write.")] = Path("inspect.html"),
+    as_json: Annotated[bool, typer.Option("--json", help="Also print the page's data as one JSON object.")] = False,
+    target: Target = DEFAULT_TARGET,
+    draft: Draft = DEFAULT_DRAFT,
+    device: Device = None,
+    dtype: Dtype = None,
+) -> None:
+    """See what was kept: one page that shades each prompt token by each method's importance, marks what it
+    kept, and shows the draft's guess, each answer and its stats."""
+    from .eval import runner
+
+    try:
+        settings = runner.settings(_split(methods, str, "--methods"), _split(budgets, budget, "--budgets"),
+                                   _split(prompt_budgets, budget, "--prompt-budgets"))
+        text = read_context(context, context_file)
+        if not text.strip() and not question.strip():
+            raise PromptError("the prompt is empty: give a context, a question or both")
+        request = Request(context=text, question=question, system=system, max_new_tokens=max_new_tokens,
+                          chat_template=chat_template, answer_prefix=answer_prefix)
+        _writable(out.parent, "--out", one_run=False)
+        from .flow import check_fits
+        from .inspection import inspect
+        from .models import load_pair
+
+        with err.status("loading models"):
+            pair = load_pair(target, draft if _needs_draft(settings, max_new_tokens) else None, device=device,
+                             dtype=dtype, before_weights=lambda tokenizer, config: check_fits(
+                                 config, "target", len(encode_prompt(tokenizer, request).ids), max_new_tokens))
+        with err.status(f"reading the prompt with {len(settings)} methods"):
+            inspection = inspect(pair, text, question, [s.make() for s in settings], max_new_tokens=max_new_tokens,
+                                 system=system, chat_template=chat_template, answer_prefix=answer_prefix)
+        with writing(f"the page to {out}", "no page was written"):
+            inspection.write(out)
+    except DraftKVError as error:
+        raise fail(error) from None
+    if as_json:
+        typer.echo(json.dumps(inspection.to_dict()))
+    for view in inspection.views:
+        err.print(f"{view.label}: kept {view.kept} {view.kept_unit}; answer: {view.answer.strip()[:80]}",
+                  markup=False, highlight=False, soft_wrap=True)
+    err.print(f"page in {out} ({out.stat().st_size / 2**10:.0f} KiB, {len(inspection.tokens)} tokens)",
+              markup=False, highlight=False)

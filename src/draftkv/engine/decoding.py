@@ -21,7 +21,7 @@ import torch
 from torch.nn.attention import sdpa_kernel
 from transformers import DynamicCache
 
-from ..errors import ConfigError
+from ..options import check_backend
 from ..types import FinishReason, Sampling, TokenLogprob
 from .attention import DECODE_ATTENTION, follow_ragged
 from .cache import reserve, select_rows
@@ -232,15 +232,6 @@ class EagerStep:
             out = self.model(input_ids=tokens, position_ids=positions, attention_mask=mask, cache=self.cache,
                              use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
-
-
-DECODE_BACKENDS = ("auto", "eager", "static")
-
-
-def check_backend(backend: str) -> str:
-    if backend not in DECODE_BACKENDS:
-        raise ConfigError(f"decode backend {backend!r} is not one of {', '.join(DECODE_BACKENDS)}")
-    return backend
 
 
 def make_step(backend: str, model: torch.nn.Module, cache: DynamicCache | None, attention_mask: torch.Tensor | None,

@@ -17,9 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..context import compress_context_each
 from ..errors import ConfigError
-from ..flow import run_each
 from ..jsonl import append_row, drop_torn_tail, exclusive, read_rows, writing
 from ..methods import (
     Budget,
@@ -169,6 +167,9 @@ def _run(pair: ModelPair, samples: Iterable[Sample], runs: list[Setting], out: P
 def sample_results(pair: ModelPair, sample: Sample, settings: list[Setting], share: bool,
                    query_agnostic: bool, batch_settings: bool = False) -> Iterator[tuple[Setting, Result]]:
     """Each setting's result on one sample, as each finishes."""
+    from ..context import compress_context_each
+    from ..flow import run_each
+
     methods = [s.make() for s in settings]
     groups = [list(range(len(settings)))] if share else [[i] for i in range(len(settings))]
     if query_agnostic:

@@ -151,7 +151,7 @@ class Consumer:
         answers (not read for a continuation of its own: a likelihood, a question asked later), so a
         checked guess may start them. `speculate`: the draft proposes that many tokens per target call
         while decoding, where it can (`draft`: its layer kinds; None without a usable draft), or "auto" as
-        the measured `costs` say; `draft_cache`: what the draft's cache keeps for it (models.DRAFT_CACHES)."""
+        the measured `costs` say; `draft_cache`: what the draft's cache keeps for it (options.DRAFT_CACHES)."""
         rows = []
         for n, asked in zip(lengths, max_new_tokens, strict=True):
             prompt_budget = method.prompt_tokens(n)

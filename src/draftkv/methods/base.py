@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-
-from ..engine.scoring import pool_scores
 from ..errors import ConfigError, PromptError
 from .scorers import DraftScorer, KVScorer, WindowScorer
+
+if TYPE_CHECKING:
+    import torch
+
 
 Budget = int | float
 
@@ -256,6 +257,10 @@ class WindowKVMethod(KVMethod):
         return [budget - self.window] * num_layers
 
     def keep_positions(self, layer_scores: list[torch.Tensor], prompt_length: int, budget: int) -> list[torch.Tensor]:
+        import torch
+
+        from ..engine.scoring import pool_scores
+
         window = torch.arange(prompt_length - self.window, prompt_length)
         kept = []
         budgets = self.layer_budgets(len(layer_scores), layer_scores[0].shape[-1], budget)
@@ -293,6 +298,8 @@ class SinkKVMethod(WindowKVMethod):
         return None
 
     def keep_positions(self, layer_scores: list[torch.Tensor], prompt_length: int, budget: int) -> list[torch.Tensor]:
+        import torch
+
         sinks = min(self.sink, layer_scores[0].shape[-1])  # first in line: ties keep the earlier position
         raised = [scores.index_fill(-1, torch.arange(sinks, device=scores.device), float("inf"))
                   for scores in layer_scores]
@@ -303,6 +310,8 @@ def best_positions(scores: torch.Tensor, count: int) -> torch.Tensor:
     """The positions of the `count` highest scores along the last dimension, on the CPU. Ties (max
     pooling makes plateaus) go to the earlier position, so every device keeps the same entries;
     `topk` breaks them differently on a CPU and a GPU."""
+    import torch
+
     return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :count].cpu()
 
 
@@ -310,6 +319,8 @@ def adaptive_positions(pooled: torch.Tensor, chosen: int, alpha: float, window: 
     """Ada-KV within one layer: the heads share `heads * chosen` entries by score, each keeping at
     least `alpha * chosen` of its own best; plus the window. Returns [H_kv, K] with -1 in the empty
     slots (at the front) of heads that keep fewer than the longest."""
+    import torch
+
     heads, prefix = pooled.shape
     floor = int(alpha * chosen)
     selected = torch.zeros(heads, prefix, dtype=torch.bool)
@@ -358,6 +369,8 @@ class PromptMethod(Method):
 
 def first_in_order(candidates: torch.Tensor, budget: int) -> torch.Tensor:
     """The first `budget` distinct positions of `candidates` (in their order), sorted."""
+    import torch
+
     unique, inverse = torch.unique(candidates, return_inverse=True)  # unique sorts, so track the order
     first = torch.full((unique.shape[0],), candidates.shape[0], dtype=torch.long)
     first.scatter_reduce_(0, inverse, torch.arange(candidates.shape[0]), reduce="amin")

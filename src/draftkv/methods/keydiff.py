@@ -9,14 +9,15 @@ last `window` entries and the first `sink` (attention sinks) are always kept.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
-import torch.nn.functional as F
-
-from ..engine.attention import WindowCollector
 from .base import SinkKVMethod, param
 from .scorers import TargetReading
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..engine.attention import WindowCollector
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,9 @@ class KeyDistance:
         return None
 
     def scores(self, collected: WindowCollector | None, reading: TargetReading) -> list[torch.Tensor]:
+        import torch
+        import torch.nn.functional as F
+
         mask = reading.batch.attention_mask  # padding columns hold zero keys and take no part in the mean
         scores = []
         for keys in reading.full_layer_keys():

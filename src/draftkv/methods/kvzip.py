@@ -12,14 +12,16 @@ by the target, shown as the `reconstruction` stage of the stats' timings.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
-
-from ..engine.attention import WindowCollector
 from ..errors import ConfigError
 from .base import SinkKVMethod, check_int, param
 from .scorers import TargetReading
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..engine.attention import WindowCollector
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,8 @@ class Reconstruction:
         return None
 
     def scores(self, collected: WindowCollector | None, reading: TargetReading) -> list[torch.Tensor]:
+        from ..engine.attention import WindowCollector
+
         batch = reading.batch
         instruction = reading.tokenizer(self.instruction, add_special_tokens=False)["input_ids"]
         collector = WindowCollector(batch.width - self.window, self.reduction)

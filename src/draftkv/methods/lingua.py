@@ -9,13 +9,14 @@ the original self-information idea and needs only the draft.)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
-
-import torch
+from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import PromptError
 from .base import PromptMethod, first_in_order, param
 from .scorers import SelfInformation
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class Lingua(PromptMethod):
 
     def keep_tokens(self, prompt_ids: list[int], question_start: int, budget: int,
                     scores: torch.Tensor | None) -> torch.Tensor:
+        import torch
+
         assert scores is not None
         n = len(prompt_ids)
         always = torch.cat([torch.arange(min(question_start, n - self.window), n)])

@@ -15,14 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
-
-from ..engine.attention import Collector, PromptCollector, WindowCollector
 from ..errors import ConfigError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the engine comes in where a scorer runs, so the registry answers without torch
+    import torch
     from transformers import DynamicCache
 
+    from ..engine.attention import Collector, PromptCollector, WindowCollector
     from ..flow.batch import PaddedBatch
 
 
@@ -64,6 +63,8 @@ class WindowScorer:
     all_queries: bool = False
 
     def collector(self, width: int) -> WindowCollector:
+        from ..engine.attention import WindowCollector
+
         collector = WindowCollector(width - self.window, self.reduction)
         collector.score_last(width if self.all_queries else self.window)
         return collector
@@ -106,6 +107,8 @@ class DraftAttention:
     reads_hidden = False
 
     def collector(self, width: int, draft_layers: int) -> PromptCollector:
+        from ..engine.attention import PromptCollector
+
         start_layer = first_scoring_layer(self.start_layer, draft_layers)
         if start_layer >= draft_layers:
             raise ConfigError(f"start_layer is {start_layer} but the draft has {draft_layers} layers; "

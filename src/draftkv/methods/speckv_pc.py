@@ -8,15 +8,16 @@ entries per layer and head, using the same draft tokens as its lookahead probe.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
-
-import torch
+from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import ConfigError
 from .base import Budget, check_budget, param
 from .scorers import DraftAttention
 from .speckv import SpecKV
 from .specpc import SpecPC
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)

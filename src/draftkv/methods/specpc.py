@@ -18,11 +18,8 @@ keep their length, so the default is 63 with a neighbourhood of 64.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
-
-from ..engine.scoring import pool_scores
 from ..errors import ConfigError, PromptError
 from .base import (
     PromptMethod,
@@ -36,9 +33,15 @@ from .base import (
 )
 from .scorers import DraftAttention
 
+if TYPE_CHECKING:
+    import torch
+
+
 
 def nearest_first_offsets(size: int) -> torch.Tensor:
     """0, -1, +1, -2, +2, ...: the `size` offsets of a neighbourhood, nearest first."""
+    import torch
+
     steps = torch.arange(1, size)
     return torch.cat([torch.zeros(1, dtype=torch.long), ((steps + 1) // 2) * torch.where(steps % 2 == 1, -1, 1)])
 
@@ -46,6 +49,10 @@ def nearest_first_offsets(size: int) -> torch.Tensor:
 def select_with_neighbourhoods(scores: torch.Tensor, budget: int, *, window: int, kernel: int, pooling: str,
                                neighbourhood: int, sink: int = 0) -> torch.Tensor:
     """SpecPC's selection over one prompt's token scores [n]: exactly `budget` sorted positions."""
+    import torch
+
+    from ..engine.scoring import pool_scores
+
     n = scores.shape[0]
     if kernel > n or neighbourhood > n:
         raise PromptError(

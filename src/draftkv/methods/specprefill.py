@@ -9,13 +9,14 @@ their original positions. It is SpecPC with a window of one and no neighbourhood
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
-
-from ..engine.scoring import pool_scores
 from .base import PromptMethod, check_choice, check_int, check_kernel, first_in_order, param
 from .scorers import DraftAttention
+
+if TYPE_CHECKING:
+    import torch
+
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,10 @@ class SpecPrefill(PromptMethod):
 
     def keep_tokens(self, prompt_ids: list[int], question_start: int, budget: int,
                     scores: torch.Tensor | None) -> torch.Tensor:
+        import torch
+
+        from ..engine.scoring import pool_scores
+
         assert scores is not None
         n = len(prompt_ids)
         smoothed = pool_scores(scores.float().cpu(), min(self.kernel, n if n % 2 else n - 1), self.pooling)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
-
-import torch
+from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import ConfigError
 from .base import KVMethod, check_int, param
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class StreamingLLM(KVMethod):
             raise ConfigError(f"sink ({self.sink}) must be smaller than the budget ({self.budget})")
 
     def keep_positions(self, layer_scores: list[torch.Tensor], prompt_length: int, budget: int) -> list[torch.Tensor]:
+        import torch
+
         sink = min(self.sink, budget)
         kept = torch.cat([torch.arange(sink), torch.arange(prompt_length - (budget - sink), prompt_length)])
         return [kept.expand(scores.shape[0], -1) for scores in layer_scores]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
-
-import torch
+from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import ConfigError
 from .base import PromptMethod, check_int, param
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,8 @@ class KeepLast(PromptMethod):
 
     def keep_tokens(self, prompt_ids: list[int], question_start: int, budget: int,
                     scores: torch.Tensor | None) -> torch.Tensor:
+        import torch
+
         n = len(prompt_ids)
         return torch.arange(n - budget, n)
 
@@ -41,6 +44,8 @@ class KeepEnds(PromptMethod):
 
     def keep_tokens(self, prompt_ids: list[int], question_start: int, budget: int,
                     scores: torch.Tensor | None) -> torch.Tensor:
+        import torch
+
         n = len(prompt_ids)
         head = min(budget // 2 if self.head is None else self.head, budget)
         return torch.cat([torch.arange(head), torch.arange(n - (budget - head), n)])

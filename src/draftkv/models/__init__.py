@@ -1,4 +1,11 @@
-"""Model loading: embedded names, local folders and GGUF files, hub ids; draft/target pairing."""
+"""Model loading: embedded names, local folders and GGUF files, hub ids; draft/target pairing.
+
+The embedded registry and the option checks import no torch, so the command line can answer from them
+at once; the loaders come in on first use."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from draftkv.models.embedded import (
     DEFAULT_DRAFT,
@@ -12,21 +19,33 @@ from draftkv.models.embedded import (
     ensure_gguf,
     find_parts,
 )
-from draftkv.models.loading import (
-    LoadedModel,
-    ModelPair,
-    check_draft_cache,
-    check_family,
-    check_speculate,
-    check_tokenizers,
-    load_model,
-    load_pair,
-    load_tokenizer,
-    pair_from_models,
-    parse_speculate,
-    resolve_device,
-    resolve_dtype,
-)
+from draftkv.options import check_draft_cache, check_speculate, parse_speculate
+
+if TYPE_CHECKING:
+    from draftkv.models.loading import (
+        LoadedModel,
+        ModelPair,
+        check_family,
+        check_tokenizers,
+        load_model,
+        load_pair,
+        load_tokenizer,
+        pair_from_models,
+        resolve_device,
+        resolve_dtype,
+    )
+
+LOADING = ("LoadedModel", "ModelPair", "check_family", "check_tokenizers", "load_model", "load_pair",
+           "load_tokenizer", "pair_from_models", "resolve_device", "resolve_dtype")
+
+
+def __getattr__(name: str):
+    if name in LOADING:
+        from draftkv.models import loading
+
+        return getattr(loading, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_DRAFT",

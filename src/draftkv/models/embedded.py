@@ -23,8 +23,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -36,6 +36,9 @@ from rich.progress import (
 )
 
 from draftkv.errors import EmbeddedModelError, ModelLoadError
+
+if TYPE_CHECKING:  # torch is imported where a model is converted, so the registry answers without it
+    import torch
 
 MARKER = "draftkv.json"
 SAMPLED_BLOCKS, BLOCK = 32, 1 << 16  # what the check on every load reads of a file: 2 MiB at most
@@ -319,6 +322,8 @@ def _state_dict_without_ties(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    import torch
+
     with torch.no_grad():
         return model(input_ids=ids).logits.float()
 
@@ -330,6 +335,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, source_sha256: str | None = 
     marker, after its reloaded logits were checked equal to the GGUF-loaded model's.
     `source_sha256` saves hashing the file again when the caller has already verified it.
     """
+    import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

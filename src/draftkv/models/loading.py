@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-from draftkv.engine.decoding import check_backend
 from draftkv.engine.speculation import CallCosts, measure_costs
 from draftkv.errors import (
     ConfigError,
@@ -28,6 +27,7 @@ from draftkv.models.embedded import (
     ensure_gguf,
     transformers_bars_off,
 )
+from draftkv.options import check_backend, check_draft_cache, check_speculate
 
 DTYPES = {
     "float32": torch.float32,
@@ -309,34 +309,6 @@ def load_pair(
     draft_model = load_model(draft, device=device, dtype=dtype) if draft is not None else None
     return replace(_paired(target_model, draft_model, allow_tokenizer_mismatch), decode=decode, speculate=speculate,
                    draft_cache=draft_cache)
-
-
-DRAFT_CACHES = ("compressed", "whole", "window")
-
-
-def check_draft_cache(draft_cache: str) -> str:
-    if draft_cache not in DRAFT_CACHES:
-        raise ConfigError(f"draft_cache must be one of {', '.join(DRAFT_CACHES)}, got {draft_cache!r}")
-    return draft_cache
-
-
-def check_speculate(speculate: int | str) -> int | str:
-    if speculate == "auto":
-        return speculate
-    if isinstance(speculate, bool) or not isinstance(speculate, int) or not 0 <= speculate <= 64:
-        raise ConfigError(f"speculate must be a whole number of draft tokens per target call from 0 (off) to 64, "
-                          f"or 'auto', got {speculate!r}")
-    return speculate
-
-
-def parse_speculate(text: str) -> int | str:
-    """A speculate value as written on a command line or in model args: 'auto' or a whole number."""
-    text = str(text).strip()
-    try:
-        return check_speculate("auto" if text == "auto" else int(text))
-    except ValueError:
-        raise ConfigError(f"speculate must be a whole number of draft tokens per target call from 0 (off) to 64, "
-                          f"or 'auto', got {text!r}") from None
 
 
 def _paired(target: LoadedModel, draft: LoadedModel | None, allow_mismatch: bool) -> ModelPair:

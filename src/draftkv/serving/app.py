@@ -29,6 +29,7 @@ from prometheus_client import (
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ConfigError, DraftKVError, UnknownMethodError
+from ..inspection import Inspection
 from ..methods import Method, method_with_budgets
 from ..types import Request as DraftRequest
 from ..types import Result, Sampling, TokenLogprob, is_int, is_number
@@ -339,6 +340,9 @@ class Server:
         if parsed.speculate and self.settings.proxy:
             raise ServeError(400, "speculate decodes with the target, which the upstream runs in proxy mode; leave "
                              "it out", param="speculate", code="unsupported_parameter")
+        if parsed.inspect and self.settings.proxy:
+            raise ServeError(400, "inspect reports what the target kept, which the upstream runs in proxy mode; "
+                             "leave it out", param="inspect", code="unsupported_parameter")
         try:
             sampling = Sampling(temperature, parsed.top_p or 1.0, parsed.top_k or 0, parsed.seed)
             if isinstance(parsed, ChatRequest):
@@ -428,6 +432,13 @@ class Server:
 
     # ---- local mode ----
 
+    def report(self, parsed: Common, request: DraftRequest, method: Method, result: Result) -> dict:
+        """The draftkv block of a reply: the stats, and with `inspect` what was kept of each prompt token."""
+        block = draftkv_stats(method, result)
+        if parsed.inspect:
+            block["inspect"] = Inspection.of_result(self.pair, request, method, result).to_dict()
+        return block
+
     async def local(self, http: Request, parsed: Common, trace: Trace) -> Any:
         request, method = self.draft_request(parsed)
         trace.method = method.name
@@ -453,7 +464,7 @@ class Server:
                 logprobs = (chat_logprobs(self.tokens, result) if chat
                             else completion_logprobs(self.tokens, result, job.prompt_scores, request.logprobs))
             return JSONResponse({**reply.whole(prompt_text + result.text, result.finish_reason, logprobs),
-                                 "usage": usage(result), "draftkv": draftkv_stats(method, result)},
+                                 "usage": usage(result), "draftkv": self.report(parsed, request, method, result)},
                                 headers={"x-request-id": trace.request_id})
 
         async def stream() -> AsyncIterator[str]:
@@ -473,7 +484,7 @@ class Server:
                         yield sse(reply.chunk("" if not chat else {}, value.finish_reason))
                         if parsed.include_usage:
                             yield sse({**reply.chunk(None), "choices": [], "usage": usage(value),
-                                       "draftkv": draftkv_stats(method, value)})
+                                       "draftkv": self.report(parsed, request, method, value)})
                         ended = True
                         yield sse("[DONE]")
                         return

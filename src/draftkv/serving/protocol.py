@@ -30,7 +30,7 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "functions": (None, []), "function_call": (None, "none"), "best_of": (None, 1),
     "suffix": (None, ""), "response_format": (None, {"type": "text"}),
 }
-DRAFTKV_FIELDS = {"method", "budget", "prompt_budget", "compression_ratio"}
+DRAFTKV_FIELDS = {"method", "budget", "prompt_budget", "compression_ratio", "inspect"}
 MAX_DEPTH = 32  # nesting of objects and lists in a request body (OpenAI's requests need 5)
 
 
@@ -88,6 +88,8 @@ class Common(BaseModel):
     compression_ratio: float | None = Field(None, ge=0, lt=1)  # kvpress's: the share removed
     # Draft proposals per target call while decoding, or "auto".
     speculate: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] | None = None
+    # Return, in the draftkv block, what the method kept of each prompt token (for `draftkv.Inspection`).
+    inspect: bool = False
 
     def method_params(self) -> dict[str, Any]:
         """The chosen method's own parameters: every field that is neither OpenAI's nor a budget."""
