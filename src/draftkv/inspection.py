@@ -124,8 +124,7 @@ def token_importance(prepared: Prepared, length: int) -> list[float] | None:
         return importance.tolist() if importance is not None else None
     read = prepared.batch.lengths[0]  # the prompt the target read (the kept tokens of a prompt stage)
     pad = prepared.batch.width - read
-    per_layer = [layer[0, :, pad:].float() for layer in target.layer_scores]  # [H, scored columns]
-    heads = torch.stack([head / head.max().clamp(min=1e-12) for layer in per_layer for head in layer.clamp(min=0)])
+    heads = scaled(torch.cat([layer[0, :, pad:].float() for layer in target.layer_scores]))  # [layers x H, columns]
     read_importance = torch.ones(read)
     read_importance[: heads.shape[1]] = heads.mean(dim=0).cpu()
     kept_tokens = prepared.kept.kept_tokens[0]
@@ -137,11 +136,12 @@ def token_importance(prepared: Prepared, length: int) -> list[float] | None:
 
 
 def scaled(scores: torch.Tensor) -> torch.Tensor:
+    """Each row of scores (the last dimension) over its maximum. A token with no score (the first token's
+    self-information is undefined) counts as unimportant."""
     import torch
 
-    # a token with no score (the first token's self-information is undefined) counts as unimportant
     scores = torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0).clamp(min=0)
-    return scores / scores.max().clamp(min=1e-12)
+    return scores / scores.amax(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
 def view_of(method: Method, pair: ModelPair, result: Result, importance: list[float] | None,
