@@ -36,3 +36,17 @@ def assert_same_result(together, alone) -> None:
     else:
         for a, b in zip(together.kept_positions, alone.kept_positions, strict=True):
             assert torch.equal(a, b)
+
+
+@pytest.fixture
+def calls_cost_as_measured(monkeypatch):
+    """A device whose calls take what the pair's measured costs say: `auto`'s timings of a decode's own
+    calls are those figures (tiny models' real calls cost about the same whatever they read)."""
+    from draftkv.engine.speculation import AutoProposals
+
+    real = AutoProposals.timed
+
+    def timed(self, width, target_seconds, proposals, draft_seconds):
+        real(self, width, self.device.target_call(width), proposals, proposals * self.device.draft_step)
+
+    monkeypatch.setattr(AutoProposals, "timed", timed)

@@ -246,7 +246,7 @@ def test_each_method_runs_with_each_speculation_setting(pair, tmp_path):
     assert [("acceptance" in cell) for cell in summary] == [cell["label"].endswith("+speculate=2") for cell in summary]
 
 
-def test_auto_speculation_runs_in_the_sweep_and_says_when_it_decoded_plainly(pair, tmp_path):
+def test_auto_speculation_runs_in_the_sweep_and_says_when_it_decoded_plainly(pair, tmp_path, calls_cost_as_measured):
     from draftkv.engine.speculation import CallCosts
 
     gains = CallCosts({n: 0.03 for n in (1, 2, 3, 5, 9)}, 0.001)  # a call costs the same whatever it reads

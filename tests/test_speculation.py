@@ -7,13 +7,17 @@ import dataclasses
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_checked_guess import near_pair, requests
 from tiny import long_context, make_model, make_tokenizer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from draftkv import METHODS
+from draftkv.engine.attention import few_queries, stacked_sdpa
 from draftkv.engine.cache import new_cache
 from draftkv.engine.decoding import DecodeSpec, sampling_probs
-from draftkv.engine.speculation import CallCosts, Drafter, speculate
+from draftkv.engine.speculation import PLAIN_START, AutoProposals, CallCosts, Drafter, speculate
 from draftkv.engine.static import StaticStep
 from draftkv.errors import ConfigError
 from draftkv.flow import run
@@ -264,7 +268,73 @@ def test_auto_in_the_plan_speculates_with_measured_gains_and_says_why_not():
     assert fixed.speculation == 3 and not fixed.adapts
 
 
-def test_auto_gives_the_tokens_of_a_decode_without_and_measures_once(near):
+def decode_rounds(auto: AutoProposals, costs: dict[int, float], draft_step: float, rounds: int, left: int = 100,
+                  filled: bool = True) -> list[int]:
+    """What `auto` proposes over `rounds` rounds where this decode's calls take `costs` by width and a draft
+    step `draft_step`, every proposal kept."""
+    chosen = []
+    for _ in range(rounds):
+        count = auto.proposals(8, left, filled)
+        chosen.append(count)
+        auto.timed(count + 1, costs.get(count + 1, costs[1] * (count + 1)), count, count * draft_step)
+        auto.device.checked(count, count)
+        left -= count + 1
+    return chosen
+
+
+def test_auto_starts_plain_and_judges_by_the_decodes_own_calls():
+    pair_costs = costs_of(0.030, 0.0005, 0.003, 0.9)
+    # Where this decode's calls cost what the pair measured, it times plain calls first, then speculates.
+    rounds = decode_rounds(AutoProposals(pair_costs), {n: 0.030 + (n - 1) * 0.0005 for n in range(1, 10)}, 0.003, 6)
+    assert rounds[:PLAIN_START] == [0] * PLAIN_START and all(count >= 3 for count in rounds[PLAIN_START:])
+    # Over a long cache its wide calls cost far more than the pair's timing over a short one said: once it has
+    # timed one, it stops proposing.
+    long_cache = {1: 0.040, **{n: 0.040 * n for n in range(2, 10)}}
+    auto = AutoProposals(costs_of(0.030, 0.0005, 0.003, 0.9))
+    rounds = decode_rounds(auto, long_cache, 0.003, 8)
+    assert rounds[PLAIN_START] > 0 and rounds[PLAIN_START + 1:] == [0] * (8 - PLAIN_START - 1)
+    # A width it has not timed is the pair's figure times how much dearer its own calls were, interpolated
+    # between the widths it has timed.
+    corrected = auto.costs()
+    assert set(auto.target_seen) == {1, 9}
+    assert corrected.target_call(1) == pytest.approx(0.040) and corrected.target_call(9) == pytest.approx(0.360)
+    dearer = {width: corrected.target_call(width) / auto.device.target_call(width) for width in (1, 5, 9)}
+    assert dearer[5] == pytest.approx((dearer[1] + dearer[9]) / 2)
+    # The draft's step is what its proposing took.
+    slow_draft = AutoProposals(costs_of(0.030, 0.0005, 0.003, 0.9))
+    assert decode_rounds(slow_draft, {n: 0.030 for n in range(1, 10)}, 0.060, 5)[PLAIN_START + 1:] == [0, 0]
+    assert slow_draft.costs().draft_step == pytest.approx(0.060)
+
+
+def test_auto_speculates_only_where_the_saving_pays_for_the_drafts_reading_of_the_prompt():
+    calls = {n: 0.030 + (n - 1) * 0.0005 for n in range(1, 10)}
+    held = decode_rounds(AutoProposals(costs_of(0.030, 0.0005, 0.003, 0.9), fill_seconds=50.0), calls, 0.003, 4,
+                         left=128, filled=True)
+    assert held[PLAIN_START:] != [0, 0]  # the draft holds the prompt already: nothing more to pay
+    for fill, left, speculates in [(0.5, 128, True), (50.0, 128, False), (0.5, 10, False)]:
+        auto = AutoProposals(costs_of(0.030, 0.0005, 0.003, 0.9), fill_seconds=fill)
+        rounds = decode_rounds(auto, calls, 0.003, 4, left=left, filled=False)
+        assert any(rounds) == speculates
+        assert (auto.declined is not None) == (not speculates)
+    assert auto.declined.startswith("auto decoded without speculation: the draft would first read the prompt "
+                                    "(about 0.5 s) to save about 0.")
+
+
+def test_auto_in_a_decode_leaves_the_prompts_reading_out_where_it_does_not_pay(near, calls_cost_as_measured):
+    """Costs at the scale of microseconds: any real prefill of the draft costs more than speculation saves.
+    Dense would have the draft read the prompt first, so it decodes plainly and says why; SpecKV's draft
+    holds the prompt from its pass, so it still speculates."""
+    request = requests(1, new_tokens=24)[0]
+    pair = dataclasses.replace(near, speculate="auto", call_costs=costs_of(1e-6, 1e-8, 1e-7, 0.9))
+    dense = run(pair, [request], ["dense"])[0][0]
+    assert dense.stats.proposed_tokens == 0 and "speculation_prefill" not in dense.stats.timings
+    assert "auto decoded without speculation: the draft would first read the prompt" in dense.stats.note
+    assert dense.token_ids == run(near, [request], ["dense"])[0][0].token_ids
+    speckv = run(pair, [request], [with_budgets("speckv")])[0][0]
+    assert speckv.stats.proposed_tokens > 0 and "auto decoded without" not in speckv.stats.note
+
+
+def test_auto_gives_the_tokens_of_a_decode_without_and_measures_once(near, calls_cost_as_measured):
     request = requests(1, new_tokens=24)[0]
     plain = run(near, [request], ["dense"])[0][0]
     measured = dataclasses.replace(near, speculate="auto")
@@ -289,7 +359,7 @@ def test_auto_gives_the_tokens_of_a_decode_without_and_measures_once(near):
     assert speculation_asked([0, 0]) == 0
 
 
-def test_auto_adapts_to_a_draft_that_is_never_right():
+def test_auto_adapts_to_a_draft_that_is_never_right(calls_cost_as_measured):
     """A draft with random weights of its own never agrees: after a few rounds the pair's acceptance
     falls, and the rest of the answer decodes without proposals (same tokens)."""
     far = near_pair("qwen2", noise=10.0)
@@ -380,3 +450,52 @@ def test_finished_rows_leave_a_speculating_batch(near, monkeypatch):
         assert together[row].token_ids == alone.token_ids
         assert len(together[row].token_ids) == request.max_new_tokens
     assert together[2].stats.proposed_tokens > together[0].stats.proposed_tokens
+
+
+@settings(max_examples=40, deadline=None)
+@given(batch=st.integers(1, 2), kv_heads=st.integers(1, 3), group=st.integers(2, 4), queries=st.integers(2, 16),
+       cached=st.integers(1, 30), per_head=st.booleans(), seed=st.integers(0, 1000))
+def test_stacked_query_heads_attend_as_transformers_sdpa_does(batch, kv_heads, group, queries, cached, per_head, seed):
+    """A few queries of grouped heads, stacked per KV head, give transformers' SDPA output for any mask
+    it is given: shared by the heads or each head's own (a ragged cache's)."""
+    generator = torch.Generator().manual_seed(seed)
+    heads, dim, keys = kv_heads * group, 8, cached + queries
+    query = torch.randn(batch, heads, queries, dim, generator=generator)
+    key, value = (torch.randn(batch, kv_heads, keys, dim, generator=generator) for _ in range(2))
+    mask = torch.rand(batch, heads if per_head else 1, queries, keys, generator=generator) > 0.3
+    mask |= torch.ones(queries, keys, dtype=torch.bool).tril(cached).logical_and(
+        torch.arange(keys) >= cached)  # each query sees itself at least
+    module = torch.nn.Module().eval()
+    module.num_key_value_groups, module.is_causal = group, True
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=dim ** -0.5)
+    stacked, _ = stacked_sdpa(module, query, key, value, mask, scaling=dim ** -0.5)
+    assert stacked.shape == expected.shape == (batch, queries, heads, dim)
+    torch.testing.assert_close(stacked, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_reading_a_few_tokens_over_its_cache_copies_no_keys(monkeypatch):
+    """transformers copies each KV head once per query head (repeat_kv) for a masked call of several
+    tokens; `few_queries` stacks the query heads instead, with the same logits, and only for the block."""
+    import transformers.integrations.sdpa_attention as sdpa
+
+    model = make_model("qwen2", heads=4, kv_heads=2)
+    copies = []
+    real = sdpa.repeat_kv
+    monkeypatch.setattr(sdpa, "repeat_kv", lambda states, n: copies.append(n) or real(states, n))
+    prompt = torch.arange(3, 43)[None]
+
+    def four_tokens_after_the_prompt() -> torch.Tensor:
+        cache = new_cache(model.config)
+        with torch.inference_mode():
+            model(input_ids=prompt, cache=cache, use_cache=True)
+            return model(input_ids=torch.tensor([[7, 8, 9, 10]]), position_ids=torch.arange(40, 44)[None],
+                         cache=cache, use_cache=True).logits
+
+    plain = four_tokens_after_the_prompt()
+    assert copies  # transformers' own path copies
+    copies.clear()
+    with few_queries(model):
+        stacked = four_tokens_after_the_prompt()
+    assert not copies
+    torch.testing.assert_close(stacked, plain, atol=1e-5, rtol=1e-5)
+    assert model.config._attn_implementation == "sdpa"  # as it was

@@ -1,8 +1,9 @@
 """The issue's configurations from runs.jsonl: medians over repeats, ratios to dense at the same length.
-Run from the repository root: python results/bench-cpu-speculation/table.py"""
+Run from the repository root: python results/bench-cpu-speculation/table.py [another folder's runs.jsonl]"""
 
 import json
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -18,9 +19,12 @@ ROWS = [  # (label in runs.jsonl, name in the table)
     ("speckv-pc(budget=256,prompt_budget=1024) +speculate=4", "SpecKV-PC + checked guess + speculate 4"),
     ("dense +speculate=auto", "dense + speculate auto"),
     ("speckv(budget=256) +speculate=auto", "SpecKV + checked guess + speculate auto"),
+    ("specpc(budget=1024) +speculate=auto", "SpecPC + speculate auto"),
+    ("speckv-pc(budget=256,prompt_budget=1024) +speculate=auto", "SpecKV-PC + checked guess + speculate auto"),
 ]
+RUNS = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "runs.jsonl"
 runs = defaultdict(list)
-for line in (Path(__file__).parent / "runs.jsonl").read_text(encoding="utf-8").splitlines():
+for line in RUNS.read_text(encoding="utf-8").splitlines():
     row = json.loads(line)
     if row.get("repeat", 0) >= 0 and "error" not in row:
         runs[(row["length"], row["label"])].append(row)
@@ -58,3 +62,5 @@ for length in sorted({length for length, _ in runs}):
                     stages[stage].append(seconds)
             print(f"- {name}: " + ", ".join(f"{s} {statistics.median(v):.1f}" for s, v in stages.items() if
                                             statistics.median(v) >= 0.05))
+            for note in sorted({r["note"] for r in rows if "speculation" in r["note"]}):
+                print(f"  - note: {note}")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
@@ -37,6 +38,10 @@ _active_ragged: contextvars.ContextVar[tuple[DynamicCache, frozenset[int]] | Non
 _active_collectors: contextvars.ContextVar[tuple[Collector, ...]] = contextvars.ContextVar(
     "draftkv_active_collectors", default=()
 )
+# Models that read a few tokens at a time over their cache now (speculation), by module id.
+_few_queries: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("draftkv_few_queries",
+                                                                             default=frozenset())
+FEW_QUERIES = 16  # the most tokens a call reads that `few_queries` stacks
 
 
 @dataclass(frozen=True)
@@ -315,9 +320,51 @@ def _capturing(implementation: str) -> Callable:
         for collector in _active_collectors.get():
             collector.observe(module.layer_idx, query, key, attention_mask, kwargs.get("scaling"),
                               softcap=kwargs.get("softcap"), sliding=bool(kwargs.get("sliding_window")))
+        if implementation == "sdpa" and id(module) in _few_queries.get() and stackable(module, query, attention_mask,
+                                                                                        kwargs):
+            return stacked_sdpa(module, query, key, value, attention_mask, **kwargs)
         return _own_attention(module, implementation)(module, query, key, value, attention_mask, **kwargs)
 
     return attention
+
+
+def stackable(module: torch.nn.Module, query: torch.Tensor, attention_mask: torch.Tensor | None,
+              kwargs: dict) -> bool:
+    """Whether `stacked_sdpa` computes this call: a few masked queries of grouped heads, nothing else added."""
+    return (getattr(module, "num_key_value_groups", 1) > 1 and 1 < query.shape[2] <= FEW_QUERIES
+            and attention_mask is not None and kwargs.get("position_bias") is None
+            and kwargs.get("softcap") is None and not module.training)
+
+
+def stacked_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor, scaling: float | None = None, **_: object) -> tuple[torch.Tensor, None]:
+    """SDPA over a few queries [B, H_q, q, d] with the query heads that share a KV head stacked as that
+    head's queries [B, H_kv, group * q, d], and the mask [B, 1 or H_q, q, K] stacked the same way.
+    transformers does this for one query; for more it copies each KV head once per query head it
+    serves (repeat_kv), which over a long cache costs more than the rest of the call."""
+    batch, heads, queries, dim = query.shape
+    kv_heads = key.shape[1]
+    stacked = query.reshape(batch, kv_heads, heads // kv_heads * queries, dim)
+    mask = attention_mask.expand(batch, heads, queries, -1).reshape(batch, kv_heads, stacked.shape[2], -1)
+    output = F.scaled_dot_product_attention(stacked, key, value, attn_mask=mask, scale=scaling)
+    return output.reshape(batch, heads, queries, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+@contextmanager
+def few_queries(model: torch.nn.Module) -> Iterator[None]:
+    """The model reads a few tokens per call over a long cache for the block (speculation): its SDPA
+    layers stack grouped query heads (`stacked_sdpa`) instead of copying their keys and values."""
+    if own_implementation(model) != "sdpa":
+        yield
+        return
+    previous, wrapped = wrapped_implementation(model)
+    model.set_attn_implementation(wrapped)
+    token = _few_queries.set(_few_queries.get() | {id(m) for m in model.modules() if hasattr(m, "layer_idx")})
+    try:
+        yield
+    finally:
+        _few_queries.reset(token)
+        model.set_attn_implementation(previous)
 
 
 def own_implementation(model: torch.nn.Module) -> str:

@@ -11,17 +11,22 @@ q = one-hot, so a guessed token is kept with probability p(x).
 
 `auto` speculation decides from measured costs (CallCosts): k proposals pay k draft steps and one
 target call that reads k + 1 tokens, and yield on average (1 - a^(k+1)) / (1 - a) tokens at a per-token
-acceptance rate a; plain decoding pays one 1-token target call per token. The calls are timed once, over
-a short cache (what matters is their ratio), and a is what the pair has accepted so far. The k with the
-most tokens per second is chosen each round, and none (plain decoding) where no k beats plain decoding
-by a margin.
+acceptance rate a; plain decoding pays one 1-token target call per token. The calls are timed once per
+pair, over a short cache, and a is what the pair has accepted so far. Each decode then corrects those
+costs with its own calls over its own cache (AutoProposals: it starts with plain calls, which time the
+1-token call, and times every call after), and chooses each round the k with the most tokens per second,
+or none where no k beats plain decoding by a margin. Where the draft does not hold the prompt yet, its
+first proposal waits for it to read the prompt, so auto speculates only where the expected saving over
+the tokens left exceeds that reading's cost.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +35,7 @@ from transformers import DynamicCache
 
 from ..errors import ConfigError
 from ..types import Sampling
-from .attention import DECODE_ATTENTION
+from .attention import DECODE_ATTENTION, few_queries
 from .cache import kv_bytes, reserve, select_rows
 from .decoding import (
     Decoded,
@@ -159,17 +164,79 @@ def measure_costs(target: torch.nn.Module, draft: torch.nn.Module, tokens: int =
         cache = new_cache(model.config)
         _call(model, cache, prompt, 0, 1)
         seconds = {}
-        for width in (widths[0], *widths):
-            runs = []
-            for _ in range(2):
-                started = _synchronized(model.device)
-                _call(model, cache, prompt[:width], tokens, 1)
-                runs.append(_synchronized(model.device) - started)
-                drop_newest(cache, width)
-            seconds[width] = min(runs)
+        with few_queries(model):
+            for width in (widths[0], *widths):
+                runs = []
+                for _ in range(2):
+                    started = _synchronized(model.device)
+                    _call(model, cache, prompt[:width], tokens, 1)
+                    runs.append(_synchronized(model.device) - started)
+                    drop_newest(cache, width)
+                seconds[width] = min(runs)
         return seconds
 
     return CallCosts(timings(target, TIMED_WIDTHS), timings(draft, (1,))[1])
+
+
+PLAIN_START = 2  # `auto` times this many plain calls over the decode's own cache before it proposes
+TIMINGS_KEPT = 8  # per call width, the latest timings a decode judges by (their median)
+
+
+@dataclass
+class AutoProposals:
+    """`auto` in one decode: the pair's CallCosts corrected by this decode's own calls over its own cache,
+    and what the draft's first reading of the prompt would cost (`fill_seconds`; 0 where it holds it)."""
+
+    device: CallCosts
+    fill_seconds: float = 0.0
+    target_seen: dict[int, deque[float]] = field(default_factory=dict)
+    draft_seen: deque[float] = field(default_factory=lambda: deque(maxlen=TIMINGS_KEPT))
+    declined: str | None = None  # why it never proposed: reading the prompt would cost more than it saves
+
+    def costs(self) -> CallCosts:
+        """The pair's costs with this decode's timings where it has them. A width not timed here is the
+        pair's figure times how much dearer this decode's calls were than the pair's at the widths it has
+        timed (interpolated between the nearest two, the nearest one's past them)."""
+        seen = {width: statistics.median(times) for width, times in self.target_seen.items()}
+        factors = sorted((width, seconds / self.device.target_call(width)) for width, seconds in seen.items())
+
+        def target_call(width: int) -> float:
+            if width in seen:
+                return seen[width]
+            if not seen:
+                return self.device.target_call(width)
+            below = [point for point in factors if point[0] < width] or factors[:1]
+            above = [point for point in factors if point[0] > width] or factors[-1:]
+            (low, low_factor), (high, high_factor) = below[-1], above[0]
+            if high == low:
+                return self.device.target_call(width) * low_factor
+            return self.device.target_call(width) * (low_factor + (high_factor - low_factor) * (width - low) / (high - low))
+
+        draft_step = statistics.median(self.draft_seen) if self.draft_seen else self.device.draft_step
+        return CallCosts({width: target_call(width) for width in sorted({*TIMED_WIDTHS, *seen})}, draft_step,
+                         self.device.accepted, self.device.proposed)
+
+    def proposals(self, most: int, left: int, filled: bool) -> int:
+        """What to propose this round (0: a plain call), with `left` tokens at most still to decode and
+        the draft holding the prompt (`filled`) or not."""
+        if self.declined is not None or len(self.target_seen.get(1, ())) < PLAIN_START:
+            return 0
+        costs = self.costs()
+        chosen = costs.best(min(most, left))
+        if not chosen or filled:
+            return chosen
+        saving = left * costs.target_call(1) * (1 - 1 / costs.gain(chosen))
+        if saving > self.fill_seconds:
+            return chosen
+        self.declined = (f"auto decoded without speculation: the draft would first read the prompt (about "
+                         f"{self.fill_seconds:.1f} s) to save about {saving:.1f} s over the {left} tokens left")
+        return 0
+
+    def timed(self, width: int, target_seconds: float, proposals: int, draft_seconds: float) -> None:
+        """A round's timings: the target's call reading `width` tokens, the draft's proposing."""
+        self.target_seen.setdefault(width, deque(maxlen=TIMINGS_KEPT)).append(target_seconds)
+        if proposals:
+            self.draft_seen.append(draft_seconds / proposals)
 
 
 @dataclass
@@ -184,7 +251,7 @@ class Drafter:
     positions: list[int]
     read: list[int]
     fill: Callable[[], None] | None = None  # fills `cache` before the first proposal (after the first token)
-    costs: CallCosts | None = None  # `auto`: each round proposes what these costs say decodes fastest
+    auto: AutoProposals | None = None  # `auto`: each round proposes what it says decodes fastest
     row_bytes: list[int] | None = None  # each row's share of `cache` (None: all of it, one row)
 
 
@@ -195,6 +262,7 @@ class SpeculationStats:
     accepted: int = 0  # of them, kept
     draft_seconds: float = 0.0  # the draft's proposing
     draft_kv_bytes: int = 0  # what the draft's cache held when the decode started
+    note: str | None = None  # why `auto` did not speculate
 
 
 def drop_newest(cache: DynamicCache, count: int) -> None:
@@ -283,6 +351,14 @@ FILLER = 0  # the token a row that has nothing to read feeds in a batch's call; 
 def speculate(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.Tensor, positions: list[int],
               spec: DecodeSpec, drafter: Drafter, attention_mask: torch.Tensor | None = None,
               ) -> tuple[DecodeOutput, list[SpeculationStats]]:
+    """`speculate_rounds` with both models reading their few tokens per call without copying their caches."""
+    with few_queries(model), few_queries(drafter.model):
+        return speculate_rounds(model, cache, first_logits, positions, spec, drafter, attention_mask)
+
+
+def speculate_rounds(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.Tensor, positions: list[int],
+                     spec: DecodeSpec, drafter: Drafter, attention_mask: torch.Tensor | None = None,
+                     ) -> tuple[DecodeOutput, list[SpeculationStats]]:
     """A batch's decode with a draft, its rows in step: each round the draft proposes up to
     `drafter.proposals` tokens per row from its own cache, and the target reads each row's last token and
     its proposals in one call and keeps what `check_guess` keeps (greedy: the agreeing prefix and its own
@@ -347,7 +423,8 @@ def speculate(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.T
             live = running
         on = [rows[r].finish is None for r in live]  # a finished row still held feeds fillers
         left = max(rows[r].max_new_tokens - len(rows[r].token_ids) - 1 for r in running)
-        count = min(drafter.proposals if drafter.costs is None else drafter.costs.best(drafter.proposals), left)
+        count = min(drafter.proposals, left) if drafter.auto is None else \
+            drafter.auto.proposals(drafter.proposals, left, filled=drafter.fill is None)
         if count and draft is None:
             if drafter.fill is not None:  # the draft reads the prompt only once a proposal is wanted
                 drafter.fill()
@@ -405,7 +482,10 @@ def speculate(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.T
         draft_seconds = time.perf_counter() - started
         tokens = [[answers[r][-1], *proposed[r]] if going else [FILLER] * (count + 1)
                   for r, going in zip(live, on, strict=True)]
+        reading = _synchronized(first_logits.device) if drafter.auto is not None else 0.0
         logits = target.read(tokens, [target_at[r] for r in live], count + 1)
+        if drafter.auto is not None:
+            drafter.auto.timed(count + 1, _synchronized(first_logits.device) - reading, count, draft_seconds)
         steps += 1
         refused_by_target, refused_by_draft = [], []
         for at, r in enumerate(live):
@@ -420,8 +500,8 @@ def speculate(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.T
             stats[r].proposed += count
             stats[r].accepted += kept
             stats[r].draft_seconds += draft_seconds / sum(on)
-            if drafter.costs is not None:
-                drafter.costs.checked(count, kept)
+            if drafter.auto is not None:
+                drafter.auto.device.checked(count, kept)
             logprobs[r] = token_logprobs(logits[at, : len(chosen[r])], chosen[r], [wanted[r]] * len(chosen[r])) \
                 if wanted[r] is not None else None
             refused_by_target.append(count - kept)  # the target read the last token and every proposal
@@ -433,5 +513,8 @@ def speculate(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.T
             draft.take_back(refused_by_draft)
         for r, refused in zip(live, refused_by_draft, strict=True):
             read[r] -= refused
+    if drafter.auto is not None and drafter.auto.declined is not None:
+        for row in stats:
+            row.note = drafter.auto.declined
     decoded = [Decoded(row.token_ids, row.shown, row.finish or "length", row.logprobs) for row in rows]
     return DecodeOutput(decoded, first_token_at, steps), stats

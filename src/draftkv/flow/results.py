@@ -13,7 +13,7 @@ from ..engine.attention import capture, ragged_attention
 from ..engine.cache import kv_bytes, new_cache, stacked_cache
 from ..engine.decoding import Accepted, Decoded, DecodeSpec, TextCallback, decode
 from ..engine.eviction import DecodeEviction
-from ..engine.speculation import Drafter, SpeculationStats, drop_newest, speculate
+from ..engine.speculation import AutoProposals, Drafter, SpeculationStats, drop_newest, speculate
 from ..methods import Method
 from ..prompt import EncodedPrompt
 from ..types import Request, Result, Stats
@@ -133,9 +133,14 @@ def finish_speculating(pair: ModelPair, prepared: Prepared, on_text: TextCallbac
     the same positions, into a cache of the row's own, and the rows' caches are stacked."""
     target, draft, clock = pair.target.model, pair.draft.model, prepared.clock
     batch, rows = prepared.batch, len(prepared.requests)
-    drafter = Drafter(draft, None, prepared.consumer.speculation, list(batch.next_positions), [0] * rows,
-                      costs=pair.speculation_costs() if prepared.consumer.adapts else None)
+    drafter = Drafter(draft, None, prepared.consumer.speculation, list(batch.next_positions), [0] * rows)
     kept = prepared.draft.kept if prepared.draft is not None and rows == 1 else None
+    if prepared.consumer.adapts:
+        costs = pair.speculation_costs()
+        # The draft reads what the target prefilled; their calls' costs stand in for their prefills' ratio.
+        reading = 0.0 if kept is not None else \
+            clock.stages.get("target_prefill", 0.0) * costs.draft_step / costs.target_call(1)
+        drafter.auto = AutoProposals(costs, reading)
     if kept is not None:
         accepted = prepared.accepted[0]
         valid = min(len(accepted.token_ids) - 1 if accepted is not None else 0, kept.read)
@@ -174,8 +179,9 @@ def finish_speculating(pair: ModelPair, prepared: Prepared, on_text: TextCallbac
     clock.add("decode", clock.now() - max(decoding, output.first_token_at) - drafting
               - clock.stages.get("speculation_prefill", 0.0))
     clock.add("draft_decode", drafting)
-    return results_of(pair, prepared, output.rows, output.first_token_at, clock.now(), peak_memory(target.device), [],
-                      speculated)
+    notes = sorted({row.note for row in speculated if row.note is not None})
+    return results_of(pair, prepared, output.rows, output.first_token_at, clock.now(), peak_memory(target.device),
+                      notes, speculated)
 
 
 def answer_spec(pair: ModelPair, requests: list[Request], accepted: list[Accepted | None], *,
