@@ -140,8 +140,8 @@ def _speculate(value: str) -> int | str:
 
 
 SPECULATE_HELP = ("Speculative decoding: the draft proposes this many tokens per target call (0: off; one request at "
-                  "a time), or auto (as many as the costs measured on this device say decode fastest; none where none "
-                  "does).")
+                  "a time), or auto (as many as the calls timed on this device say decode fastest; none where none "
+                  "does, or where the draft would first read the prompt for less than it saves).")
 Speculate = Annotated[str, typer.Option("--speculate", callback=_speculate, help=SPECULATE_HELP)]
 DraftCacheKept = Annotated[str, typer.Option("--draft-cache", help="With --speculate: what the draft's cache keeps of "
                                            "the prompt: compressed (the method's budget, by the draft's own "

@@ -78,7 +78,7 @@ class ModelPair:
     # ("whole"), or its first and last entries ("window").
     speculate: int | str = 0
     draft_cache: str = "compressed"
-    # `auto`'s costs, measured on the first request that asks for it and kept up to date by every decode.
+    # `auto`'s costs, measured on the first request that asks for it; every decode adds what it accepted.
     call_costs: CallCosts | None = field(default=None, repr=False, compare=False)
 
     def speculation_costs(self) -> CallCosts:
