@@ -352,6 +352,13 @@ def test_auto_gives_the_tokens_of_a_decode_without_and_measures_once(near, calls
             assert sped.token_ids == run(near, [request], [chosen])[0][0].token_ids
             assert (sped.stats.proposed_tokens > 0) == speculates
             assert ("auto measured no gain" in sped.stats.note) == (not speculates)
+    # A padded batch decides for its rows together, and each row gets its own tokens.
+    batch = requests(2, new_tokens=24)
+    pair = dataclasses.replace(near, speculate="auto", call_costs=costs_of(0.030, 0.0005, 0.003, 0.7))
+    for chosen in ("dense", with_budgets("speckv")):
+        together = run(pair, batch, [chosen])[0]
+        assert [r.token_ids for r in together] == [run(near, [one], [chosen])[0][0].token_ids for one in batch]
+        assert all(r.stats.proposed_tokens > 0 for r in together)
     # A request's own value wins over the pair's; a batch with a fixed value and `auto` takes the fixed one.
     assert run(dataclasses.replace(near, speculate="auto", call_costs=costs_of(0.03, 0.03, 0.03, 0.7)),
                [dataclasses.replace(request, speculate=2)], ["dense"])[0][0].stats.proposed_tokens > 0
