@@ -289,6 +289,8 @@ FAST = [  # commands that need no model, so they must answer without torch or tr
     ["generate", "--temperature", "-1", "-q", "x"], ["compress", "--decode", "fast", "-q", "x"],
     ["eval", "ruler", "--length", "2048", "--samples", "0"], ["eval", "ruler", "--methods", "snapkv,snapkv"],
     ["bench", "--speculate", "99"], ["bench", "--lengths", ","],
+    ["serve", "--method", "nosuch"], ["serve", "--max-tokens", "9", "--max-tokens-limit", "5"],
+    ["serve", "--upstream", "ftp://box/v1"], ["serve", "--temperature", "3"],
 ]
 
 

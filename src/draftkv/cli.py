@@ -508,11 +508,8 @@ def serve(
     """Serve the OpenAI API: locally (draft and target here), or as a compressing proxy (--upstream)."""
     import logging
 
-    import uvicorn
-
-    from .models import ModelPair, load_model, load_pair
-    from .serving import ServeSettings, create_app
     from .serving.protocol import ServeError
+    from .serving.settings import ServeSettings
 
     logging.basicConfig(level=log_level.upper(), format="%(message)s")  # request lines are JSON already
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call otherwise
@@ -533,6 +530,12 @@ def serve(
             raise ConfigError("--speculate decodes with the target, which the upstream runs in proxy mode; leave it out")
         check_address(host, port)  # free and bindable, before minutes of loading
         method_with_budgets(settings.method, **params)  # a bad default fails before minutes of loading
+        # Every flag is checked: now the server's stack and torch.
+        import uvicorn
+
+        from .models import ModelPair, load_model, load_pair
+        from .serving import create_app
+
         with err.status("loading models"):
             if upstream:  # only the draft runs here; it stands in for the target's tokenizer and limits
                 loaded = load_model(draft, device=device, dtype=dtype)
