@@ -312,3 +312,16 @@ def test_commands_that_need_no_model_import_no_torch(args):
     assert "Traceback" not in done.stderr
     if done.returncode == 2:
         assert "error" in done.stderr.lower()
+
+
+def test_serve_without_the_server_packages_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name in ("fastapi", "psutil")
+                        else real(name, *rest))
+    result = CliRunner().invoke(app, ["serve"])
+    assert result.exit_code == 2
+    assert "the server needs fastapi, psutil, which are not installed; pip install 'draftkv[serve]'" in \
+        " ".join(result.output.split())
+    assert result.exception is None or isinstance(result.exception, SystemExit)

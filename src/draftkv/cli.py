@@ -466,6 +466,9 @@ def _env(name: str, help: str, **options: Any) -> Any:
     return typer.Option(envvar=f"DRAFTKV_{name}", help=help, **options)
 
 
+SERVER_PACKAGES = ("fastapi", "uvicorn", "httpx", "pydantic", "prometheus_client", "psutil")  # draftkv[serve]
+
+
 @app.command()
 def serve(
     host: Annotated[str, _env("HOST", "Address to listen on. The default serves this machine only; 0.0.0.0 serves "
@@ -506,8 +509,13 @@ def serve(
                                                     "compressed, whole or window.")] = "compressed",
 ) -> None:
     """Serve the OpenAI API: locally (draft and target here), or as a compressing proxy (--upstream)."""
+    import importlib.util
     import logging
 
+    missing = [name for name in SERVER_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise fail(ConfigError(f"the server needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+                               "not installed; pip install 'draftkv[serve]'"))
     from .serving.protocol import ServeError
     from .serving.settings import ServeSettings
 
