@@ -357,14 +357,8 @@ def few_queries(model: torch.nn.Module) -> Iterator[None]:
     if own_implementation(model) != "sdpa":
         yield
         return
-    previous, wrapped = wrapped_implementation(model)
-    model.set_attn_implementation(wrapped)
-    token = _few_queries.set(_few_queries.get() | {id(m) for m in model.modules() if hasattr(m, "layer_idx")})
-    try:
+    with _wrapped(model, _few_queries, _few_queries.get() | _attention_modules(model)):
         yield
-    finally:
-        _few_queries.reset(token)
-        model.set_attn_implementation(previous)
 
 
 def own_implementation(model: torch.nn.Module) -> str:
@@ -384,26 +378,42 @@ def wrapped_implementation(model: torch.nn.Module) -> tuple[str, str]:
 
 
 @contextmanager
+def _wrapped(model: torch.nn.Module, variable: contextvars.ContextVar, value: object) -> Iterator[None]:
+    """Run `model` through our attention wrapper with `variable` set to `value` for the block; both as
+    they were afterwards."""
+    previous, wrapped = wrapped_implementation(model)
+    model.set_attn_implementation(wrapped)
+    token = variable.set(value)
+    try:
+        yield
+    finally:
+        variable.reset(token)
+        model.set_attn_implementation(previous)
+
+
+def _attention_modules(model: torch.nn.Module) -> frozenset[int]:
+    """The ids of the model's attention modules (those that know their layer)."""
+    return frozenset(id(module) for module in model.modules() if hasattr(module, "layer_idx"))
+
+
+@contextmanager
 def capture(model: torch.nn.Module, *collectors: Collector | None) -> Iterator[None]:
     """Run `model` with window-query capture into the collectors for the duration of the block."""
     active = tuple(c for c in collectors if c is not None)
     if not active:
         yield
         return
-    previous, wrapped = wrapped_implementation(model)
-    model.set_attn_implementation(wrapped)
-    token = _active_collectors.set(active)
+
     def start_calls(*_: object) -> None:  # a pre-hook must return None, or it replaces the inputs
         for collector in active:
             collector.start_call()
 
-    hook = model.register_forward_pre_hook(start_calls)
-    try:
-        yield
-    finally:
-        hook.remove()
-        _active_collectors.reset(token)
-        model.set_attn_implementation(previous)
+    with _wrapped(model, _active_collectors, active):
+        hook = model.register_forward_pre_hook(start_calls)
+        try:
+            yield
+        finally:
+            hook.remove()
 
 
 def follow_ragged(old: DynamicCache, new: DynamicCache) -> None:
@@ -419,12 +429,5 @@ def ragged_attention(model: torch.nn.Module, cache: DynamicCache) -> Iterator[No
     if not any(layer.brings_mask for layer in cache.layers):
         yield
         return
-    previous, wrapped = wrapped_implementation(model)
-    model.set_attn_implementation(wrapped)
-    token = _active_ragged.set((cache, frozenset(id(module) for module in model.modules()
-                                                 if hasattr(module, "layer_idx"))))
-    try:
+    with _wrapped(model, _active_ragged, (cache, _attention_modules(model))):
         yield
-    finally:
-        _active_ragged.reset(token)
-        model.set_attn_implementation(previous)

@@ -262,7 +262,6 @@ class SpeculationStats:
     accepted: int = 0  # of them, kept
     draft_seconds: float = 0.0  # the draft's proposing
     draft_kv_bytes: int = 0  # what the draft's cache held when the decode started
-    note: str | None = None  # why `auto` did not speculate
 
 
 def drop_newest(cache: DynamicCache, count: int) -> None:
@@ -513,8 +512,5 @@ def speculate_rounds(model: torch.nn.Module, cache: DynamicCache, first_logits: 
             draft.take_back(refused_by_draft)
         for r, refused in zip(live, refused_by_draft, strict=True):
             read[r] -= refused
-    if drafter.auto is not None and drafter.auto.declined is not None:
-        for row in stats:
-            row.note = drafter.auto.declined
     decoded = [Decoded(row.token_ids, row.shown, row.finish or "length", row.logprobs) for row in rows]
     return DecodeOutput(decoded, first_token_at, steps), stats

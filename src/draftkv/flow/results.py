@@ -179,7 +179,7 @@ def finish_speculating(pair: ModelPair, prepared: Prepared, on_text: TextCallbac
     clock.add("decode", clock.now() - max(decoding, output.first_token_at) - drafting
               - clock.stages.get("speculation_prefill", 0.0))
     clock.add("draft_decode", drafting)
-    notes = sorted({row.note for row in speculated if row.note is not None})
+    notes = [drafter.auto.declined] if drafter.auto is not None and drafter.auto.declined is not None else []
     return results_of(pair, prepared, output.rows, output.first_token_at, clock.now(), peak_memory(target.device),
                       notes, speculated)
 
