@@ -49,6 +49,7 @@ def test_every_configuration_is_measured_with_every_column(swept):
     measured = [r for r in rows if "error" not in r]
     assert len(measured) == 2 * 4 * 2  # lengths x working methods x repeats
     assert all(r["new_tokens"] == 4 for r in measured)  # end-of-text is ignored: every run decodes 4
+    assert {r["dtype"] for r in rows} == {"float32"} and all(c["dtype"] == "float32" for c in summary)
     for row in measured:  # whole notes paragraphs fill each length from below
         assert row["length"] - 200 < row["prompt_tokens"] <= row["length"]
     header = markdown.read_text().splitlines()[2]
@@ -59,7 +60,7 @@ def test_every_configuration_is_measured_with_every_column(swept):
         assert cell["repeats"] == 2
         for _, key, _ in bench.COLUMNS:
             # CPU memory needs the subprocess (tested below); acceptance, speculation (tested below)
-            if key not in ("peak_memory_bytes", "acceptance"):
+            if key not in ("peak_memory_bytes", "peak_memory_total_bytes", "acceptance"):
                 assert key in cell, (cell["label"], key)
                 assert cell[key]["min"] <= cell[key]["median"] <= cell[key]["max"]
 
@@ -110,7 +111,7 @@ def test_a_torn_last_line_is_cut_before_new_rows(pair, tmp_path):
              "error": "x"}
     (tmp_path / "runs.jsonl").write_text(json.dumps(first) + "\n{\"key\": \"to", encoding="utf-8")
     rows = bench.run_bench(pair, tmp_path, lengths=[500], methods=[("dense", {})], new_tokens=2, repeats=1)
-    assert [row["key"] for row in bench.read_rows(tmp_path / "runs.jsonl")] == ["old", "500|1|dense|0"]
+    assert [row["key"] for row in bench.read_rows(tmp_path / "runs.jsonl")] == ["old", "500|1|dense|float32|0"]
     assert len(rows) == 2
 
 
@@ -150,7 +151,10 @@ def test_the_bench_command_writes_table_json_and_plots(pair, tmp_path):
                                       "--budget", "48", "--repeats", "1", "--new-tokens", "3", "--batch-sizes", "1,2",
                                       "--no-memory"])
     assert result.exit_code == 0, result.output
-    assert "| length | batch | method | TTFT" in result.stdout and "(1.00)" in result.stdout
+    assert "| length | batch | dtype | method | TTFT" in result.stdout and "(1.00)" in result.stdout
+    from draftkv.models import cpu_dtype
+
+    assert f"| {cpu_dtype().dtype} | dense |" in result.stdout  # --dtype auto, resolved and named
     for name in ("runs.jsonl", "bench.json", "bench.md", "latency.png", "memory.png", "throughput.png"):
         assert (out / name).stat().st_size > 0, name
     summary = json.loads((out / "bench.json").read_text())["summary"]

@@ -29,8 +29,24 @@ def folders(tmp_path_factory):
 
 
 def invoke(folders, *args, **kwargs):
+    """`draftkv generate` on the folders, in float32 as the Python pair they are compared with runs."""
     base = ["generate", "--target", folders["target"], "--draft", folders["draft"], "--max-new-tokens", "8"]
-    return runner.invoke(app, [*base, *args], **kwargs)
+    dtype = [] if "--dtype" in args else ["--dtype", "float32"]
+    return runner.invoke(app, [*base, *dtype, *args], **kwargs)
+
+
+def test_the_default_dtype_is_what_this_machine_measures_fastest_and_is_named(folders):
+    from draftkv.models import cpu_dtype
+
+    result = invoke(folders, "--context-file", folders["context"], "-q", QUESTION, "--method", "snapkv",
+                    "--budget", "64", "--dtype", "auto", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["stats"]["dtype"] == cpu_dtype().dtype in ("bfloat16", "float32")
+    plain = invoke(folders, "--context-file", folders["context"], "-q", QUESTION, "--method", "snapkv",
+                   "--budget", "64")
+    assert plain.exit_code == 0 and " in float32 (" in plain.stderr  # the stats line names it
+    bad = invoke(folders, "-q", QUESTION, "--dtype", "int8")
+    assert bad.exit_code == 2 and "Unknown dtype 'int8'; allowed: auto, float32" in bad.output
 
 
 def test_generate_json_equals_the_python_api(folders):

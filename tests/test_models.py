@@ -31,6 +31,7 @@ from draftkv.models import (
     EmbeddedModel,
     cache_dir,
     check_tokenizers,
+    cpu_dtype,
     embedded,
     ensure_embedded,
     load_model,
@@ -126,7 +127,7 @@ def test_resolve_device_and_dtype_defaults():
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device(None).type == expected
     assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_dtype(None, "cpu") == torch.float32
+    assert resolve_dtype(None, "cpu") == resolve_dtype("auto", "cpu") == cpu_dtype().torch_dtype
     if torch.cuda.is_available():
         assert resolve_dtype(None, "cuda") == torch.bfloat16
 
@@ -142,8 +143,64 @@ def test_resolve_dtype_names(name, dtype):
 
 @pytest.mark.parametrize("bad", ["int8", "float64", torch.int64])
 def test_resolve_dtype_rejects_others(bad):
-    with pytest.raises(ConfigError, match="allowed: float32"):
+    with pytest.raises(ConfigError, match="allowed: auto, float32"):
         resolve_dtype(bad, "cpu")
+
+
+def test_auto_on_a_cpu_is_decided_once_per_machine_and_kept_beside_the_model_cache(cache, monkeypatch):
+    from draftkv.models import dtypes
+
+    timed = []
+    fast = {"float32_prefill": 100.0, "bfloat16_prefill": 40.0, "float32_decode": 1.0, "bfloat16_decode": 0.9}
+    monkeypatch.setattr(dtypes, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    monkeypatch.setattr(dtypes, "time_products", lambda: timed.append(1) or fast)
+    first = cpu_dtype()
+    assert first.dtype == "bfloat16" and first.timings_ms == fast and "0.40 of float32's" in first.reason
+    assert resolve_dtype("auto", "cpu") == torch.bfloat16 and cpu_dtype() == first and len(timed) == 1
+    kept = json.loads((cache / dtypes.CHOICES_FILE).read_text())
+    assert kept[dtypes.machine_key()]["dtype"] == "bfloat16"
+    monkeypatch.setattr(torch, "__version__", "0.0.0-another")  # another torch: timed again
+    assert cpu_dtype().dtype == "bfloat16" and len(timed) == 2 and len(json.loads(
+        (cache / dtypes.CHOICES_FILE).read_text())) == 2
+
+
+@pytest.mark.parametrize(("flags", "timings", "expected"), [
+    ({"amx_bf16", "avx512_bf16"}, None, "bfloat16"),  # AMX tiles: no timing needed
+    ({"avx2", "fma"}, None, "float32"),  # no bfloat16 instructions on x86: emulated
+    ({"avx512_bf16"}, (100, 40, 1.0, 1.5), "float32"),  # decode slower in bfloat16
+    ({"avx512_bf16"}, (100, 95, 1.0, 0.9), "float32"),  # prefill barely faster
+    ({"avx512_bf16"}, (100, 30, 1.0, 1.05), "bfloat16"),
+])
+def test_auto_on_a_cpu_follows_its_flags_then_its_timings(flags, timings, expected, monkeypatch):
+    from draftkv.models import dtypes
+
+    monkeypatch.setattr(dtypes.platform, "machine", lambda: "x86_64")
+
+    def timed():
+        assert timings is not None, "timed where the flags settle it"
+        return dict(zip(("float32_prefill", "bfloat16_prefill", "float32_decode", "bfloat16_decode"), timings,
+                        strict=True))
+
+    monkeypatch.setattr(dtypes, "time_products", timed)
+    assert dtypes.decide(flags, "key").dtype == expected
+
+
+def test_auto_resolves_to_a_real_dtype_on_this_machine(cache):
+    choice = cpu_dtype()
+    assert choice.dtype in ("bfloat16", "float32") and choice.reason
+    if choice.timings_ms is not None:  # timed here: both dtypes, both shapes, in milliseconds
+        assert set(choice.timings_ms) == {"float32_prefill", "bfloat16_prefill", "float32_decode", "bfloat16_decode"}
+        assert all(value > 0 for value in choice.timings_ms.values())
+    assert resolve_dtype(None, "cpu") == choice.torch_dtype
+
+
+def test_a_read_only_cache_still_decides(tmp_path, monkeypatch):
+    from draftkv.models import dtypes
+
+    monkeypatch.setenv("DRAFTKV_CACHE_DIR", str(tmp_path / "file"))
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setattr(dtypes, "cpu_flags", lambda: {"amx_bf16"})
+    assert cpu_dtype().dtype == "bfloat16"
 
 
 def test_resolve_device_rejects_unknown():
@@ -160,10 +217,10 @@ def test_resolve_device_rejects_unknown():
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
 def test_load_folder_matches_original(saved, tokenizer, kind):
     folder, original = saved[kind]
-    loaded = load_model(str(folder))
+    loaded = load_model(str(folder), dtype="float32")
     assert loaded.source == "folder"
     assert loaded.load_seconds > 0
-    assert loaded.model.dtype == resolve_dtype(None)
+    assert loaded.model.dtype == torch.float32 and load_model(str(folder)).model.dtype == resolve_dtype(None)
     assert not loaded.model.training
     assert not any(parameter.requires_grad for parameter in loaded.model.parameters())
     assert loaded.model.config._attn_implementation == "sdpa"
@@ -250,7 +307,7 @@ def test_unreadable_gguf_is_refused_with_reason(tmp_path, cache):
     path.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
     with pytest.raises(ModelLoadError, match="transformers cannot read the GGUF file"):
         load_model(str(path))
-    assert not list((cache / "gguf").iterdir())  # nothing half-written left behind
+    assert not (cache / "gguf").exists() or not list((cache / "gguf").iterdir())  # nothing half-written left
 
 
 def test_gguf_under_another_suffix_is_refused(tmp_path, cache):
@@ -265,9 +322,12 @@ def test_missing_gguf_file(tmp_path):
         load_model(str(tmp_path / "absent.gguf"))
 
 
-def write_tiny_gguf(path: Path, model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast) -> None:
-    """A float32 Qwen2 GGUF file with the tokenizer metadata transformers reads (tied embeddings: no output.weight)."""
+def write_tiny_gguf(path: Path, model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast,
+                    quantized: bool = False) -> None:
+    """A Qwen2 GGUF file with the tokenizer metadata transformers reads (tied embeddings: no output.weight):
+    float32, or with its matrices in Q8_0 blocks (`quantized`, as llama.cpp's files keep them)."""
     import gguf
+    from gguf.quants import quantize
 
     config = model.config
     writer = gguf.GGUFWriter(str(path), "qwen2")
@@ -297,7 +357,12 @@ def write_tiny_gguf(path: Path, model: Qwen2ForCausalLM, tokenizer: PreTrainedTo
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight":
             continue
-        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), tensor.numpy())
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if quantized and tensor.dim() == 2:
+            blocks = quantize(tensor.numpy(), gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(gguf_name, blocks, raw_shape=blocks.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(gguf_name, tensor.numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -309,7 +374,7 @@ def test_gguf_round_trip(tmp_path, cache, tokenizer, monkeypatch):
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, original, tokenizer)
 
-    loaded = load_model(str(path))
+    loaded = load_model(str(path), dtype="float32")
     assert loaded.source == "gguf"
     ids = torch.tensor([tokenizer("Paris is the capital of France").input_ids])
     torch.testing.assert_close(logits(loaded.model, ids), logits(original, ids), rtol=0, atol=0)
@@ -322,6 +387,68 @@ def test_gguf_round_trip(tmp_path, cache, tokenizer, monkeypatch):
 
     monkeypatch.setattr(embedded, "convert_gguf", no_second_conversion)
     assert load_model(str(path)).source == "gguf"
+
+
+def test_a_quantized_gguf_is_stored_in_bfloat16_and_loads_in_either_dtype(tmp_path, cache, tokenizer):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path / "tiny-q8.gguf"
+    write_tiny_gguf(path, tiny_model("qwen2", len(tokenizer), seed=1), tokenizer, quantized=True)
+    assert embedded.stored_dtype(path) == "bfloat16"
+    as_float32 = load_model(str(path), dtype="float32")
+    (folder,) = (cache / "gguf").iterdir()
+    marker = embedded.read_marker(folder)
+    assert marker["dtype"] == "bfloat16" and marker["check"]["exact"]
+    assert marker["check"]["float32_top_token_agreement"] == 1.0
+    assert 0 < marker["check"]["float32_max_abs_logit_difference"] <= embedded.LOGIT_TOLERANCE
+    with safe_open(folder / "model.safetensors", "pt") as weights:
+        assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.bfloat16}  # noqa: SIM118
+    elements = sum(p.numel() for p in as_float32.model.state_dict().values() if p.dim() > 0) - \
+        as_float32.model.lm_head.weight.numel()  # tied to the embeddings: stored once
+    assert (folder / "model.safetensors").stat().st_size < 2.1 * elements  # two bytes a weight, not four
+
+    as_bfloat16 = load_model(str(path), dtype="bfloat16")
+    assert as_float32.model.dtype == torch.float32 and as_bfloat16.model.dtype == torch.bfloat16
+    for name, tensor in as_float32.model.named_parameters():  # float32 is the stored weights upcast, exactly
+        assert torch.equal(tensor, as_bfloat16.model.get_parameter(name).float()), name
+    dequantised = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    ids = torch.tensor([tokenizer("def add(a, b): return a + b").input_ids])
+    exact, stored = logits(dequantised, ids), logits(as_float32.model, ids)
+    assert torch.equal(exact.argmax(-1), stored.argmax(-1))
+    assert 0 < (exact - stored).abs().max() <= embedded.LOGIT_TOLERANCE
+
+
+def test_a_float32_conversion_of_a_quantized_gguf_is_stored_in_bfloat16_once(tmp_path, cache, tokenizer,
+                                                                             monkeypatch, capsys):
+    """A folder converted before bfloat16 storage (float32, no dtype in its marker) is recast on its next
+    load, from its own weights (the GGUF is not read again), its source and checks kept."""
+    path = tmp_path / "tiny-q8.gguf"
+    write_tiny_gguf(path, tiny_model("qwen2", len(tokenizer), seed=1), tokenizer, quantized=True)
+    with monkeypatch.context() as old:
+        old.setattr(embedded, "stored_dtype", lambda _path: "float32")
+        before = load_model(str(path))
+    (folder,) = (cache / "gguf").iterdir()
+    marker = embedded.read_marker(folder)
+    del marker["dtype"]  # as an earlier version wrote it
+    (folder / embedded.MARKER).write_text(json.dumps(marker))
+    size = (folder / "model.safetensors").stat().st_size
+
+    def no_second_conversion(*args, **kwargs):
+        raise AssertionError("the GGUF file was converted again")
+
+    monkeypatch.setattr(embedded, "convert_gguf", no_second_conversion)
+    capsys.readouterr()
+    after = load_model(str(path), dtype="float32")
+    assert "in bfloat16 (half the disk and memory of float32), once" in " ".join(capsys.readouterr().err.split())
+    recast = embedded.read_marker(folder)
+    assert recast["dtype"] == "bfloat16" and recast["source_sha256"] == marker["source_sha256"]
+    assert embedded.damage(folder, recast, full=True) is None
+    assert (folder / "model.safetensors").stat().st_size < 0.6 * size
+    ids = torch.tensor([tokenizer("Paris is the capital of France").input_ids])
+    assert torch.equal(logits(after.model, ids).argmax(-1), logits(before.model, ids).argmax(-1))
+    load_model(str(path))
+    assert "once" not in capsys.readouterr().err  # recast once: the next load reads it as it is
 
 
 def test_a_cached_conversion_damaged_in_place_is_found_and_rebuilt(tmp_path, cache, tokenizer, monkeypatch):
@@ -342,7 +469,7 @@ def test_a_cached_conversion_damaged_in_place_is_found_and_rebuilt(tmp_path, cac
     conversions = []
     convert = embedded.convert_gguf
     monkeypatch.setattr(embedded, "convert_gguf", lambda *a, **k: (conversions.append(a), convert(*a, **k))[1])
-    loaded = load_model(str(path))
+    loaded = load_model(str(path), dtype="float32")
     assert len(conversions) == 1  # found on load and rebuilt from the GGUF file
     torch.testing.assert_close(logits(loaded.model, ids), logits(original, ids), rtol=0, atol=0)
     assert load_model(str(path)) and len(conversions) == 1  # sound again: loaded as it is

@@ -197,11 +197,12 @@ def test_eval_ruler_command(tmp_path):
     cli = CliRunner()
     base = ["eval", "ruler", "--target", folders["target"], "--draft", folders["draft"], "--length", "400",
             "--samples", "1", "--tasks", "niah_single_1,vt,qa_1", "--methods", "dense,snapkv", "--budgets", "64",
-            "--out", str(tmp_path / "out")]
+            "--dtype", "float32", "--out", str(tmp_path / "out")]  # batched, unbatched and speculated: same tokens
     result = cli.invoke(app, base)
     assert result.exit_code == 0, result.output
     assert "skipping qa_1" in result.stderr and "| dense |" in result.stdout
     assert len(runner.read_rows(tmp_path / "out" / "results.jsonl")) == 4
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float32"
     assert (tmp_path / "out" / "accuracy.png").exists()
     two_lengths = [("400,440" if arg == "400" else arg) for arg in base[:-2]]
     dump = cli.invoke(app, [*two_lengths, "--dump", str(tmp_path / "samples.jsonl")])

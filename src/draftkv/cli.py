@@ -20,7 +20,7 @@ from .jsonl import check_free, writing
 from .methods import METHODS, Method, help_of, method_with_budgets, names
 from .models import DEFAULT_DRAFT, DEFAULT_TARGET, cache_dir, embedded_status, parse_speculate
 from .models.embedded import verify_cache
-from .options import check_backend
+from .options import check_backend, check_dtype
 from .prompt import encode_prompt
 from .types import Request, Sampling
 
@@ -120,7 +120,18 @@ ChatTemplate = Annotated[bool, typer.Option(help="Wrap the prompt in the target'
 Target = Annotated[str, typer.Option(help="Target: embedded name, local folder, .gguf file or cached hub id.")]
 Draft = Annotated[str, typer.Option(help="Draft model (same forms as --target).")]
 Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")]
-Dtype = Annotated[str | None, typer.Option(help="float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on CUDA).")]
+DTYPE_HELP = ("auto (the fastest this device measures: bfloat16 on CUDA and on CPUs with bfloat16 matrix units, "
+              "else float32), float32, bfloat16 or float16.")
+
+
+def _dtype(value: str) -> str:
+    try:
+        return check_dtype(value)
+    except ConfigError as error:
+        raise typer.BadParameter(str(error)) from None
+
+
+Dtype = Annotated[str, typer.Option(callback=_dtype, help=DTYPE_HELP)]
 
 
 def _backend(value: str) -> str:
@@ -195,7 +206,7 @@ def generate(
     target: Target = DEFAULT_TARGET,
     draft: Draft = DEFAULT_DRAFT,
     device: Device = None,
-    dtype: Dtype = None,
+    dtype: Dtype = "auto",
     decode: DecodeBackend = "auto",
     speculate: Speculate = "0",
     draft_cache: DraftCacheKept = "compressed",
@@ -290,7 +301,7 @@ def compress(
     target: Target = DEFAULT_TARGET,
     draft: Draft = DEFAULT_DRAFT,
     device: Device = None,
-    dtype: Dtype = None,
+    dtype: Dtype = "auto",
     decode: DecodeBackend = "auto",
     ids: Annotated[bool, typer.Option("--ids", help="Print the kept token ids (of the templated prompt) instead of text.")] = False,
     as_json: AsJson = False,
@@ -378,7 +389,7 @@ def bench(
     target: Target = DEFAULT_TARGET,
     draft: Draft = DEFAULT_DRAFT,
     device: Device = None,
-    dtype: Dtype = None,
+    dtype: Dtype = "auto",
     decode: DecodeBackend = "auto",
     speculate: Annotated[str, typer.Option(help="Speculative decoding: draft proposals per target call, comma-"
                                                 "separated, or auto; each method runs with each (0: without).")] = "0",
@@ -394,15 +405,16 @@ def bench(
         if not length_list or min(length_list) < 1 or not batch_list or min(batch_list) < 1:
             raise ConfigError(f"lengths and batch sizes must be positive integers, got {lengths!r} and {batch_sizes!r}")
         _writable(out)
-        from .models import load_pair
+        from .models import dtype_name, load_pair
         with err.status("loading models"):
             pair = load_pair(target, draft, device=device, dtype=dtype, decode=decode, draft_cache=draft_cache)
-        spec = {"target": target, "draft": draft, "device": device, "dtype": dtype, "decode": decode,
+        spec = {"target": target, "draft": draft, "device": device, "dtype": dtype_name(pair.target.model.dtype),
+                "decode": decode,
                 "draft_cache": draft_cache} if memory else None
         config = {"lengths": length_list, "methods": chosen, "new_tokens": new_tokens, "repeats": repeats,
                   "batch_sizes": batch_list, "target": target, "draft": draft, "decode": decode,
                   "speculate": proposals, "draft_cache": draft_cache,
-                  "device": str(pair.target.model.device), "dtype": str(pair.target.model.dtype),
+                  "device": str(pair.target.model.device), "dtype": dtype_name(pair.target.model.dtype),
                   "environment": benchmark.measurement_environment()}
         benchmark.run_bench(pair, out, lengths=length_list, methods=chosen, batch_sizes=batch_list,
                             new_tokens=new_tokens, repeats=repeats, memory_spec=spec, speculate=proposals or [0])
@@ -499,7 +511,7 @@ def serve(
     target: Annotated[str, _env("TARGET", "Target model (local mode): embedded name, folder, .gguf or cached hub id.")] = DEFAULT_TARGET,
     draft: Annotated[str, _env("DRAFT", "Draft model, or 'none' for draft-free methods only (local mode).")] = DEFAULT_DRAFT,
     device: Annotated[str | None, _env("DEVICE", "cpu, cuda, cuda:1 ... (default: cuda if available).")] = None,
-    dtype: Annotated[str | None, _env("DTYPE", "float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on CUDA).")] = None,
+    dtype: Annotated[str, _env("DTYPE", DTYPE_HELP, callback=_dtype)] = "auto",
     decode: Annotated[str, _env("DECODE", "Decode step: auto (static on CUDA, eager elsewhere), eager or static.",
                                 callback=_backend)] = "auto",
     speculate: Annotated[str, _env("SPECULATE", "Speculative decoding for requests that give no speculate field: "
@@ -651,7 +663,7 @@ def eval_ruler(
     target: Target = DEFAULT_TARGET,
     draft: Draft = DEFAULT_DRAFT,
     device: Device = None,
-    dtype: Dtype = None,
+    dtype: Dtype = "auto",
     decode: DecodeBackend = "auto",
     speculate: Speculate = "0",
     draft_cache: DraftCacheKept = "compressed",
@@ -743,7 +755,7 @@ def eval_longbench(
     target: Target = DEFAULT_TARGET,
     draft: Draft = DEFAULT_DRAFT,
     device: Device = None,
-    dtype: Dtype = None,
+    dtype: Dtype = "auto",
     decode: DecodeBackend = "auto",
     speculate: Speculate = "0",
     draft_cache: DraftCacheKept = "compressed",
@@ -825,7 +837,7 @@ def analyze_agreement(
     target: Target = DEFAULT_TARGET,
     draft: Draft = DEFAULT_DRAFT,
     device: Device = None,
-    dtype: Dtype = None,
+    dtype: Dtype = "auto",
     decode: DecodeBackend = "auto",
 ) -> None:
     """Oracle (the target's own answer) vs SpecKV (draft lookahead) vs SnapKV (window) importance, per layer."""
@@ -867,7 +879,7 @@ def inspect_command(
     target: Target = DEFAULT_TARGET,
     draft: Draft = DEFAULT_DRAFT,
     device: Device = None,
-    dtype: Dtype = None,
+    dtype: Dtype = "auto",
 ) -> None:
     """See what was kept: one page that shades each prompt token by each method's importance, marks what it
     kept, and shows the draft's guess, each answer and its stats."""

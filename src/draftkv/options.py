@@ -7,12 +7,22 @@ from .errors import ConfigError
 
 DECODE_BACKENDS = ("auto", "eager", "static")
 DRAFT_CACHES = ("compressed", "whole", "window")
+# auto: the fastest the device measures (models.dtypes); the others as named.
+DTYPE_NAMES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 
 def check_backend(backend: str) -> str:
     if backend not in DECODE_BACKENDS:
         raise ConfigError(f"decode backend {backend!r} is not one of {', '.join(DECODE_BACKENDS)}")
     return backend
+
+
+def check_dtype(dtype: str | None) -> str:
+    """A dtype as written on a command line or in settings (None: auto)."""
+    name = "auto" if dtype is None else str(dtype).strip().lower()
+    if name not in DTYPE_NAMES:
+        raise ConfigError(f"Unknown dtype {dtype!r}; allowed: {', '.join(DTYPE_NAMES)}")
+    return name
 
 
 def check_draft_cache(draft_cache: str) -> str:

@@ -146,6 +146,7 @@ class Stats:
     kv_bytes_dense: int  # the full prompt cache, every layer (a sliding-window layer holds at most its window)
     kv_bytes: int  # the entries the target decoded from, right after compression, every layer
     compressed: bool
+    dtype: str = ""  # what the models ran in: "bfloat16", "float32", ...
     kv_bytes_stored: int = 0  # what the (batch's) cache tensors really hold: kv_bytes plus layout padding
     kv_entries_sliding: int = 0  # per sliding-window layer and KV head: its window (or the prompt, if shorter)
     kv_bytes_sliding: int = 0  # what the sliding-window layers hold (part of kv_bytes); 0 without such layers
@@ -186,7 +187,8 @@ class Stats:
             f"[{self.method}] prompt {self.prompt_tokens} tok, kept {self.kept_prompt_tokens} tok / "
             f"{self.kv_entries} KV per head, KV {_mib(self.kv_bytes_dense)} -> {_mib(self.kv_bytes)} "
             f"({ratio:.1%}), lookahead {self.lookahead_tokens}, {accepted}new {self.new_tokens} tok, "
-            f"TTFT {self.time_to_first_token:.2f}s, total {self.total_time:.2f}s ({stages})"
+            f"TTFT {self.time_to_first_token:.2f}s, total {self.total_time:.2f}s"
+            f"{f' in {self.dtype}' if self.dtype else ''} ({stages})"
         )
         return f"{line}; {self.note}" if self.note else line
 

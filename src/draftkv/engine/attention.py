@@ -24,6 +24,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from . import scoring
 from .scoring import Reduction, reduced_count, window_scores
 
 # cuDNN attention (PyTorch's first choice on Hopper GPUs) builds an execution plan for every new
@@ -270,7 +271,8 @@ class PromptCollector:
         num_queries = min(self.window, query.shape[2]) if prefill else query.shape[2]
         weight = None
         if prefill and self.weighted:
-            weight = torch.linspace(0, 1, num_queries, device=query.device).expand(query.shape[0], -1)
+            weight = torch.linspace(0, 1, num_queries, dtype=scoring.SCORE_DTYPE,
+                                    device=query.device).expand(query.shape[0], -1)
         allowed = allowed_rows(attention_mask, query.shape[2], num_queries, key.shape[2])
         scores = window_scores(query[:, :, -num_queries:], key,
                                prefix_length=self.slot.columns(self.prompt_width) if self.slot else self.prompt_width,

@@ -18,6 +18,11 @@ import torch.nn.functional as F
 Reduction = Literal["max", "mean"]
 Pooling = Literal["max", "avg"]
 
+# Every importance score is computed and accumulated in this dtype, whatever the model runs in: a
+# bfloat16 model's queries and keys are upcast before their product, so a ranking never flips on
+# bfloat16 rounding (ALGORITHMS.md, invariant 10). Read at call time: the tests raise it to float64.
+SCORE_DTYPE = torch.float32
+
 # Bound on the float32 attention probabilities materialised at once (per layer and call). It is a
 # peak that dense's prefill does not have: with 256 MiB, H2O (all queries) peaked at 1.47x dense's
 # memory at 2k on a CPU. A GPU keeps the larger bound: there each product is a kernel launch.
@@ -49,7 +54,7 @@ def window_scores(
     probabilities; a weight of 0 (an invalid query) contributes nothing. The logits follow the model's
     own rule: its `scaling`, then its `softcap` (Gemma 2: softcap * tanh(logits / softcap)).
 
-    Returns [B, H_kv, prefix_length] float32: the max (or the sum, for "mean") over the query
+    Returns [B, H_kv, prefix_length] scores in SCORE_DTYPE (float32): the max (or the sum, for "mean") over the query
     heads of each KV group and over the (weighted) queries. Sums are turned into means by the caller,
     who knows the total count across calls (see `reduced_count`).
     """
@@ -58,21 +63,22 @@ def window_scores(
     group = num_heads // num_kv_heads
     scale = scaling if scaling is not None else 1.0 / math.sqrt(head_dim)
 
-    keys32 = key.float()
-    out = torch.zeros(batch, num_kv_heads, prefix_length, dtype=torch.float32, device=query.device)
+    keys = key.to(SCORE_DTYPE)
+    out = torch.zeros(batch, num_kv_heads, prefix_length, dtype=SCORE_DTYPE, device=query.device)
     on_cpu = key.device.type == "cpu"
-    chunk = max(1, (_MAX_PROBABILITY_BYTES if on_cpu else _MAX_PROBABILITY_BYTES_GPU) // (4 * num_heads * key_length))
+    chunk = max(1, (_MAX_PROBABILITY_BYTES if on_cpu else _MAX_PROBABILITY_BYTES_GPU)
+                // (out.element_size() * num_heads * key_length))
     key_chunk = _KEY_CHUNK if on_cpu else key_length
     for start in range(0, num_queries, chunk):
         stop = min(start + chunk, num_queries)
         size = stop - start
         # Causal queries see no key past the chunk's last query: those logits are never computed.
         visible = key_length if allowed is not None else key_length - num_queries + stop
-        q = (query[:, :, start:stop].float() * scale).reshape(batch, num_kv_heads, group * size, head_dim)
-        logits = torch.empty(batch, num_kv_heads, group * size, visible, dtype=torch.float32, device=query.device)
+        q = (query[:, :, start:stop].to(SCORE_DTYPE) * scale).reshape(batch, num_kv_heads, group * size, head_dim)
+        logits = torch.empty(batch, num_kv_heads, group * size, visible, dtype=SCORE_DTYPE, device=query.device)
         for first in range(0, visible, key_chunk):
             last = min(first + key_chunk, visible)
-            torch.matmul(q, keys32[:, :, first:last].transpose(-1, -2), out=logits[..., first:last])
+            torch.matmul(q, keys[:, :, first:last].transpose(-1, -2), out=logits[..., first:last])
         logits = logits.view(batch, num_kv_heads, group, size, visible)
         if softcap:
             logits.div_(softcap).tanh_().mul_(softcap)

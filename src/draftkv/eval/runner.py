@@ -134,8 +134,12 @@ def run(pair: ModelPair, samples: Iterable[Sample], runs: list[Setting], out: Pa
 def _run(pair: ModelPair, samples: Iterable[Sample], runs: list[Setting], out: Path, config: dict,
          share: bool, query_agnostic: bool, batch_settings: bool) -> Path:
     out.mkdir(parents=True, exist_ok=True)
+    from ..models.dtypes import dtype_name
+
     config = {**config, "share": share, "query_agnostic": query_agnostic,
               "batch_settings": share and batch_settings and not query_agnostic}
+    if pair is not None:  # what the rows were computed in: results of two dtypes are not mixed unchecked
+        config["dtype"] = dtype_name(pair.target.model.dtype)
     config_path = out / "config.json"
     if "settings" in config and config_path.is_file():  # a later command into the folder adds its settings
         try:

@@ -37,6 +37,7 @@ from ..engine.cache import (
 from ..engine.decoding import Accepted, TextCallback
 from ..errors import ConfigError, TokenizerMismatchError
 from ..methods import KVScorer, Method, get_method, names
+from ..models.dtypes import dtype_name
 from ..prompt import EncodedPrompt, encode_prompts
 from ..types import Request, Result
 from .batch import DraftView, PaddedBatch, lookahead_view, pad_prompts, pad_token
@@ -179,7 +180,7 @@ def prepare_each(pair: ModelPair, requests: list[Request], methods: list[str | M
     def prepared(index: int, shared: dict[str, float], target_side: TargetSide | None = None) -> Prepared:
         stages = {**clock.stages, **shared, **own_clocks[index].stages}
         return Prepared(consumers[index], requests, prompts, kept[index], drafted.result()[1][index],
-                        Clock(device, observer, stages), started, target_side)
+                        Clock(device, observer, stages), started, target_side, dtype_name(target.dtype))
 
     if not read:
         for index in range(len(consumers)):

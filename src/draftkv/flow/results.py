@@ -55,6 +55,7 @@ class Prepared:
     clock: Clock  # this consumer's stages: its own and those it shared
     started: float
     target: TargetSide | None = None  # None: the target was not run (prompt compression alone)
+    dtype: str = ""  # what the models ran in ("bfloat16", "float32", ...)
 
     @property
     def method(self) -> Method:
@@ -308,7 +309,8 @@ def row_stats(prepared: Prepared, row: int, new_tokens: int, first_token_at: flo
     sliding_dense = sum(min(n, window - 1) * entry for window, entry in windows)
     shared = ["shared prefill"] if side is not None and side.shared_prefill else []
     stats = Stats(
-        method=prepared.method.name, prompt_tokens=n, kept_prompt_tokens=stage_length, kv_entries=entries,
+        method=prepared.method.name, dtype=prepared.dtype, prompt_tokens=n, kept_prompt_tokens=stage_length,
+        kv_entries=entries,
         kv_bytes_dense=n * entry_bytes + sliding_dense,
         kv_bytes=(real * entry_bytes // slots if real is not None else entries * entry_bytes) + sliding,
         kv_bytes_stored=side.stored_bytes if side is not None else 0, kv_entries_sliding=sliding_entries,

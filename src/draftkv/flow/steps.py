@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from transformers import DynamicCache
 
+from ..engine import scoring
 from ..engine.attention import Collector, RowSlot, WindowCollector, capture
 from ..engine.cache import checkpoint, clone_cache, gathered_copy, new_cache, newest_entries
 from ..engine.decoding import Accepted, DecodeSpec, decode, make_generators, takes_static, token_logprobs
@@ -96,11 +97,11 @@ def self_information(model: torch.nn.Module, hidden: torch.Tensor, batch: Padded
     """
     head = model.get_output_embeddings()
     batch_size, width = batch.input_ids.shape
-    scores = torch.zeros(batch_size, width, device=hidden.device)
+    scores = torch.zeros(batch_size, width, dtype=scoring.SCORE_DTYPE, device=hidden.device)
     chunk = max(1, _LM_HEAD_CHUNK // (batch_size * head.weight.shape[0]))
     for start in range(0, width - 1, chunk):
         stop = min(start + chunk, width - 1)
-        logits = head(hidden[:, start:stop]).float()
+        logits = head(hidden[:, start:stop]).to(scoring.SCORE_DTYPE)
         next_logits = logits.gather(-1, batch.input_ids[:, start + 1: stop + 1, None])[..., 0]
         scores[:, start + 1: stop + 1] = torch.logsumexp(logits, dim=-1) - next_logits
     for row in range(batch_size):

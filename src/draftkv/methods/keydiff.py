@@ -33,10 +33,12 @@ class KeyDistance:
         import torch
         import torch.nn.functional as F
 
+        from ..engine import scoring
+
         mask = reading.batch.attention_mask  # padding columns hold zero keys and take no part in the mean
         scores = []
         for keys in reading.full_layer_keys():
-            keys = keys.float()
+            keys = keys.to(scoring.SCORE_DTYPE)
             weight = mask[:, None, :, None].to(keys.dtype) if mask is not None else torch.ones_like(keys[..., :1])
             mean = (keys * weight).sum(dim=2, keepdim=True) / weight.sum(dim=2, keepdim=True)
             distance = 1 - F.cosine_similarity(keys, mean, dim=-1)

@@ -22,6 +22,7 @@ from draftkv.models.embedded import (
 from draftkv.options import check_draft_cache, check_speculate, parse_speculate
 
 if TYPE_CHECKING:
+    from draftkv.models.dtypes import CpuDtype, cpu_dtype, dtype_name, resolve_dtype
     from draftkv.models.loading import (
         LoadedModel,
         ModelPair,
@@ -32,11 +33,11 @@ if TYPE_CHECKING:
         load_tokenizer,
         pair_from_models,
         resolve_device,
-        resolve_dtype,
     )
 
 LOADING = ("LoadedModel", "ModelPair", "check_family", "check_tokenizers", "load_model", "load_pair",
-           "load_tokenizer", "pair_from_models", "resolve_device", "resolve_dtype")
+           "load_tokenizer", "pair_from_models", "resolve_device")
+DTYPE_CHOICE = ("CpuDtype", "cpu_dtype", "dtype_name", "resolve_dtype")
 
 
 def __getattr__(name: str):
@@ -44,6 +45,10 @@ def __getattr__(name: str):
         from draftkv.models import loading
 
         return getattr(loading, name)
+    if name in DTYPE_CHOICE:
+        from draftkv.models import dtypes
+
+        return getattr(dtypes, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -51,6 +56,7 @@ __all__ = [
     "DEFAULT_DRAFT",
     "DEFAULT_TARGET",
     "EMBEDDED_MODELS",
+    "CpuDtype",
     "EmbeddedModel",
     "LoadedModel",
     "ModelPair",
@@ -61,6 +67,8 @@ __all__ = [
     "parse_speculate",
     "check_tokenizers",
     "convert_gguf",
+    "cpu_dtype",
+    "dtype_name",
     "embedded_status",
     "ensure_embedded",
     "ensure_gguf",

@@ -41,6 +41,13 @@ if TYPE_CHECKING:  # torch is imported where a model is converted, so the regist
     import torch
 
 MARKER = "draftkv.json"
+# Weights dequantised from quantized GGUF blocks are stored in bfloat16: half the disk and memory of
+# float32, and their rounding is far below the quantisation's own error (the conversion checks the
+# logits). Float GGUF weights (F32, F16, BF16) keep float32, which holds every one of them exactly.
+FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+# The bfloat16 weights, run in float32, against the float32 dequantisation on CHECK_TEXT: every
+# position's top token the same, and no logit further off than this.
+LOGIT_TOLERANCE = 1.0
 SAMPLED_BLOCKS, BLOCK = 32, 1 << 16  # what the check on every load reads of a file: 2 MiB at most
 GGUF_MAGIC = b"GGUF"
 # Text whose logits must be identical before and after conversion; it mixes code, prose and digits.
@@ -125,6 +132,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     ),
 }
 
+EMBEDDED_DTYPE = "bfloat16"  # the embedded GGUF files are quantized (Q4_K_M): see stored_dtype
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
 
@@ -328,15 +336,31 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits.float()
 
 
+def stored_dtype(gguf_path: Path) -> str:
+    """The dtype a GGUF file's conversion keeps: bfloat16 where most of its weight bytes are quantized
+    blocks, float32 where they are floats (kept exactly)."""
+    from gguf import GGUFReader
+
+    tensors = GGUFReader(gguf_path).tensors
+    quantized = sum(int(t.n_bytes) for t in tensors if t.tensor_type.name not in FLOAT_TYPES)
+    return "bfloat16" if 2 * quantized > sum(int(t.n_bytes) for t in tensors) else "float32"
+
+
+def marker_dtype(marker: dict) -> str:
+    """The dtype a converted folder's weights are stored in (folders written before bfloat16: float32)."""
+    return marker.get("dtype", "float32")
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path, *, source_sha256: str | None = None) -> Path:
     """Convert a GGUF file into a plain HF folder (safetensors, config, tokenizer) at `out_dir`.
 
-    The folder is written under a temporary name and renamed at the end, with a `draftkv.json`
-    marker, after its reloaded logits were checked equal to the GGUF-loaded model's.
-    `source_sha256` saves hashing the file again when the caller has already verified it.
+    The weights are stored in `stored_dtype` (bfloat16 for quantized files). The folder is written under
+    a temporary name and renamed at the end, with a `draftkv.json` marker, after its reloaded logits were
+    checked: equal to the GGUF-loaded model's with its weights rounded as stored, and within
+    LOGIT_TOLERANCE of the float32 dequantisation. `source_sha256` saves hashing the file again when the
+    caller has already verified it.
     """
     import torch
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = Path(gguf_path)
@@ -350,42 +374,64 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, source_sha256: str | None = 
         with _byte_progress() as progress:
             task = progress.add_task(f"Hashing {gguf_path.name}", total=gguf_path.stat().st_size)
             source_sha256 = _sha256(gguf_path, progress, task)
+    _console.print(
+        f"Converting {gguf_path.name} into {out_dir}: loading it with transformers "
+        "(dequantising; about a minute per GB)"
+    )
+    try:
+        dtype = stored_dtype(gguf_path)
+        with transformers_bars_off():
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+            )
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except Exception as error:
+        raise ModelLoadError(
+            f"transformers cannot read the GGUF file {gguf_path}: {type(error).__name__}: {error}"
+        ) from error
+    source = {"source": str(gguf_path), "source_size": gguf_path.stat().st_size, "source_sha256": source_sha256}
+    return write_folder(model, tokenizer, out_dir, dtype, source, f"Converting {out_dir.name}")
+
+
+def write_folder(model: torch.nn.Module, tokenizer, out_dir: Path, dtype: str, source: dict, doing: str) -> Path:
+    """Write a float32 `model` and its tokenizer as a plain HF folder at `out_dir`, its weights stored in
+    `dtype`, checked (see convert_gguf) and marked with `source` (where the weights came from)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = _partial_path(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier process that had our pid
     tmp.mkdir()
     try:
-        _console.print(
-            f"Converting {gguf_path.name} into {out_dir}: loading it with transformers "
-            "(dequantising; about a minute per GB)"
-        )
-        try:
-            with transformers_bars_off():
-                model = AutoModelForCausalLM.from_pretrained(
-                    gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-                )
-            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        except Exception as error:
-            raise ModelLoadError(
-                f"transformers cannot read the GGUF file {gguf_path}: {type(error).__name__}: {error}"
-            ) from error
         model.eval()
         ids = torch.tensor([tokenizer(CHECK_TEXT).input_ids])
-        expected = _logits(model, ids)
+        exact = _logits(model, ids)
+        expected, check = exact, {}
+        if dtype != "float32":  # the weights rounded as stored (new tensors: a loaded file's stay as they are)
+            for parameter in model.parameters():
+                parameter.data = parameter.data.to(getattr(torch, dtype)).float()
+            expected = _logits(model, ids)
+            check = _rounding_check(exact, expected, dtype)
+        del exact
 
-        _console.print(f"Converting {out_dir.name}: writing safetensors, config and tokenizer")
-        save_file(_state_dict_without_ties(model), tmp / "model.safetensors", metadata={"format": "pt"})
+        _console.print(f"{doing}: writing {dtype} safetensors, config and tokenizer")
+        state = {name: tensor.to(getattr(torch, dtype)) for name, tensor in _state_dict_without_ties(model).items()}
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        del state
         # The config still says "quantization: gguf"; the folder holds plain float weights.
         config = copy.deepcopy(model.config)
         with contextlib.suppress(AttributeError):
             del config.quantization_config
+        config.dtype = getattr(torch, dtype)
         config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         del model, config
-        gc.collect()  # frees the GGUF-loaded copy before the reload, so only one copy is held
+        gc.collect()  # frees the first copy before the reload, so only one copy is held
 
-        _console.print(f"Converting {out_dir.name}: reloading the folder and checking its logits")
+        _console.print(f"{doing}: reloading the folder and checking its logits")
         with transformers_bars_off():
             reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
         actual = _logits(reloaded, ids)
@@ -393,34 +439,60 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, source_sha256: str | None = 
         if actual.shape != expected.shape or not torch.equal(actual, expected):
             difference = (actual - expected).abs().max().item() if actual.shape == expected.shape else None
             raise ModelLoadError(
-                f"Conversion of {gguf_path} failed its check: the reloaded model's logits differ from the "
-                f"GGUF-loaded model's (shapes {tuple(actual.shape)} vs {tuple(expected.shape)}, "
-                f"max abs difference {difference})"
+                f"{doing} failed its check: the reloaded model's logits differ from the converted model's "
+                f"(shapes {tuple(actual.shape)} vs {tuple(expected.shape)}, max abs difference {difference})"
             )
         probes = ["Hello, world!", CHECK_TEXT, "数字 12345 ünïcödé 🙂"]
         saved_tokenizer = AutoTokenizer.from_pretrained(tmp)
         for text in probes:
             if saved_tokenizer(text).input_ids != tokenizer(text).input_ids:
-                raise ModelLoadError(
-                    f"Conversion of {gguf_path} failed its check: the saved tokenizer encodes {text!r} differently"
-                )
+                raise ModelLoadError(f"{doing} failed its check: the saved tokenizer encodes {text!r} differently")
 
         marker = {
-            "source": str(gguf_path),
-            "source_size": gguf_path.stat().st_size,
-            "source_sha256": source_sha256,
-            "check": {"input_tokens": ids.shape[1], "exact": True, "tokenizer_probes": len(probes)},
+            **source,
+            "dtype": dtype,
+            "check": {"input_tokens": ids.shape[1], "exact": True, "tokenizer_probes": len(probes), **check},
             "files": file_records(tmp),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        if out_dir.exists():  # a stale or unfinished folder from an earlier run
+        if out_dir.exists():  # a stale, unfinished or earlier-dtype folder
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _rounding_check(exact: torch.Tensor, rounded: torch.Tensor, dtype: str) -> dict:
+    """The logits of weights rounded to `dtype` (run in float32) against the float32 weights': the same top
+    token everywhere and within LOGIT_TOLERANCE, or a ModelLoadError."""
+    difference = (rounded - exact).abs().max().item()
+    agree = (rounded.argmax(-1) == exact.argmax(-1)).float().mean().item()
+    if agree < 1 or difference > LOGIT_TOLERANCE:
+        raise ModelLoadError(
+            f"storing the weights in {dtype} moves the logits too far from float32's: top token equal at "
+            f"{agree:.0%} of the check's positions (need all), max abs difference {difference:.3f} (at most "
+            f"{LOGIT_TOLERANCE}); convert with float32 storage instead"
+        )
+    return {"float32_max_abs_logit_difference": round(difference, 4), "float32_top_token_agreement": agree}
+
+
+def recast_folder(folder: Path, dtype: str) -> Path:
+    """Store a converted folder's weights in `dtype` (a folder written before bfloat16 storage), once, with
+    the same checks as a conversion; the marker keeps its source."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    marker = read_marker(folder)
+    _console.print(f"Storing the cached {folder.name} in {dtype} (half the disk and memory of "
+                   f"{marker_dtype(marker)}), once", markup=False, highlight=False)
+    with transformers_bars_off():
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    source = {key: marker[key] for key in ("source", "source_size", "source_sha256") if key in marker}
+    return write_folder(model, tokenizer, folder, dtype, source, f"Storing {folder.name} in {dtype}")
 
 
 def sampled_sha256(path: Path, size: int) -> str:
@@ -499,7 +571,9 @@ def ensure_embedded(name: str, full_check: bool = False) -> Path:
     rebuilding it when its files are not as they were written (`full_check`: every byte's sha256)."""
     model = embedded_model(name)
     out_dir = converted_dir(name)
-    if _is_ready(model) and sound(out_dir, read_marker(out_dir), full_check):
+    if _is_ready(model) and sound(out_dir, marker := read_marker(out_dir), full_check):
+        if marker_dtype(marker) != EMBEDDED_DTYPE:  # converted before bfloat16 storage
+            recast_folder(out_dir, EMBEDDED_DTYPE)
         return out_dir
     parts = find_parts(model)
     verify_parts(model, parts)
@@ -521,8 +595,10 @@ def ensure_gguf(path: str | Path) -> Path:
     stat = path.stat()
     key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     out_dir = cache_dir() / "gguf" / f"{path.stem}-{key}"
-    if not sound(out_dir, read_marker(out_dir)):
+    if not sound(out_dir, marker := read_marker(out_dir)):
         convert_gguf(path, out_dir)
+    elif "dtype" not in marker and (dtype := stored_dtype(path)) != "float32":  # converted before bfloat16 storage
+        recast_folder(out_dir, dtype)
     return out_dir
 
 

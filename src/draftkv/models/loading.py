@@ -19,6 +19,7 @@ from draftkv.errors import (
     TokenizerMismatchError,
     UnsupportedModelError,
 )
+from draftkv.models.dtypes import resolve_dtype
 from draftkv.models.embedded import (
     DEFAULT_DRAFT,
     DEFAULT_TARGET,
@@ -29,14 +30,6 @@ from draftkv.models.embedded import (
 )
 from draftkv.options import check_backend, check_draft_cache, check_speculate
 
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 # Text that any two tokenizers of one family must split identically: prose, code, digits, unicode.
 PROBES = (
     "The quick brown fox jumps over the lazy dog.",
@@ -103,20 +96,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"Device {device!r} asked for, but CUDA is not available here; use 'cpu'")
     return resolved
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype:
-    """The dtype to load in: the given one, else bfloat16 on CUDA and float32 on CPU.
-
-    float32 is the CPU default because bfloat16 matmuls are many times slower on most CPUs.
-    """
-    if dtype is None:
-        return torch.bfloat16 if resolve_device(device).type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in DTYPES:
-        return DTYPES[dtype.lower()]
-    raise ConfigError(f"Unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
 
 
 SUPPORTED_FAMILIES = ("Llama", "Qwen2/2.5", "Qwen3", "Mistral", "Gemma 2/3", "Phi-3", "OLMo 2", "Granite", "SmolLM3",

@@ -127,7 +127,8 @@ def error_response(error: ServeError, request_id: str | None = None) -> JSONResp
 def usage(result: Result) -> dict:
     stats = result.stats
     return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.new_tokens,
-            "total_tokens": stats.prompt_tokens + stats.new_tokens, "kept_prompt_tokens": stats.kept_prompt_tokens}
+            "total_tokens": stats.prompt_tokens + stats.new_tokens, "kept_prompt_tokens": stats.kept_prompt_tokens,
+            "dtype": stats.dtype}
 
 
 def shown_logprobs(tokens: TokenTexts, result: Result) -> list[TokenLogprob]:
@@ -177,7 +178,7 @@ def chat_logprobs(tokens: TokenTexts, result: Result) -> dict:
 
 def draftkv_stats(method: Method, result: Result) -> dict:
     stats = result.stats
-    return {"method": method.name, "params": method.params(), "prompt_tokens": stats.prompt_tokens,
+    return {"method": method.name, "params": method.params(), "dtype": stats.dtype, "prompt_tokens": stats.prompt_tokens,
             "kept_prompt_tokens": stats.kept_prompt_tokens, "kv_entries": stats.kv_entries, "kv_bytes": stats.kv_bytes,
             "kv_bytes_dense": stats.kv_bytes_dense, "lookahead_tokens": stats.lookahead_tokens,
             "accepted_guess_tokens": stats.accepted_guess_tokens, "speculation_rounds": stats.speculation_rounds,
