@@ -116,9 +116,14 @@ def test_methods_and_models_commands():
     assert methods.exit_code == 0
     for name in ("dense", "snapkv", "speckv", "budget", "window", "lookahead", "max_lookahead"):
         assert name in methods.stdout
+    from draftkv.models import cpu_dtype
+
+    choice = cpu_dtype()  # decided (or read) on this machine: `models` says what auto runs in, and why
     models = runner.invoke(app, ["models"])
     assert models.exit_code == 0
     assert "qwen2.5-coder-1.5b-instruct" in models.stdout and "qwen2.5-coder-0.5b-instruct" in models.stdout
+    assert f"dtype auto on {choice.key}: {choice.dtype} ({choice.reason})" in models.stdout
+    assert "stored in" in models.stdout
     assert runner.invoke(app, ["--version"]).stdout.startswith("draftkv ")
 
 

@@ -115,3 +115,25 @@ def test_another_step_can_replace_the_eager_one(qwen_pair):
     assert answer(replace=True) == plain and len(plain) == 10
     n = prepare(qwen_pair, [request], ["dense"])[0].batch.lengths[0]
     assert positions_seen == list(range(n, n + 9))  # explicit logical positions, one call per token after the first
+
+
+def test_a_cpu_decode_reads_each_kv_head_once_for_its_grouped_query_heads(qwen_pair, monkeypatch):
+    """Every decode step on a CPU runs `stacked_sdpa` (SDPA's own grouped path for one query is many times
+    slower there), and the tokens are those of transformers' own attention."""
+    from contextlib import nullcontext
+
+    import draftkv
+    from draftkv.engine import attention, decoding
+
+    calls = []
+    real = attention.stacked_sdpa
+    monkeypatch.setattr(attention, "stacked_sdpa", lambda *a, **k: calls.append(a[1].shape[2]) or real(*a, **k))
+    stacked = draftkv.generate(qwen_pair, long_context(200, seed=4), "what is the magic number?", method="snapkv", budget=64,
+                               max_new_tokens=6)
+    layers = qwen_pair.target.model.config.num_hidden_layers
+    assert calls.count(1) == layers * (len(stacked.token_ids) - 1)  # every step, every layer, one query
+    assert qwen_pair.target.model.config._attn_implementation == "sdpa"  # as it was
+    monkeypatch.setattr(decoding, "few_queries", lambda model: nullcontext())
+    plain = draftkv.generate(qwen_pair, long_context(200, seed=4), "what is the magic number?", method="snapkv", budget=64,
+                             max_new_tokens=6)
+    assert plain.token_ids == stacked.token_ids

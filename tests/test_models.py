@@ -157,11 +157,11 @@ def test_auto_on_a_cpu_is_decided_once_per_machine_and_kept_beside_the_model_cac
     first = cpu_dtype()
     assert first.dtype == "bfloat16" and first.timings_ms == fast and "0.40 of float32's" in first.reason
     assert resolve_dtype("auto", "cpu") == torch.bfloat16 and cpu_dtype() == first and len(timed) == 1
-    kept = json.loads((cache / dtypes.CHOICES_FILE).read_text())
+    kept = json.loads((cache / dtypes.CPU_DTYPE_FILE).read_text())
     assert kept[dtypes.machine_key()]["dtype"] == "bfloat16"
     monkeypatch.setattr(torch, "__version__", "0.0.0-another")  # another torch: timed again
     assert cpu_dtype().dtype == "bfloat16" and len(timed) == 2 and len(json.loads(
-        (cache / dtypes.CHOICES_FILE).read_text())) == 2
+        (cache / dtypes.CPU_DTYPE_FILE).read_text())) == 2
 
 
 @pytest.mark.parametrize(("flags", "timings", "expected"), [

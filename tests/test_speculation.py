@@ -460,11 +460,13 @@ def test_finished_rows_leave_a_speculating_batch(near, monkeypatch):
 
 
 @settings(max_examples=40, deadline=None)
-@given(batch=st.integers(1, 2), kv_heads=st.integers(1, 3), group=st.integers(2, 4), queries=st.integers(2, 16),
-       cached=st.integers(1, 30), per_head=st.booleans(), seed=st.integers(0, 1000))
-def test_stacked_query_heads_attend_as_transformers_sdpa_does(batch, kv_heads, group, queries, cached, per_head, seed):
+@given(batch=st.integers(1, 2), kv_heads=st.integers(1, 3), group=st.integers(2, 4), queries=st.integers(1, 16),
+       cached=st.integers(1, 30), per_head=st.booleans(), seed=st.integers(0, 1000), masked=st.booleans())
+def test_stacked_query_heads_attend_as_transformers_sdpa_does(batch, kv_heads, group, queries, cached, per_head, seed,
+                                                              masked):
     """A few queries of grouped heads, stacked per KV head, give transformers' SDPA output for any mask
-    it is given: shared by the heads or each head's own (a ragged cache's)."""
+    it is given: shared by the heads or each head's own (a ragged cache's); one query needs none (a decode
+    step over an unpadded cache)."""
     generator = torch.Generator().manual_seed(seed)
     heads, dim, keys = kv_heads * group, 8, cached + queries
     query = torch.randn(batch, heads, queries, dim, generator=generator)
@@ -472,6 +474,8 @@ def test_stacked_query_heads_attend_as_transformers_sdpa_does(batch, kv_heads, g
     mask = torch.rand(batch, heads if per_head else 1, queries, keys, generator=generator) > 0.3
     mask |= torch.ones(queries, keys, dtype=torch.bool).tril(cached).logical_and(
         torch.arange(keys) >= cached)  # each query sees itself at least
+    if queries == 1 and not masked:
+        mask = None
     module = torch.nn.Module().eval()
     module.num_key_value_groups, module.is_causal = group, True
     expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=dim ** -0.5)

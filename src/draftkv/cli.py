@@ -329,6 +329,17 @@ def compress(
     err.print(f"{compressed.summary()}; kept character spans: {spans}", markup=False, highlight=False, soft_wrap=True)
 
 
+def _cpu_dtypes() -> dict[str, dict]:
+    """What `--dtype auto` decided on the CPUs that ran here (read without torch)."""
+    from .models.embedded import CPU_DTYPE_FILE
+
+    try:
+        known = json.loads((cache_dir() / CPU_DTYPE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {key: value for key, value in known.items() if isinstance(value, dict)} if isinstance(known, dict) else {}
+
+
 @app.command()
 def models(
     verify: Annotated[bool, typer.Option("--verify", help="Check every byte of every cached model against the "
@@ -347,15 +358,18 @@ def models(
     rows = embedded_status()
     table = Table(title="Embedded models")
     table.add_column("name", no_wrap=True)
-    for column in ("role", "installed", "cached", "GGUF", "on disk"):
+    for column in ("role", "installed", "cached", "GGUF", "on disk", "stored in"):
         table.add_column(column, no_wrap=True)
     for row in rows:
         table.add_row(row["name"], row["role"], "yes" if row["installed"] else "no",
                       "yes" if row["cached"] else "no", _size(row["gguf_bytes"]),
-                      _size(row["cached_bytes"]) if row["cached"] else "-")
+                      _size(row["cached_bytes"]) if row["cached"] else "-", row["stored_dtype"] or "-")
     console = Console()
     console.print(table)
     console.print(f"cache folder: {cache_dir()} (set DRAFTKV_CACHE_DIR to move it)", highlight=False, soft_wrap=True)
+    for machine, choice in _cpu_dtypes().items():
+        console.print(f"dtype auto on {machine}: {choice.get('dtype')} ({choice.get('reason')})", highlight=False,
+                      markup=False, soft_wrap=True)
     if not all(row["installed"] for row in rows):
         console.print('install the embedded pair with: pip install "draftkv[embedded]"', highlight=False)
 

@@ -332,22 +332,27 @@ def _capturing(implementation: str) -> Callable:
 
 def stackable(module: torch.nn.Module, query: torch.Tensor, attention_mask: torch.Tensor | None,
               kwargs: dict) -> bool:
-    """Whether `stacked_sdpa` computes this call: a few masked queries of grouped heads, nothing else added."""
-    return (getattr(module, "num_key_value_groups", 1) > 1 and 1 < query.shape[2] <= FEW_QUERIES
-            and attention_mask is not None and kwargs.get("position_bias") is None
+    """Whether `stacked_sdpa` computes this call: one query, or a few masked ones (several unmasked queries
+    are causal among themselves), of grouped heads, nothing else added."""
+    queries = query.shape[2]
+    return (getattr(module, "num_key_value_groups", 1) > 1 and queries <= FEW_QUERIES
+            and (attention_mask is not None or queries == 1) and kwargs.get("position_bias") is None
             and kwargs.get("softcap") is None and not module.training)
 
 
 def stacked_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                 attention_mask: torch.Tensor, scaling: float | None = None, **_: object) -> tuple[torch.Tensor, None]:
+                 attention_mask: torch.Tensor | None, scaling: float | None = None,
+                 **_: object) -> tuple[torch.Tensor, None]:
     """SDPA over a few queries [B, H_q, q, d] with the query heads that share a KV head stacked as that
-    head's queries [B, H_kv, group * q, d], and the mask [B, 1 or H_q, q, K] stacked the same way.
-    transformers does this for one query; for more it copies each KV head once per query head it
+    head's queries [B, H_kv, group * q, d], and the mask [B, 1 or H_q, q, K] (None: one query, which sees
+    every key) stacked the same way. transformers reads one query with SDPA's grouped-query path, which
+    on a CPU is many times slower than this; for more it copies each KV head once per query head it
     serves (repeat_kv), which over a long cache costs more than the rest of the call."""
     batch, heads, queries, dim = query.shape
     kv_heads = key.shape[1]
     stacked = query.reshape(batch, kv_heads, heads // kv_heads * queries, dim)
-    mask = attention_mask.expand(batch, heads, queries, -1).reshape(batch, kv_heads, stacked.shape[2], -1)
+    mask = None if attention_mask is None else \
+        attention_mask.expand(batch, heads, queries, -1).reshape(batch, kv_heads, stacked.shape[2], -1)
     output = F.scaled_dot_product_attention(stacked, key, value, attn_mask=mask, scale=scaling)
     return output.reshape(batch, heads, queries, value.shape[-1]).transpose(1, 2).contiguous(), None
 

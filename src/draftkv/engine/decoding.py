@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,7 +24,7 @@ from transformers import DynamicCache
 
 from ..options import check_backend
 from ..types import FinishReason, Sampling, TokenLogprob
-from .attention import DECODE_ATTENTION, follow_ragged
+from .attention import DECODE_ATTENTION, few_queries, follow_ragged
 from .cache import reserve, select_rows
 from .static import StaticStep, supports_static
 
@@ -313,7 +314,17 @@ def decode(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.Tens
     positions: [B] logical position of the next token per row. attention_mask: [B, physical cache
     length] (None when no row has padding). A cancelled row ends with finish reason "cancelled" (a
     server's client went away or ran out of time).
+
+    On a CPU each step's grouped query heads read their KV head as one stacked query block
+    (`few_queries`): SDPA's grouped path for one query is many times slower there, in bfloat16 above all
+    (results/cpu-bfloat16/decode_attention.json).
     """
+    with few_queries(model) if first_logits.device.type == "cpu" else nullcontext():
+        return _decode(model, cache, first_logits, positions, attention_mask, spec)
+
+
+def _decode(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.Tensor, positions: torch.Tensor,
+            attention_mask: torch.Tensor | None, spec: DecodeSpec) -> DecodeOutput:
     batch = first_logits.shape[0]
     max_new_tokens, samplings, cancelled, after_step = spec.max_new_tokens, spec.samplings, spec.cancelled, spec.after_step
     wanted = spec.logprobs if spec.logprobs is not None and any(k is not None for k in spec.logprobs) else None

@@ -306,6 +306,8 @@ def read_target(pair: ModelPair, requests: list[Request], consumers: list[Consum
         else:  # dense: the full cache (a copy of it while others still need it)
             own_cache = clone_cache(cache) if copy else cache
             mask, kept_rows = batch.attention_mask, [None] * len(batch.lengths)
+        if not copy:  # the last consumer took the cache (or its ragged copy): the full prefill is let go
+            cache = scored.cache = None
         stored = kv_bytes(own_cache)
         accepted = scored.accepted[index]
         if accepted is not None:  # the guess tokens the target agreed with keep the entries its check made
@@ -331,7 +333,7 @@ class ScoredPrompt:
     """The target's prefill of a batch with what scored it: per consumer, its scores and the guess
     that probed the cache for it."""
 
-    cache: DynamicCache
+    cache: DynamicCache | None  # None once the last consumer has taken it
     first_logits: torch.Tensor  # [B, V], the last prompt position's
     scores: list[list[torch.Tensor] | None]  # per consumer: per compressed layer [B, H_kv, S]
     guesses: list[DraftView | None]

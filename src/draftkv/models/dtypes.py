@@ -23,7 +23,7 @@ import torch
 
 from ..errors import ConfigError
 from ..options import DTYPE_NAMES
-from .embedded import cache_dir
+from .embedded import CPU_DTYPE_FILE, cache_dir
 
 DTYPES = {
     "float32": torch.float32,
@@ -33,7 +33,6 @@ DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-CHOICES_FILE = "cpu-dtype.json"
 # A prefill's and a decode step's product in a 1.5B model's MLP: 2,048 tokens, or one, by 1536 x 8960.
 PREFILL_SHAPE, DECODE_SHAPE = (2048, 1536, 8960), (1, 1536, 8960)
 # bfloat16 is chosen where its prefill product takes at most this share of float32's, and its decode
@@ -114,7 +113,7 @@ def cpu_dtype(refresh: bool = False) -> CpuDtype:
     """`auto`'s dtype on this CPU: kept from an earlier decision for this machine, else decided now (and
     kept, where the cache folder can be written). `refresh`: decide again."""
     key = machine_key()
-    path = cache_dir() / CHOICES_FILE
+    path = cache_dir() / CPU_DTYPE_FILE
     known = _read_choices(path)
     if not refresh and isinstance(entry := known.get(key), dict) and entry.get("dtype") in ("bfloat16", "float32"):
         return CpuDtype(entry["dtype"], entry.get("reason", ""), key, entry.get("timings_ms"))

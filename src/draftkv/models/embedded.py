@@ -132,6 +132,8 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     ),
 }
 
+# What `dtype="auto"` decided on each CPU it ran on (models.dtypes), kept beside the converted models.
+CPU_DTYPE_FILE = "cpu-dtype.json"
 EMBEDDED_DTYPE = "bfloat16"  # the embedded GGUF files are quantized (Q4_K_M): see stored_dtype
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
@@ -648,6 +650,7 @@ def embedded_status() -> list[dict]:
             installed = False
         cached = _is_ready(model)
         folder = converted_dir(model.name)
+        marker = read_marker(folder) if cached else None
         rows.append(
             {
                 "name": model.name,
@@ -657,6 +660,7 @@ def embedded_status() -> list[dict]:
                 "cached": cached,
                 "gguf_bytes": model.gguf_size,
                 "cached_bytes": _folder_bytes(folder) if cached else 0,
+                "stored_dtype": marker_dtype(marker) if marker is not None else None,
                 "path": str(folder),
             }
         )
