@@ -127,8 +127,30 @@ def test_memory_is_measured_in_a_fresh_subprocess(pair, tmp_path):
     assert len(probes) == 2 and all("error" not in r for r in probes), probes
     assert all(r["peak_memory_total_bytes"] >= r["rss_before_bytes"] > 0 for r in probes)
     assert all(0 <= r["target_stage_peak_bytes"] <= r["peak_memory_bytes"] for r in probes)
+    assert all(r["e2e_s"] >= r["ttft_s"] > 0 and r["new_tokens"] == 3 for r in probes)  # the probe's own run
     _, summary = bench.report(out)
-    assert all("peak_memory_bytes" in c for c in summary)
+    assert all("peak_memory_bytes" in c and not c.get("timed_in_probe") for c in summary)  # timed repeats win
+
+
+def test_a_sweep_without_timed_repeats_reports_the_probes_runs(pair, tmp_path, monkeypatch):
+    """At prompts where one run takes many minutes, `--repeats 0` times each configuration once, in its
+    memory probe's fresh process; the table says so."""
+    def probe(spec):
+        e2e = 10.0 if spec["method"] == "dense" else 4.0
+        return {"peak_memory_bytes": 100, "peak_memory_total_bytes": 1100, "target_stage_peak_bytes": 100,
+                "rss_before_bytes": 1000, "e2e_s": e2e, "ttft_s": e2e / 2, "decode_ms_per_token": 50.0,
+                "prompt_tokens": 290, "kept_prompt_tokens": 290, "kv_entries": 290, "kv_bytes_dense": 2000,
+                "kv_bytes": 2000, "kv_bytes_stored": 2000, "correct": True, "timings": {"decode": 1.0},
+                "tokens_per_s": 1.0, "draft_share": 0.0}
+
+    monkeypatch.setattr(bench, "probe_in_subprocess", probe)
+    spec = {"target": "t", "draft": "d", "device": "cpu", "dtype": "float32"}
+    bench.run_bench(pair, tmp_path, lengths=[300], methods=[("dense", {}), ("specpc", {"budget": 96})],
+                    new_tokens=3, repeats=0, memory_spec=spec)
+    markdown, summary = bench.report(tmp_path)
+    assert all(c["timed_in_probe"] and c["repeats"] == 1 for c in summary)
+    assert {c["method"]: c["e2e_s"]["ratio"] for c in summary} == {"dense": 1.0, "specpc": 0.4}
+    assert "| 1 (probe) |" in markdown.read_text(encoding="utf-8")
 
 
 def test_ignore_eos_generates_exactly_the_new_tokens(pair):

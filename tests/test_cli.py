@@ -123,7 +123,10 @@ def test_methods_and_models_commands():
     assert models.exit_code == 0
     assert "qwen2.5-coder-1.5b-instruct" in models.stdout and "qwen2.5-coder-0.5b-instruct" in models.stdout
     assert f"dtype auto on {choice.key}: {choice.dtype} ({choice.reason})" in models.stdout
-    assert "stored in" in models.stdout
+    from draftkv.models import embedded_status
+
+    cached = [row for row in embedded_status() if row["cached"]]
+    assert all(f"{row['name']} in {row['stored_dtype']}" in models.stdout for row in cached)
     assert runner.invoke(app, ["--version"]).stdout.startswith("draftkv ")
 
 

@@ -27,19 +27,20 @@ def check_pair(pair: object) -> None:
 
 def generate_batch(pair: ModelPair, requests: list[Request], method: str | Method = "dense",
                    on_text: TextCallback | None = None, cancelled: Callable[[int], bool] | None = None,
-                   **method_params) -> list[Result]:
+                   observer: Observer | None = None, **method_params) -> list[Result]:
     """Run requests through the flow as one batch; results equal running them one by one.
 
     Stage timings in each result's stats are the batch's (the stages run once for all rows).
     `on_text(row, text)` streams each row's new text; a row whose `cancelled(row)` turns true stops
-    decoding at its next token.
+    decoding at its next token. `observer` hears each stage start and end (flow.StageEvent).
     """
     check_pair(pair)
     if not isinstance(requests, list | tuple) or not all(isinstance(r, Request) for r in requests):
         raise ConfigError(f"requests must be a list of draftkv.Request, got {requests!r:.80}")
     if not requests:
         return []
-    return run(pair, requests, [get_method(method, **method_params)], on_text=on_text, cancelled=cancelled)[0]
+    return run(pair, requests, [get_method(method, **method_params)], on_text=on_text, cancelled=cancelled,
+               observer=observer)[0]
 
 
 def prepare_batch(pair: ModelPair, requests: list[Request], method: str | Method = "dense", *,

@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -109,8 +110,9 @@ def bench_requests(tokenizer, length: int, batch: int, new_tokens: int, speculat
             for row in range(batch)]
 
 
-def measure(pair: ModelPair, method: Method, requests: list[Request]) -> dict:
-    """One run of a batch: the figures of one row of the sweep."""
+def measure(pair: ModelPair, method: Method, requests: list[Request],
+            observer: Callable[[StageEvent], None] | None = None) -> dict:
+    """One run of a batch: the figures of one row of the sweep (`observer`: hears each stage)."""
     import torch
 
     from .api import generate_batch
@@ -118,7 +120,7 @@ def measure(pair: ModelPair, method: Method, requests: list[Request]) -> dict:
     device = pair.target.model.device
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     started = time.perf_counter()
-    results = generate_batch(pair, requests, method)
+    results = generate_batch(pair, requests, method, observer=observer)
     wall = time.perf_counter() - started
     stats = results[0].stats  # stage timings are the batch's
     timings = stats.timings
@@ -198,10 +200,11 @@ def _trim() -> None:
 
 
 def memory_probe(spec: dict) -> dict:
-    """Run one configuration once in this (fresh) process and report the peak memory it added."""
+    """Run one configuration once in this (fresh) process and report the peak memory it added, with the
+    run's own figures (a sweep with no timed repeats reports those: at prompts so long that one run takes
+    many minutes, one-time costs are lost in it)."""
     import torch
 
-    from .flow import run
     from .models import load_pair
 
     pair = load_pair(spec["target"], spec["draft"], device=spec.get("device"), dtype=spec.get("dtype"),
@@ -228,14 +231,14 @@ def memory_probe(spec: dict) -> dict:
             stages["draft_stage_peak"] = peak * 1024
             _reset_peak()
 
-    run(pair, requests, [method], observer=at_target_prefill)
+    figures = measure(pair, method, requests, observer=at_target_prefill)
     if resettable and (peak := _status_kib("VmHWM")) is not None:
         target_peak = peak * 1024
         peak_bytes = max(target_peak, stages.get("draft_stage_peak", 0))
     else:  # no reset: the peak since the process started (weights included)
         kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         peak_bytes = target_peak = kib if sys.platform == "darwin" else kib * 1024
-    return {"peak_memory_bytes": max(peak_bytes - before, 0), "peak_memory_total_bytes": peak_bytes,
+    return {**figures, "peak_memory_bytes": max(peak_bytes - before, 0), "peak_memory_total_bytes": peak_bytes,
             "target_stage_peak_bytes": max(target_peak - before, 0), "rss_before_bytes": before}
 
 
@@ -355,6 +358,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     for cell in cells.values():
         runs = cell.pop("runs")
         memory = cell.pop("memory")
+        if not runs and memory is not None and "e2e_s" in memory:  # no timed repeat: the probe's own run
+            runs, cell["timed_in_probe"] = [memory], True
         for _, key, _ in COLUMNS:
             values = [run[key] for run in runs if run.get(key) is not None]
             if key in ("peak_memory_bytes", "peak_memory_total_bytes") and memory is not None:
@@ -411,9 +416,9 @@ def table(summary: list[dict]) -> str:
         repeats = cell.get("repeats", 0)
         ok = f"{cell.get('correct', 0)}/{repeats}" if repeats else "-"
         errors = f" error: {cell['errors'][0]}" if cell["errors"] else ""
+        runs = f"{repeats} (probe)" if cell.get("timed_in_probe") else str(repeats)
         lines.append("| " + " | ".join([str(cell.get("prompt_tokens", cell["length"])), str(cell["batch"]),
-                                         cell["dtype"] or "-", cell["label"] + errors, *values, ok, str(repeats)])
-                     + " |")
+                                         cell["dtype"] or "-", cell["label"] + errors, *values, ok, runs]) + " |")
     return "\n".join(lines)
 
 
@@ -547,7 +552,8 @@ def write_report(out: Path, rows: list[dict], config: dict | None) -> tuple[Path
     (out / "bench.json").write_text(json.dumps({"config": config, "summary": summary}, indent=1) + "\n",
                                     encoding="utf-8")
     legend = "\n".join(f"- **{name}**: {meaning}" for name, _, meaning in COLUMNS)
-    text = ("Each figure: median [min-max] of the repeats (ratio to dense, same length and batch, same run).\n\n"
+    text = ("Each figure: median [min-max] of the repeats (ratio to dense, same length and batch, same run); "
+            "n \"1 (probe)\": no timed repeat, the figures of the memory probe's one run (a fresh process).\n\n"
             + table(summary) + "\n\n" + legend + "\n")
     checks = targets(summary)
     if checks:

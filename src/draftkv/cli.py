@@ -358,15 +358,18 @@ def models(
     rows = embedded_status()
     table = Table(title="Embedded models")
     table.add_column("name", no_wrap=True)
-    for column in ("role", "installed", "cached", "GGUF", "on disk", "stored in"):
+    for column in ("role", "installed", "cached", "GGUF", "on disk"):
         table.add_column(column, no_wrap=True)
     for row in rows:
         table.add_row(row["name"], row["role"], "yes" if row["installed"] else "no",
                       "yes" if row["cached"] else "no", _size(row["gguf_bytes"]),
-                      _size(row["cached_bytes"]) if row["cached"] else "-", row["stored_dtype"] or "-")
+                      _size(row["cached_bytes"]) if row["cached"] else "-")
     console = Console()
     console.print(table)
     console.print(f"cache folder: {cache_dir()} (set DRAFTKV_CACHE_DIR to move it)", highlight=False, soft_wrap=True)
+    stored = ", ".join(f"{row['name']} in {row['stored_dtype']}" for row in rows if row["cached"])
+    if stored:
+        console.print(f"cached weights: {stored}", highlight=False, markup=False, soft_wrap=True)
     for machine, choice in _cpu_dtypes().items():
         console.print(f"dtype auto on {machine}: {choice.get('dtype')} ({choice.get('reason')})", highlight=False,
                       markup=False, soft_wrap=True)

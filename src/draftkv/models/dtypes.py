@@ -152,21 +152,23 @@ def decide(flags: set[str], key: str) -> CpuDtype:
 
 
 def time_products() -> dict[str, float]:
-    """Milliseconds of a prefill-shaped and a decode-shaped matrix product in float32 and bfloat16 (median
-    of a few runs after a warm-up)."""
+    """Milliseconds of a prefill-shaped and a decode-shaped matrix product in float32 and bfloat16: the
+    median of a few runs after a warm-up, the two dtypes taking turns, so that a machine busy with other
+    work slows both alike."""
     timings = {}
     generator = torch.Generator().manual_seed(0)
-    for name, (rows, inner, columns), repeats in (("prefill", PREFILL_SHAPE, 3), ("decode", DECODE_SHAPE, 20)):
+    for name, (rows, inner, columns), repeats in (("prefill", PREFILL_SHAPE, 5), ("decode", DECODE_SHAPE, 30)):
         left = torch.randn(rows, inner, generator=generator)
         right = torch.randn(inner, columns, generator=generator)
-        for dtype in ("float32", "bfloat16"):
-            a, b = left.to(DTYPES[dtype]), right.to(DTYPES[dtype])
-            with torch.inference_mode():
+        operands = {dtype: (left.to(DTYPES[dtype]), right.to(DTYPES[dtype])) for dtype in ("float32", "bfloat16")}
+        runs: dict[str, list[float]] = {dtype: [] for dtype in operands}
+        with torch.inference_mode():
+            for a, b in operands.values():
                 torch.matmul(a, b)  # the kernel's first call sets it up
-                runs = []
-                for _ in range(repeats):
+            for _ in range(repeats):
+                for dtype, (a, b) in operands.items():
                     started = time.perf_counter()
                     torch.matmul(a, b)
-                    runs.append(1000 * (time.perf_counter() - started))
-            timings[f"{dtype}_{name}"] = statistics.median(runs)
+                    runs[dtype].append(1000 * (time.perf_counter() - started))
+        timings.update({f"{dtype}_{name}": statistics.median(times) for dtype, times in runs.items()})
     return timings
