@@ -315,6 +315,7 @@ FAST = [  # commands that need no model, so they must answer without torch or tr
     ["bench", "--speculate", "99"], ["bench", "--lengths", ","],
     ["serve", "--method", "nosuch"], ["serve", "--max-tokens", "9", "--max-tokens-limit", "5"],
     ["serve", "--upstream", "ftp://box/v1"], ["serve", "--temperature", "3"],
+    ["generate", "--dtype", "int8", "-q", "x"], ["serve", "--dtype", "double"], ["bench", "--dtype", "fp8"],
 ]
 
 

@@ -180,6 +180,7 @@ def test_rolling_windows_follow_lm_evals_at_any_document_length():
     ({"max_gen_toks": -1}, "max_gen_toks must be a whole number >= 1"),
     ({"decode": "fast"}, "decode"),
     ({"speculate": 99}, "speculate must be"),
+    ({"dtype": "int8"}, "Unknown dtype 'int8'; allowed: auto, float32"),
 ])
 def test_bad_model_arguments_are_named_before_any_model_loads(arguments, words):
     with pytest.raises(ConfigError) as raised:

@@ -100,6 +100,7 @@ def test_chat_answer_equals_the_library_and_reports_usage(live, pair):
     assert reply.usage.completion_tokens == expected.stats.new_tokens
     assert reply.usage.model_extra["kept_prompt_tokens"] == expected.stats.prompt_tokens  # dense keeps all
     assert reply.model_extra["draftkv"]["method"] == "dense"
+    assert reply.usage.model_extra["dtype"] == reply.model_extra["draftkv"]["dtype"] == "float32"  # the pair's
 
 
 def test_chat_stream_is_the_same_text_with_usage_at_the_end(live):

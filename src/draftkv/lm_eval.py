@@ -30,6 +30,7 @@ from .flow import run
 from .likelihood import score_continuations
 from .methods import get_method
 from .models import DEFAULT_DRAFT, DEFAULT_TARGET, ModelPair, check_draft_cache, check_speculate, load_pair
+from .options import check_dtype
 from .prompt import EncodedPrompt
 from .types import Request, Sampling
 
@@ -45,7 +46,8 @@ class DraftKVLM(LM):
     together. `max_length`: the longest input (default the target's context). `speculate`: the draft
     proposes that many tokens per target call while generating (or `auto`: as the costs measured on the
     device say), from a cache that keeps what
-    `draft_cache` says (compressed, whole or window)."""
+    `draft_cache` says (compressed, whole or window). `dtype`: auto (the fastest the device measures),
+    float32, bfloat16 or float16."""
 
     def __init__(self, target: str = DEFAULT_TARGET, draft: str | None = DEFAULT_DRAFT, method: str = "dense",
                  device: str | None = None, dtype: str | None = None, decode: str = "auto", speculate: int | str = 0,
@@ -65,6 +67,7 @@ class DraftKVLM(LM):
         if max_length is not None:
             max_length = whole_number("max_length", max_length, 2)
         check_backend(decode)
+        check_dtype(dtype)
         check_speculate(speculate)
         check_draft_cache(draft_cache)
         if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
