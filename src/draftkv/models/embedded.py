@@ -20,10 +20,10 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import (
@@ -380,24 +380,32 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, source_sha256: str | None = 
         f"Converting {gguf_path.name} into {out_dir}: loading it with transformers "
         "(dequantising; about a minute per GB)"
     )
+
+    def load() -> tuple[torch.nn.Module, Any]:
+        try:
+            with transformers_bars_off():
+                model = AutoModelForCausalLM.from_pretrained(
+                    gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+                )
+            return model, AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        except Exception as error:
+            raise ModelLoadError(
+                f"transformers cannot read the GGUF file {gguf_path}: {type(error).__name__}: {error}"
+            ) from error
+
     try:
         dtype = stored_dtype(gguf_path)
-        with transformers_bars_off():
-            model = AutoModelForCausalLM.from_pretrained(
-                gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-            )
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     except Exception as error:
-        raise ModelLoadError(
-            f"transformers cannot read the GGUF file {gguf_path}: {type(error).__name__}: {error}"
-        ) from error
+        raise ModelLoadError(f"{gguf_path} cannot be read as a GGUF file: {type(error).__name__}: {error}") from error
     source = {"source": str(gguf_path), "source_size": gguf_path.stat().st_size, "source_sha256": source_sha256}
-    return write_folder(model, tokenizer, out_dir, dtype, source, f"Converting {out_dir.name}")
+    return write_folder(load, out_dir, dtype, source, f"Converting {out_dir.name}")
 
 
-def write_folder(model: torch.nn.Module, tokenizer, out_dir: Path, dtype: str, source: dict, doing: str) -> Path:
-    """Write a float32 `model` and its tokenizer as a plain HF folder at `out_dir`, its weights stored in
-    `dtype`, checked (see convert_gguf) and marked with `source` (where the weights came from)."""
+def write_folder(load: Callable[[], tuple[torch.nn.Module, Any]], out_dir: Path, dtype: str, source: dict,
+                 doing: str) -> Path:
+    """Write the float32 model and tokenizer `load()` gives as a plain HF folder at `out_dir`, its weights
+    stored in `dtype`, checked (see convert_gguf) and marked with `source` (where the weights came from).
+    The model is loaded here, so that this function holds its only copy and lets it go before the check."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -407,6 +415,7 @@ def write_folder(model: torch.nn.Module, tokenizer, out_dir: Path, dtype: str, s
     shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier process that had our pid
     tmp.mkdir()
     try:
+        model, tokenizer = load()
         model.eval()
         ids = torch.tensor([tokenizer(CHECK_TEXT).input_ids])
         exact = _logits(model, ids)
@@ -490,11 +499,14 @@ def recast_folder(folder: Path, dtype: str) -> Path:
     marker = read_marker(folder)
     _console.print(f"Storing the cached {folder.name} in {dtype} (half the disk and memory of "
                    f"{marker_dtype(marker)}), once", markup=False, highlight=False)
-    with transformers_bars_off():
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+
+    def load() -> tuple[torch.nn.Module, Any]:
+        with transformers_bars_off():
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        return model, AutoTokenizer.from_pretrained(folder)
+
     source = {key: marker[key] for key in ("source", "source_size", "source_sha256") if key in marker}
-    return write_folder(model, tokenizer, folder, dtype, source, f"Storing {folder.name} in {dtype}")
+    return write_folder(load, folder, dtype, source, f"Storing {folder.name} in {dtype}")
 
 
 def sampled_sha256(path: Path, size: int) -> str:
