@@ -1,8 +1,8 @@
 """Every method on one long prompt, to show it runs to the target's full context without running out of
 memory: one process per prompt length, all methods through the executor together (one draft pass, one
 target prefill for dense and the KV methods, each method decoded before the next is compressed), a few new
-tokens each. Writes one JSON line per method (its stats, answer and the process's peak resident memory so
-far) and a last line with the process's peak.
+tokens each. Writes one JSON line per method as it finishes (its stats, answer and the process's peak
+resident memory so far) and a last line with the process's peak; a rerun skips the methods recorded.
 
     python benchmarks/long_prompts.py --length 32768 --out results/cpu-bfloat16/long_prompts.jsonl
 """
@@ -35,12 +35,18 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    done = set()
+    if args.out.is_file():  # a rerun goes on with the methods not yet recorded at this length
+        rows = [json.loads(line) for line in args.out.read_text(encoding="utf-8").splitlines() if line.strip()]
+        done = {row["method"] for row in rows if row.get("length") == args.length and "method" in row}
     pair = draftkv.load_pair(dtype=args.dtype)
     methods = []
-    for name in args.methods.split(","):
+    for name in [name for name in args.methods.split(",") if name not in done]:
         takes_kv, takes_prompt = budget_kinds(name)
         methods.append(get_method(name, **budget_params(name, KV_BUDGET if takes_kv else None,
                                                         PROMPT_BUDGET if takes_prompt else None)))
+    if not methods:
+        return
     request = bench_requests(pair.tokenizer, args.length, 1, args.new_tokens)[0]
     loaded, started = peak_rss(), time.perf_counter()
     args.out.parent.mkdir(parents=True, exist_ok=True)
