@@ -6,11 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=results/bench-cpu-bf16
 common=(--methods dense,snapkv,speckv,specpc,speckv-pc --budget 256 --prompt-budget 1024 --new-tokens 128)
-# 2k-8k: one warm-up, 3 interleaved timed repeats, then a memory probe per configuration.
-draftkv bench --lengths 2048,4096,8192 --repeats 3 "${common[@]}" --out "$out"
-# 16k and 32k (32,640: the prompt and 128 new tokens fill the target's 32,768 positions): one run of a
-# configuration takes up to half an hour here, so each is timed once, in its memory probe's fresh
-# process (--repeats 0; the table marks these "1 (probe)").
+# Every configuration is timed once, in its memory probe's fresh process (--repeats 0; the table marks
+# these "1 (probe)"): one run at 32k takes up to half an hour here, and the whole sweep fits one session.
+# 32,640 tokens: the prompt and 128 new tokens fill the target's 32,768 positions.
 draftkv bench --lengths 16384,32640 --repeats 0 "${common[@]}" --out "$out"
-# 8k in float32, beside the bfloat16 rows (its probes, as the 8k bfloat16 probes, are one run each).
+draftkv bench --lengths 2048,4096,8192 --repeats 0 "${common[@]}" --out "$out"
+# 8k and 2k in float32, beside the bfloat16 rows (probe against probe).
 draftkv bench --lengths 8192 --repeats 0 --dtype float32 "${common[@]}" --out "$out"
+draftkv bench --lengths 2048 --repeats 0 --dtype float32 "${common[@]}" --out "$out"
