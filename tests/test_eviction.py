@@ -16,7 +16,8 @@ from draftkv.types import Request
 
 CONTEXT = long_context(260, seed=31)
 QUESTION = "what is the magic number?"
-METHODS = [("streamingllm", {}), ("h2o", {"window": 8}), ("snapkv", {"window": 8}), ("speckv", {"window": 8})]
+METHODS = [("streamingllm", {}), ("h2o", {"window": 8}), ("snapkv", {"window": 8}), ("speckv", {"window": 8}),
+           ("keydiff", {"window": 8})]
 
 
 @pytest.mark.parametrize(("method", "params"), METHODS)
@@ -52,7 +53,8 @@ def cache_of_positions(length: int, heads: int = 2, layers: int = 2) -> DynamicC
 
 
 def test_streamingllm_eviction_keeps_sinks_and_the_recent_tokens():
-    eviction = DecodeEviction(StreamingLLM(budget=10, sink=2, evict_every=3), budget=10)
+    method = StreamingLLM(budget=10, sink=2, evict_every=3)
+    eviction = DecodeEviction(None, method.keep_positions, method.evict_every, budget=10)
     cache = cache_of_positions(13)
     for _ in range(2):
         eviction.after_step(cache)
@@ -64,7 +66,7 @@ def test_streamingllm_eviction_keeps_sinks_and_the_recent_tokens():
 
 def test_h2o_eviction_keeps_the_entries_that_received_most_attention():
     method = H2O(budget=4, window=2, evict_every=1)
-    eviction = DecodeEviction(method, budget=4)
+    eviction = DecodeEviction(method.kv_scorer().decode_collector(), method.keep_positions, 1, budget=4)
     heads, length = 2, 8
     # Two decoding steps whose query attends sharply to entries 1 and 4 (head 0) and 2 and 3 (head 1).
     for step in range(2):
@@ -81,6 +83,20 @@ def test_h2o_eviction_keeps_the_entries_that_received_most_attention():
     assert cache.layers[0].keys[0, :, :, 0].tolist() == [[1, 4, 6, 7], [2, 3, 6, 7]]
 
 
+def test_keydiff_eviction_keeps_the_sinks_the_recent_entries_and_the_most_unusual_keys():
+    """KeyDiff's own scorer evicts while decoding: the cache's keys as they are now, no attention read."""
+    method = get_method("keydiff", budget=5, window=2, sink=1, evict_every=1)
+    eviction = DecodeEviction(method.kv_scorer().decode_collector(), method.keep_positions, 1, budget=5)
+    cache = cache_of_positions(9)
+    for layer in cache.layers:  # every key alike but two, which head 0 holds at 3 and 5, head 1 at 2 and 6
+        layer.keys[..., :] = 1.0
+        layer.keys[0, 0, [3, 5]] = torch.tensor([-1.0, 1.0, -1.0, 1.0])
+        layer.keys[0, 1, [2, 6]] = torch.tensor([1.0, -1.0, 1.0, -1.0])
+        layer.values[..., 0] = torch.arange(9, dtype=torch.float)
+    eviction.after_step(cache)
+    assert cache.layers[0].values[0, :, :, 0].tolist() == [[0, 3, 5, 7, 8], [0, 2, 6, 7, 8]]
+
+
 def test_batches_with_eviction_equal_one_by_one(qwen_pair):
     requests = [Request(context=long_context(200, seed=s), question=QUESTION, max_new_tokens=12) for s in (1, 2)]
     together = generate_batch(qwen_pair, requests, "snapkv", budget=40, window=8, evict_every=3)
@@ -92,7 +108,7 @@ def test_batches_with_eviction_equal_one_by_one(qwen_pair):
 def test_bad_eviction_settings():
     with pytest.raises(ConfigError, match="evict_every"):
         get_method("snapkv", evict_every=-1)
-    with pytest.raises(ConfigError, match="cannot combine with adaptive or per-layer budgets"):
+    with pytest.raises(ConfigError, match="decode-time eviction keeps a uniform cache"):
         get_method("ada-snapkv", evict_every=4)
     with pytest.raises(ConfigError, match="cannot combine"):
         get_method("pyramidkv", evict_every=4)

@@ -1,4 +1,4 @@
-"""PyramidKV, Ada-KV and the ragged cache that makes their savings real."""
+"""Allocations (uniform, pyramid, ada, global) and the ragged cache that makes their savings real."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from draftkv.engine.cache import PaddedLayer, PerHeadLayer, kv_bytes, ragged_cac
 from draftkv.engine.decoding import DecodeSpec, decode
 from draftkv.errors import ConfigError
 from draftkv.flow.steps import eos_ids
-from draftkv.methods import PyramidKV, SnapKV, get_method
-from draftkv.methods.base import adaptive_positions
+from draftkv.methods import SnapKV, get_method
+from draftkv.methods.allocation import ALLOCATIONS, Ada, Global, Pyramid, Uniform
+from draftkv.methods.base import with_window
 from draftkv.prompt import encode_prompt
 from draftkv.types import Request
 
@@ -24,37 +25,66 @@ QUESTION = "what is the magic number?"
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(1, 40), st.integers(1, 64), st.integers(1, 600), st.sampled_from([1, 5, 20, 50]))
-def test_pyramid_layer_budgets_sum_as_specified(layers, window, chosen, beta):
-    method = PyramidKV(budget=window + chosen, window=window, beta=beta)
-    budgets = method.layer_budgets(layers, 10**6, window + chosen)
-    assert sum(budgets) == layers * chosen  # the mean per layer stays budget - window
-    assert budgets == sorted(budgets, reverse=True)  # shrinking with depth
+@given(st.integers(1, 40), st.integers(1, 600), st.sampled_from([1, 5, 20, 50]))
+def test_pyramid_layer_counts_sum_as_specified(layers, chosen, beta):
+    counts = Pyramid(beta).layer_counts(layers, chosen)
+    assert sum(counts) == layers * chosen  # the mean per layer stays budget - window
+    assert counts == sorted(counts, reverse=True)  # shrinking with depth
     if layers > 1:
         low = chosen / beta
-        assert abs(budgets[0] - (2 * chosen - low)) <= 1 and abs(budgets[-1] - low) <= 1
+        assert abs(counts[0] - (2 * chosen - low)) <= 1 and abs(counts[-1] - low) <= 1
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.integers(1, 8), st.integers(1, 30), st.integers(0, 20), st.floats(0, 1), st.integers(0, 10_000))
-def test_adaptive_positions_share_the_layer_budget(heads, chosen, extra, alpha, seed):
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 8), st.integers(1, 30), st.integers(0, 20), st.floats(0, 1),
+       st.sampled_from(sorted(ALLOCATIONS)), st.integers(0, 10_000))
+def test_every_allocation_keeps_the_uniform_total(layers, heads, chosen, extra, alpha, name, seed):
+    """Whatever the spread, the cache holds chosen x layers x heads entries by score (pyramid: unless a
+    layer's share exceeds the prompt, which then keeps all of it); each allocation's own rule holds."""
     prefix = chosen + extra
-    window = torch.arange(prefix, prefix + 4)
-    pooled = torch.rand(heads, prefix, generator=torch.Generator().manual_seed(seed))
-    kept = adaptive_positions(pooled, chosen, alpha, window)
-    real = kept >= 0
-    assert int(real.sum()) == heads * (chosen + 4)  # the layer keeps what a uniform split would
-    for head in range(heads):
-        positions = kept[head][real[head]].tolist()
-        assert positions == sorted(set(positions)) and set(window.tolist()) <= set(positions)
-        assert len(positions) - 4 >= int(alpha * chosen)  # the safety floor
-        assert not real[head][: kept.shape[1] - len(positions)].any()  # empty slots at the front
-    # Everything kept beyond the floors scores at least as high as anything dropped.
-    chosen_mask = torch.zeros(heads, prefix, dtype=torch.bool)
-    for head in range(heads):
-        chosen_mask[head, [p for p in kept[head].tolist() if 0 <= p < prefix]] = True
-    if (~chosen_mask).any() and alpha == 0:
-        assert pooled[chosen_mask].min() >= pooled[~chosen_mask].max()
+    generator = torch.Generator().manual_seed(seed)
+    pooled = [torch.randint(0, 6, (heads, prefix), generator=generator).float() for _ in range(layers)]
+    allocation = {"ada": Ada(alpha), "pyramid": Pyramid(5)}.get(name) or ALLOCATIONS[name]()
+    masks = allocation.select(pooled, chosen)
+    kept = torch.stack(masks)
+    assert kept.shape == (layers, heads, prefix) and kept.dtype == torch.bool
+    counts = Pyramid(5).layer_counts(layers, chosen)
+    capped = sum(heads * min(count, prefix) for count in counts) if name == "pyramid" else layers * heads * chosen
+    assert int(kept.sum()) == capped
+    per_layer = kept.sum(dim=(1, 2)).tolist()
+    per_head = kept.sum(dim=2)
+    scores = torch.stack(pooled)
+    if name == "uniform":
+        assert (per_head == chosen).all()
+    if name == "pyramid":
+        assert per_layer == [heads * min(count, prefix) for count in counts]
+        assert (per_head == per_head[:, :1]).all()  # the heads of a layer keep the same number
+    if name == "ada":
+        assert per_layer == [heads * chosen] * layers  # a layer keeps what a uniform split would
+        assert (per_head >= int(alpha * chosen)).all()  # the safety floor
+    if name == "global" and (~kept).any():  # one threshold: nothing dropped beats anything kept
+        assert scores[kept].min() >= scores[~kept].max()
+    if name in ("uniform", "pyramid"):  # each head's own best
+        for layer in range(layers):
+            for head in range(heads):
+                row, mask = scores[layer, head], kept[layer, head]
+                if mask.any() and (~mask).any():
+                    assert row[mask].min() >= row[~mask].max()
+
+
+def test_global_allocation_follows_the_scores_across_layers():
+    """A layer whose entries score higher keeps more of the shared total; uniform keeps the same in each."""
+    strong, weak = torch.full((2, 10), 0.5), torch.full((2, 10), 0.1)
+    strong[:, 0] = weak[:, 0] = 1.0  # each layer's best entry outranks everything else
+    masks = Global().select([strong, weak], 3)
+    assert int(masks[0].sum()) == 10 and masks[1].sum(dim=-1).tolist() == [1, 1]
+    assert [int(m.sum()) for m in Uniform().select([strong, weak], 3)] == [6, 6]
+
+
+def test_with_window_pads_shorter_heads_at_the_front():
+    mask = torch.tensor([[True, False, True, True], [False, True, False, False]])
+    kept = with_window(mask, torch.arange(4, 6))
+    assert kept.tolist() == [[0, 2, 3, 4, 5], [-1, -1, 1, 4, 5]]
 
 
 def test_alpha_one_is_uniform_snapkv(qwen_pair):
@@ -155,15 +185,23 @@ def test_budget_at_least_prompt_is_dense_for_ragged_methods(qwen_pair):
         assert result.token_ids == dense.token_ids and not result.stats.compressed
 
 
-def test_bad_adaptive_parameters():
+def test_bad_allocation_parameters():
     with pytest.raises(ConfigError, match=r"alpha must be a number in \[0, 1\]"):
         get_method("ada-snapkv", alpha=1.5)
     with pytest.raises(ConfigError, match="alpha"):
         get_method("ada-speckv", alpha=-0.1)
-    with pytest.raises(ConfigError, match="no parameter 'adaptive'"):
-        get_method("streamingllm", adaptive=True)  # nothing to adapt: it has no scores
+    with pytest.raises(ConfigError, match="no parameter 'allocation'"):
+        get_method("streamingllm", allocation="ada")  # nothing to spread: it keeps by position
+    with pytest.raises(ConfigError, match="allocation must be one of uniform, pyramid, ada, global; got 'even'"):
+        get_method("snapkv", allocation="even")
+    with pytest.raises(ConfigError, match="decode-time eviction keeps a uniform cache"):
+        get_method("snapkv", allocation="global", evict_every=16)
     with pytest.raises(ConfigError, match="layout must be one of padded, per-head"):
         get_method("pyramidkv", layout="flat")
     with pytest.raises(ConfigError, match="beta"):
         get_method("pyramidkv", beta=0)
-    assert SnapKV(adaptive=True).adaptive
+    assert SnapKV(allocation="ada").allocation == "ada"
+    assert {name: get_method(name).allocation for name in ("snapkv", "speckv", "h2o", "laq", "pyramidkv",
+                                                              "ada-snapkv", "ada-speckv")} == {
+        "snapkv": "uniform", "speckv": "uniform", "h2o": "uniform", "laq": "uniform", "pyramidkv": "pyramid",
+        "ada-snapkv": "ada", "ada-speckv": "ada"}  # each method's authors' own

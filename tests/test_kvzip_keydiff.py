@@ -17,6 +17,7 @@ from draftkv.engine.scoring import pool_scores
 from draftkv.errors import ConfigError
 from draftkv.flow import prepare
 from draftkv.methods import get_method
+from draftkv.prompt import encode_prompt
 from draftkv.types import Request
 
 REQUEST = Request(context=long_context(200, seed=5), question="what is the magic number?", max_new_tokens=6)
@@ -30,22 +31,47 @@ def eager_pair():
     return pair
 
 
-def reconstruction_attention(model, prompt: list[int], instruction: list[int], chunk: int, prefix: int) -> list:
-    """Per layer [1, H_kv, prefix]: the most attention any repeated token gives each of the first
-    `prefix` prompt keys, over a group's query heads and every chunk, read straight from the model's
-    attention weights over prompt + instruction + chunk."""
+def probes(tokenizer, method, prompt) -> list[tuple[int, int, list[int]]]:
+    """KVzip's probes, built here from its paragraph: per chunk of the user's content (the template's head
+    and tail cut off), its start, end and tokens: the instruction (later: the hint and the previous chunk's
+    last tokens), the template's end of turn and assistant header, the chunk."""
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "@@"}], tokenize=False,
+                                             add_generation_prompt=True)
+    tail = encode(rendered[rendered.index("@@") + 2:])
+    begin, end = prompt.content_tokens()
+    assert 0 < begin < end < len(prompt.ids)  # the template's head and tail are not repeated
+    made = []
+    for start in range(begin, end, method.chunk):
+        stop = min(start + method.chunk, end)
+        asked = encode(method.instruction) if start == begin else \
+            encode(method.hint) + prompt.ids[max(begin, start - method.hint_tokens): start]
+        made.append((start, stop, asked + tail + prompt.ids[start:stop]))
+    return made
+
+
+def reconstruction_attention(model, tokenizer, method, prompt, prefix: int) -> list:
+    """Per layer [1, H_kv, prefix]: KVzip's scores read straight from the model's attention weights over
+    prompt + probe: each probe query's weights renormalised over the first `sink` keys, its chunk's and the
+    probe's own (a softmax over a subset of keys is the full softmax divided by the subset's sum), at the
+    chunk's columns, the max over a group's query heads and the probe's queries."""
     config = model.config
     group = config.num_attention_heads // config.num_key_value_heads
+    n = len(prompt.ids)
     best = None
-    for start in range(0, len(prompt), chunk):
-        piece = prompt[start: start + chunk]
-        ids = torch.tensor([prompt + instruction + piece])
+    for start, stop, probe in probes(tokenizer, method, prompt):
         with torch.inference_mode():
-            attentions = model(input_ids=ids, output_attentions=True).attentions
+            attentions = model(input_ids=torch.tensor([prompt.ids + probe]), output_attentions=True).attentions
+        columns = list(range(min(method.sink, start))) + list(range(start, stop)) + list(range(n, n + len(probe)))
         layers = []
         for weights in attentions:  # [1, H_q, T, T]
-            rows = weights[:, :, -len(piece):, :prefix].float()
-            layers.append(rows.reshape(1, config.num_key_value_heads, group, len(piece), prefix).amax(dim=(2, 3)))
+            rows = weights[:, :, n:, columns].double()
+            rows = rows / rows.sum(dim=-1, keepdim=True)
+            chunk = rows[..., min(method.sink, start): min(method.sink, start) + stop - start].float()
+            got = chunk.reshape(1, config.num_key_value_heads, group, len(probe), stop - start).amax(dim=(2, 3))
+            layer = torch.zeros(1, config.num_key_value_heads, prefix)
+            layer[..., start: min(stop, prefix)] = got[..., : max(min(stop, prefix) - start, 0)]
+            layers.append(layer)
         best = layers if best is None else [torch.maximum(a, b) for a, b in zip(best, layers, strict=True)]
     return best
 
@@ -54,10 +80,10 @@ def reconstruction_attention(model, prompt: list[int], instruction: list[int], c
 def test_kvzip_scores_are_the_reconstruction_probes_maximum_attention(eager_pair, chunk):
     method = get_method("kvzip", budget=64, window=8, chunk=chunk)
     prepared = prepare(eager_pair, [REQUEST], [method])[0]
-    prompt = prepared.prompts[0].ids
-    assert len(prompt) > 2 * 97  # the smaller chunk makes at least three probe calls
-    instruction = eager_pair.tokenizer(method.instruction, add_special_tokens=False)["input_ids"]
-    expected = reconstruction_attention(eager_pair.target.model, prompt, instruction, chunk, len(prompt) - 8)
+    prompt = prepared.prompts[0]
+    assert len(prompt.ids) > 2 * 97  # the smaller chunk makes at least three probe calls
+    expected = reconstruction_attention(eager_pair.target.model, eager_pair.tokenizer, method, prompt,
+                                        len(prompt.ids) - 8)
     assert len(prepared.layer_scores) == len(expected) == 3
     for got, want in zip(prepared.layer_scores, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
@@ -92,15 +118,20 @@ def test_keydiff_ignores_padding_in_the_mean(qwen_pair):
 
 @pytest.mark.parametrize("method", ["kvzip", "keydiff"])
 def test_the_cache_keeps_exactly_the_budget_with_sinks_and_window(qwen_pair, method):
-    result = draftkv.generate(qwen_pair, REQUEST.context, REQUEST.question, method=method, budget=40, window=8,
-                              sink=4, max_new_tokens=6)
-    n = result.stats.prompt_tokens
-    assert result.stats.kv_entries == 40 and result.stats.compressed
-    for layer in result.kept_positions:  # [H_kv, 40] per layer
-        assert layer.shape[-1] == 40
-        for head in layer:
-            kept = set(head.tolist())
-            assert set(range(4)) <= kept and set(range(n - 8, n)) <= kept
+    n_layers = qwen_pair.target.model.config.num_hidden_layers
+    for allocation in ("uniform", "global"):
+        result = draftkv.generate(qwen_pair, REQUEST.context, REQUEST.question, method=method, budget=40, window=8,
+                                  sink=4, allocation=allocation, max_new_tokens=6)
+        n = result.stats.prompt_tokens
+        assert result.stats.kv_entries == 40 and result.stats.compressed  # per head, on average
+        heads = result.kept_positions[0].shape[0]
+        assert sum(int((layer >= 0).sum()) for layer in result.kept_positions) == 40 * n_layers * heads
+        for layer in result.kept_positions:  # [H_kv, K] per layer, -1 in a shorter head's empty slots
+            if allocation == "uniform":
+                assert layer.shape[-1] == 40 and bool((layer >= 0).all())
+            for head in layer:
+                kept = set(head.tolist())
+                assert set(range(4)) <= kept and set(range(n - 8, n)) <= kept
     dense = draftkv.generate(qwen_pair, REQUEST.context, REQUEST.question, method="dense", max_new_tokens=6)
     whole = draftkv.generate(qwen_pair, REQUEST.context, REQUEST.question, method=method, budget=10_000,
                              max_new_tokens=6)
@@ -122,7 +153,8 @@ def test_kvzip_reports_its_reconstruction_and_keydiff_reads_nothing_more(qwen_pa
     finally:
         hook.remove()
     n = kvzip.stats.prompt_tokens
-    assert prefill_and_probes[0] == n and len(prefill_and_probes) == 1 + -(-n // 64)  # the prefill, then each chunk
+    begin, end = encode_prompt(qwen_pair.tokenizer, REQUEST).content_tokens()
+    assert prefill_and_probes[0] == n and len(prefill_and_probes) == 1 + -(-(end - begin) // 64)  # then each chunk
     assert kvzip.stats.timings["reconstruction"] > 0
     assert [c for c in calls if c > 1] == [n] and "reconstruction" not in keydiff.stats.timings
 
@@ -139,14 +171,17 @@ def test_a_batch_equals_one_by_one_and_query_agnostic_mode_runs(pair, method):
     assert compressed.ask(REQUEST.question, max_new_tokens=6).token_ids == first.token_ids
 
 
-@pytest.mark.parametrize("params", [{"evict_every": 4}, {"budget": 12, "window": 8, "sink": 4}, {"chunk": 0},
-                                    {"sink": -1}])
+@pytest.mark.parametrize("params", [{"budget": 12, "window": 8, "sink": 4}, {"chunk": 0}, {"sink": -1},
+                                    {"hint_tokens": -1}, {"hint": 3}])
 def test_bad_settings_are_refused(params):
     for name in ("kvzip", "keydiff"):
-        if name == "keydiff" and "chunk" in params:
+        if name == "keydiff" and params.keys() & {"chunk", "hint", "hint_tokens"}:
             continue
         with pytest.raises(ConfigError):
             get_method(name, **params)
+    with pytest.raises(ConfigError, match="cannot score the cache while decoding"):
+        get_method("kvzip", evict_every=4, allocation="uniform")
+    assert get_method("keydiff", evict_every=4).evict_every == 4  # its scorer reads the cache while decoding
 
 
 def test_keydiff_distance_orders_like_a_hand_computed_ranking():
@@ -181,8 +216,8 @@ def test_two_budgets_of_kvzip_share_one_reconstruction_and_dense_does_not_pay_fo
     finally:
         hook.remove()
     n = together[0].stats.prompt_tokens
-    instruction = len(qwen_pair.tokenizer(methods[0].instruction)["input_ids"])
-    assert [c for c in calls if c > 1] == [n] + [min(64, n - start) + instruction for start in range(0, n, 64)]
+    made = probes(qwen_pair.tokenizer, methods[0], encode_prompt(qwen_pair.tokenizer, REQUEST))
+    assert [c for c in calls if c > 1] == [n] + [len(probe) for _, _, probe in made]
     for method, result in zip(methods, together, strict=True):
         assert_same_result(result, draftkv.generate_batch(qwen_pair, [REQUEST], method)[0])
     assert together[0].stats.timings["reconstruction"] == together[1].stats.timings["reconstruction"] > 0
@@ -197,7 +232,7 @@ def test_sinks_window_and_best_scores_are_kept(name, heads, window, sink, extra,
     other kept position scores (pooled) at least as high as every dropped one."""
     budget = window + sink + extra
     n = budget + longer
-    method = get_method(name, budget=budget, window=window, sink=sink, kernel=kernel)
+    method = get_method(name, budget=budget, window=window, sink=sink, kernel=kernel, allocation="uniform")
     scores = torch.rand(heads, n - window, generator=torch.Generator().manual_seed(seed))
     (kept,) = method.keep_positions([scores], n, budget)
     assert kept.shape == (heads, budget)

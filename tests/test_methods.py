@@ -122,5 +122,5 @@ def test_ties_go_to_the_earlier_position():
     scores = torch.tensor([[0.1, 0.5, 0.5, 0.5, 0.2, 0.5, 0.0, 0.0]])
     (kept,) = SnapKV(budget=4, window=2, kernel=1).keep_positions([scores[:, :6]], 8, 4)
     assert kept.tolist() == [[1, 2, 6, 7]]
-    (kept,) = SnapKV(budget=5, window=2, kernel=1, adaptive=True, alpha=0.0).keep_positions([scores[:, :6]], 8, 5)
+    (kept,) = SnapKV(budget=5, window=2, kernel=1, allocation="ada", alpha=0.0).keep_positions([scores[:, :6]], 8, 5)
     assert kept.tolist() == [[1, 2, 3, 6, 7]]

@@ -113,6 +113,9 @@ CompressionRatio = Annotated[float | None, typer.Option(
     help="kvpress's name for a budget: the share removed, in [0, 1) (0.75 keeps a quarter); instead of --budget.")]
 Window = Annotated[int | None, typer.Option(help="Last prompt tokens always kept (default: the method's).")]
 Kernel = Annotated[int | None, typer.Option(help="Odd pooling kernel (default: the method's).")]
+AllocationOption = Annotated[str | None, typer.Option(
+    "--allocation", help="How a KV method spreads its budget over layers and KV heads: uniform, pyramid, ada or global "
+                         "(default: the method's own, as its authors run it).")]
 Lookahead = Annotated[int | None, typer.Option(help="Draft lookahead tokens (default: the method's).")]
 Params = Annotated[list[str] | None, typer.Option("--param", "-p", help="Any method parameter as KEY=VALUE (repeatable).")]
 System = Annotated[str | None, typer.Option(help="System prompt.")]
@@ -190,6 +193,7 @@ def generate(
     prompt_budget: PromptBudget = None,
     compression_ratio: CompressionRatio = None,
     window: Window = None,
+    allocation: AllocationOption = None,
     kernel: Kernel = None,
     pooling: Annotated[str | None, typer.Option(help="max or avg (default: the method's).")] = None,
     reduction: Annotated[str | None, typer.Option(help="max or mean (default max).")] = None,
@@ -218,7 +222,7 @@ def generate(
 ) -> None:
     """Answer a question about a long context with a compressed prompt and/or KV cache."""
     try:
-        chosen = method_from_options(method, param, budget=budget, prompt_budget=prompt_budget, window=window,
+        chosen = method_from_options(method, param, budget=budget, prompt_budget=prompt_budget, window=window, allocation=allocation,
                                      kernel=kernel, pooling=pooling, reduction=reduction, lookahead=lookahead,
                                      compression_ratio=compression_ratio)
         text = read_context(context, context_file)
@@ -293,6 +297,7 @@ def compress(
     budget: BudgetOption = None,
     compression_ratio: CompressionRatio = None,
     window: Window = None,
+    allocation: AllocationOption = None,
     kernel: Kernel = None,
     lookahead: Lookahead = None,
     param: Params = None,
@@ -308,7 +313,7 @@ def compress(
 ) -> None:
     """Compress a prompt without generating: print the kept text (or token ids) for any other engine."""
     try:
-        chosen = method_from_options(method, param, budget=budget, window=window, kernel=kernel, lookahead=lookahead,
+        chosen = method_from_options(method, param, budget=budget, window=window, allocation=allocation, kernel=kernel, lookahead=lookahead,
                                      compression_ratio=compression_ratio)
         text = read_context(context, context_file)
         from .compress import compress_prompt

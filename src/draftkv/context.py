@@ -121,8 +121,11 @@ def compress_context_each(pair: ModelPair, context: str, methods: list[str | Met
         raise PromptError("the context is empty")
     tokenizer = pair.tokenizer
     head, tail = split_template(tokenizer, context, system, chat_template)
-    ids = tokenizer(head, add_special_tokens=not (chat_template and getattr(tokenizer, "chat_template", None)))["input_ids"]
-    prompt = EncodedPrompt(ids, len(ids), head, None, (0, len(head)))
+    templated = bool(chat_template and getattr(tokenizer, "chat_template", None))
+    encoded = tokenizer(head, add_special_tokens=not templated, return_offsets_mapping=tokenizer.is_fast)
+    ids = encoded["input_ids"]
+    offsets = [tuple(span) for span in encoded["offset_mapping"]] if tokenizer.is_fast else None
+    prompt = EncodedPrompt(ids, len(ids), head, offsets, (max(head.rfind(context), 0), len(head)), templated)
     request = Request(context=context, max_new_tokens=max_new_tokens, chat_template=chat_template)
     for index, prepared in prepare_each(pair, [request], methods, prompts=[prompt], answers=False):
         stats, _, _ = row_stats(prepared, 0, new_tokens=0, first_token_at=prepared.started,

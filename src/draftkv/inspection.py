@@ -40,6 +40,7 @@ class MethodView:
     guess: str | None
     accepted: str  # the answer's first tokens that the target's check took from the guess
     stats: dict[str, Any] = field(default_factory=dict)
+    layer_entries: list[float] | None = None  # KV entries kept per head in each compressed layer (the allocation)
 
 
 @dataclass
@@ -152,6 +153,7 @@ def view_of(method: Method, pair: ModelPair, result: Result, importance: list[fl
     if result.kept_tokens is not None:
         share = torch.zeros(length)
         share[result.kept_tokens] = 1.0
+    layer_entries = None
     if result.kept_positions is not None:
         counts = torch.zeros(length)
         slots = 0
@@ -160,6 +162,7 @@ def view_of(method: Method, pair: ModelPair, result: Result, importance: list[fl
             counts += torch.bincount(positions.flatten().cpu(), minlength=length)[:length].float()
             slots += layer.shape[0]
         share = counts / slots
+        layer_entries = [round(int((layer >= 0).sum()) / layer.shape[0], 1) for layer in result.kept_positions]
     stats = result.stats
     kv = result.kept_positions is not None
     accepted_ids = result.token_ids[: stats.accepted_guess_tokens]
@@ -170,7 +173,7 @@ def view_of(method: Method, pair: ModelPair, result: Result, importance: list[fl
         kept_unit="KV entries per layer and head" if kv else "prompt tokens read",
         answer=result.text, guess=result.guess,
         accepted=pair.tokenizer.decode(accepted_ids, clean_up_tokenization_spaces=False) if accepted_ids else "",
-        stats=stats.to_dict())
+        stats=stats.to_dict(), layer_entries=layer_entries)
 
 
 def label_of(method: Method) -> str:

@@ -16,6 +16,17 @@ class EncodedPrompt:
     text: str = ""  # the rendered prompt (chat template included)
     offsets: list[tuple[int, int]] | None = None  # character span of each token in `text`
     content: tuple[int, int] = (0, 0)  # character span of the user's content (context + question) in `text`
+    templated: bool = False  # rendered with the tokenizer's chat template
+
+    def content_tokens(self) -> tuple[int, int]:
+        """The tokens [start, end) that hold the user's content, the chat template's head and tail cut off;
+        the whole prompt where the tokenizer gives no offsets."""
+        begin, end = self.content
+        if self.offsets is None or end <= begin:
+            return 0, len(self.ids)
+        start = next((i for i, (_, stop) in enumerate(self.offsets) if stop > begin), len(self.ids))
+        stop = next((i + 1 for i in range(len(self.offsets) - 1, -1, -1) if self.offsets[i][0] < end), 0)
+        return start, max(stop, start)
 
 
 def kept_text(prompt: EncodedPrompt, positions: list[int]) -> tuple[str, list[tuple[int, int]]]:
@@ -93,6 +104,16 @@ def _render(tokenizer, request: Request) -> tuple[str, bool, str, str]:
     return text, add_special_tokens, question, str(messages[-1].get("content", ""))
 
 
+def template_tail(tokenizer) -> str:
+    """What the tokenizer's chat template writes after a user's content, the assistant's header included
+    ("\n" for a tokenizer without one)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return "\n"
+    mark = "\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": mark}], tokenize=False, add_generation_prompt=True)
+    return text[text.rindex(mark) + 1:]
+
+
 def _encoded_prompt(tokenizer, text: str, add_special_tokens: bool, question: str, content: str,
                     encoded: dict) -> EncodedPrompt:
     question_char = text.rfind(question) if question else -1
@@ -105,4 +126,5 @@ def _encoded_prompt(tokenizer, text: str, add_special_tokens: bool, question: st
     elif question_char >= 0:
         prefix = tokenizer(text[:question_char], add_special_tokens=add_special_tokens)["input_ids"]
         question_start = min(len(prefix), len(ids))
-    return EncodedPrompt(ids, question_start, text, offsets, (content_start, content_start + len(content)))
+    return EncodedPrompt(ids, question_start, text, offsets, (content_start, content_start + len(content)),
+                         templated=not add_special_tokens)

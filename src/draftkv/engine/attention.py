@@ -132,7 +132,20 @@ class Timer:
         return self._seconds
 
 
-class WindowCollector:
+class TimedCollector:
+    """What every collector shares: where a row-by-row prefill's row goes (none: the whole batch at once)
+    and the time spent scoring, so callers can tell it apart from the forward pass."""
+
+    def __init__(self) -> None:
+        self.slot: RowSlot | None = None
+        self.timer = Timer()
+
+    @property
+    def seconds(self) -> float:
+        return self.timer.seconds
+
+
+class WindowCollector(TimedCollector):
     """KV-stage scores for the target. Accumulates, per layer, the window queries' importance over the first `prefix_length` keys.
 
     One collector lives for one request flow and may see several forward calls (the prompt
@@ -148,12 +161,7 @@ class WindowCollector:
         self.query_valid: torch.Tensor | None = None
         self._scores: dict[int, torch.Tensor] = {}
         self._counts: dict[int, torch.Tensor | int] = {}
-        self.slot: RowSlot | None = None
-        self.timer = Timer()  # time spent scoring, so callers can tell it apart from the forward pass
-
-    @property
-    def seconds(self) -> float:
-        return self.timer.seconds
+        super().__init__()
 
     def start_call(self) -> None:
         """A forward call begins (the caller says which queries count through score_last)."""
@@ -221,7 +229,54 @@ class WindowCollector:
         return [self._scores[i] / self._counts[i] for i in layers]
 
 
-class PromptCollector:
+class SpanCollector(TimedCollector):
+    """Scores one span of prompt columns per row and call, from a probe read after the prompt (KVzip's
+    reconstruction): each probe query's softmax over the row's first `sink` entries, the span's entries and
+    the probe's own (causal), read at the span's columns; the max (or mean) over a group's query heads and
+    the probe's queries. `places`, set before each call: per row (span start, span end, probe length) in
+    the row's own positions, or None for a row with no probe this call."""
+
+    def __init__(self, prefix_length: int, pads: list[int], sink: int, reduction: Reduction = "max") -> None:
+        super().__init__()
+        self.prefix_length, self.pads, self.sink, self.reduction = prefix_length, pads, sink, reduction
+        self.places: list[tuple[int, int, int] | None] = []
+        self.scores: dict[int, torch.Tensor] = {}
+
+    def start_call(self) -> None:
+        """Each call scores the spans `places` names."""
+
+    def score_last(self, num_queries: int, query_valid: torch.Tensor | None = None) -> None:
+        """Every probe query counts (`places` gives each row's probe length)."""
+
+    def observe(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                scaling: float | None, softcap: float | None = None, sliding: bool = False) -> None:
+        if sliding:  # a sliding window keeps its window: nothing to score
+            return
+        with self.timer.measure(query.device):
+            width = key.shape[2] - query.shape[2]  # the prompt's columns; the probe's follow
+            out = self.scores.get(layer_idx)
+            if out is None:
+                out = self.scores[layer_idx] = torch.zeros(len(self.pads), key.shape[1], self.prefix_length,
+                                                           dtype=scoring.SCORE_DTYPE, device=query.device)
+            for row, place in enumerate(self.places):
+                if place is None:
+                    continue
+                start, end, length = place
+                pad, sink = self.pads[row], min(self.sink, start)
+                keys = torch.cat([key[row:row + 1, :, pad: pad + sink], key[row:row + 1, :, pad + start: pad + end],
+                                  key[row:row + 1, :, width: width + length]], dim=2)
+                scores = window_scores(query[row:row + 1, :, :length], keys, prefix_length=sink + end - start,
+                                       scaling=scaling, reduction=self.reduction, softcap=softcap)[0, :, sink:]
+                if self.reduction == "mean":
+                    scores = scores / reduced_count(query.shape[1], key.shape[1], length)
+                stop = min(pad + end, self.prefix_length)
+                out[row, :, pad + start: stop] = scores[:, : max(stop - pad - start, 0)]
+
+    def layer_scores(self) -> list[torch.Tensor]:
+        return [self.scores[layer] for layer in sorted(self.scores)]
+
+
+class PromptCollector(TimedCollector):
     """Prompt-stage scores from the draft: one score per prompt token (SpecPC, SpecPrefill).
 
     Every forward call is one step: the prefill (whose last `window` queries count, weighted
@@ -240,12 +295,7 @@ class PromptCollector:
         self.layer_reduction = layer_reduction
         self.steps: list[torch.Tensor] = []  # per step [B, prompt_width]
         self._layers: dict[int, torch.Tensor] = {}  # this step's per-layer scores
-        self.slot: RowSlot | None = None
-        self.timer = Timer()
-
-    @property
-    def seconds(self) -> float:
-        return self.timer.seconds
+        super().__init__()
 
     def start_call(self) -> None:
         if self.slot is None or self.slot.row == 0:  # the later rows of a row-by-row prefill add to its step

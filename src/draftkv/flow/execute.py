@@ -193,9 +193,11 @@ def prepare_each(pair: ModelPair, requests: list[Request], methods: list[str | M
         group_clock = Clock(device, observer)
         uses_draft = any(consumers[i].need.needed for i in group)
         shared = draft_clock.stages if uses_draft else {}
+        whole = prompts if consumers[group[0]].reads_whole_prompt else None  # else the batch holds kept tokens
         for index, target_side in read_target(pair, requests, [consumers[i] for i in group],
                                               lambda group=group: [drafted.result()[1][i] for i in group],
-                                              kept[group[0]].batch, group_clock, [own_clocks[i] for i in group]):
+                                              kept[group[0]].batch, whole, group_clock,
+                                              [own_clocks[i] for i in group]):
             yield group[index], prepared(group[index], {**shared, **group_clock.stages}, target_side)
 
 
@@ -284,14 +286,14 @@ def draft_pass(pair: ModelPair, requests: list[Request], prompts: list[EncodedPr
 
 
 def read_target(pair: ModelPair, requests: list[Request], consumers: list[Consumer],
-                views: Callable[[], list[DraftView | None]], batch: PaddedBatch, clock: Clock,
-                own_clocks: list[Clock]) -> Iterator[tuple[int, TargetSide]]:
+                views: Callable[[], list[DraftView | None]], batch: PaddedBatch, prompts: list[EncodedPrompt] | None,
+                clock: Clock, own_clocks: list[Clock]) -> Iterator[tuple[int, TargetSide]]:
     """One target prefill of `batch` for the consumers that read it, scored for each of them; then
     station 2 per consumer (yielded one at a time, each on its own copy of the cache but the last,
     which takes the cache itself); a checked guess's accepted tokens join the cache after station 2.
     `views()`: the consumers' draft views, asked for after the prefill (the draft may still be running
-    beside it)."""
-    scored = score_prompt(pair, requests, consumers, views, batch, clock, own_clocks)
+    beside it). `prompts`: the prompts the batch holds (None when it holds a prompt stage's kept tokens)."""
+    scored = score_prompt(pair, requests, consumers, views, batch, prompts, clock, own_clocks)
     cache = scored.cache
     entry_bytes = bytes_per_entry(cache)
     windows = [(layer.sliding_window, layer_entry_bytes(layer)) for layer in cache.layers
@@ -349,6 +351,7 @@ class Reading:
     tokenizer: object
     cache: DynamicCache
     batch: PaddedBatch
+    prompts: list[EncodedPrompt] | None
     clock: Clock
 
     def probe(self, tokens: list[list[int]], counted: list[list[bool]], collector: WindowCollector,
@@ -364,8 +367,8 @@ class Reading:
 
 
 def score_prompt(pair: ModelPair, requests: list[Request], consumers: list[Consumer],
-                 views: Callable[[], list[DraftView | None]], batch: PaddedBatch, clock: Clock,
-                 own_clocks: list[Clock]) -> ScoredPrompt:
+                 views: Callable[[], list[DraftView | None]], batch: PaddedBatch,
+                 prompts: list[EncodedPrompt] | None, clock: Clock, own_clocks: list[Clock]) -> ScoredPrompt:
     """The target prefill with every consumer's collectors, then the guesses that probe the full cache:
     the draft's lookahead once, as long as the longest view (each collector counts its own tokens),
     and each target guess (LAQ++'s pseudo-answer), checked where the consumer checks its guess; then each
@@ -419,7 +422,7 @@ def score_prompt(pair: ModelPair, requests: list[Request], consumers: list[Consu
             shared, reading_clock = read_once[scorer]
         else:
             reading_clock = Clock(clock.device, clock.observer)
-            shared = scorer.scores(collector, Reading(target, tokenizer, cache, batch, reading_clock))
+            shared = scorer.scores(collector, Reading(target, tokenizer, cache, batch, prompts, reading_clock))
             if collector is None:
                 read_once[scorer] = shared, reading_clock
         for stage, seconds in reading_clock.stages.items():

@@ -113,7 +113,11 @@ def finish(pair: ModelPair, prepared: Prepared, on_text: TextCallback | None = N
         return finish_speculating(pair, prepared, on_text, cancelled)
     requests, planned = prepared.requests, prepared.consumer.eviction
     target, clock = pair.target.model, prepared.clock
-    eviction = DecodeEviction(prepared.method, planned.budget) if planned is not None else None
+    eviction = None
+    if planned is not None:
+        scorer = prepared.consumer.kv_scorer
+        eviction = DecodeEviction(scorer.decode_collector() if scorer is not None else None,
+                                  prepared.method.keep_positions, planned.every, planned.budget)
     decoding = clock.start("decode")
     spec = answer_spec(pair, requests, prepared.accepted, on_text=on_text, cancelled=cancelled,
                        after_step=eviction.after_step if eviction is not None else None)

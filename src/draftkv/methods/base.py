@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import ConfigError, PromptError
+from .allocation import Allocation, check_allocation, get_allocation
 from .scorers import DraftScorer, KVScorer, WindowScorer
 
 if TYPE_CHECKING:
@@ -122,10 +123,6 @@ class Method:
         """How the target scores the prompt's entries for station 2; None: positions alone decide."""
         return None
 
-    def decode_scorer(self) -> WindowScorer | None:
-        """How decoding steps score the cache for decode-time eviction; None: positions alone decide."""
-        return None
-
     def guess(self, max_new_tokens: int) -> PseudoAnswer | None:
         """The target's own guess of the answer that probes its cache (LAQ++); None: the draft's
         lookahead is the guess, if the method asks for one."""
@@ -211,15 +208,19 @@ class KVMethod(Method):
 
 @dataclass(frozen=True)
 class WindowKVMethod(KVMethod):
-    """Station 2 by window-query importance: keep the top `budget - window` prefix entries per
-    layer and KV head by pooled score, plus the last `window` prompt entries."""
+    """Station 2 by a scorer (by default the window queries' attention), an allocation and protection:
+    `budget - window` prefix entries per layer and KV head (on average: the allocation spreads the total)
+    chosen by pooled score, plus the last `window` prompt entries, always kept."""
 
     window: int = param(32, "last prompt tokens always kept; their queries score the rest")
     kernel: int = param(7, "odd pooling kernel along keys (1 = no pooling)")
     pooling: str = param("max", "pooling of scores along keys: max or avg")
     reduction: str = param("max", "reduction over query heads of a group and window queries: max or mean")
-    adaptive: bool = param(False, "Ada-KV: per-head budgets from the layer's pooled scores (the layer's total is kept)")
-    alpha: float = param(0.2, "Ada-KV safety floor: each head keeps at least this share of its uniform budget")
+    allocation: str = param("uniform", "how the budget is spread over layers and KV heads: uniform, pyramid "
+                                       "(PyramidKV), ada (Ada-KV, within a layer) or global (one threshold "
+                                       "over all; the same total)")
+    alpha: float = param(0.2, "allocation ada: each head keeps at least this share of its uniform budget")
+    beta: float = param(20, "allocation pyramid: the first layer keeps about 2 * beta - 1 times the last")
     layout: str = param("per-head", "storage of a ragged cache: per-head (exact; chosen by measurement) or padded (to the longest head, masked)")
 
     # Every prompt query scores the prefix (H2O), not only the window's.
@@ -232,12 +233,14 @@ class WindowKVMethod(KVMethod):
         check_choice("reduction", self.reduction, ("max", "mean"))
         check_choice("layout", self.layout, ("padded", "per-head"))
         check_int("evict_every", self.evict_every, 0)
-        if self.evict_every and (self.adaptive or type(self).layer_budgets is not WindowKVMethod.layer_budgets):
-            raise ConfigError("decode-time eviction keeps a uniform cache: it cannot combine with adaptive or "
-                              "per-layer budgets")
-        check_bool("adaptive", self.adaptive)
+        check_allocation(self.allocation)
+        if self.evict_every and self.allocation != "uniform":
+            raise ConfigError(f"decode-time eviction keeps a uniform cache: it cannot combine with allocation "
+                              f"{self.allocation!r}; give allocation=uniform or evict_every=0")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not 0 <= self.alpha <= 1:
             raise ConfigError(f"alpha must be a number in [0, 1], got {self.alpha!r}")
+        if isinstance(self.beta, bool) or not isinstance(self.beta, int | float) or self.beta < 1:
+            raise ConfigError(f"beta must be a number >= 1, got {self.beta!r}")
 
     def kv_entries(self, prompt_length: int) -> int | None:
         return budget_beyond_window(self.budget, self.window, prompt_length, "entries")
@@ -245,16 +248,12 @@ class WindowKVMethod(KVMethod):
     def kv_scorer(self) -> WindowScorer:
         return WindowScorer(self.window, self.reduction, all_queries=self.all_queries)
 
-    def decode_scorer(self) -> WindowScorer:
-        return self.kv_scorer()
-
     @property
     def cache_layout(self) -> str:
         return self.layout
 
-    def layer_budgets(self, num_layers: int, prefix_length: int, budget: int) -> list[int]:
-        """Entries chosen by score in each layer (the window comes on top): uniform here."""
-        return [budget - self.window] * num_layers
+    def allocator(self) -> Allocation:
+        return get_allocation(self.allocation, alpha=self.alpha, beta=self.beta)
 
     def keep_positions(self, layer_scores: list[torch.Tensor], prompt_length: int, budget: int) -> list[torch.Tensor]:
         import torch
@@ -262,23 +261,15 @@ class WindowKVMethod(KVMethod):
         from ..engine.scoring import pool_scores
 
         window = torch.arange(prompt_length - self.window, prompt_length)
-        kept = []
-        budgets = self.layer_budgets(len(layer_scores), layer_scores[0].shape[-1], budget)
-        for scores, chosen in zip(layer_scores, budgets, strict=True):
-            pooled = pool_scores(scores, self.kernel, self.pooling)
-            if self.adaptive:
-                kept.append(adaptive_positions(pooled, chosen, self.alpha, window))
-            else:
-                top = best_positions(pooled, chosen)
-                kept.append(torch.cat([top, window.expand(top.shape[0], -1)], dim=-1).sort(dim=-1).values)
-        return kept
+        pooled = [pool_scores(scores, self.kernel, self.pooling) for scores in layer_scores]
+        return [with_window(kept, window) for kept in self.allocator().select(pooled, budget - self.window)]
 
 
 @dataclass(frozen=True)
 class SinkKVMethod(WindowKVMethod):
-    """Station 2 by a score its scorer makes once, after the prefill: per layer and KV head the best
-    `budget - window` entries, the first `sink` always among them, plus the window. Such a score says
-    nothing of decoding steps, so there is no decode-time eviction."""
+    """Station 2 by a score its scorer makes after the prefill: per layer and KV head the best
+    `budget - window` entries, the first `sink` always among them, plus the window. Decode-time eviction
+    only where the scorer can score the cache while decoding (its `decode_collector`)."""
 
     window: int = param(32, "last prompt tokens always kept (they are not scored)")
     kernel: int = param(1, "odd pooling kernel along keys (1 = none)")
@@ -290,12 +281,10 @@ class SinkKVMethod(WindowKVMethod):
         if isinstance(self.budget, int) and self.sink + self.window >= self.budget:
             raise ConfigError(f"sink + window ({self.sink + self.window}) must be smaller than the budget "
                               f"({self.budget})")
-        if self.evict_every:
-            raise ConfigError(f"{self.name} scores the prompt once, after its prefill; decode-time eviction "
-                              "(evict_every) is not supported, give evict_every=0")
-
-    def decode_scorer(self) -> None:
-        return None
+        if self.evict_every and self.kv_scorer().decode_collector() is None:
+            raise ConfigError(f"{self.name} scores the prompt once, after its prefill, and cannot score the cache "
+                              "while decoding; decode-time eviction (evict_every) is not supported, give "
+                              "evict_every=0")
 
     def keep_positions(self, layer_scores: list[torch.Tensor], prompt_length: int, budget: int) -> list[torch.Tensor]:
         import torch
@@ -306,29 +295,12 @@ class SinkKVMethod(WindowKVMethod):
         return super().keep_positions(raised, prompt_length, budget)
 
 
-def best_positions(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """The positions of the `count` highest scores along the last dimension, on the CPU. Ties (max
-    pooling makes plateaus) go to the earlier position, so every device keeps the same entries;
-    `topk` breaks them differently on a CPU and a GPU."""
+def with_window(kept: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """A layer's kept positions [H_kv, K], sorted, from its mask of entries kept by score [H_kv, P] and the
+    window; heads that keep fewer than the longest have -1 in their empty slots, at the front."""
     import torch
 
-    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :count].cpu()
-
-
-def adaptive_positions(pooled: torch.Tensor, chosen: int, alpha: float, window: torch.Tensor) -> torch.Tensor:
-    """Ada-KV within one layer: the heads share `heads * chosen` entries by score, each keeping at
-    least `alpha * chosen` of its own best; plus the window. Returns [H_kv, K] with -1 in the empty
-    slots (at the front) of heads that keep fewer than the longest."""
-    import torch
-
-    heads, prefix = pooled.shape
-    floor = int(alpha * chosen)
-    selected = torch.zeros(heads, prefix, dtype=torch.bool)
-    if floor:
-        selected.scatter_(1, best_positions(pooled, floor), True)
-    rest = pooled.cpu().float().masked_fill(selected, float("-inf")).flatten()
-    selected.view(-1)[best_positions(rest, heads * chosen - heads * floor)] = True
-    per_head = [torch.cat([selected[h].nonzero().flatten(), window]) for h in range(heads)]
+    per_head = [torch.cat([mask.nonzero().flatten(), window]) for mask in kept]
     width = max(len(p) for p in per_head)
     return torch.stack([torch.cat([torch.full((width - len(p),), -1, dtype=torch.long), p]) for p in per_head])
 

@@ -29,6 +29,9 @@ class KeyDistance:
     def collector(self, width: int) -> None:
         return None
 
+    def decode_collector(self) -> KeyDistanceNow:
+        return KeyDistanceNow(self.window)
+
     def scores(self, collected: WindowCollector | None, reading: TargetReading) -> list[torch.Tensor]:
         import torch
         import torch.nn.functional as F
@@ -44,6 +47,34 @@ class KeyDistance:
             distance = 1 - F.cosine_similarity(keys, mean, dim=-1)
             scores.append(distance[..., : keys.shape[2] - self.window])
         return scores
+
+
+class KeyDistanceNow:
+    """Decode-time scores: each cached key's cosine distance from its head's mean key over the cache as it
+    is now (engine.eviction.DecodeScores); it reads the cache, not the decoding steps."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.slot = None
+        self.seconds = 0.0
+
+    def start_call(self) -> None:
+        """Nothing is read during the steps."""
+
+    def observe(self, *args, **kwargs) -> None:
+        """Nothing is read during the steps."""
+
+    def layer_scores(self, layer_idx: int, layer, length: int) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        from ..engine import scoring
+
+        keys = layer.keys[0, :, :length].to(scoring.SCORE_DTYPE)  # [H_kv, length, d]
+        distance = 1 - F.cosine_similarity(keys, keys.mean(dim=1, keepdim=True), dim=-1)
+        return distance[:, : length - self.window].cpu()
+
+    def follow(self, layer_idx: int, kept: torch.Tensor, length: int) -> None:
+        """Nothing recorded: the next eviction reads the cache again."""
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,14 @@
-"""KVzip: query-agnostic KV dropping by context reconstruction (arXiv 2505.23416).
+"""KVzip: query-agnostic KV dropping by context reconstruction (arXiv 2505.23416), as its authors run it.
 
-After its prefill the target reads a reconstruction probe against the prompt's cache: a repeat
-instruction followed by the prompt itself, chunk by chunk (so the probe's queries never meet all of
-the prompt's at once). An entry's importance is the most attention any of the repeated tokens' queries
-(over the query heads of its group) gives it: an entry the model needs to say the context again is
-one it needs to answer about it, whatever the question. The probe's entries are dropped again; the
-last `window` entries and the first `sink` are always kept. The cost is a second read of the prompt
-by the target, shown as the `reconstruction` stage of the stats' timings.
+After its prefill the target is asked to say the context again, chunk by chunk: each probe is the
+`instruction` (later chunks: the `hint` and the previous chunk's last `hint_tokens` tokens), the chat
+template's end of the user turn and the assistant's header, then the chunk itself, repeated. The context
+is the user's content, the template's head cut off. Each probe query's softmax runs over the first `sink`
+entries, its own chunk's entries and the probe's own (causal), so a chunk's scores land on its own
+columns only; an entry's importance is the most attention any probe query (over the query heads of its
+group) gives it. The probe's entries are dropped again. One threshold over all layers and heads (the
+`global` allocation) keeps the best; the first `sink` and the last `window` entries are always kept.
+The cost is a second read of the context by the target, shown as the `reconstruction` stage of the stats.
 """
 
 from __future__ import annotations
@@ -21,33 +23,56 @@ from .scorers import TargetReading
 if TYPE_CHECKING:
     import torch
 
-    from ..engine.attention import WindowCollector
-
 
 @dataclass(frozen=True)
 class Reconstruction:
-    """The reconstruction probe's attention over the first `width - window` prompt columns."""
+    """The reconstruction probes' attention over the first `width - window` prompt columns."""
 
     window: int
+    sink: int
     instruction: str
+    hint: str
+    hint_tokens: int
     chunk: int
     reduction: str
 
     def collector(self, width: int) -> None:
         return None
 
-    def scores(self, collected: WindowCollector | None, reading: TargetReading) -> list[torch.Tensor]:
-        from ..engine.attention import WindowCollector
+    def decode_collector(self) -> None:
+        """Reconstruction reads the context, not the answer: nothing to score while decoding."""
+        return None
 
-        batch = reading.batch
-        instruction = reading.tokenizer(self.instruction, add_special_tokens=False)["input_ids"]
-        collector = WindowCollector(batch.width - self.window, self.reduction)
+    def scores(self, collected: None, reading: TargetReading) -> list[torch.Tensor]:
+        from ..engine.attention import SpanCollector
+        from ..prompt import template_tail
+
+        batch, tokenizer = reading.batch, reading.tokenizer
+        encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        first, later = encode(self.instruction), encode(self.hint)
         rows = [batch.input_ids[row, batch.pad(row):].tolist() for row in range(len(batch.lengths))]
-        for start in range(0, max(batch.lengths), self.chunk):
-            pieces = [ids[start: start + self.chunk] for ids in rows]
-            reading.probe([instruction + piece for piece in pieces],
-                          [[False] * len(instruction) + [True] * len(piece) for piece in pieces],
-                          collector, "reconstruction")
+        prompts = reading.prompts
+        tails = [encode(template_tail(tokenizer)) if prompts is not None and prompts[row].templated else encode("\n")
+                 for row in range(len(rows))]
+        spans = [prompts[row].content_tokens() if prompts is not None else (0, len(ids))
+                 for row, ids in enumerate(rows)]
+        chunks = [[(start, min(start + self.chunk, end)) for start in range(begin, end, self.chunk)]
+                  for begin, end in spans]
+        collector = SpanCollector(batch.width - self.window, [batch.pad(row) for row in range(len(rows))],
+                                  self.sink, self.reduction)
+        for index in range(max((len(c) for c in chunks), default=0)):
+            tokens, places = [], []
+            for row, (ids, row_chunks, tail) in enumerate(zip(rows, chunks, tails, strict=True)):
+                if index >= len(row_chunks):
+                    tokens.append([])
+                    places.append(None)
+                    continue
+                start, end = row_chunks[index]
+                asked = first if index == 0 else later + ids[max(start - self.hint_tokens, spans[row][0]): start]
+                tokens.append(asked + tail + ids[start:end])
+                places.append((start, end, len(tokens[-1])))
+            collector.places = places
+            reading.probe(tokens, [[True] * len(t) for t in tokens], collector, "reconstruction")
         return collector.layer_scores()
 
 
@@ -56,15 +81,23 @@ class KVzip(SinkKVMethod):
     name: ClassVar[str] = "kvzip"
     summary: ClassVar[str] = "KV dropping by context reconstruction: the target's attention while repeating the prompt (query-agnostic)."
 
-    reduction: str = param("max", "over query heads of a group and the repeated tokens: max (KVzip) or mean")
-    chunk: int = param(2048, "prompt tokens repeated per probe call (the paper's 2K)")
-    instruction: str = param("\n\nRepeat the previous context exactly.\n", "text read before the repeated prompt")
+    allocation: str = param("global", "how the budget is spread over layers and KV heads (KVzip's: global, one "
+                                      "threshold over all)")
+    reduction: str = param("max", "over query heads of a group and the probe's queries: max (KVzip) or mean")
+    chunk: int = param(2048, "context tokens repeated per probe (the paper's 2K)")
+    instruction: str = param("\n\nRepeat the previous context exactly.", "what the first probe asks")
+    hint: str = param("\n\nRepeat the part of the previous context exactly, starting with",
+                      "what each later probe asks, followed by the previous chunk's last hint_tokens tokens")
+    hint_tokens: int = param(8, "tokens of the previous chunk that start each later probe's hint")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("chunk", self.chunk, 1)
-        if not isinstance(self.instruction, str):
-            raise ConfigError(f"instruction must be a string, got {self.instruction!r}")
+        check_int("hint_tokens", self.hint_tokens, 0)
+        for name in ("instruction", "hint"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}")
 
     def kv_scorer(self) -> Reconstruction:
-        return Reconstruction(self.window, self.instruction, self.chunk, self.reduction)
+        return Reconstruction(self.window, self.sink, self.instruction, self.hint, self.hint_tokens, self.chunk,
+                              self.reduction)

@@ -22,7 +22,9 @@ if TYPE_CHECKING:  # the engine comes in where a scorer runs, so the registry an
     from transformers import DynamicCache
 
     from ..engine.attention import Collector, PromptCollector, WindowCollector
+    from ..engine.eviction import DecodeScores
     from ..flow.batch import PaddedBatch
+    from ..prompt import EncodedPrompt
 
 
 class TargetReading(Protocol):
@@ -32,6 +34,7 @@ class TargetReading(Protocol):
     tokenizer: Any
     cache: DynamicCache
     batch: PaddedBatch
+    prompts: list[EncodedPrompt] | None  # the prompts the batch holds; None when it holds a prompt stage's kept tokens
 
     def probe(self, tokens: list[list[int]], counted: list[list[bool]], collector: Collector, stage: str) -> None:
         """Read `tokens` per row after the prompt with `collector` capturing, then drop their entries
@@ -52,6 +55,9 @@ class KVScorer(Protocol):
         """Per layer a budget applies to, [B, H_kv, S] scores of the first S prompt columns (the
         method's `keep_positions` reads a row's own columns of them)."""
 
+    def decode_collector(self) -> DecodeScores | None:
+        """What scores the cache while decoding, for decode-time eviction; None: this scorer cannot."""
+
 
 @dataclass(frozen=True)
 class WindowScorer:
@@ -71,6 +77,12 @@ class WindowScorer:
 
     def scores(self, collected: WindowCollector | None, reading: TargetReading) -> list[torch.Tensor]:
         return collected.layer_scores()
+
+    def decode_collector(self) -> DecodeScores:
+        """The generated tokens' attention: the max over the last `window` steps (H2O: the sum over all)."""
+        from ..engine.eviction import AttentionHistory
+
+        return AttentionHistory(self.window, summed=self.all_queries)
 
 
 class DraftScorer(Protocol):

@@ -23,4 +23,4 @@ class AdaSnapKV(SnapKV):
     name: ClassVar[str] = "ada-snapkv"
     summary: ClassVar[str] = "SnapKV with Ada-KV's adaptive per-head budgets (ragged cache)."
 
-    adaptive: bool = param(True, "Ada-KV: per-head budgets from the layer's pooled scores (the layer's total is kept)")
+    allocation: str = param("ada", "how the budget is spread over layers and KV heads (Ada-KV's: ada)")

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import ConfigError, PromptError
+from .allocation import best_positions
 from .base import (
     PromptMethod,
-    best_positions,
     check_bool,
     check_choice,
     check_int,
