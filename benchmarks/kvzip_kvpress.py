@@ -1,8 +1,8 @@
 """The reference side of benchmarks/kvzip_reference.py, run in an environment with kvpress 0.5.5 (and no
 draftkv): its KVzipPress on the target folder and the token ids of prompts.json, as kvpress's pipeline runs
 it (the context prefilled under the press, the question read after it, greedy answers over the masked
-cache). Writes kvpress.json: per prompt and compression ratio, the pruned (layer, KV head, position)
-entries and the answer.
+cache). Writes kvpress.jsonl: per prompt and compression ratio, as each finishes, the pruned (layer, KV
+head, position) entries and the answer; a rerun skips the runs recorded.
 
     python benchmarks/kvzip_kvpress.py --model ~/.cache/draftkv/models/qwen2.5-coder-1.5b-instruct \\
         --dir results/kvzip-reference [--dtype bfloat16]
@@ -49,37 +49,35 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
                                                  attn_implementation="sdpa")
     model.config.name_or_path = str(args.model)  # KVzipPress reads the tokenizer from here
-    rows = []
+    import kvpress
+    import transformers
+
+    out = args.dir / "kvpress.jsonl"
+    done = {(row["id"], row["ratio"]) for row in map(json.loads, out.read_text().splitlines())} if out.is_file() else set()
     for prompt in given["prompts"]:
-        runs = {}
         for ratio in given["ratios"]:
+            if (prompt["id"], ratio) in done:
+                continue
             started = time.perf_counter()
             cache = DynamicCache()
             ids = torch.tensor([prompt["context_ids"]])
-            press = KVzipPress(compression_ratio=ratio)
-            with press(model):
+            with KVzipPress(compression_ratio=ratio)(model):
                 model.model(input_ids=ids, past_key_values=cache)
             layers = model.model.layers
             pruned = [layer.self_attn.masked_key_indices for layer in layers]
             answer = greedy(model, prompt["question_ids"], cache, ids.shape[1], given["new_tokens"])
             for layer in layers:  # the next run starts unmasked
                 layer.self_attn.masked_key_indices = None
-            runs[str(ratio)] = {
-                "pruned": [sum(([layer] * len(p[1]) for layer, p in enumerate(pruned)), []),
-                           torch.cat([p[1] for p in pruned]).tolist(), torch.cat([p[2] for p in pruned]).tolist()],
-                "answer": tokenizer.decode(answer, skip_special_tokens=True), "seconds": time.perf_counter() - started}
-            print(f"{prompt['id']} ratio {ratio}: {runs[str(ratio)]['answer']!r} "
-                  f"({runs[str(ratio)]['seconds']:.0f} s)", flush=True)
-        rows.append({"id": prompt["id"], "layers": len(model.model.layers),
-                     "heads": model.config.num_key_value_heads, "runs": runs})
-    import kvpress
-    import transformers
-
-    (args.dir / "kvpress.json").write_text(json.dumps({
-        "kvpress": kvpress.__version__ if hasattr(kvpress, "__version__") else "0.5.5",
-        "transformers": transformers.__version__, "torch": torch.__version__, "dtype": args.dtype,
-        "prompts": rows}), encoding="utf-8")
-
+            row = {"id": prompt["id"], "ratio": ratio, "layers": len(layers), "heads": model.config.num_key_value_heads,
+                   "pruned": [sum(([layer] * len(p[1]) for layer, p in enumerate(pruned)), []),
+                              torch.cat([p[1] for p in pruned]).tolist(), torch.cat([p[2] for p in pruned]).tolist()],
+                   "answer": tokenizer.decode(answer, skip_special_tokens=True),
+                   "seconds": time.perf_counter() - started, "dtype": args.dtype,
+                   "versions": {"kvpress": getattr(kvpress, "__version__", "0.5.5"),
+                                "transformers": transformers.__version__, "torch": torch.__version__}}
+            with open(out, "a", encoding="utf-8") as file:
+                file.write(json.dumps(row) + "\n")
+            print(f"{prompt['id']} ratio {ratio}: {row['answer']!r} ({row['seconds']:.0f} s)", flush=True)
 
 if __name__ == "__main__":
     main()

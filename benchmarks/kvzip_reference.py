@@ -4,6 +4,7 @@ ratios (the share removed). Three steps, two environments (kvpress pins its own 
 
     python benchmarks/kvzip_reference.py prompts --out results/kvzip-reference
     <kvpress venv>/bin/python benchmarks/kvzip_kvpress.py --model <target folder> --dir results/kvzip-reference
+    (writes kvpress.jsonl, resumable)
     python benchmarks/kvzip_reference.py compare --dir results/kvzip-reference
 
 `results/kvzip-reference/run.sh` runs all three (and makes the kvpress environment).
@@ -52,27 +53,29 @@ def compare(folder: Path) -> None:
     import draftkv
 
     given = json.loads((folder / "prompts.json").read_text(encoding="utf-8"))
-    reference = json.loads((folder / "kvpress.json").read_text(encoding="utf-8"))
-    pair = draftkv.load_pair(draft=None, dtype=reference["dtype"])
+    reference = {(row["id"], row["ratio"]): row
+                 for row in map(json.loads, (folder / "kvpress.jsonl").read_text(encoding="utf-8").splitlines())}
+    dtype = next(iter(reference.values()))["dtype"]
+    pair = draftkv.load_pair(draft=None, dtype=dtype)
     rows = []
-    for prompt, theirs in zip(given["prompts"], reference["prompts"], strict=True):
+    for prompt in given["prompts"]:
         methods = [draftkv.get_method("kvzip", compression_ratio=ratio) for ratio in given["ratios"]]
         for index, compressed in draftkv.compress_context_each(pair, prompt["context"], methods):
             ratio = given["ratios"][index]
             ids = compressed.prepared.prompts[0].ids
             if ids != prompt["context_ids"]:
                 raise SystemExit(f"{prompt['id']}: draftkv's context ids differ from the ones kvpress read")
-            ours = torch.zeros(theirs["layers"], theirs["heads"], len(ids), dtype=torch.bool)
+            run = reference[prompt["id"], ratio]
+            ours = torch.zeros(run["layers"], run["heads"], len(ids), dtype=torch.bool)
             for layer, kept in enumerate(compressed.prepared.kept_rows[0]):
                 for head, positions in enumerate(kept):
                     ours[layer, head, positions[positions >= 0]] = True
             kept_theirs = torch.ones_like(ours)
-            run = theirs["runs"][str(ratio)]
             kept_theirs[run["pruned"][0], run["pruned"][1], run["pruned"][2]] = False
             answer = compressed.ask(prompt["question"], answer_prefix=prompt["answer_prefix"],
                                     max_new_tokens=given["new_tokens"])
             both = int((ours & kept_theirs).sum())
-            rows.append({"id": prompt["id"], "ratio": ratio, "entries": len(ids) * theirs["layers"] * theirs["heads"],
+            rows.append({"id": prompt["id"], "ratio": ratio, "entries": int(ours.numel()),
                          "kept_ours": int(ours.sum()), "kept_kvpress": int(kept_theirs.sum()),
                          "overlap": both / int(kept_theirs.sum()),
                          "per_layer_ours": ours.sum(dim=(1, 2)).tolist(),
@@ -81,7 +84,7 @@ def compare(folder: Path) -> None:
                          "same_answer": answer.text.strip() == run["answer"].strip(), "answers": prompt["answers"]})
             print(f"{prompt['id']} ratio {ratio}: overlap {rows[-1]['overlap']:.4f}, answers "
                   f"{'equal' if rows[-1]['same_answer'] else 'differ'}: {answer.text!r} / {run['answer']!r}")
-    (folder / "compare.json").write_text(json.dumps({"dtype": reference["dtype"], "rows": rows}, indent=1),
+    (folder / "compare.json").write_text(json.dumps({"dtype": dtype, "rows": rows}, indent=1),
                                          encoding="utf-8")
 
 
