@@ -1,7 +1,7 @@
 """The reference side of benchmarks/kvzip_reference.py, run in an environment with kvpress 0.5.5 (and no
 draftkv): its KVzipPress on the target folder and the token ids of prompts.json, as kvpress's pipeline runs
 it (the context prefilled under the press, the question read after it, greedy answers over the masked
-cache). Writes kvpress.jsonl: per prompt and compression ratio, as each finishes, the pruned (layer, KV
+cache). Writes kvpress.jsonl.gz: per prompt and compression ratio, as each finishes, the pruned (layer, KV
 head, position) entries and the answer; a rerun skips the runs recorded.
 
     python benchmarks/kvzip_kvpress.py --model ~/.cache/draftkv/models/qwen2.5-coder-1.5b-instruct \\
@@ -11,6 +11,7 @@ head, position) entries and the answer; a rerun skips the runs recorded.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import time
 from pathlib import Path
@@ -52,8 +53,11 @@ def main() -> None:
     import kvpress
     import transformers
 
-    out = args.dir / "kvpress.jsonl"
-    done = {(row["id"], row["ratio"]) for row in map(json.loads, out.read_text().splitlines())} if out.is_file() else set()
+    out = args.dir / "kvpress.jsonl.gz"
+    done = set()
+    if out.is_file():
+        with gzip.open(out, "rt", encoding="utf-8") as file:
+            done = {(row["id"], row["ratio"]) for row in map(json.loads, file)}
     for prompt in given["prompts"]:
         for ratio in given["ratios"]:
             if (prompt["id"], ratio) in done:
@@ -75,7 +79,7 @@ def main() -> None:
                    "seconds": time.perf_counter() - started, "dtype": args.dtype,
                    "versions": {"kvpress": getattr(kvpress, "__version__", "0.5.5"),
                                 "transformers": transformers.__version__, "torch": torch.__version__}}
-            with open(out, "a", encoding="utf-8") as file:
+            with gzip.open(out, "at", encoding="utf-8") as file:
                 file.write(json.dumps(row) + "\n")
             print(f"{prompt['id']} ratio {ratio}: {row['answer']!r} ({row['seconds']:.0f} s)", flush=True)
 

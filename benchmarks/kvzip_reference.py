@@ -4,7 +4,7 @@ ratios (the share removed). Three steps, two environments (kvpress pins its own 
 
     python benchmarks/kvzip_reference.py prompts --out results/kvzip-reference
     <kvpress venv>/bin/python benchmarks/kvzip_kvpress.py --model <target folder> --dir results/kvzip-reference
-    (writes kvpress.jsonl, resumable)
+    (writes kvpress.jsonl.gz, resumable)
     python benchmarks/kvzip_reference.py compare --dir results/kvzip-reference
 
 `results/kvzip-reference/run.sh` runs all three (and makes the kvpress environment).
@@ -13,6 +13,7 @@ ratios (the share removed). Three steps, two environments (kvpress pins its own 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 from pathlib import Path
 
@@ -53,15 +54,16 @@ def compare(folder: Path) -> None:
     import draftkv
 
     given = json.loads((folder / "prompts.json").read_text(encoding="utf-8"))
-    reference = {(row["id"], row["ratio"]): row
-                 for row in map(json.loads, (folder / "kvpress.jsonl").read_text(encoding="utf-8").splitlines())}
+    with gzip.open(folder / "kvpress.jsonl.gz", "rt", encoding="utf-8") as file:
+        reference = {(row["id"], row["ratio"]): row for row in map(json.loads, file)}
     dtype = next(iter(reference.values()))["dtype"]
     pair = draftkv.load_pair(draft=None, dtype=dtype)
     rows = []
     for prompt in given["prompts"]:
-        methods = [draftkv.get_method("kvzip", compression_ratio=ratio) for ratio in given["ratios"]]
-        for index, compressed in draftkv.compress_context_each(pair, prompt["context"], methods):
-            ratio = given["ratios"][index]
+        ratios = [ratio for ratio in given["ratios"] if (prompt["id"], ratio) in reference]  # kvpress's so far
+        methods = [draftkv.get_method("kvzip", compression_ratio=ratio) for ratio in ratios]
+        for index, compressed in draftkv.compress_context_each(pair, prompt["context"], methods) if methods else []:
+            ratio = ratios[index]
             ids = compressed.prepared.prompts[0].ids
             if ids != prompt["context_ids"]:
                 raise SystemExit(f"{prompt['id']}: draftkv's context ids differ from the ones kvpress read")

@@ -62,6 +62,22 @@ def test_generate_json_equals_the_python_api(folders):
     assert payload["token_ids"] == expected.token_ids and payload["text"] == expected.text
 
 
+def test_allocation_option_equals_the_python_api(folders):
+    result = invoke(folders, "--context-file", folders["context"], "-q", QUESTION, "--method", "snapkv",
+                    "--budget", "64", "--window", "8", "--allocation", "global", "--json")
+    assert result.exit_code == 0, result.output
+    with open(folders["context"], encoding="utf-8") as handle:
+        context = handle.read()
+    expected = generate(folders["pair"], context, QUESTION, method="snapkv", budget=64, window=8,
+                        allocation="global", max_new_tokens=8)
+    uniform = generate(folders["pair"], context, QUESTION, method="snapkv", budget=64, window=8, max_new_tokens=8)
+    payload = json.loads(result.stdout)
+    assert payload["token_ids"] == expected.token_ids
+    assert (payload["stats"]["kv_entries"], payload["stats"]["kv_bytes"]) == (64, expected.stats.kv_bytes)
+    assert any(a.shape != b.shape or not bool((a == b).all())  # the global threshold spread them otherwise
+               for a, b in zip(expected.kept_positions, uniform.kept_positions, strict=True))
+
+
 def test_plain_stream_and_stdin_give_the_same_answer(folders):
     with open(folders["context"], encoding="utf-8") as handle:
         context = handle.read()
@@ -92,6 +108,8 @@ def test_dense_needs_no_draft_and_budget_ratio_parses(folders):
         (["--budget", "64", "--kernel", "4"], "odd"),
         (["--param", "budgett=3"], "no parameter 'budgett'"),
         (["--param", "nonsense"], "KEY=VALUE"),
+        (["--allocation", "even"], "allocation must be one of uniform, pyramid, ada, global"),
+        (["--method", "streamingllm", "--allocation", "global"], "no parameter 'allocation'"),
         (["--context-file", "/no/such/file.txt"], "does not exist"),
     ],
 )

@@ -1,7 +1,7 @@
-"""The tables of this folder's README from runs.jsonl: per prompt length, each method's median figures
-in bfloat16 (timed repeats at 2k-8k, the probe's one run at 16k and 32k) with its ratio to dense; then
-float32 against bfloat16 at 2k and 8k, the memory probe's fresh-process run of each (the same kind of
-run in both dtypes). Run from the repository root: python results/bench-cpu-bf16/table.py"""
+"""The tables of this folder's README from runs.jsonl: per prompt length, each method's figures in
+bfloat16 (the median of timed repeats where there are any, else the memory probe's one fresh-process run)
+with its ratio to dense; then float32 against bfloat16 at 2k and 8k, the probe's run of each (the same
+kind of run in both dtypes). Run from the repository root: python results/bench-cpu-bf16/table.py"""
 
 import json
 import statistics
