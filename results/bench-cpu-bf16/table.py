@@ -52,7 +52,9 @@ for length in sorted({row["length"] for row in rows if row["dtype"] == "bfloat16
         cell = figures("bfloat16", length, method)
         if cell is None:
             continue
-        ratio = (lambda key, c=cell: f" ({c[key] / dense[key]:.2f})" if dense else "")
+        def ratio(key: str, c: dict = cell, base: dict | None = dense) -> str:
+            return f" ({c[key] / base[key]:.2f})" if base else ""
+
         print(f"| {cell['prompt']:,} | {NAMES[method]} | {cell['ttft_s']:.1f} s{ratio('ttft_s')} | "
               f"{cell['e2e_s']:.1f} s{ratio('e2e_s')} | {cell['decode_ms_per_token']:.0f}{ratio('decode_ms_per_token')} | "
               f"{cell['kv_bytes'] / 2**20:.1f} MiB | {gib(cell['peak'])} | {cell['correct']}/{cell['runs'][0]} | "

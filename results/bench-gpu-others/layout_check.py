@@ -19,6 +19,6 @@ for length in (8192, 32768):
             for _ in range(3):
                 stats = draftkv.generate_batch(pair, [request], method, **params)[0].stats
                 runs.append(1000 * stats.timings["decode"] / (stats.new_tokens - 1))
-            print(length, method, layout, "decode ms/token median %.1f" % statistics.median(runs),
+            print(length, method, layout, f"decode ms/token median {statistics.median(runs):.1f}",
                   [round(r, 1) for r in runs], "kv_bytes_stored", stats.kv_bytes_stored, flush=True)
 sys.exit(0)
