@@ -41,12 +41,16 @@ def test_a_method_named_with_its_budget_runs_at_that_budget_only():
         "speckv-pc kv=256 prompt=1024", "h2o kv=64", "lingua prompt=512"]
     assert runs[4].params == {"budget": 256, "prompt_budget": 1024}
     for bad, message in [("speckv-pc@256", "speckv-pc@KV/PROMPT"), ("snapkv@1/2", "snapkv@KV"),
-                         ("specpc@x", "specpc@PROMPT"), ("h2o@0", "positive"), ("dense@128", "takes no budget"),
+                         ("specpc@x", "specpc@PROMPT"), ("h2o@0", "whole numbers >= 1"),
+                         ("snapkv@1.5", "ratios in (0, 1]"), ("speckv-pc@0.5/0", "speckv-pc@0.5/0.5"), ("dense@128", "takes no budget"),
                          ("speckv-pc@1024/256", "above the prompt budget"), ("nope@1", "unknown method")]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             runner.settings([bad], [128], [512])
     with pytest.raises(ConfigError, match="named twice: snapkv kv=128"):
         runner.settings(["snapkv", "snapkv@128"], [128], [512])
+    ratios = runner.settings(["snapkv@0.25", "speckv-pc@0.5/0.5", "speckv-pc@256/0.25"], [128], [512])
+    assert [s.label for s in ratios] == ["snapkv kv=0.25", "speckv-pc kv=0.5 prompt=0.5", "speckv-pc kv=256 prompt=0.25"]
+    assert ratios[1].params == {"budget": 0.5, "prompt_budget": 0.5}
 
 
 def test_a_method_named_with_its_parameters_is_its_own_setting():
@@ -505,3 +509,28 @@ def test_a_dump_that_cannot_be_written_leaves_no_half_file(qwen_pair, tmp_path):
     assert not (tmp_path / "samples.jsonl.partial").exists()
     result = CliRunner().invoke(app, command)  # with room again, the same command writes it
     assert result.exit_code == 0 and len(dump.read_text().splitlines()) == 1
+
+
+def test_the_report_draws_the_curve_of_score_against_compression_ratio(tmp_path):
+    scores = {  # setting: (kv entries kept, score on sample a, on sample b)
+        ("dense", None, None): (4000, 100.0, 100.0),
+        ("snapkv", 0.5, None): (2000, 50.0, 0.0), ("snapkv", 256, None): (256, 0.0, 0.0),
+        ("keydiff", 0.5, None): (2000, 100.0, 0.0), ("keydiff", 256, None): (256, 0.0, 50.0),
+        ("speckv", 0.5, None): (2000, 100.0, 100.0), ("speckv", 256, None): (256, 100.0, 0.0),
+        ("specpc", None, 0.25): (1000, 0.0, 100.0), ("speckv-pc", 0.5, 0.5): (1000, 100.0, 100.0)}
+    rows = [{"key": f"{sample}|{setting}", "sample": sample, "task": "vt", "method": setting[0], "budget": setting[1],
+             "prompt_budget": setting[2], "score": values[1 + i], "stats": {"kv_entries": values[0]}}
+            for setting, values in scores.items() for i, sample in enumerate("ab")]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = report.report(tmp_path)[0].read_text().split("## Against the compression ratio")[1]
+    assert "| method | 0.50 (0.5 kept) | 0.75 (0.25 kept) | 256 entries |" in text
+    assert "| dense | 100.0 (n=2) | | |" in text
+    assert "| snapkv | 25.0 | - | 0.0 |" in text
+    assert "| speckv-pc | - | 100.0 (kv 0.5, prompt 0.5) | - |" in text  # a cascade keeps its KV share of its prompt share
+    # The best baseline of each column: keydiff at 0.5 (50 against snapkv's 25), keydiff at 256 (25 against 0).
+    assert "| speckv | +50.0 ±50.0 vs keydiff (1/0) | - | +25.0 ±75.0 vs keydiff (1/1) |" in text
+    assert "| specpc | - | - | - |" in text  # no baseline ran at a quarter kept
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    one_budget = [row for row in rows if row["budget"] in (None, 0.5) and row["prompt_budget"] is None]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in one_budget))
+    assert "compression ratio" not in report.report(tmp_path)[0].read_text()  # one column: no curve

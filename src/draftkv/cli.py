@@ -599,7 +599,8 @@ def _size(num_bytes: int) -> str:
 
 
 EvalMethods = Annotated[str, typer.Option(help="Comma-separated methods; name@BUDGET (speckv-pc@KV/PROMPT) runs "
-                                                "one method at that budget only, not at --budgets/--prompt-budgets.")]
+                                                "one method at that budget only (a count, or a ratio like 0.25), not "
+                                                "at --budgets/--prompt-budgets.")]
 KVBudgets = Annotated[str, typer.Option(help="KV budgets (KV methods, and speckv-pc's KV stage): entries per head "
                                                 "(256) or a ratio of the prompt (0.25).")]
 PromptBudgets = Annotated[str, typer.Option(help="Prompt budgets (prompt methods, and speckv-pc's prompt stage): tokens "

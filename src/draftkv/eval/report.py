@@ -147,6 +147,9 @@ def write_report(folder: Path, rows: list[dict]) -> tuple[Path, Path, Path]:
                     cells.append("-")
             lines.append("| " + " | ".join([label(setting), *cells]) + " |")
     lines += guesses(rows)
+    from .curve import curve_lines
+
+    lines += curve_lines(rows, folder / "curve.png")
     (folder / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     plot(table, found, folder / "accuracy.png", kept_counts(rows))
     return folder / "summary.md", folder / "summary.csv", folder / "accuracy.png"

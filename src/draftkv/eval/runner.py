@@ -29,6 +29,7 @@ from ..methods import (
     method_with_budgets,
 )
 from ..progress import progress_bar
+from ..types import is_int
 from . import metrics
 from .ruler import Sample
 
@@ -92,25 +93,32 @@ def settings(methods: list[str], budgets: list[Budget], prompt_budgets: list[Bud
 
 
 def _pinned(text: str) -> Setting:
-    """`name@BUDGET` (a KV or a prompt method) or `name@KV/PROMPT` (speckv-pc) as one setting."""
+    """`name@BUDGET` (a KV or a prompt method) or `name@KV/PROMPT` (speckv-pc) as one setting; each budget a
+    count (256) or a ratio (0.25; speckv-pc's KV ratio is a share of the prompt it kept)."""
     name, _, given = text.partition("@")
     takes_kv, takes_prompt = budget_kinds(name)
     wanted = ("KV/PROMPT" if takes_kv and takes_prompt else "KV" if takes_kv else "PROMPT" if takes_prompt else "")
     if not wanted:
         raise ConfigError(f"{text!r}: method {name!r} takes no budget, so write it without '@'")
-    try:
-        values = [int(part) for part in given.split("/")]
-    except ValueError:
-        values = []
-    if len(values) != wanted.count("/") + 1 or min(values) < 1:
-        raise ConfigError(f"{text!r}: write {name}@{wanted} with positive whole numbers, e.g. "
-                          f"{name}@{'256/1024' if '/' in wanted else 256}")
+    values = [_pinned_budget(part) for part in given.split("/")]
+    if len(values) != wanted.count("/") + 1 or None in values:
+        raise ConfigError(f"{text!r}: write {name}@{wanted} with counts (whole numbers >= 1) or ratios in (0, 1], "
+                          f"e.g. {name}@{'256/1024' if '/' in wanted else 256} or {name}@{'0.5/0.5' if '/' in wanted else 0.25}")
     if takes_kv and takes_prompt:
-        if values[0] > values[1]:
+        if is_int(values[0]) and is_int(values[1]) and values[0] > values[1]:
             raise ConfigError(f"{text!r}: the KV budget {values[0]} is above the prompt budget {values[1]}; "
                               "the KV stage keeps entries of the kept prompt, so give KV <= PROMPT")
         return Setting(name, values[0], values[1])
     return Setting(name, values[0]) if takes_kv else Setting(name, None, values[0])
+
+
+def _pinned_budget(text: str) -> Budget | None:
+    """A count (a whole number >= 1) or a ratio in (0, 1], or None when `text` is neither."""
+    try:
+        value = float(text) if "." in text else int(text)
+    except ValueError:
+        return None
+    return value if (is_int(value) and value >= 1) or (isinstance(value, float) and 0 < value <= 1) else None
 
 
 def key(sample_id: str, setting: Setting) -> str:
