@@ -221,7 +221,7 @@ def test_one_failing_request_fails_alone_and_its_batch_is_run_again_without_it(p
 
 
 def test_a_stopped_worker_is_restarted_and_health_says_so_meanwhile(pair):
-    server = serve(pair)
+    server = serve(pair, api_key="k")
     scheduler = server.app.state.server.scheduler
     try:
         with scheduler.condition:  # stop the worker thread the only way left: as if the process lost it
@@ -232,9 +232,9 @@ def test_a_stopped_worker_is_restarted_and_health_says_so_meanwhile(pair):
         assert not scheduler.thread.is_alive()
         health = httpx.get(f"{server.root}/health")
         assert health.status_code == 503 and health.json()["status"] == "restarting"
-        health = httpx.get(f"{server.root}/health")
+        health = httpx.get(f"{server.root}/health", headers={"authorization": "Bearer k"})
         assert health.status_code == 200 and health.json()["restarts"] == 1
-        assert post(server, "/chat/completions", body("dense")).status_code == 200
+        assert post(server, "/chat/completions", body("dense"), authorization="Bearer k").status_code == 200
     finally:
         server.stop()
 
@@ -354,3 +354,65 @@ def test_settings_are_checked_when_made(settings, words):
     with pytest.raises(ConfigError) as raised:
         ServeSettings(**settings)
     assert words in str(raised.value)
+
+
+@pytest.mark.parametrize(("content_type", "encoded"), [
+    ("text/plain", lambda data: {"content": json.dumps(data)}),
+    ("application/x-www-form-urlencoded", lambda data: {"data": {json.dumps(data): ""}}),
+    ("multipart/form-data", lambda data: {"files": {"body": ("body.json", json.dumps(data), "application/json")}}),
+    (None, lambda data: {"content": json.dumps(data)}),
+])
+def test_a_web_page_cannot_drive_the_server(pair, content_type, encoded):
+    """What a browser sends cross-site without a preflight (text/plain, a form, multipart) is refused before
+    the body is read; no CORS headers answer a page's origin, and its preflight finds no route."""
+    server = serve(pair)
+    try:
+        data = {"model": MODEL, "messages": QUESTION, "max_tokens": 3}
+        headers = {"origin": "https://evil.example", **({"content-type": content_type} if content_type else {})}
+        options = encoded(data)
+        if content_type == "multipart/form-data":
+            headers.pop("content-type")  # httpx writes it with the boundary
+        response = httpx.post(server.url + "/chat/completions", headers=headers, **options)
+        assert response.status_code == 415, response.text
+        assert response.json()["error"]["code"] == "unsupported_media_type"
+        assert "Content-Type: application/json" in response.json()["error"]["message"]
+        assert not any(name.startswith("access-control-") for name in response.headers)
+        preflight = httpx.options(server.url + "/chat/completions", headers={
+            "origin": "https://evil.example", "access-control-request-method": "POST",
+            "access-control-request-headers": "content-type"})
+        assert preflight.status_code == 405 and "access-control-allow-origin" not in preflight.headers
+        assert metric(server, "draftkv_requests_total", status="200") == 0  # nothing ran
+        sent = post(server, "/chat/completions", data, origin="https://evil.example")  # JSON: a preflight guards it
+        assert sent.status_code == 200 and "access-control-allow-origin" not in sent.headers
+    finally:
+        server.stop()
+
+
+def test_allowed_origins_get_cors_answers_and_others_none(pair):
+    server = serve(pair, allow_origins=("https://app.example.com",), api_key="s3cret")
+    try:
+        asked = {"access-control-request-method": "POST", "access-control-request-headers": "authorization,content-type"}
+        preflight = httpx.options(server.url + "/chat/completions", headers={"origin": "https://app.example.com", **asked})
+        assert preflight.status_code == 200  # no key needed to ask
+        assert preflight.headers["access-control-allow-origin"] == "https://app.example.com"
+        refused = httpx.options(server.url + "/chat/completions", headers={"origin": "https://evil.example", **asked})
+        assert "access-control-allow-origin" not in refused.headers
+        sent = post(server, "/chat/completions", {"model": MODEL, "messages": QUESTION, "max_tokens": 3},
+                    origin="https://app.example.com", authorization="Bearer s3cret")
+        assert sent.status_code == 200 and sent.headers["access-control-allow-origin"] == "https://app.example.com"
+    finally:
+        server.stop()
+
+
+def test_health_tells_the_model_and_queue_only_to_the_key(pair):
+    for key in (None, "s3cret"):
+        server = serve(pair, **({"api_key": key} if key else {}))
+        try:
+            assert httpx.get(server.root + "/health").json() == {"status": "ok"}
+            assert httpx.get(server.root + "/health", headers={"authorization": "Bearer wrong"}).json() == {"status": "ok"}
+            if key:
+                told = httpx.get(server.root + "/health", headers={"authorization": f"Bearer {key}"}).json()
+                assert told == {"status": "ok", "mode": "local", "model": MODEL, "waiting": 0, "running": 0,
+                                "restarts": 0}
+        finally:
+            server.stop()

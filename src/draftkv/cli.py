@@ -470,8 +470,8 @@ def lm_eval_command(ctx: typer.Context) -> None:
         sys.argv = argv
 
 
-def parse_bytes(text: str) -> int:
-    """'8GiB', '512MiB', '2GB' or a plain number of bytes."""
+def parse_bytes(text: str, flag: str) -> int:
+    """'8GiB', '512MiB', '2GB' or a plain number of bytes, given to `flag`."""
     units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
              "tb": 10**12, "b": 1, "": 1}
     number = text.strip().rstrip("bBiIkKmMgGtT")
@@ -479,7 +479,7 @@ def parse_bytes(text: str) -> int:
     try:
         return int(float(number) * units[unit])
     except (ValueError, KeyError, OverflowError):
-        raise ConfigError(f"a memory size looks like 8GiB, 512MiB, 2GB or a number of bytes; got {text!r}") from None
+        raise ConfigError(f"{flag} takes a memory size like 8GiB, 512MiB, 2GB or a number of bytes; got {text!r}") from None
 
 
 def check_address(host: str, port: int) -> None:
@@ -500,6 +500,7 @@ def _env(name: str, help: str, **options: Any) -> Any:
     return typer.Option(envvar=f"DRAFTKV_{name}", help=help, **options)
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 SERVER_PACKAGES = ("fastapi", "uvicorn", "httpx", "pydantic", "prometheus_client", "psutil")  # draftkv[serve]
 
 
@@ -509,6 +510,9 @@ def serve(
                                       "anyone who reaches the port (give --api-key).")] = "127.0.0.1",
     port: Annotated[int, _env("PORT", "Port to listen on.", min=1, max=65535)] = 8000,
     api_key: Annotated[str | None, _env("API_KEY", "Require 'Authorization: Bearer KEY' on every route but /health.")] = None,
+    allow_origin: Annotated[list[str] | None, _env("ALLOW_ORIGIN", "A web page's origin (https://app.example.com) "
+                                                    "that may call the server from a browser (CORS); repeat for "
+                                                    "more, or * for every page. Default: none.")] = None,
     method: Annotated[str | None, _env("METHOD", "Method of requests that name none (default: dense; in proxy mode specpc).")] = None,
     budget: Annotated[str | None, _env("BUDGET", "Default KV budget (a prompt method's budget), for --method.")] = None,
     prompt_budget: Annotated[str | None, _env("PROMPT_BUDGET", "Default prompt budget, for --method.")] = None,
@@ -529,7 +533,7 @@ def serve(
     temperature: Annotated[float, _env("TEMPERATURE", "Temperature for requests that give none (0: greedy).", min=0)] = 0.0,
     timeout: Annotated[float, _env("TIMEOUT", "Seconds a request may take, queueing included (then 504).")] = 600.0,
     memory_limit: Annotated[str | None, _env("MEMORY_LIMIT", "Memory running requests may use, like 8GiB (default: 90% of what is free after loading).")] = None,
-    log_level: Annotated[str, _env("LOG_LEVEL", "debug, info, warning or error.")] = "info",
+    log_level: Annotated[str, _env("LOG_LEVEL", "debug, info, warning, error or critical.")] = "info",
     target: Annotated[str, _env("TARGET", "Target model (local mode): embedded name, folder, .gguf or cached hub id.")] = DEFAULT_TARGET,
     draft: Annotated[str, _env("DRAFT", "Draft model, or 'none' for draft-free methods only (local mode).")] = DEFAULT_DRAFT,
     device: Annotated[str | None, _env("DEVICE", "cpu, cuda, cuda:1 ... (default: cuda if available).")] = None,
@@ -553,6 +557,8 @@ def serve(
     from .serving.protocol import ServeError
     from .serving.settings import ServeSettings
 
+    if log_level.lower() not in LOG_LEVELS:
+        raise fail(ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}; got {log_level!r}"))
     logging.basicConfig(level=log_level.upper(), format="%(message)s")  # request lines are JSON already
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call otherwise
     try:
@@ -565,9 +571,9 @@ def serve(
             upstream=upstream, upstream_model=upstream_model, upstream_api_key=upstream_api_key,
             upstream_timeout=upstream_timeout, max_batch_size=max_batch_size, max_queue=max_queue,
             max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_tokens_limit=max_tokens_limit,
-            max_guess_tokens=max_guess_tokens, max_logprobs=max_logprobs, max_body_bytes=parse_bytes(max_body_bytes),
-            api_key=api_key, temperature=temperature, timeout=timeout,
-            memory_limit=parse_bytes(memory_limit) if memory_limit else None)
+            max_guess_tokens=max_guess_tokens, max_logprobs=max_logprobs, max_body_bytes=parse_bytes(max_body_bytes, "--max-body-bytes"),
+            api_key=api_key, allow_origins=tuple(allow_origin or ()), temperature=temperature, timeout=timeout,
+            memory_limit=parse_bytes(memory_limit, "--memory-limit") if memory_limit else None)
         if upstream and speculate:
             raise ConfigError("--speculate decodes with the target, which the upstream runs in proxy mode; leave it out")
         check_address(host, port)  # free and bindable, before minutes of loading

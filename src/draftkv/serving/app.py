@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -186,6 +187,17 @@ def draftkv_stats(method: Method, result: Result) -> dict:
             "draft_kv_bytes": stats.draft_kv_bytes,
             "time_to_first_token": stats.time_to_first_token,
             "total_time": stats.total_time, "timings": stats.timings, "note": stats.note}
+
+
+def check_json_body(http: Request) -> None:
+    """A completion's body must be declared JSON. Browsers send a form, multipart or text/plain body to any
+    site without asking it first (no CORS preflight), so accepting those would let any web page drive a
+    local server; JSON needs the preflight, which this server answers only for --allow-origin."""
+    media_type = http.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        shown = f"Content-Type {media_type!r}" if media_type else "no Content-Type"
+        raise ServeError(415, f"the request body must be JSON sent with 'Content-Type: application/json'; it came "
+                         f"with {shown}", code="unsupported_media_type")
 
 
 async def read_body(http: Request, limit: int) -> bytes:
@@ -551,6 +563,7 @@ class Server:
         trace = Trace(self.metrics, endpoint, protocol.new_id("chatcmpl" if kind is ChatRequest else "cmpl"))
         streaming = False
         try:
+            check_json_body(http)
             raw = await read_body(http, self.settings.max_body_bytes)
             parsed, body = protocol.parse(kind, raw)
             self.check_model(parsed.model)
@@ -649,6 +662,12 @@ def upstream_object(url: str, content: bytes, what: str) -> dict:
     return data
 
 
+def has_key(authorization: bytes, key: bytes) -> bool:
+    """Does an Authorization header carry "Bearer <key>"? Compared in constant time."""
+    scheme, _, token = authorization.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key)
+
+
 class RequireKey:
     """Every route but /health needs "Authorization: Bearer <key>" (compared in constant time); others
     get 401 in OpenAI's error shape. A plain ASGI middleware, so streams and disconnects pass as they are."""
@@ -658,9 +677,7 @@ class RequireKey:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"] != "/health":
-            given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            scheme, _, token = given.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+            if not has_key(dict(scope.get("headers") or []).get(b"authorization", b""), self.key):
                 error = ServeError(401, "a valid API key is needed: send the header 'Authorization: Bearer <key>' "
                                    "with the key this server was started with", code="invalid_api_key")
                 await error_response(error)(scope, receive, send)
@@ -703,6 +720,9 @@ def create_app(pair: ModelPair, settings: ServeSettings | None = None) -> FastAP
     app.state.server = server
     if server.settings.api_key is not None:
         app.add_middleware(RequireKey, key=server.settings.api_key)
+    if server.settings.allow_origins:  # added last, so it runs first: a preflight needs no key
+        app.add_middleware(CORSMiddleware, allow_origins=list(server.settings.allow_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["authorization", "content-type"])
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, error: RequestValidationError) -> JSONResponse:
@@ -737,13 +757,17 @@ def create_app(pair: ModelPair, settings: ServeSettings | None = None) -> FastAP
                                             "owned_by": "draftkv"}]}
 
     @app.get("/health")
-    async def health() -> JSONResponse:
-        """200 while the worker serves; 503 when it had stopped (it is restarted by this check)."""
+    async def health(http: Request) -> JSONResponse:
+        """200 while the worker serves; 503 when it had stopped (it is restarted by this check). Load
+        balancers probe without a key and learn only that; the model and the queue are told to the key."""
         serving = server.scheduler.ensure_worker()
-        return JSONResponse({"status": "ok" if serving else "restarting",
-                             "mode": "proxy" if server.settings.proxy else "local", "model": server.model_name,
-                             "waiting": server.scheduler.waiting, "running": server.scheduler.running,
-                             "restarts": server.scheduler.restarts}, status_code=200 if serving else 503)
+        body: dict[str, Any] = {"status": "ok" if serving else "restarting"}
+        if server.settings.api_key is not None and has_key(http.headers.get("authorization", "").encode(),
+                                                           server.settings.api_key.encode()):
+            body.update({"mode": "proxy" if server.settings.proxy else "local", "model": server.model_name,
+                         "waiting": server.scheduler.waiting, "running": server.scheduler.running,
+                         "restarts": server.scheduler.restarts})
+        return JSONResponse(body, status_code=200 if serving else 503)
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:

@@ -26,6 +26,7 @@ class ServeSettings:
     upstream_api_key: str | None = None
     upstream_timeout: float = 600.0
     api_key: str | None = None  # every route but /health then needs "Authorization: Bearer <api_key>"
+    allow_origins: tuple[str, ...] = ()  # web pages (origins) that may call the server from a browser (CORS)
     max_batch_size: int = 8
     max_queue: int = 256
     max_prompt_tokens: int | None = None
@@ -57,6 +58,9 @@ class ServeSettings:
             raise ConfigError("--api-key is empty; give a key, or leave it out to serve without one")
         if self.upstream is not None:
             check_upstream(self.upstream)
+        self.allow_origins = tuple(self.allow_origins)
+        for origin in self.allow_origins:
+            check_origin(origin)
 
     @property
     def proxy(self) -> bool:
@@ -71,6 +75,20 @@ class ServeSettings:
 def check_setting(name: str, value: object, allowed: str, ok) -> None:
     if not ok(value):
         raise ConfigError(f"--{name.replace('_', '-')} must be {allowed}, got {value!r}")
+
+
+def check_origin(origin: str) -> None:
+    """An origin a browser sends: scheme://host[:port] with no path, or * for every page."""
+    if origin == "*":
+        return
+    try:
+        parsed = httpx.URL(origin)
+    except (httpx.InvalidURL, TypeError):
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host or parsed.path not in ("", "/") \
+            or parsed.query or parsed.fragment or origin.endswith("/"):
+        raise ConfigError(f"--allow-origin {origin!r} is not an origin; give one like https://app.example.com or "
+                          "http://localhost:3000 (scheme, host and port, no path), or * for every page")
 
 
 def check_upstream(url: str) -> None:
