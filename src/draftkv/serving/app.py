@@ -676,12 +676,12 @@ class RequireKey:
         self.app, self.key = app, key.encode()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] != "/health":
-            if not has_key(dict(scope.get("headers") or []).get(b"authorization", b""), self.key):
-                error = ServeError(401, "a valid API key is needed: send the header 'Authorization: Bearer <key>' "
-                                   "with the key this server was started with", code="invalid_api_key")
-                await error_response(error)(scope, receive, send)
-                return
+        if scope["type"] == "http" and scope["path"] != "/health" \
+                and not has_key(dict(scope.get("headers") or []).get(b"authorization", b""), self.key):
+            error = ServeError(401, "a valid API key is needed: send the header 'Authorization: Bearer <key>' "
+                               "with the key this server was started with", code="invalid_api_key")
+            await error_response(error)(scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
 
