@@ -416,3 +416,107 @@ def test_health_tells_the_model_and_queue_only_to_the_key(pair):
                                 "restarts": 0}
         finally:
             server.stop()
+
+
+@pytest.mark.parametrize(("method", "params", "slowed", "pause"), [
+    ("dense", {}, "target", 0.4),  # one long prefill
+    ("kvzip", {"budget": 48, "chunk": 4}, "target", 0.02),  # ~75 reconstruction probes
+    ("speckv", {"budget": 48, "lookahead": 300}, "draft", 0.02),  # a long lookahead
+    ("laq", {"budget": 48, "pseudo_tokens": 300}, "target", 0.02),  # a long pseudo-answer
+])
+def test_a_request_past_its_deadline_frees_the_worker_within_one_layer(pair, method, params, slowed, pause):
+    """Every layer of the slowed model waits `pause` first; the request's 0.5 s run out inside a long stage,
+    which stops at the next layer (the one that finds it late), not at the stage's end."""
+    calls: list[float] = []
+
+    def slow(_module, _args) -> None:
+        calls.append(time.monotonic())
+        time.sleep(pause)
+
+    model = getattr(pair, slowed).model
+    handles = [layer.register_forward_pre_hook(slow) for layer in model.model.layers]
+    server = serve(pair, timeout=0.5)
+    jobs = []
+    scheduler = server.app.state.server.scheduler
+    submit = scheduler.submit
+    scheduler.submit = lambda job: (jobs.append(job), submit(job))[1]
+    try:
+        response = post(server, "/chat/completions", {"model": MODEL, "messages": QUESTION, "max_tokens": 4,
+                                                      "method": method, **params})
+        assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
+        waited = time.monotonic() + 5
+        while scheduler.running:
+            assert time.monotonic() < waited, "the worker is still busy with a request past its deadline"
+            time.sleep(0.01)
+        late = [at for at in calls if at > jobs[0].deadline]
+        assert len(late) <= 1, f"{len(late)} layers ran after the deadline"
+        for handle in handles:
+            handle.remove()
+        handles = []
+        assert post(server, "/chat/completions", body("dense")).status_code == 200  # the worker is free
+    finally:
+        for handle in handles:
+            handle.remove()
+        server.stop()
+
+
+@pytest.mark.parametrize(("params", "limits", "param", "words"), [
+    ({"chunk": 1}, {}, "chunk", "probes (its chunk), more than this server's limit of 64 (--max-probes)"),
+    ({"instruction": "x" * 600}, {}, "instruction", "more than this server's limit of 512 (--max-guess-tokens)"),
+    ({"instruction": "x" * 1900}, {"max_guess_tokens": 4096}, "instruction",
+     "pass the target's context limit of 2048 tokens"),
+])
+def test_kvzip_probes_are_bounded_before_admission(pair, params, limits, param, words):
+    server = serve(pair, **limits)
+    calls = []
+    handles = [layer.register_forward_pre_hook(lambda *_: calls.append(1)) for layer in pair.target.model.model.layers]
+    try:
+        response = post(server, "/chat/completions", {"model": MODEL, "messages": QUESTION, "max_tokens": 4,
+                                                      "method": "kvzip", "budget": 48, **params})
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["param"] == param and words in error["message"], error
+        assert not calls  # refused before the model read anything
+    finally:
+        for handle in handles:
+            handle.remove()
+        server.stop()
+
+
+def test_the_library_refuses_kvzip_probes_past_the_context(pair):
+    import draftkv
+    from draftkv.errors import PromptError
+
+    with pytest.raises(PromptError, match="reads the prompt back in probes of up to .* instruction"):
+        draftkv.generate(pair, messages=QUESTION, method="kvzip", budget=48, instruction="x" * 1900,
+                         max_new_tokens=2)
+
+
+def test_a_huge_prompt_is_refused_by_its_length_before_any_tokenizer_reads_it(pair):
+    server = serve(pair, max_prompt_tokens=1000)
+    scheduler = server.app.state.server.scheduler
+    read: list[tuple[int, str]] = []  # (characters, thread) of each prompt the handlers' tokenizer read
+    tokenizer = scheduler.tokenizer
+    encode = tokenizer.apply_chat_template
+
+    def spy(messages, *args, **kwargs):
+        read.append((sum(len(m["content"]) for m in messages), threading.current_thread().name))
+        return encode(messages, *args, **kwargs)
+
+    tokenizer.apply_chat_template = spy
+    try:
+        huge = {"model": MODEL, "messages": [{"role": "user", "content": "word " * 4_000_000}], "max_tokens": 3}
+        with ThreadPoolExecutor(2) as pool:
+            refused = pool.submit(post, server, "/chat/completions", huge)
+            small = pool.submit(post, server, "/chat/completions", body("dense"))
+            assert small.result().status_code == 200
+            response = refused.result()
+        assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+        assert "20,000,000 characters, more than 1000 tokens can hold" in response.json()["error"]["message"]
+        assert all(characters < 1_000_000 for characters, _ in read)  # the huge prompt was never tokenized
+        # A prompt within the bound is counted by the handlers, not by the worker, and refused by its tokens.
+        long = {"model": MODEL, "messages": [{"role": "user", "content": long_context(1500)}], "max_tokens": 3}
+        response = post(server, "/chat/completions", long)
+        assert response.status_code == 400 and "tokens, more than this server's limit of 1000" in response.text
+        assert read and all(thread != "draftkv-worker" for _, thread in read)
+    finally:
+        server.stop()

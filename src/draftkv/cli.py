@@ -528,6 +528,7 @@ def serve(
     max_tokens: Annotated[int | None, _env("MAX_TOKENS", "New tokens for requests that give no max_tokens (default 256, or --max-tokens-limit if lower).", min=1)] = None,
     max_tokens_limit: Annotated[int | None, _env("MAX_TOKENS_LIMIT", "The most new tokens a request may ask for (default: what the context leaves).", min=1)] = None,
     max_guess_tokens: Annotated[int, _env("MAX_GUESS_TOKENS", "The longest guess a method may ask for: a draft lookahead or LAQ++'s pseudo_tokens.", min=1)] = 512,
+    max_probes: Annotated[int, _env("MAX_PROBES", "The most probes a method may read a prompt back in (KVzip: one per chunk).", min=1)] = 64,
     max_logprobs: Annotated[int, _env("MAX_LOGPROBS", "The most likeliest tokens a request may list per token (logprobs, top_logprobs).", min=0, max=20)] = 20,
     max_body_bytes: Annotated[str, _env("MAX_BODY_BYTES", "The largest request body, like 32MiB.")] = "32MiB",
     temperature: Annotated[float, _env("TEMPERATURE", "Temperature for requests that give none (0: greedy).", min=0)] = 0.0,
@@ -571,7 +572,7 @@ def serve(
             upstream=upstream, upstream_model=upstream_model, upstream_api_key=upstream_api_key,
             upstream_timeout=upstream_timeout, max_batch_size=max_batch_size, max_queue=max_queue,
             max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_tokens_limit=max_tokens_limit,
-            max_guess_tokens=max_guess_tokens, max_logprobs=max_logprobs, max_body_bytes=parse_bytes(max_body_bytes, "--max-body-bytes"),
+            max_guess_tokens=max_guess_tokens, max_probes=max_probes, max_logprobs=max_logprobs, max_body_bytes=parse_bytes(max_body_bytes, "--max-body-bytes"),
             api_key=api_key, allow_origins=tuple(allow_origin or ()), temperature=temperature, timeout=timeout,
             memory_limit=parse_bytes(memory_limit, "--memory-limit") if memory_limit else None)
         if upstream and speculate:

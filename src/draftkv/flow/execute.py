@@ -50,6 +50,7 @@ from .steps import (
     Observer,
     check_fits,
     check_guesses,
+    check_probes,
     eos_ids,
     probe,
     pseudo_answer,
@@ -157,11 +158,11 @@ def prepare_each(pair: ModelPair, requests: list[Request], methods: list[str | M
         costs = pair.call_costs
     consumers = [Consumer.of(get_method(m), lengths, [r.max_new_tokens for r in requests], kinds, answers,
                              speculate, speculator, pair.draft_cache, costs) for m in methods]
-    for consumer in consumers:  # the target's own guess (LAQ++'s pseudo-answer) is read at the prompt's end
-        if consumer.guess is not None:
-            for row in consumer.rows:
-                if row.drops_entries:
-                    check_fits(target.config, "target", row.prompt_length, consumer.guess.tokens)
+    for consumer in consumers:  # the target's own guess (LAQ++'s pseudo-answer) and probes are read at the prompt's end
+        for row in (row for row in consumer.rows if row.drops_entries):
+            if consumer.guess is not None:
+                check_fits(target.config, "target", row.prompt_length, consumer.guess.tokens)
+            check_probes(consumer.method, target.config, row.stage_length, pair.tokenizer)
 
     draft_clock = Clock(device, observer)
     # When only KV methods use the draft, the target's prefill does not wait for it: on CUDA the draft

@@ -20,7 +20,7 @@ from ..engine.cache import checkpoint, clone_cache, gathered_copy, new_cache, ne
 from ..engine.decoding import Accepted, DecodeSpec, decode, make_generators, takes_static, token_logprobs
 from ..engine.speculation import check_guess
 from ..errors import PromptError
-from ..methods import PseudoAnswer
+from ..methods import Method, PseudoAnswer
 from ..types import Request
 from .batch import DraftCache, DraftView, PaddedBatch, left_padded, lookahead_view
 from .select import DRAFT_WINDOW, row_mask, select_kv
@@ -82,6 +82,20 @@ def check_fits(config, role: str, prompt_length: int, extra_tokens: int) -> None
             f"the prompt has {prompt_length} tokens and {extra_tokens} more are asked for, past the {role}'s "
             f"context limit of {limit} tokens; shorten the context or ask for fewer new tokens"
         )
+
+
+def check_probes(method: Method, config, prompt_length: int, tokenizer) -> list[tuple[int, int]]:
+    """The probes `method` reads after the target's prefill (KVzip's reconstruction), each checked to fit
+    the target's context beside the prompt; returns them as (tokens added, tokens repeated)."""
+    probes = method.reading_probes(prompt_length, tokenizer)
+    longest = max((added + repeated for added, repeated in probes), default=0)
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if limit is not None and prompt_length + longest > limit:
+        raise PromptError(
+            f"method {method.name} reads the prompt back in probes of up to {longest} tokens (its instruction "
+            f"or hint and a chunk), which with the prompt's {prompt_length} pass the target's context limit of "
+            f"{limit} tokens; give a smaller chunk or a shorter instruction, or shorten the context")
+    return probes
 
 
 # Logits per LM-head chunk: 2**24 floats is 64 MiB, a fraction of a long prompt's prefill peak.

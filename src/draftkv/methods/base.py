@@ -128,6 +128,12 @@ class Method:
         lookahead is the guess, if the method asks for one."""
         return None
 
+    def reading_probes(self, prompt_length: int, tokenizer: Any) -> list[tuple[int, int]]:
+        """The probes the target reads after its prefill to score a prompt of `prompt_length` tokens, as
+        (tokens the method adds, tokens of the prompt repeated) per probe: what limits on compute and
+        context count (KVzip's reconstruction). None for most methods."""
+        return []
+
     @property
     def evict_every(self) -> int:
         """Decode-time eviction: every this many new tokens, the cache is cut back to the budget (0: never)."""

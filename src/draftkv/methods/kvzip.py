@@ -14,7 +14,7 @@ The cost is a second read of the context by the target, shown as the `reconstruc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import ConfigError
 from .base import SinkKVMethod, check_int, param
@@ -42,6 +42,19 @@ class Reconstruction:
     def decode_collector(self) -> None:
         """Reconstruction reads the context, not the answer: nothing to score while decoding."""
         return None
+
+    def probes(self, prompt_length: int, tokenizer: Any) -> list[tuple[int, int]]:
+        """(instruction or hint with the template's tail, chunk) tokens of each probe, for a prompt of
+        `prompt_length` tokens (its content is at most that long)."""
+        from ..prompt import template_tail
+
+        def count(text: str) -> int:
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        tail = count(template_tail(tokenizer))
+        first, later = count(self.instruction) + tail, count(self.hint) + self.hint_tokens + tail
+        return [(first if start == 0 else later, min(self.chunk, prompt_length - start))
+                for start in range(0, prompt_length, self.chunk)]
 
     def scores(self, collected: None, reading: TargetReading) -> list[torch.Tensor]:
         from ..engine.attention import SpanCollector
@@ -101,3 +114,6 @@ class KVzip(SinkKVMethod):
     def kv_scorer(self) -> Reconstruction:
         return Reconstruction(self.window, self.sink, self.instruction, self.hint, self.hint_tokens, self.chunk,
                               self.reduction)
+
+    def reading_probes(self, prompt_length: int, tokenizer: Any) -> list[tuple[int, int]]:
+        return self.kv_scorer().probes(prompt_length, tokenizer)

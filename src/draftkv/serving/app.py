@@ -225,7 +225,8 @@ class Server:
             check_proxy_method(self.method_for(None, {}))
         else:
             self.method_for(None, {})  # fail at start on a bad server-wide method
-        limits = Limits(settings.max_prompt_tokens, settings.max_tokens_limit, settings.max_guess_tokens)
+        limits = Limits(settings.max_prompt_tokens, settings.max_tokens_limit, settings.max_guess_tokens,
+                        settings.max_probes)
         self.scheduler = Scheduler(pair, run_proxy if settings.proxy else run_local,
                                    max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                                    limits=limits, memory_limit=settings.memory_limit)
@@ -322,9 +323,12 @@ class Server:
 
     # ---- waiting for the worker ----
 
-    def submit(self, request: DraftRequest, method: Method, request_id: str) -> Job:
-        job = Job(request, method, asyncio.get_running_loop(), time.monotonic() + self.settings.timeout,
-                  request_id=request_id)
+    async def submit(self, request: DraftRequest, method: Method, request_id: str) -> Job:
+        """Queue a request for the worker, its prompt counted first here, in a thread of its own: a long
+        prompt is tokenized (or refused by its length) without holding up the worker or the event loop."""
+        deadline = time.monotonic() + self.settings.timeout
+        tokens = await asyncio.to_thread(self.scheduler.count_tokens, request)
+        job = Job(request, method, asyncio.get_running_loop(), deadline, request_id=request_id, prompt_tokens=tokens)
         self.scheduler.submit(job)
         return job
 
@@ -385,7 +389,7 @@ class Server:
         request, method = self.draft_request(parsed)
         trace.method = method.name
         chat = isinstance(parsed, ChatRequest)
-        job = self.submit(request, method, trace.request_id)
+        job = await self.submit(request, method, trace.request_id)
         echo = not chat and parsed.echo
         if echo and request.logprobs is not None:
             job.prompt_logprobs = request.logprobs
@@ -468,7 +472,7 @@ class Server:
             body["model"] = self.settings.upstream_model
         compressed: CompressedPrompt | None = None
         if method.compresses_prompt or method.compresses_kv:
-            job = self.submit(request, method, trace.request_id)
+            job = await self.submit(request, method, trace.request_id)
             await self.admitted(job, http, trace)
             _, compressed = await self.next_event(job, http)
             if chat:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,8 +28,8 @@ import torch
 
 from ..compress import compress_prompts
 from ..engine.speculation import AUTO_MOST
-from ..errors import DraftKVError
-from ..flow import Consumer, LayerKinds, Observer, StageEvent, check_fits, run
+from ..errors import DraftKVError, PromptError
+from ..flow import Consumer, LayerKinds, Observer, StageEvent, check_fits, check_probes, run
 from ..likelihood import Scored, score_continuations
 from ..methods import Method, names
 from ..prompt import encode_prompt
@@ -53,7 +54,8 @@ class Job:
     request_id: str = "-"  # in its response, its log line and the server's log of its failure
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # counted by the handler, before the job is queued (0: the worker counts them)
+    admitted: bool = False
     memory: int = 0  # estimated bytes while it runs
     prompt_logprobs: int | None = None  # echo with logprobs: score the prompt's own tokens (this many likeliest)
     prompt_scores: tuple[list[int], Scored] | None = None  # the prompt's ids and their scores, set before "done"
@@ -146,14 +148,57 @@ class Limits:
     max_prompt_tokens: int | None = None  # the longest prompt (None: the model's context)
     max_new_tokens: int | None = None  # the most new tokens (None: what the context leaves)
     max_guess_tokens: int = 512  # the longest guess: the draft's lookahead or the target's pseudo-answer
+    max_probes: int = 64  # the most probes a method may read the prompt back in (KVzip's chunks)
 
 
 Hook = Callable[[StageEvent, list[Job]], None]
 
 
-def observing(hook: Hook | None, jobs: list[Job]) -> Observer | None:
-    """The flow's observer for a batch of jobs: the hook hears each stage with the jobs it runs for."""
-    return (lambda event: hook(event, jobs)) if hook is not None else None
+class Stopped(Exception):
+    """Every request of the running batch was given up (its client left, or its time ran out)."""
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks a forward pass runs one after another (the model itself when it names none)."""
+    try:
+        layers = model.get_decoder().layers
+    except AttributeError:
+        return [model]
+    return list(layers) if len(layers) else [model]
+
+
+@dataclass
+class Watch:
+    """The worker's view of a batch as the flow runs it: the hook hears each stage with the batch's
+    jobs, and once every job is stopped, the next model layer to run before decoding raises Stopped, so
+    a long stage (a long prefill, KVzip's reconstruction, a lookahead) frees the worker within one
+    layer's time. Decoding stops row by row at its next token instead, with the text sent so far."""
+
+    jobs: list[Job]
+    hook: Hook | None = None
+    stage: str = ""
+
+    def observe(self, event: StageEvent) -> None:
+        if event.event == "start" and event.stage != "stream":  # text streams while decoding
+            self.stage = event.stage
+        if self.hook is not None:
+            self.hook(event, self.jobs)
+
+    def check(self, _module: torch.nn.Module, _args: Any) -> None:
+        if self.stage != "decode" and all(job.stopped for job in self.jobs):
+            raise Stopped
+
+    @contextlib.contextmanager
+    def layers_of(self, pair: ModelPair) -> Iterator[None]:
+        """The stop check on every layer of the pair's models while the batch runs."""
+        models = {id(m): m for m in (pair.target.model, pair.draft.model if pair.draft else None) if m is not None}
+        handles = [layer.register_forward_pre_hook(self.check)
+                   for model in models.values() for layer in decoder_layers(model)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 class Scheduler:
@@ -172,6 +217,10 @@ class Scheduler:
         limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.context_limit = limit
         self.max_prompt_tokens = min(filter(None, [limits.max_prompt_tokens, limit]), default=None)
+        # The handlers' own tokenizer (a fast tokenizer is not to be used from two threads at once) and the
+        # most characters one token covers, which bounds a prompt's tokens from its characters.
+        self.tokenizer, self.tokenizing = copy.deepcopy(pair.tokenizer), threading.Lock()
+        self.longest_token = max(map(len, pair.tokenizer.get_vocab()), default=1)
         # A fixed budget for the memory of running requests: the given limit, or 90% of what is free
         # once the models are loaded.
         self.memory_limit = memory_limit if memory_limit is not None else int(0.9 * free_memory(model.device))
@@ -228,15 +277,8 @@ class Scheduler:
         ServeError when it cannot run."""
         if self.hook is not None:
             self.hook(StageEvent("admit", "start"), [job])
-        try:
-            n = len(encode_prompt(self.pair.tokenizer, job.request).ids)
-        except DraftKVError as error:
-            raise ServeError(400, str(error), code="invalid_prompt") from None
-        job.prompt_tokens = n
+        n = job.prompt_tokens = job.prompt_tokens or self.count_tokens(job.request)
         asked = job.request.max_new_tokens
-        if self.max_prompt_tokens is not None and n > self.max_prompt_tokens:
-            raise ServeError(400, f"the prompt has {n} tokens, more than this server's limit of "
-                             f"{self.max_prompt_tokens}; shorten it", param="messages", code="context_length_exceeded")
         if self.context_limit is not None and n + asked > self.context_limit:
             raise ServeError(400, f"the prompt has {n} tokens and max_tokens asks for {asked} more, past the model's "
                              f"context of {self.context_limit} tokens; shorten the prompt or lower max_tokens",
@@ -244,6 +286,7 @@ class Scheduler:
         try:
             guess = job.method.guess(asked)  # asked of the method, whether or not this prompt needs it
             self.check_guess(job.method, n, job.method.draft_lookahead(asked), guess.tokens if guess else 0)
+            self.check_probes(job.method, n)
             speculate = job.request.speculate if job.request.speculate is not None else self.pair.speculate
             job.memory = estimate_bytes(self.pair, job.method, n, asked, speculate)
         except DraftKVError as error:  # a budget or a guess that does not fit this prompt
@@ -253,6 +296,32 @@ class Scheduler:
                              f"{asked} new, method {job.method.name}), more than the {self.memory_limit / 2**20:.0f} "
                              "MiB this server may use; use a prompt method with a smaller budget or a shorter "
                              "prompt", code="insufficient_memory")
+
+    def count_tokens(self, request: Request) -> int:
+        """The prompt's length in tokens, checked against the limit; safe to call from any thread (the
+        request handlers count beside the worker, on a tokenizer of their own). A prompt whose characters
+        alone are more than the limit's tokens can hold is refused before the tokenizer reads it."""
+        limit = self.max_prompt_tokens
+        if request.prompt_ids is not None:
+            n = len(request.prompt_ids)
+        else:
+            texts = [request.context or "", request.question or "", request.system or "", request.answer_prefix or "",
+                     *(str(message.get("content") or "") for message in request.messages or [])]
+            characters = sum(len(text) for text in texts)
+            if limit is not None and characters > limit * self.longest_token:
+                raise ServeError(400, f"the prompt has {characters:,} characters, more than {limit} tokens can hold "
+                                 f"(this server's limit; no token of this model is longer than "
+                                 f"{self.longest_token} characters); shorten it", param="messages",
+                                 code="context_length_exceeded")
+            try:
+                with self.tokenizing:
+                    n = len(encode_prompt(self.tokenizer, request).ids)
+            except DraftKVError as error:
+                raise ServeError(400, str(error), code="invalid_prompt") from None
+        if limit is not None and n > limit:
+            raise ServeError(400, f"the prompt has {n} tokens, more than this server's limit of {limit}; shorten it",
+                             param="messages", code="context_length_exceeded")
+        return n
 
     def check_guess(self, method: Method, prompt_tokens: int, lookahead: int, pseudo_answer: int) -> None:
         """The guess a method asks for (the draft's lookahead, the target's pseudo-answer) buys compute:
@@ -266,6 +335,27 @@ class Scheduler:
             check_fits(self.pair.draft.model.config, "draft", prompt_tokens, lookahead)
         if pseudo_answer:
             check_fits(self.pair.target.model.config, "target", prompt_tokens, pseudo_answer)
+
+    def check_probes(self, method: Method, prompt_tokens: int) -> None:
+        """The probes a method reads the prompt back in (KVzip's reconstruction) buy compute too: their
+        number, and the tokens each adds, are bounded by this server's limits, and each fits the context."""
+        probes = method.reading_probes(prompt_tokens, self.pair.tokenizer)
+        if len(probes) > self.limits.max_probes:
+            raise ServeError(400, f"method {method.name} would read this {prompt_tokens}-token prompt back in "
+                             f"{len(probes)} probes (its chunk), more than this server's limit of "
+                             f"{self.limits.max_probes} (--max-probes); give a larger chunk", param="chunk",
+                             code="invalid_parameter")
+        added = max((tokens for tokens, _ in probes), default=0)
+        if added > self.limits.max_guess_tokens:
+            raise ServeError(400, f"method {method.name} asks each probe with {added} tokens (its instruction or "
+                             f"hint), more than this server's limit of {self.limits.max_guess_tokens} "
+                             "(--max-guess-tokens); give a shorter one", param="instruction", code="invalid_parameter")
+        try:
+            check_probes(method, self.pair.target.model.config, prompt_tokens, self.pair.tokenizer)
+        except PromptError as error:
+            longest = max(probes, key=sum)
+            raise ServeError(400, str(error), param="instruction" if longest[0] > longest[1] else "chunk",
+                             code="context_length_exceeded") from None
 
     def next_batch(self) -> list[Job]:
         """The first admitted request and the queued ones that can share its batch and fit beside it."""
@@ -282,7 +372,7 @@ class Scheduler:
                 self.queue.remove(job)
                 if job.stopped:
                     continue  # its client left, or its time ran out, while it waited
-                if not job.prompt_tokens:
+                if not job.admitted:
                     try:
                         self.admit(job)
                     except ServeError as error:
@@ -291,6 +381,7 @@ class Scheduler:
                     except Exception as error:  # a fault while admitting fails this request alone
                         job.emit("error", ServeError.internal(job.request_id, error))
                         continue
+                    job.admitted = True
                     job.emit("admitted", job.prompt_tokens)
                 if batch and memory + job.memory > self.memory_limit:
                     self.queue.appendleft(job)  # admitted; runs in a later batch
@@ -324,6 +415,11 @@ def run_batch(work: Callable[[list[Job]], list[Any]], batch: list[Job]) -> None:
     an error; the others get the answers they would have had alone."""
     try:
         results = work(batch)
+    except Stopped:  # nobody waits for these answers: no retry
+        for job in batch:
+            job.emit("error", ServeError(504, "the request was stopped: its time ran out or its client left",
+                                         code="timeout"))
+        return
     except Exception as error:  # each failure is answered below; the worker goes on
         if len(batch) > 1:
             for job in batch:
@@ -359,9 +455,10 @@ def run_local(pair: ModelPair, batch: list[Job], hook: Hook | None = None) -> No
     """Local mode: the target answers the batch, streaming each row's text to its job. A job that echoes
     its prompt with logprobs gets the prompt's own token scores: the dense model's, one more pass over it."""
     def work(jobs: list[Job]) -> list[Any]:
-        observer = observing(hook, jobs)
-        results = run(pair, [job.request for job in jobs], [jobs[0].method], observer=observer,
-                      on_text=streamer(jobs, observer), cancelled=lambda row: jobs[row].stopped)[0]
+        watch = Watch(jobs, hook)
+        with watch.layers_of(pair):
+            results = run(pair, [job.request for job in jobs], [jobs[0].method], observer=watch.observe,
+                          on_text=streamer(jobs, watch.observe), cancelled=lambda row: jobs[row].stopped)[0]
         for job in jobs:
             if job.prompt_logprobs is not None:
                 ids = encode_prompt(pair.tokenizer, job.request).ids
@@ -375,8 +472,12 @@ def run_local(pair: ModelPair, batch: list[Job], hook: Hook | None = None) -> No
 
 def run_proxy(pair: ModelPair, batch: list[Job], hook: Hook | None = None) -> None:
     """Proxy mode: the draft compresses the batch's prompts; the handlers forward them upstream."""
-    run_batch(lambda jobs: compress_prompts(pair, [job.request for job in jobs], jobs[0].method,
-                                            observer=observing(hook, jobs)), batch)
+    def work(jobs: list[Job]) -> list[Any]:
+        watch = Watch(jobs, hook)
+        with watch.layers_of(pair):
+            return compress_prompts(pair, [job.request for job in jobs], jobs[0].method, observer=watch.observe)
+
+    run_batch(work, batch)
 
 
 def check_proxy_method(method: Method) -> None:

@@ -33,6 +33,7 @@ class ServeSettings:
     max_tokens: int | None = None  # for requests that give no max_tokens (None: 256, or max_tokens_limit if lower)
     max_tokens_limit: int | None = None  # the most new tokens a request may ask for (default: the context's room)
     max_guess_tokens: int = 512  # the longest guess a method may ask for (draft lookahead, LAQ++'s pseudo-answer)
+    max_probes: int = 64  # the most probes a method may read the prompt back in (KVzip: one per chunk)
     max_logprobs: int = 20  # the most likeliest tokens listed per token
     max_body_bytes: int = 32 * 2**20  # the largest request body
     temperature: float = 0.0  # for requests that give none (0: greedy, reproducible)
@@ -40,7 +41,7 @@ class ServeSettings:
     memory_limit: int | None = None  # bytes running requests may use (default: 90% of free memory)
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_queue", "max_guess_tokens", "max_body_bytes"):
+        for name in ("max_batch_size", "max_queue", "max_guess_tokens", "max_probes", "max_body_bytes"):
             check_setting(name, getattr(self, name), "a whole number >= 1", lambda v: is_int(v) and v >= 1)
         for name in ("max_prompt_tokens", "max_tokens", "max_tokens_limit", "memory_limit"):
             check_setting(name, getattr(self, name), "a whole number >= 1, or unset",
