@@ -306,6 +306,10 @@ def nested(depth: int) -> list:
     ({"model": MODEL, "messages": MESSAGES, "seed": 2**70}, 400, "invalid_value", "seed:"),
     ({"model": MODEL, "messages": MESSAGES, "seed": -(2**63) - 1}, 400, "invalid_value", "seed:"),
     (b"[" * 5000 + b"]" * 5000, 400, "invalid_json", "nested more than 32"),
+    (b'{"model": "tiny", "seed": ' + b"7" * 5000 + b"}", 400, "invalid_value", "an integer of 5,000 digits"),
+    (b'{"model": "tiny", "temperature": NaN}', 400, "invalid_json", "holds NaN, which is not JSON"),
+    (b'{"model": "tiny", "top_p": -Infinity}', 400, "invalid_json", "holds -Infinity"),
+    (b'{"model": "tiny", "\\ud800x": 1}', 400, "invalid_value", "\\ud800x holds '\\ud800' at character 0"),
     (b'{"model": "tiny", "x": ' + b"[" * 100000 + b"]" * 100000 + b"}", 400, "invalid_json", "nested more than 32"),
     ({"model": MODEL, "messages": MESSAGES, "metadata": nested(40)},
      400, "invalid_json", "nested more than 32 levels deep (at metadata"),
@@ -603,6 +607,9 @@ UPSTREAM_REPLIES = {  # what a broken upstream sends, by the model the request n
     "usage": (200, b'{"choices": [], "usage": "lots"}', "its usage is not an object of token counts"),
     "choices": (200, b'{"choices": "many"}', "its choices are not a list of objects"),
     "redirect": (302, b"", "answered 302, a redirect to 'http://elsewhere/v1/chat/completions', which is not followed"),
+    "nan": (200, b'{"choices": [], "usage": {"prompt_tokens": NaN}}', "it holds NaN, which is not JSON"),
+    "surrogate": (200, b'{"choices": [{"index": 0, "message": {"content": "\\ud800"}}]}',
+                  "it holds text that is not valid Unicode"),
 }
 STREAM_REPLIES = {
     "bad-chunk": (b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\ndata: [1, 2]\n\n',
@@ -775,3 +782,12 @@ def test_the_serve_command_refuses_a_port_in_use(tmp_path):
         port = taken.getsockname()[1]
         result = CliRunner().invoke(app, ["serve", "--target", str(tmp_path / "missing"), "--port", str(port)])
     assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in " ".join(result.stderr.split())
+
+
+def test_a_temperature_too_small_to_divide_by_decodes_greedily(live):
+    greedy = post(live, "/chat/completions", {"model": MODEL, "messages": MESSAGES, "max_tokens": 6})
+    for temperature in (1e-300, 5e-324, 1e-45, 9e-6):
+        sampled = post(live, "/chat/completions", {"model": MODEL, "messages": MESSAGES, "max_tokens": 6,
+                                                   "temperature": temperature, "seed": 1})
+        assert sampled.status_code == 200, sampled.text
+        assert sampled.json()["choices"][0]["message"]["content"] == greedy.json()["choices"][0]["message"]["content"]

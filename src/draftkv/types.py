@@ -49,9 +49,12 @@ def check_messages(messages: object) -> None:
         check_text(f"messages[{index}]['content']", message.get("content", ""))
 
 
+GREEDY_BELOW = 1e-5  # a temperature below this is greedy decoding
+
+
 @dataclass(frozen=True)
 class Sampling:
-    """How the next token is picked. temperature 0 is greedy decoding."""
+    """How the next token is picked. temperature 0 (or below GREEDY_BELOW) is greedy decoding."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -71,7 +74,9 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperatures below GREEDY_BELOW pick the likeliest token: dividing logits by them would overflow
+        to inf and nan, and what they sample from is the likeliest token anyway."""
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass

@@ -642,6 +642,11 @@ def upstream_refusal(url: str, response: httpx.Response) -> ServeError:
     return ServeError(status, f"the upstream answered {response.status_code}: {message}", code="upstream_error")
 
 
+def refuse_constant(constant: str) -> float:
+    """NaN and Infinity: Python's JSON reader takes them, JSON does not."""
+    raise ValueError(constant)
+
+
 def upstream_object(url: str, content: bytes, what: str) -> dict:
     """An upstream's response or stream chunk, checked to be an OpenAI completion object; anything else
     is a 502 that says what the upstream sent."""
@@ -651,9 +656,13 @@ def upstream_object(url: str, content: bytes, what: str) -> dict:
                           f"(it began {shown!r})", code="upstream_error")
 
     try:
-        data = json.loads(content)
-    except (ValueError, RecursionError):
-        raise bad("not JSON" if content.strip() else "it was empty") from None
+        data = json.loads(content, parse_constant=refuse_constant)
+        json.dumps(data, ensure_ascii=False).encode("utf-8")  # what is passed on must render again
+    except (ValueError, RecursionError, UnicodeEncodeError) as error:
+        reason = ("it holds text that is not valid Unicode" if isinstance(error, UnicodeEncodeError)
+                  else f"it holds {error}, which is not JSON" if str(error) in ("NaN", "Infinity", "-Infinity")
+                  else "not JSON" if content.strip() else "it was empty")
+        raise bad(reason) from None
     if not isinstance(data, dict):
         raise bad(f"a JSON {type(data).__name__}, not an object")
     if not isinstance(data.get("choices", []), list) or not all(isinstance(c, dict) for c in data.get("choices", [])):

@@ -32,6 +32,7 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
 }
 DRAFTKV_FIELDS = {"method", "budget", "prompt_budget", "compression_ratio", "inspect"}
 MAX_DEPTH = 32  # nesting of objects and lists in a request body (OpenAI's requests need 5)
+MAX_DIGITS = 40  # digits of an integer in a request body (a seed takes 20)
 
 
 class ServeError(Exception):
@@ -45,8 +46,11 @@ class ServeError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict:
+        """The error's JSON; text it echoes from the request (a key holding a lone surrogate) is escaped,
+        so the answer itself is always valid UTF-8."""
         kind = self.TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+        return {"error": {"message": escaped(self.message), "type": kind,
+                          "param": escaped(self.param) if self.param is not None else None, "code": self.code}}
 
     @classmethod
     def internal(cls, request_id: str, error: BaseException) -> ServeError:
@@ -170,7 +174,7 @@ class CompletionRequest(Common):
 def parse(model: type[Common], raw: bytes) -> tuple[Common, dict]:
     """A request from its JSON body (and the body as read), or a ServeError that says what is wrong."""
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_int=whole_number, parse_constant=not_json)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ServeError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from None
     except RecursionError:
@@ -211,6 +215,25 @@ def check_values(body: dict) -> None:
                 stack.append((item, where, depth + 1))
         elif isinstance(value, str):
             check_unicode(value, path)
+
+
+def escaped(text: str) -> str:
+    """`text` with anything that is not a character (a lone surrogate) written as its escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def whole_number(digits: str) -> int:
+    """A JSON integer, refused before Python parses it when it has more digits than any field takes (a
+    seed needs 20): a number of thousands of digits would take Python's integer parser past its limit."""
+    if len(digits.lstrip("-")) > MAX_DIGITS:
+        raise ServeError(400, f"the request body holds an integer of {len(digits.lstrip('-')):,} digits; no field "
+                         f"takes more than {MAX_DIGITS}", code="invalid_value")
+    return int(digits)
+
+
+def not_json(constant: str) -> float:
+    raise ServeError(400, f"the request body holds {constant}, which is not JSON (numbers are finite)",
+                     code="invalid_json")
 
 
 def check_unicode(text: str, where: str) -> None:
