@@ -171,6 +171,7 @@ def render(page: Path, tmp_path: Path, screenshot: Path | None = None) -> Render
                          timeout=120).stdout
     parsed = Rendered()
     parsed.feed(dom)
+    parsed.dom = dom
     return parsed
 
 
@@ -199,3 +200,49 @@ def test_a_browser_renders_what_each_method_kept(inspected, tmp_path):
             assert view.answer.strip() in shown
             if view.guess:
                 assert view.guess.strip()[:20] in shown
+
+
+PAYLOADS = ["<!--<script>", "</script><script>document.body.remove()</script>", "__DATA__", "a\u2028b\u2029c",
+            "&lt;b&gt; & <b>", "]]></x>"]
+
+
+@pytest.mark.skipif(BROWSER is None and not os.environ.get("DRAFTKV_REQUIRE_BROWSER"),
+                    reason="no Chromium here (CI installs it and sets DRAFTKV_REQUIRE_BROWSER)")
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_no_text_can_break_the_page(inspected, tmp_path, payload):
+    """The payload in the question, a prompt token (the context, the system prompt and the answer prefix are
+    tokens of the prompt) and an answer: the page still shows its views, and the text as written."""
+    import dataclasses
+    import html
+
+    *_, inspection = inspected
+    tokens = [payload, *inspection.tokens[1:]]
+    views = [dataclasses.replace(view, answer=f"{payload} {view.answer}") for view in inspection.views[:2]]
+    page = draftkv.Inspection(tokens, inspection.question_start, f"{payload} {QUESTION}", views)
+    rendered = render(page.write(tmp_path / "page.html"), tmp_path)
+    assert [p["method"] for p in rendered.panels] == [v.label for v in views]
+    assert all(len(panel["tokens"]) == len(tokens) for panel in rendered.panels)
+    for panel, view in zip(rendered.panels, views, strict=True):
+        assert view.answer.strip() in "".join(panel["text"])
+    title = re.search(r"<title>(.*?)</title>", rendered.dom, re.S).group(1)
+    assert html.unescape(title) == f"draftkv inspect: {payload} {QUESTION}"[:len("draftkv inspect: ") + 80]
+    assert rendered.dom.count(html.escape(payload, quote=False)) >= 3  # a token, the question's title, answers
+
+
+def test_inspect_needs_a_method_and_a_failed_write_leaves_no_page(inspected, tmp_path, monkeypatch):
+    pair, context, _, inspection = inspected
+    with pytest.raises(draftkv.ConfigError, match="at least one method"):
+        draftkv.inspect(pair, context, QUESTION, [])
+    (tmp_path / "page.html").write_text("the page of an earlier run")
+    real = Path.write_text
+
+    def full_disk(self, text, *args, **kwargs):
+        real(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        inspection.write(tmp_path / "page.html")
+    monkeypatch.undo()
+    assert (tmp_path / "page.html").read_text() == "the page of an earlier run"  # untouched, and no partial file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["page.html"]

@@ -4,13 +4,14 @@ guess, its answer and its stats; written as one self-contained HTML page (`draft
 
 from __future__ import annotations
 
-import html
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import ConfigError
 from .methods import get_method
 from .prompt import encode_prompt
 from .types import Request
@@ -70,14 +71,25 @@ class Inspection:
                    [view_of(method, pair, result, None, len(prompt.ids))])
 
     def to_html(self) -> str:
-        """One page with everything inline (no network): opens from a file."""
+        """One page with everything inline (no network): opens from a file. The data goes in as JSON with
+        every character that HTML reads inside a script (<, >, &, and the line separators) escaped, so no
+        text of the prompt can end the script or comment it out; the page sets its title from the data."""
         page = resources.files("draftkv").joinpath("inspect.html").read_text(encoding="utf-8")
-        data = json.dumps(self.to_dict(), separators=(",", ":")).replace("</", "<\\/")
-        return page.replace("__TITLE__", html.escape(f"draftkv inspect: {self.question[:80]}")).replace("__DATA__", data)
+        data = json.dumps(self.to_dict(), separators=(",", ":"))
+        for character in "<>&\u2028\u2029":
+            data = data.replace(character, f"\\u{ord(character):04x}")
+        before, _, after = page.partition("__DATA__")
+        return before + data + after
 
     def write(self, path: str | Path) -> Path:
+        """Write the page whole or not at all: it goes to a file beside `path`, renamed into place once written."""
         path = Path(path)
-        path.write_text(self.to_html(), encoding="utf-8")
+        partial = path.with_name(f".{path.name}.partial")
+        try:
+            partial.write_text(self.to_html(), encoding="utf-8")
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
         return path
 
 
@@ -88,6 +100,8 @@ def inspect(pair: ModelPair, context: str, question: str, methods: list[str | Me
     starts the assistant's turn (as RULER's prompts do)."""
     from .flow import finish, prepare_each
 
+    if not methods:
+        raise ConfigError("inspect needs at least one method to show, e.g. ['dense', 'speckv']")
     chosen = [get_method(method) for method in methods]
     request = Request(context=context, question=question, system=system, max_new_tokens=max_new_tokens,
                       chat_template=chat_template, answer_prefix=answer_prefix)
