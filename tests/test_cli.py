@@ -179,6 +179,13 @@ def test_query_agnostic_answers_several_questions(folders):
     assert [a["token_ids"] for a in answers] == [shared.ask(q, max_new_tokens=8).token_ids for q in
                                                  (QUESTION, "who is on monday?")]
     assert "query-agnostic" in answers[0]["stats"]["note"]
+    sampled = invoke(folders, "--context-file", folders["context"], "--method", "snapkv", "--budget", "64",
+                     "--window", "8", "--ask", QUESTION, "--temperature", "1.2", "--seed", "5", "--stop", "zz",
+                     "--json")
+    assert sampled.exit_code == 0, sampled.output
+    assert json.loads(sampled.stdout)["token_ids"] == shared.ask(
+        QUESTION, max_new_tokens=8, temperature=1.2, seed=5, stop="zz").token_ids  # --temperature, --seed, --stop
+    assert json.loads(sampled.stdout)["token_ids"] != answers[0]["token_ids"]  # sampled, not greedy
 
 
 def no_models(monkeypatch):
@@ -240,6 +247,7 @@ BAD_GENERATE = [
     (["-q", QUESTION, "--temperature", "-1"], "temperature must be a number >= 0"),
     (["-q", QUESTION, "--top-p", "2"], "top_p must be a number in (0, 1]"),
     (["--ask", ""], "an --ask question is empty"),
+    (["--ask", "who?", "--speculate", "4"], "--speculate does not apply with --ask"),
     (["--context", " "], "the prompt is empty"),
     (["-q", QUESTION, "--decode", "graph"], "decode backend 'graph' is not one of auto,"),
     (["-q", QUESTION, "--method", "snapkv", "--compression-ratio", "1.5"], "compression_ratio must be a number"),

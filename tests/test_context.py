@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from tiny import long_context
 
 from draftkv.context import compress_context
-from draftkv.errors import PromptError
+from draftkv.errors import ConfigError, PromptError
 
 CONTEXT = long_context(280, seed=11)
 QUESTIONS = ["what is the magic number?", "who is on monday?", "where is the launch?"]
@@ -52,6 +54,27 @@ def test_bad_input(qwen_pair):
     shared = compress_context(qwen_pair, CONTEXT, method="snapkv", budget=64, window=8)
     with pytest.raises(PromptError, match="question is empty"):
         shared.ask("")
+    for given, words in [({"max_new_tokens": 0}, "max_new_tokens must be an int >= 1"),
+                         ({"max_new_tokens": -3}, "max_new_tokens must be an int >= 1"),
+                         ({"max_new_tokens": "4"}, "max_new_tokens must be an int >= 1, got '4'"),
+                         ({"stop": [5]}, "stop must be a string or a list of strings"),
+                         ({"temperature": "hot"}, "temperature must be a number"),
+                         ({"seed": 2**70}, "seed must be an int"),
+                         ({"on_text": "print"}, "on_text must be a function")]:
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            shared.ask(QUESTIONS[0], **given)
+
+
+def test_ask_honours_stop_strings_and_sampling_as_generate_does(qwen_pair):
+    shared = compress_context(qwen_pair, CONTEXT, method="snapkv", budget=64, window=8, max_new_tokens=12)
+    whole = shared.ask(QUESTIONS[0], max_new_tokens=12)
+    cut = whole.text[3:6]  # a stop string of several characters, met inside the answer
+    stopped = shared.ask(QUESTIONS[0], max_new_tokens=12, stop=cut)
+    assert stopped.finish_reason == "stop" and stopped.text == whole.text[:whole.text.index(cut)]
+    first, again = (shared.ask(QUESTIONS[0], max_new_tokens=12, temperature=1.5, seed=3) for _ in range(2))
+    other = shared.ask(QUESTIONS[0], max_new_tokens=12, temperature=1.5, seed=4)
+    assert first.token_ids == again.token_ids and len({tuple(first.token_ids), tuple(other.token_ids),
+                                                       tuple(whole.token_ids)}) > 1
 
 
 def test_both_ragged_layouts_answer_alike(qwen_pair):

@@ -511,7 +511,7 @@ def test_a_huge_prompt_is_refused_by_its_length_before_any_tokenizer_reads_it(pa
             assert small.result().status_code == 200
             response = refused.result()
         assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
-        assert "20,000,000 characters, more than 1000 tokens can hold" in response.json()["error"]["message"]
+        assert "20,000,000 characters, more than this server's limit of 1000 tokens can hold" in response.json()["error"]["message"]
         assert all(characters < 1_000_000 for characters, _ in read)  # the huge prompt was never tokenized
         # A prompt within the bound is counted by the handlers, not by the worker, and refused by its tokens.
         long = {"model": MODEL, "messages": [{"role": "user", "content": long_context(1500)}], "max_tokens": 3}

@@ -13,6 +13,7 @@ from test_checked_guess import near_pair, requests
 from tiny import long_context, make_model, make_tokenizer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+import draftkv
 from draftkv import METHODS
 from draftkv.engine.attention import few_queries, stacked_sdpa
 from draftkv.engine.cache import new_cache
@@ -74,6 +75,15 @@ def test_dense_speculation_accepts_proposals_and_saves_target_calls(near):
     assert len(calls) == 1 + sped.stats.speculation_rounds + (sped.stats.new_tokens - 1 - sped.stats.speculation_rounds
                                                               - sped.stats.accepted_proposals)
     assert len(calls) < sped.stats.new_tokens
+
+
+def test_generate_takes_speculate_as_a_request_does(near):
+    request = requests(1, new_tokens=24)[0]
+    plain = draftkv.generate(near, request.context, request.question, max_new_tokens=24)
+    sped = draftkv.generate(near, request.context, request.question, max_new_tokens=24, speculate=4)
+    assert sped.token_ids == plain.token_ids and sped.stats.proposed_tokens > 0 == plain.stats.proposed_tokens
+    with pytest.raises(ConfigError, match="speculate must be None, 'auto' or a whole number"):
+        draftkv.generate(near, request.context, request.question, speculate=-1)
 
 
 @pytest.mark.parametrize("name", ["dense", "snapkv", "speckv", "ada-speckv", "specpc"])

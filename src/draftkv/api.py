@@ -60,11 +60,13 @@ def generate(pair: ModelPair, context: str = "", question: str = "", *, method: 
              max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              seed: int | None = None, stop: tuple[str, ...] | list[str] = (), system: str | None = None,
              messages: list[dict[str, str]] | None = None, chat_template: bool = True,
-             on_text: Callable[[str], None] | None = None, **method_params) -> Result:
-    """Answer one request; `method_params` are the method's own parameters (budget, window, ...)."""
+             on_text: Callable[[str], None] | None = None, speculate: int | str | None = None,
+             **method_params) -> Result:
+    """Answer one request; `method_params` are the method's own parameters (budget, window, ...);
+    `speculate`: draft tokens proposed per target call while decoding, or "auto" (None: the pair's)."""
     check_pair(pair)
     request = Request(context=context, question=question, messages=messages, system=system,
                       max_new_tokens=max_new_tokens, sampling=Sampling(temperature, top_p, top_k, seed),
-                      stop=stop, chat_template=chat_template)
+                      stop=stop, chat_template=chat_template, speculate=speculate)
     stream = (lambda _row, text: on_text(text)) if on_text is not None else None
     return generate_batch(pair, [request], method, on_text=stream, **method_params)[0]

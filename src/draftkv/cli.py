@@ -231,6 +231,9 @@ def generate(
                 sampling=Sampling(temperature, top_p, top_k, seed), stop=tuple(stop or ()))
         if ask and not all(q.strip() for q in ask):
             raise PromptError("an --ask question is empty: give each --ask a question")
+        if ask and speculate:
+            raise ConfigError("--speculate does not apply with --ask: each question is answered from the compressed "
+                              "context's cache, which the draft does not hold; leave one of them out")
         if not ask and not text.strip() and not question.strip():
             raise PromptError("the prompt is empty: give a context, a question or both")
         needs_draft = chosen.uses_draft(max_new_tokens) or bool(speculate)
@@ -246,7 +249,8 @@ def generate(
                              before_weights=lambda tokenizer, config: check_fits(
                                  config, "target", len(encode_prompt(tokenizer, request).ids), max_new_tokens))
         if ask:
-            answer_each(pair, text, ask, chosen, system, chat_template, max_new_tokens, as_json)
+            answer_each(pair, text, ask, chosen, system, chat_template, as_json, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ()))
             return
         printer = (lambda piece: print(piece, end="", flush=True)) if stream and not as_json else None
         with err.status(f"running {chosen.name}") if printer is None else nullcontext():
@@ -269,17 +273,18 @@ def generate(
 
 
 def answer_each(pair, context: str, questions: list[str], method: Method, system: str | None, chat_template: bool,
-                max_new_tokens: int, as_json: bool) -> None:
-    """Query-agnostic mode: one compression of the context, then every question against it."""
+                as_json: bool, **answering: Any) -> None:
+    """Query-agnostic mode: one compression of the context, then every question against it, each answered
+    with `answering` (max_new_tokens, sampling and stop strings, as `CompressedContext.ask` takes them)."""
     from .context import compress_context
 
     with err.status(f"compressing the context with {method.name}"):
         compressed = compress_context(pair, context, method=method, system=system, chat_template=chat_template,
-                                      max_new_tokens=max_new_tokens)
+                                      max_new_tokens=answering["max_new_tokens"])
     err.print(compressed.stats.summary(), markup=False, highlight=False, soft_wrap=True)
     for question in questions:
         with err.status("answering"):
-            result = compressed.ask(question, max_new_tokens=max_new_tokens)
+            result = compressed.ask(question, **answering)
         if as_json:
             typer.echo(json.dumps({"question": question, "text": result.text, "token_ids": result.token_ids,
                                    "finish_reason": result.finish_reason, "stats": result.stats.to_dict()}))

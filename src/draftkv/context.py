@@ -19,9 +19,9 @@ import torch
 from .api import check_pair
 from .engine.attention import ragged_attention
 from .engine.cache import checkpoint
-from .engine.decoding import DecodeSpec, decode
+from .engine.decoding import decode
 from .errors import ConfigError, PromptError
-from .flow import Prepared, check_fits, eos_ids, guessed, prepare_each, row_stats
+from .flow import Prepared, answer_spec, check_fits, guessed, prepare_each, row_stats
 from .methods import Method, get_method
 from .prompt import EncodedPrompt, user_turn
 from .types import Request, Result, Sampling, Stats, check_text
@@ -57,9 +57,14 @@ class CompressedContext:
     def ask(self, question: str, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
             top_k: int = 0, seed: int | None = None, stop: tuple[str, ...] | list[str] = (),
             on_text: Callable[[str], None] | None = None, answer_prefix: str = "") -> Result:
-        check_text("question", question)
+        """The answer to `question` from the compressed context; every argument is checked as `generate`
+        checks it (a request of its own), and the question and its answer leave the cache as it was."""
+        request = Request(question=question, max_new_tokens=max_new_tokens, stop=stop, answer_prefix=answer_prefix,
+                          sampling=Sampling(temperature, top_p, top_k, seed))
         if not question.strip():
             raise PromptError("the question is empty")
+        if on_text is not None and not callable(on_text):
+            raise ConfigError(f"on_text must be a function of the new text, got {on_text!r}")
         model, tokenizer = self.pair.target.model, self.pair.tokenizer
         cache = self.prepared.cache
         start = self.prepared.batch.next_positions[0]
@@ -75,9 +80,7 @@ class CompressedContext:
                             cache=cache, use_cache=True, logits_to_keep=1)
                 read = time.perf_counter()
                 stream = (lambda _row, text: on_text(text)) if on_text is not None else None
-                spec = DecodeSpec([max_new_tokens], [Sampling(temperature, top_p, top_k, seed)],
-                                  [eos_ids(model, tokenizer)], tokenizer=tokenizer, stops=[tuple(s for s in stop if s)],
-                                  on_text=stream, backend=self.pair.decode)
+                spec = answer_spec(self.pair, [request], [None], on_text=stream, consume=False)
                 decoded = decode(model, cache, out.logits[:, -1], torch.tensor([start + len(ids)], device=model.device),
                                  None, spec)
         finally:

@@ -2,8 +2,8 @@
 
 from .execute import prepare, prepare_each, run, run_each
 from .plan import Consumer, LayerKinds
-from .results import Prepared, finish, finish_together, guessed, row_stats
+from .results import Prepared, answer_spec, finish, finish_together, guessed, row_stats
 from .steps import Observer, StageEvent, check_fits, check_probes, eos_ids
 
-__all__ = ["Consumer", "LayerKinds", "Observer", "Prepared", "StageEvent", "check_fits", "check_probes", "eos_ids", "finish",
+__all__ = ["Consumer", "LayerKinds", "Observer", "Prepared", "StageEvent", "answer_spec", "check_fits", "check_probes", "eos_ids", "finish",
            "finish_together", "guessed", "prepare", "prepare_each", "row_stats", "run", "run_each"]

@@ -191,14 +191,15 @@ def finish_speculating(pair: ModelPair, prepared: Prepared, on_text: TextCallbac
 
 def answer_spec(pair: ModelPair, requests: list[Request], accepted: list[Accepted | None], *,
                 on_text: TextCallback | None = None, cancelled: Callable[[int], bool] | None = None,
-                after_step: Callable[[DynamicCache], None] | None = None) -> DecodeSpec:
+                after_step: Callable[[DynamicCache], None] | None = None, consume: bool = True) -> DecodeSpec:
     """How the requests' answers are decoded, from the tokens each row starts with (`accepted`): the one
-    place a request becomes a decode."""
+    place a request becomes a decode. `consume`: the cache is not needed afterwards (False: it is
+    restored for the next question, as `ask` does)."""
     eos = eos_ids(pair.target.model, pair.tokenizer)
     return DecodeSpec([r.max_new_tokens for r in requests], [r.sampling for r in requests],
                       [set() if r.ignore_eos else eos for r in requests], tokenizer=pair.tokenizer,
                       stops=[r.stop for r in requests], logprobs=[r.logprobs for r in requests], on_text=on_text,
-                      cancelled=cancelled, after_step=after_step, backend=pair.decode, consume=True,
+                      cancelled=cancelled, after_step=after_step, backend=pair.decode, consume=consume,
                       accepted=accepted)
 
 

@@ -309,8 +309,8 @@ class Scheduler:
                      *(str(message.get("content") or "") for message in request.messages or [])]
             characters = sum(len(text) for text in texts)
             if limit is not None and characters > limit * self.longest_token:
-                raise ServeError(400, f"the prompt has {characters:,} characters, more than {limit} tokens can hold "
-                                 f"(this server's limit; no token of this model is longer than "
+                raise ServeError(400, f"the prompt has {characters:,} characters, more than this server's limit of "
+                                 f"{limit} tokens can hold (no token of this model is longer than "
                                  f"{self.longest_token} characters); shorten it", param="messages",
                                  code="context_length_exceeded")
             try:
