@@ -251,7 +251,14 @@ BAD_GENERATE = [
     (["--context", " "], "the prompt is empty"),
     (["-q", QUESTION, "--decode", "graph"], "decode backend 'graph' is not one of auto,"),
     (["-q", QUESTION, "--method", "snapkv", "--compression-ratio", "1.5"], "compression_ratio must be a number"),
+    (["-q", QUESTION, "--method", "kvzip", "-p", "instruction=a\ud800"], "instruction holds '\\ud800'"),
 ]
+
+
+def test_compress_refuses_a_method_that_keeps_every_prompt_token_before_any_model_loads(monkeypatch, folders):
+    no_models(monkeypatch)
+    result = runner.invoke(app, ["compress", "--target", folders["target"], "--context", "alpha", "-m", "kvzip"])
+    assert result.exit_code == 2 and "'kvzip' does not compress prompts" in result.output, result.output
 
 
 @pytest.mark.parametrize(("args", "words"), BAD_GENERATE, ids=[w for _, w in BAD_GENERATE])

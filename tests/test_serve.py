@@ -765,6 +765,7 @@ def test_the_serve_command_refuses_a_bad_default_method(tmp_path):
     (["--max-tokens", "64", "--max-tokens-limit", "32"], "--max-tokens (64) is more than --max-tokens-limit (32)"),
     (["--max-logprobs", "21"], "Invalid value for '--max-logprobs' (env var: 'DRAFTKV_MAX_LOGPROBS'): Input should be less"),
     (["--api-key", ""], "--api-key is empty"),
+    (["--upstream", "http://127.0.0.1:9/v1", "--method", "kvzip"], "'kvzip' compresses the target's KV cache"),
     (["--host", "no.such.host.invalid"], "cannot listen on no.such.host.invalid:"),
 ])
 def test_every_serve_flag_is_checked_before_any_model_loads(tmp_path, args, words):

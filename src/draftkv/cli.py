@@ -321,7 +321,9 @@ def compress(
         chosen = method_from_options(method, param, budget=budget, window=window, allocation=allocation, kernel=kernel, lookahead=lookahead,
                                      compression_ratio=compression_ratio)
         text = read_context(context, context_file)
-        from .compress import compress_prompt
+        from .compress import check_prompt_method, compress_prompt
+
+        check_prompt_method(chosen)  # before minutes of loading
         from .models import load_pair
         with err.status("loading models"):
             pair = load_pair(target, draft, device=device, dtype=dtype,
@@ -583,7 +585,11 @@ def serve(
         if upstream and speculate:
             raise ConfigError("--speculate decodes with the target, which the upstream runs in proxy mode; leave it out")
         check_address(host, port)  # free and bindable, before minutes of loading
-        method_with_budgets(settings.method, **params)  # a bad default fails before minutes of loading
+        default = method_with_budgets(settings.method, **params)  # a bad default fails before minutes of loading
+        if upstream:
+            from .serving.engine import check_proxy_method
+
+            check_proxy_method(default)
         # Every flag is checked: now the server's stack and torch.
         import uvicorn
 

@@ -64,6 +64,11 @@ def prompt_methods() -> list[str]:
     return names("prompt")
 
 
+def check_prompt_method(method: Method) -> None:
+    if not method.compresses_prompt:
+        raise ConfigError(f"method {method.name!r} does not compress prompts; use one of: {', '.join(prompt_methods())}")
+
+
 def compress_prompt(pair: ModelPair, context: str = "", question: str = "", *, method: str | Method = "specpc",
                     messages: list[dict[str, str]] | None = None, system: str | None = None,
                     chat_template: bool = True, max_new_tokens: int = 128, **method_params) -> CompressedPrompt:
@@ -80,8 +85,7 @@ def compress_prompts(pair: ModelPair, requests: list[Request], method: str | Met
     each stage start and end."""
     check_pair(pair)
     chosen = get_method(method, **method_params)
-    if not chosen.compresses_prompt:
-        raise ConfigError(f"method {chosen.name!r} does not compress prompts; use one of: {', '.join(prompt_methods())}")
+    check_prompt_method(chosen)
     if len(requests) > 1 and pair.draft is not None and LayerKinds.of(pair.draft.model.config).sliding:
         # A sliding window's left padding would differ from the full layers': one request at a time.
         return [compress_prompts(pair, [request], chosen, observer=observer)[0] for request in requests]

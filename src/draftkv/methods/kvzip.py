@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import ConfigError
+from ..types import check_text
 from .base import SinkKVMethod, check_int, param
 from .scorers import TargetReading
 
@@ -108,8 +108,7 @@ class KVzip(SinkKVMethod):
         check_int("chunk", self.chunk, 1)
         check_int("hint_tokens", self.hint_tokens, 0)
         for name in ("instruction", "hint"):
-            if not isinstance(getattr(self, name), str):
-                raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}")
+            check_text(name, getattr(self, name))
 
     def kv_scorer(self) -> Reconstruction:
         return Reconstruction(self.window, self.sink, self.instruction, self.hint, self.hint_tokens, self.chunk,
