@@ -520,3 +520,18 @@ def test_a_model_reading_a_few_tokens_over_its_cache_copies_no_keys(monkeypatch)
     assert not copies
     torch.testing.assert_close(stacked, plain, atol=1e-5, rtol=1e-5)
     assert model.config._attn_implementation == "sdpa"  # as it was
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(st.lists(st.tuples(st.sampled_from([0.0, 0.7, 1.3]), st.integers(0, 2**31), st.sampled_from([0, 2, 3]),
+                          st.integers(3, 12)), min_size=2, max_size=3))
+def test_a_seeded_answer_is_the_same_alone_and_in_any_batch(rows):
+    """Each row draws from its own generator, speculates with its own width and draws only for the proposals it
+    reads: its answer does not depend on its neighbours (their speculation, lengths or temperatures)."""
+    pair = near_pair("qwen2")
+    asked = [Request(context=long_context(120 + 30 * at, seed=at), question="What?", max_new_tokens=new_tokens,
+                     sampling=Sampling(temperature, seed=seed), speculate=width)
+             for at, (temperature, seed, width, new_tokens) in enumerate(rows)]
+    together = run(pair, asked, ["dense"])[0]
+    for request, answer in zip(asked, together, strict=True):
+        assert answer.token_ids == run(pair, [request], ["dense"])[0][0].token_ids

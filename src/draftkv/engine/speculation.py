@@ -253,6 +253,7 @@ class Drafter:
     fill: Callable[[], None] | None = None  # fills `cache` before the first proposal (after the first token)
     auto: AutoProposals | None = None  # `auto`: each round proposes what it says decodes fastest
     row_bytes: list[int] | None = None  # each row's share of `cache` (None: all of it, one row)
+    widths: list[int | None] | None = None  # each row's own most proposals (None: `proposals`, or auto's)
 
 
 @dataclass
@@ -421,9 +422,14 @@ def speculate_rounds(model: torch.nn.Module, cache: DynamicCache, first_logits: 
                 draft.keep_rows(kept_rows)
             live = running
         on = [rows[r].finish is None for r in live]  # a finished row still held feeds fillers
-        left = max(rows[r].max_new_tokens - len(rows[r].token_ids) - 1 for r in running)
-        count = min(drafter.proposals, left) if drafter.auto is None else \
-            drafter.auto.proposals(drafter.proposals, left, filled=drafter.fill is None)
+        # Each row proposes what it would alone: its own width, at most the tokens it has left, so a
+        # sampled row draws the same random numbers whatever its neighbours ask.
+        left = {r: rows[r].max_new_tokens - len(rows[r].token_ids) - 1 for r in running}
+        chosen_width = drafter.proposals if drafter.auto is None else \
+            drafter.auto.proposals(drafter.proposals, max(left.values()), filled=drafter.fill is None)
+        widths = drafter.widths or [None] * batch
+        counts = {r: min(widths[r] if widths[r] is not None else chosen_width, left[r]) for r in running}
+        count = max(counts.values())
         if count and draft is None:
             if drafter.fill is not None:  # the draft reads the prompt only once a proposal is wanted
                 drafter.fill()
@@ -459,7 +465,7 @@ def speculate_rounds(model: torch.nn.Module, cache: DynamicCache, first_logits: 
                         read[r] += feeding
             for step in range(count):
                 for at, r in enumerate(live):
-                    if not on[at]:
+                    if not on[at] or step >= counts[r]:
                         continue
                     # The draft proposes among the target's tokens only (a vocabulary padded differently).
                     row_logits = logits[at, :vocab] if logits.shape[-1] >= vocab else \
@@ -473,14 +479,15 @@ def speculate_rounds(model: torch.nn.Module, cache: DynamicCache, first_logits: 
                     proposed[r].append(token)
                 if step + 1 == count:
                     break  # the last proposal is not read (it may be refused)
-                tokens = [[proposed[r][-1]] if going else [FILLER] for r, going in zip(live, on, strict=True)]
+                reading = [going and step + 1 < counts[r] for r, going in zip(live, on, strict=True)]
+                tokens = [[proposed[r][-1]] if going else [FILLER] for r, going in zip(live, reading, strict=True)]
                 logits = draft.read(tokens, [drafter.positions[r] + read[r] for r in live], 1)[:, -1]
-                draft.take_back([0 if going else 1 for going in on])
-                for r, going in zip(live, on, strict=True):
+                draft.take_back([0 if going else 1 for going in reading])
+                for r, going in zip(live, reading, strict=True):
                     read[r] += going
         draft_seconds = time.perf_counter() - started
-        tokens = [[answers[r][-1], *proposed[r]] if going else [FILLER] * (count + 1)
-                  for r, going in zip(live, on, strict=True)]
+        tokens = [[answers[r][-1], *proposed[r], *[FILLER] * (count - len(proposed[r]))] if going
+                  else [FILLER] * (count + 1) for r, going in zip(live, on, strict=True)]
         reading = _synchronized(first_logits.device) if drafter.auto is not None else 0.0
         logits = target.read(tokens, [target_at[r] for r in live], count + 1)
         if drafter.auto is not None:
@@ -493,19 +500,20 @@ def speculate_rounds(model: torch.nn.Module, cache: DynamicCache, first_logits: 
                 refused_by_draft.append(0)
                 continue
             sampled = torch.stack(guess_probs[r]) if guess_probs[r] else None
-            chosen[r] = check_guess(proposed[r], logits[at], spec.samplings[r], generators[r], sampled)
+            own = counts[r]
+            chosen[r] = check_guess(proposed[r], logits[at, : own + 1], spec.samplings[r], generators[r], sampled)
             kept = len(chosen[r]) - 1
-            stats[r].rounds += count > 0
-            stats[r].proposed += count
+            stats[r].rounds += own > 0
+            stats[r].proposed += own
             stats[r].accepted += kept
             stats[r].draft_seconds += draft_seconds / sum(on)
-            if drafter.auto is not None:
-                drafter.auto.device.checked(count, kept)
+            if drafter.auto is not None and own:
+                drafter.auto.device.checked(own, kept)
             logprobs[r] = token_logprobs(logits[at, : len(chosen[r])], chosen[r], [wanted[r]] * len(chosen[r])) \
                 if wanted[r] is not None else None
-            refused_by_target.append(count - kept)  # the target read the last token and every proposal
+            refused_by_target.append(count - kept)  # the target read the last token, the proposals and fillers
             # The draft read the answer and every proposal but the last: keep what the target kept.
-            refused_by_draft.append(max(count - 1, 0) - min(kept, max(count - 1, 0)))
+            refused_by_draft.append(max(own - 1, 0) - min(kept, max(own - 1, 0)))
             target_at[r] += kept + 1
         target.take_back(refused_by_target)
         if draft is not None:

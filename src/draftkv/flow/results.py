@@ -138,7 +138,9 @@ def finish_speculating(pair: ModelPair, prepared: Prepared, on_text: TextCallbac
     the same positions, into a cache of the row's own, and the rows' caches are stacked."""
     target, draft, clock = pair.target.model, pair.draft.model, prepared.clock
     batch, rows = prepared.batch, len(prepared.requests)
-    drafter = Drafter(draft, None, prepared.consumer.speculation, list(batch.next_positions), [0] * rows)
+    asked = [r.speculate if r.speculate is not None else pair.speculate for r in prepared.requests]
+    drafter = Drafter(draft, None, prepared.consumer.speculation, list(batch.next_positions), [0] * rows,
+                      widths=[None if width == "auto" else width for width in asked])
     kept = prepared.draft.kept if prepared.draft is not None and rows == 1 else None
     if prepared.consumer.adapts:
         costs = pair.speculation_costs()
