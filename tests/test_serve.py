@@ -691,10 +691,10 @@ def test_the_proxy_refuses_echo_when_it_compresses_and_forwards_token_ids_as_tok
 
 
 def test_parse_bytes():
-    assert parse_bytes("8GiB") == 8 * 2**30 and parse_bytes("512MiB") == 512 * 2**20
-    assert parse_bytes("2GB") == 2 * 10**9 and parse_bytes("1000") == 1000
-    with pytest.raises(ConfigError, match="8GiB"):
-        parse_bytes("lots")
+    assert parse_bytes("8GiB", "--x") == 8 * 2**30 and parse_bytes("512MiB", "--x") == 512 * 2**20
+    assert parse_bytes("2GB", "--x") == 2 * 10**9 and parse_bytes("1000", "--x") == 1000
+    with pytest.raises(ConfigError, match="--memory-limit takes a memory size like 8GiB"):
+        parse_bytes("lots", "--memory-limit")
 
 
 def test_request_log_lines_are_json(live, caplog):

@@ -420,7 +420,7 @@ def test_health_tells_the_model_and_queue_only_to_the_key(pair):
 
 @pytest.mark.parametrize(("method", "params", "slowed", "pause"), [
     ("dense", {}, "target", 0.4),  # one long prefill
-    ("kvzip", {"budget": 48, "chunk": 4}, "target", 0.02),  # ~75 reconstruction probes
+    ("kvzip", {"budget": 48, "chunk": 8}, "target", 0.02),  # ~38 reconstruction probes
     ("speckv", {"budget": 48, "lookahead": 300}, "draft", 0.02),  # a long lookahead
     ("laq", {"budget": 48, "pseudo_tokens": 300}, "target", 0.02),  # a long pseudo-answer
 ])
