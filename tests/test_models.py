@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -487,6 +488,19 @@ def test_a_conversion_without_checksums_is_not_trusted(tmp_path, cache, tokenize
     assert "files" in embedded.read_marker(folder)
 
 
+def test_the_first_load_of_a_conversion_offers_the_full_check_and_later_loads_are_quiet(tmp_path, cache, tokenizer,
+                                                                                      capsys):
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, tiny_model("qwen2", len(tokenizer), seed=1), tokenizer)
+    load_model(str(path))  # converts
+    capsys.readouterr()
+    load_model(str(path))  # the first load of the conversion
+    said = " ".join(capsys.readouterr().err.split())
+    assert "sampled blocks" in said and "every byte was last checked" in said and "draftkv models --verify" in said
+    load_model(str(path))
+    assert "sampled blocks" not in capsys.readouterr().err
+
+
 def test_the_quick_check_reads_sampled_blocks_and_the_full_check_every_byte(tmp_path):
     folder = tmp_path / "converted"
     folder.mkdir()
@@ -517,8 +531,12 @@ def test_models_verify_checks_every_cached_byte_and_rebuilds_what_fails(tmp_path
     write_tiny_gguf(path, tiny_model("qwen2", len(tokenizer), seed=1), tokenizer)
     load_model(str(path))
     (folder,) = (cache / "gguf").iterdir()
+    created = embedded.read_marker(folder)["verified"]
+    assert created == embedded.read_marker(folder)["created"]  # the conversion hashed every byte
+    time.sleep(1.1)
     result = CliRunner().invoke(app, ["models", "--verify"])
     assert result.exit_code == 0 and f"{folder}: verified:" in result.stdout
+    assert embedded.read_marker(folder)["verified"] > created  # when every byte was last checked
     config = folder / "config.json"
     config.write_text(config.read_text().replace('"', "'", 1)[:-1] + " ")  # same size, other bytes
     result = CliRunner().invoke(app, ["models", "--verify"])

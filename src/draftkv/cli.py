@@ -382,6 +382,9 @@ def models(
     stored = ", ".join(f"{row['name']} in {row['stored_dtype']}" for row in rows if row["cached"])
     if stored:
         console.print(f"cached weights: {stored}", highlight=False, markup=False, soft_wrap=True)
+        checked = ", ".join(f"{row['name']} {row['verified']}" for row in rows if row["cached"])
+        console.print(f"every byte last checked: {checked} (each load checks sizes and sampled blocks; "
+                      "draftkv models --verify checks every byte)", highlight=False, markup=False, soft_wrap=True)
     for machine, choice in _cpu_dtypes().items():
         console.print(f"dtype auto on {machine}: {choice.get('dtype')} ({choice.get('reason')})", highlight=False,
                       markup=False, soft_wrap=True)

@@ -466,6 +466,7 @@ def write_folder(load: Callable[[], tuple[torch.nn.Module, Any]], out_dir: Path,
             "files": file_records(tmp),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        marker["verified"] = marker["created"]  # the files' sha256 were just taken from every byte
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         if out_dir.exists():  # a stale, unfinished or earlier-dtype folder
             shutil.rmtree(out_dir)
@@ -570,6 +571,32 @@ def sound(folder: Path, marker: dict | None, full: bool = False) -> bool:
     return problem is None
 
 
+def last_full_check(marker: dict) -> str:
+    """When every byte of a converted folder was last checked against its sha256 (its conversion, or the
+    last `draftkv models --verify`)."""
+    return str(marker.get("verified") or marker.get("created") or "never")
+
+
+def update_marker(folder: Path, **changes: object) -> None:
+    """Rewrite a finished folder's marker with `changes`, whole or not at all."""
+    marker = {**json.loads((folder / MARKER).read_text()), **changes}
+    partial = folder / f".{MARKER}.partial"
+    partial.write_text(json.dumps(marker, indent=2) + "\n")
+    os.replace(partial, folder / MARKER)
+
+
+def offer_full_check(folder: Path, marker: dict) -> None:
+    """The first load of a converted folder says what each load checks and how to check every byte (a
+    flipped bit between the sampled blocks passes the quick check); later loads say nothing."""
+    if marker.get("full_check_offered"):
+        return
+    _console.print(f"Each load checks {folder.name}'s file sizes and {SAMPLED_BLOCKS} sampled blocks of each file; "
+                   f"every byte was last checked {last_full_check(marker)}. `draftkv models --verify` checks every "
+                   "byte again.", markup=False, highlight=False)
+    with contextlib.suppress(OSError):  # a read-only cache still loads
+        update_marker(folder, full_check_offered=True)
+
+
 def converted_dir(name: str) -> Path:
     """Where the converted folder of the embedded model `name` lives."""
     return cache_dir() / "models" / name
@@ -588,6 +615,7 @@ def ensure_embedded(name: str, full_check: bool = False) -> Path:
     if _is_ready(model) and sound(out_dir, marker := read_marker(out_dir), full_check):
         if marker_dtype(marker) != EMBEDDED_DTYPE:  # converted before bfloat16 storage
             recast_folder(out_dir, EMBEDDED_DTYPE)
+        offer_full_check(out_dir, marker)
         return out_dir
     parts = find_parts(model)
     verify_parts(model, parts)
@@ -613,6 +641,8 @@ def ensure_gguf(path: str | Path) -> Path:
         convert_gguf(path, out_dir)
     elif "dtype" not in marker and (dtype := stored_dtype(path)) != "float32":  # converted before bfloat16 storage
         recast_folder(out_dir, dtype)
+    else:
+        offer_full_check(out_dir, marker)
     return out_dir
 
 
@@ -626,6 +656,7 @@ def verify_cache() -> list[tuple[str, str]]:
             continue
         marker = read_marker(folder)
         if damage(folder, marker, full=True) is None:
+            update_marker(folder, verified=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             outcomes.append((str(folder), f"verified: {len(marker['files'])} files match their sha256"))
         else:
             ensure_embedded(model.name, full_check=True)
@@ -636,6 +667,7 @@ def verify_cache() -> list[tuple[str, str]]:
             continue
         problem = damage(folder, marker, full=True)
         if problem is None:
+            update_marker(folder, verified=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             outcomes.append((str(folder), f"verified: {len(marker['files'])} files match their sha256"))
         elif Path(marker.get("source", "")).is_file():
             _console.print(f"{folder}: {problem}; rebuilding it from {marker['source']}", markup=False, highlight=False)
@@ -673,6 +705,7 @@ def embedded_status() -> list[dict]:
                 "gguf_bytes": model.gguf_size,
                 "cached_bytes": _folder_bytes(folder) if cached else 0,
                 "stored_dtype": marker_dtype(marker) if marker is not None else None,
+                "verified": last_full_check(marker) if marker is not None else None,
                 "path": str(folder),
             }
         )
