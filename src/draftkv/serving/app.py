@@ -189,6 +189,9 @@ def draftkv_stats(method: Method, result: Result) -> dict:
             "total_time": stats.total_time, "timings": stats.timings, "note": stats.note}
 
 
+CLIENT_POLL = 0.1  # seconds between looks at whether a waiting client is still there (a stop waits for it)
+
+
 def check_json_body(http: Request) -> None:
     """A completion's body must be declared JSON. Browsers send a form, multipart or text/plain body to any
     site without asking it first (no CORS preflight), so accepting those would let any web page drive a
@@ -341,7 +344,7 @@ class Server:
                 raise ServeError(504, f"the request took longer than this server's timeout of "
                                  f"{self.settings.timeout:g} s", code="timeout")
             try:
-                kind, value = await asyncio.wait_for(job.events.get(), min(remaining, 0.5))
+                kind, value = await asyncio.wait_for(job.events.get(), min(remaining, CLIENT_POLL))
             except asyncio.TimeoutError:
                 if http is not None and await http.is_disconnected():
                     job.cancelled = True
