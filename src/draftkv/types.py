@@ -157,6 +157,8 @@ class Stats:
     kv_bytes_sliding: int = 0  # what the sliding-window layers hold (part of kv_bytes); 0 without such layers
     lookahead_tokens: int = 0
     accepted_guess_tokens: int = 0  # guess tokens the target's check kept as the answer's first tokens
+    guess_rounds: int = 0  # times the guess was corrected where the check stopped and guessed again
+    full_cache_tokens: int = 0  # the answer's first tokens, chosen over the full cache before it was compressed
     speculation_rounds: int = 0  # target calls that checked draft proposals while decoding
     proposed_tokens: int = 0  # draft tokens proposed while decoding
     accepted_proposals: int = 0  # of them, kept by the target

@@ -47,6 +47,7 @@ class Accepted:
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None  # per token, for a row that asked
     generator: torch.Generator | None = None  # the row's sampler, which chose them: the decode goes on with it
+    rounds: int = 0  # times the guess was corrected and guessed again before these tokens were kept
 
 
 @dataclass

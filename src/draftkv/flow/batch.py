@@ -11,6 +11,8 @@ import torch
 if TYPE_CHECKING:
     from transformers import DynamicCache
 
+    from .steps import Redraft
+
 
 @dataclass
 class PaddedBatch:
@@ -39,6 +41,7 @@ class DraftView:
     lengths: list[int]
     token_scores: torch.Tensor | None = None  # [B, N] per prompt column, for the prompt stage
     kept: DraftCache | None = None  # the draft's cache, kept for a consumer that speculates (one request)
+    again: Redraft | None = None  # the draft after its prefill, for a consumer that guesses again
 
 
 @dataclass

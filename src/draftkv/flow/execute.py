@@ -52,6 +52,7 @@ from .steps import (
     check_guesses,
     check_probes,
     eos_ids,
+    guess_again,
     probe,
     pseudo_answer,
     run_draft,
@@ -412,6 +413,14 @@ def score_prompt(pair: ModelPair, requests: list[Request], consumers: list[Consu
     checked = [check_guesses(view, read, first_logits, requests, consumer.rows)
                if consumer.checks_guess and read is not None else None
                for consumer, view, read in zip(consumers, probes, reads, strict=True)]
+    for index, consumer in enumerate(consumers):  # correct and re-guess where the check stopped
+        fresh = prefill_collectors.get(consumer.kv_scorer)
+        if consumer.rounds and checked[index] is not None and fresh is not None:
+            probes[index], collector, reads[index], checked[index] = guess_again(
+                target, cache, batch, probes[index], list(checked[index]), reads[index], consumer.rounds,
+                [row.lookahead for row in consumer.rows], fresh.copy, requests, first_logits,
+                eos_ids(target, tokenizer), pad_token(tokenizer), clock)
+            collectors[index] = collector or collectors[index]
     scores: list[list[torch.Tensor] | None] = []
     read_once: dict[KVScorer, tuple[list[torch.Tensor], Clock]] = {}  # scorers without a collector of their own
     for consumer, collector, own in zip(consumers, collectors, own_clocks, strict=True):

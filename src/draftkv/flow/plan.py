@@ -110,6 +110,7 @@ class DraftNeed:
     scorer: DraftScorer | None = None
     keeps_cache: bool = False  # the consumer speculates: its decode goes on from the draft's cache
     scores_cache: bool = False  # and the draft's own queries score that cache, to compress it
+    guesses_again: bool = False  # the draft keeps its prompt's cache to guess again from a corrected prefix
 
     @property
     def needed(self) -> bool:
@@ -142,6 +143,7 @@ class Consumer:
     adapts: bool = False  # `auto`: each round proposes what the measured costs say decodes fastest
     speculation_note: str | None = None  # why a decode asked to speculate does not
     draft_scored: bool = False  # the draft's cache for speculation is compressed by its own attention
+    rounds: int = 0  # times the checked guess is corrected and guessed again (the draft's guess only)
 
     @classmethod
     def of(cls, method: Method, lengths: list[int], max_new_tokens: list[int], target: LayerKinds,
@@ -180,8 +182,11 @@ class Consumer:
         scored = bool(speculation) and draft_cache == "compressed" and any(row.draft_budget for row in rows)
         if speculation and need.needed:
             need = replace(need, keeps_cache=True, scores_cache=scored)
+        rounds = method.verify_rounds if checks and probes and not target.sliding else 0
+        if rounds:  # the answer no longer starts with the draft's own guess: its decode reads the prompt anew
+            need = replace(need, keeps_cache=False, scores_cache=False, guesses_again=True)
         return cls(method, rows, target, need, kv_scorer, guess, stage_one, probes, eviction, checks,
-                   speculation, speculate == "auto" and speculation > 0, why_not, scored)
+                   speculation, speculate == "auto" and speculation > 0, why_not, scored, rounds)
 
     @property
     def reads_whole_prompt(self) -> bool:

@@ -324,6 +324,8 @@ def row_stats(prepared: Prepared, row: int, new_tokens: int, first_token_at: flo
         kv_bytes_sliding=sliding, compressed=planned.drops_tokens or (planned.drops_entries and side is not None),
         lookahead_tokens=prepared.draft.lengths[row] if prepared.draft is not None else 0,
         accepted_guess_tokens=len(accepted.token_ids) - 1 if (accepted := prepared.accepted[row]) is not None else 0,
+        guess_rounds=accepted.rounds if accepted is not None else 0,
+        full_cache_tokens=len(accepted.token_ids) if accepted is not None else 0,
         new_tokens=new_tokens, time_to_first_token=first_token_at - prepared.started,
         total_time=finished - prepared.started, timings=dict(prepared.clock.stages), peak_memory_bytes=memory,
         note="; ".join([*planned.notes(prepared.consumer.target.full), *notes, *shared,

@@ -16,7 +16,7 @@ from transformers import DynamicCache
 
 from ..engine import scoring
 from ..engine.attention import Collector, RowSlot, WindowCollector, capture
-from ..engine.cache import checkpoint, clone_cache, gathered_copy, new_cache, newest_entries
+from ..engine.cache import checkpoint, clone_cache, gathered_copy, new_cache, newest_entries, select_rows
 from ..engine.decoding import Accepted, DecodeSpec, decode, make_generators, takes_static, token_logprobs
 from ..engine.speculation import check_guess
 from ..errors import PromptError
@@ -189,6 +189,7 @@ def run_draft(model: torch.nn.Module, batch: PaddedBatch, needs: list[DraftNeed]
             lambda _module, _args, output: hidden.append(output.last_hidden_state))
     # Without lookahead steps (LLMLingua-style alone) the draft needs no cache of its own.
     cache = new_cache(model.config) if max(steps) > 0 else None
+    guessing_again = cache is not None and any(need.guesses_again for need in needs)
 
     def scoring_seconds() -> float:
         return sum(c.seconds for c in active)
@@ -202,17 +203,25 @@ def run_draft(model: torch.nn.Module, batch: PaddedBatch, needs: list[DraftNeed]
         prefilled = clock.now()
         prefill_scoring = scoring_seconds()
         clock.add("draft_prefill", prefilled - started - prefill_scoring)
+        back_to_prompt = checkpoint(cache) if guessing_again else None
         # Collectors read every step's queries in Python: a replayed graph would skip them, and they keep
-        # every row's scores, so the batch stays whole.
+        # every row's scores, so the batch stays whole (as a draft that guesses again keeps its cache whole).
+        whole = bool(active) or guessing_again
         decoded = decode(model, cache, last_logits, torch.tensor(batch.next_positions, device=device),
                          batch.attention_mask,
-                         DecodeSpec.greedy(steps, eos, "eager" if active else backend, compact=not active))
+                         DecodeSpec.greedy(steps, eos, "eager" if whole else backend, compact=not whole))
     kept = None
     if keeping and cache is not None:
         # The request's decode goes on from this cache: the prompt and the lookahead tokens the decode
         # fed (none when the static step read the cache into slots of its own).
         kept = DraftCache(cache, batch.next_positions[0], cache.layers[0].get_seq_length() - batch.width,
                           own.layer_scores() if own is not None else None)
+    again = None
+    if back_to_prompt is not None:
+        if kept is not None:  # the speculating consumer goes on from its own copy of the guess
+            kept = replace(kept, cache=clone_cache(kept.cache))
+        back_to_prompt()
+        again = Redraft(model, cache, batch, eos, pad_id)
     del cache
     clock.add("draft_lookahead", clock.now() - prefilled - (scoring_seconds() - prefill_scoring))
     scoring_started = clock.now()
@@ -225,12 +234,49 @@ def run_draft(model: torch.nn.Module, batch: PaddedBatch, needs: list[DraftNeed]
             # Step 0 is the prefill's window; step t feeds lookahead token t.
             step_valid = torch.cat([torch.ones(len(steps), 1, dtype=torch.bool, device=device), view.lookahead_valid], 1)
             view.token_scores = need.scorer.token_scores(collector, step_valid, information)
+        if need.guesses_again:
+            view.again = again
         if need.keeps_cache and kept is not None:  # each consumer that goes on from it has its own
             view.kept = kept if not any(v.kept is kept for v in views) else replace(kept, cache=clone_cache(kept.cache))
         views.append(view)
     if active or information is not None:
         clock.add("draft_scoring", clock.now() - scoring_started + scoring_seconds())
     return views
+
+
+@dataclass
+class Redraft:
+    """The draft after its prefill, its cache holding the prompt alone: it guesses an answer again from a
+    corrected beginning (`again`) without reading the prompt again."""
+
+    model: torch.nn.Module
+    cache: DynamicCache
+    batch: PaddedBatch
+    eos: set[int]
+    pad_id: int
+
+    def again(self, rows: list[int], beginnings: list[list[int]], lengths: list[int]) -> list[list[int]]:
+        """Per row of `rows`: the draft's greedy tokens after its prompt and `beginnings[i]`, at most
+        `lengths[i]` of them. Each row reads its beginning into a copy of its own prompt's cache (right-padded
+        to the longest, the padding masked), then guesses on."""
+        device = self.batch.input_ids.device
+        index = torch.tensor(rows, device=device)
+        width = max(len(ids) for ids in beginnings)
+        cache = select_rows(self.cache, index, width + max(lengths))
+        ids = torch.tensor([ids + [self.pad_id] * (width - len(ids)) for ids in beginnings], device=device)
+        read = torch.tensor([[True] * len(ids) + [False] * (width - len(ids)) for ids in beginnings], device=device)
+        prompt = self.batch.attention_mask[index] if self.batch.attention_mask is not None \
+            else torch.ones(len(rows), self.batch.width, dtype=torch.long, device=device)
+        mask = torch.cat([prompt, read.to(prompt.dtype)], 1)
+        starts = torch.tensor([self.batch.next_positions[row] for row in rows], device=device)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=starts[:, None] + torch.arange(width, device=device),
+                         cache=cache, use_cache=True, logits_to_keep=0)
+        last = out.logits[torch.arange(len(rows), device=device), torch.tensor([len(b) - 1 for b in beginnings],
+                                                                               device=device)]
+        del out
+        decoded = decode(self.model, cache, last, starts + torch.tensor([len(b) for b in beginnings], device=device),
+                         mask, DecodeSpec.greedy(lengths, self.eos, "eager", compact=False))
+        return [row.token_ids for row in decoded.rows]
 
 
 def own_scorer(width: int, window: int) -> WindowCollector:
@@ -320,6 +366,47 @@ def check_guesses(guess: DraftView, read: GuessReading, first_logits: torch.Tens
             logprobs = token_logprobs(logits[: len(tokens)], tokens, [request.logprobs] * len(tokens))
         accepted.append(Accepted(tokens, logprobs, generator))
     return accepted
+
+
+def guess_again(model: torch.nn.Module, cache: DynamicCache, batch: PaddedBatch, guess: DraftView,
+                accepted: list[Accepted | None], read: GuessReading, rounds: int, room: list[int],
+                fresh: Callable[[], WindowCollector], requests: list[Request], first_logits: torch.Tensor,
+                eos: set[int], pad_id: int, clock: Clock) -> tuple[DraftView, WindowCollector | None, GuessReading,
+                                                                   list[Accepted | None]]:
+    """Correct and re-guess: where the target's check of a row's guess stopped inside it, the row's first
+    tokens (the agreed part and the target's own token there) start a new guess, which the draft writes
+    from there up to `room[row]` tokens in all, and the target checks over its full cache, the kept tokens
+    as they are and the new ones as the first check did. At most `rounds` times, until every row's guess
+    is kept whole, its answer ends or its room is used. Every round's reading probes the prompt with a
+    `fresh()` collector, so the last one scores the cache from the kept tokens and the last guess.
+    Returns the last guesses, their collector (None when no round ran), reading and first tokens."""
+    sequences = [guess.lookahead_ids[row, : guess.lengths[row]].tolist() for row in range(len(accepted))]
+    collector = None
+    for _ in range(rounds):
+        going = [row for row, kept in enumerate(accepted) if kept is not None
+                 and len(kept.token_ids) <= min(len(sequences[row]), read.room)  # the check stopped inside
+                 and kept.token_ids[-1] not in eos and len(kept.token_ids) < room[row]]
+        if not going:
+            break
+        started = clock.start("guess_again")
+        written = guess.again.again(going, [accepted[row].token_ids for row in going],
+                                    [room[row] - len(accepted[row].token_ids) for row in going])
+        for row, tokens in zip(going, written, strict=True):
+            sequences[row] = accepted[row].token_ids + tokens
+        guess = replace(lookahead_view(sequences, pad_id, first_logits.device), again=guess.again)
+        clock.add("guess_again", clock.now() - started)
+        collector = fresh()
+        read = probe(model, cache, batch, guess, [(collector, guess.lookahead_valid)], clock, check=True)
+        for row in going:
+            kept, request = accepted[row], requests[row]
+            logits = torch.cat([first_logits[row: row + 1].float(), read.logits[row, : len(sequences[row])]])
+            start = len(kept.token_ids)  # logits[j] is the target's distribution of token j
+            tokens = kept.token_ids + check_guess(sequences[row][start:], logits[start:], request.sampling,
+                                                  kept.generator)
+            logprobs = token_logprobs(logits[: len(tokens)], tokens, [request.logprobs] * len(tokens)) \
+                if request.logprobs is not None else None
+            accepted[row] = Accepted(tokens, logprobs, kept.generator, kept.rounds + 1)
+    return guess, collector, read, accepted
 
 
 def pseudo_answer(model: torch.nn.Module, cache: DynamicCache, first_logits: torch.Tensor, batch: PaddedBatch,

@@ -140,6 +140,11 @@ class Method:
         return 0
 
     @property
+    def verify_rounds(self) -> int:
+        """Times a checked guess is corrected where the check stops and guessed again (0: checked once)."""
+        return 0
+
+    @property
     def verify_lookahead(self) -> bool:
         """The target checks the guess it reads (the draft's lookahead, or its own pseudo-answer): the
         guessed tokens it agrees with, and its own next token, start the answer."""

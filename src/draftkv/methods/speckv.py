@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..errors import ConfigError
-from .base import PseudoAnswer, WindowKVMethod, check_bool, check_choice, param
+from .base import PseudoAnswer, WindowKVMethod, check_bool, check_choice, check_int, param
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,16 @@ class SpecKV(WindowKVMethod):
                                          "the paper's method, which decodes every answer token over the compressed "
                                          "cache")
 
+    verify_rounds: int = param(0, "with verify_lookahead: where the target's check stops, its own token corrects the "
+                                  "guess and the draft guesses the rest again from there, checked again, at most "
+                                  "this many times (0: one check)")
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_int("verify_rounds", self.verify_rounds, 0)
+        if self.verify_rounds and not self.verify_lookahead:
+            raise ConfigError("verify_rounds corrects the guess where the target's check stops; it needs "
+                              "verify_lookahead=true")
         if self.lookahead is not None and (isinstance(self.lookahead, bool) or not isinstance(self.lookahead, int)
                                            or self.lookahead < 1):
             raise ConfigError(f"lookahead must be an int >= 1 or None, got {self.lookahead!r}")
