@@ -188,6 +188,8 @@ class Stats:
         stages = ", ".join(f"{name} {seconds:.2f}s" for name, seconds in self.timings.items())
         ratio = self.kv_bytes / self.kv_bytes_dense if self.kv_bytes_dense else 1.0
         accepted = f"{self.accepted_guess_tokens} of it accepted, " if self.accepted_guess_tokens else ""
+        if self.guess_rounds:
+            accepted += f"guessed again {self.guess_rounds}x, {self.full_cache_tokens} tokens over the full cache, "
         if self.proposed_tokens:
             accepted += f"speculation {self.accepted_proposals}/{self.proposed_tokens} accepted, "
         line = (
