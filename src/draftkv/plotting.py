@@ -5,6 +5,18 @@ from __future__ import annotations
 _MARKERS = "osD^v<>P"
 
 
+def save_scores(figure, axis, path, xlabel: str) -> None:
+    """Label a plot of average scores, its legend right of it, and write it to `path`."""
+    import matplotlib.pyplot as plt
+
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel("average score")
+    axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def line_styles(labels: list[str]) -> dict[str, dict]:
     """A distinct colour and marker for each label (keyword arguments of `Axes.plot`); dense is black."""
     import matplotlib  # the `eval` extra; only plotting needs it

@@ -11,7 +11,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from ..plotting import line_styles
+from ..plotting import line_styles, save_scores
 from .report import Estimate, estimate, label, setting_of
 
 Column = tuple[str, float]  # ("ratio", share kept) or ("entries", KV entries per head)
@@ -150,9 +150,4 @@ def plot_curve(scores: dict, cell: dict, methods: list[str], columns: list[Colum
                         if (s := cell.get((method, c))) is not None and s in ratios)
         if points:
             axis.plot([x for x, _ in points], [y for _, y in points], label=method, **styles[method])
-    axis.set_xlabel("compression ratio (share of the KV cache removed, measured)")
-    axis.set_ylabel("average score")
-    axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_scores(figure, axis, path, "compression ratio (share of the KV cache removed, measured)")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..jsonl import read_rows, writing
-from ..plotting import line_styles
+from ..plotting import line_styles, save_scores
 from ..types import is_int, is_number
 from . import metrics
 
@@ -222,12 +222,8 @@ def plot(table: dict, found: list[tuple], path: Path, kept: dict[tuple, float] |
         points.sort()
         axis.plot([p[0] for p in points], [p[1] for p in points], label=method, **styles[method])
     axis.set_xscale("log", base=2)
-    axis.set_xlabel("budget (KV entries per head, or prompt tokens for prompt methods; a ratio at what it kept)")
-    axis.set_ylabel("average score")
-    axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_scores(figure, axis, path, "budget (KV entries per head, or prompt tokens for prompt methods; a ratio at "
+                                    "what it kept)")
 
 
 # ---- several run folders: accuracy against length ----
