@@ -176,16 +176,15 @@ class Watch:
 
     jobs: list[Job]
     hook: Hook | None = None
-    stage: str = ""
+    decoding: bool = False  # from the decode's start on (speculation's own stages included)
 
     def observe(self, event: StageEvent) -> None:
-        if event.event == "start" and event.stage != "stream":  # text streams while decoding
-            self.stage = event.stage
+        self.decoding = self.decoding or (event.event == "start" and event.stage == "decode")
         if self.hook is not None:
             self.hook(event, self.jobs)
 
     def check(self, _module: torch.nn.Module, _args: Any) -> None:
-        if self.stage != "decode" and all(job.stopped for job in self.jobs):
+        if not self.decoding and all(job.stopped for job in self.jobs):
             raise Stopped
 
     @contextlib.contextmanager
