@@ -116,7 +116,7 @@ def test_the_command_line_writes_the_page(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("args, words", [
     (["--methods", "nosuch@1"], "unknown method"),
-    (["--methods", "snapkv@0"], "positive whole numbers"),
+    (["--methods", "snapkv@0"], "counts (whole numbers >= 1) or ratios"),
     (["--methods", ","], "--methods names nothing"),
     ([], "the prompt is empty"),
 ])
